@@ -1,0 +1,3 @@
+"""Tollway: an Envoy ext_proc gateway for LLM APIs."""
+
+__version__ = "0.1.0"
