@@ -1,0 +1,184 @@
+"""The `tollway` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import __version__, config, keys
+
+CONFIG_ENV = "TOLLWAY_CONFIG"
+
+
+def _load(path: Path | None) -> config.Config:
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
+    return config.load(path)
+
+
+def _keys_file(args: argparse.Namespace) -> Path:
+    if args.keys_file is not None:
+        return Path(args.keys_file)
+    return _load(args.config).auth.keys_file
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    cfg = _load(args.config)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(serve(cfg))
+    else:
+        uvloop.run(serve(cfg))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from . import up
+
+    cfg = _load(args.config)
+    if args.port is not None:
+        cfg = cfg.model_copy(update={"envoy": cfg.envoy.model_copy(update={"port": args.port})})
+    return up.run(cfg, demo=args.demo)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = config.load(Path(args.file))
+    records = keys.read_records(cfg.auth.keys_file)
+    print(f"{args.file}: ok ({len(cfg.upstreams)} upstreams, {len(records)} keys "
+          f"in {cfg.auth.keys_file})")
+    return 0
+
+
+def cmd_render_envoy(args: argparse.Namespace) -> int:
+    from . import envoyconf
+
+    cfg = _load(args.config)
+    sys.stdout.write(envoyconf.render_yaml(cfg))
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    expires = keys.parse_expiry(args.expires) if args.expires else None
+    if expires is not None and expires <= datetime.now(UTC):
+        raise ValueError("--expires is in the past")
+    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    key, record = keys.generate(name=args.name, tenant=args.tenant, models=models, expires=expires)
+    path = _keys_file(args)
+    keys.add(path, record)
+    print(key)
+    print(f"created key {record.id} ({record.name}, tenant {record.tenant}) in {path}; "
+          "the key is shown only now", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    print(f"{'ID':<12}  {'NAME':<20}  {'TENANT':<12}  {'STATE':<8}  {'EXPIRES':<10}  MODELS")
+    for r in keys.read_records(_keys_file(args)):
+        state = ("revoked" if r.revoked else
+                 "expired" if r.expires and r.expires <= now else "active")
+        expires = r.expires.date().isoformat() if r.expires else "-"
+        models = ",".join(r.models) or "*"
+        print(f"{r.id:<12}  {r.name:<20}  {r.tenant:<12}  {state:<8}  {expires:<10}  {models}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    changed = keys.revoke(_keys_file(args), args.key)
+    if not changed:
+        print(f"no active key with id or name {args.key!r}", file=sys.stderr)
+        return 1
+    for r in changed:
+        print(f"revoked {r.id} ({r.name})")
+    return 0
+
+
+def cmd_demo_upstream(args: argparse.Namespace) -> int:
+    from . import demo_upstream
+
+    demo_upstream.run(args.host, args.port, args.provider_key)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tollway", description=(
+        "Auth, limits, redaction and cost metering for LLM APIs, as an Envoy ext_proc server."))
+    p.add_argument("--version", action="version", version=f"tollway {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_)
+
+    def config_option(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", "-c", type=Path,
+                        help=f"YAML config file (default: ${CONFIG_ENV} or built-in defaults)")
+
+    s = add("serve", "run the ext_proc gRPC server that Envoy calls")
+    config_option(s)
+    s.set_defaults(func=cmd_serve)
+
+    s = add("up", "run the whole front door locally: Envoy + Tollway (Ctrl-C stops both)")
+    config_option(s)
+    s.add_argument("--demo", action="store_true",
+                   help="also run a built-in demo upstream and create a demo key (no network)")
+    s.add_argument("--port", type=int, help="front door port (default: envoy.port, 8080)")
+    s.set_defaults(func=cmd_up)
+
+    s = add("check-config", "validate a config file and its keys file")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_check_config)
+
+    s = add("render-envoy", "print the Envoy front-door config for a Tollway config")
+    config_option(s)
+    s.set_defaults(func=cmd_render_envoy)
+
+    k = add("keys", "create, list and revoke Tollway API keys")
+    ksub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+
+    def keys_parser(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = ksub.add_parser(name, help=help_, description=help_)
+        config_option(sp)
+        sp.add_argument("--keys-file", help="keys file (default: auth.keys_file of the config)")
+        return sp
+
+    s = keys_parser("create", "create a key and print it once (only its hash is stored)")
+    s.add_argument("--name", required=True, help="who or what the key is for")
+    s.add_argument("--tenant", default="default", help="tenant for metering (default: default)")
+    s.add_argument("--models", help="comma-separated model allowlist; * wildcards allowed")
+    s.add_argument("--expires", help="expiry: YYYY-MM-DD (end of day UTC) or ISO 8601 time")
+    s.set_defaults(func=cmd_keys_create)
+    s = keys_parser("list", "list keys (ids, names, states; never secrets)")
+    s.set_defaults(func=cmd_keys_list)
+    s = keys_parser("revoke", "revoke keys by id or name (takes effect within a second)")
+    s.add_argument("key", help="key id or name")
+    s.set_defaults(func=cmd_keys_revoke)
+
+    s = add("demo-upstream", "run the built-in demo LLM upstream (OpenAI/Anthropic/Gemini)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8081)
+    s.add_argument("--provider-key", help="key the demo upstream requires from the gateway")
+    s.set_defaults(func=cmd_demo_upstream)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except (config.ConfigError, keys.KeysFileError, ValueError, OSError) as exc:
+        print(f"tollway: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

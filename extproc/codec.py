@@ -1,0 +1,142 @@
+"""Protobuf <-> plain values. With server.py, the only module that imports Envoy protos."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import orjson
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyResponse,
+    CommonResponse,
+    HeaderMutation,
+    HeadersResponse,
+    HttpHeaders,
+    ImmediateResponse,
+    ProcessingResponse,
+    TrailersResponse,
+)
+from envoy.type.v3.http_status_pb2 import HttpStatus
+
+from .decisions import Deny, Phase
+from .exchange import Exchange, MetadataValue
+
+METADATA_NAMESPACE = "tollway"
+
+_OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_JSON = HeaderValueOption(
+    header=HeaderValue(key="content-type", raw_value=b"application/json"), append_action=_OVERWRITE
+)
+
+# Answers that carry no change, built once: most messages get one of these.
+CONTINUE_REQUEST_HEADERS = ProcessingResponse(request_headers=HeadersResponse())
+CONTINUE_RESPONSE_HEADERS = ProcessingResponse(response_headers=HeadersResponse())
+CONTINUE_REQUEST_BODY = ProcessingResponse(request_body=BodyResponse())
+CONTINUE_RESPONSE_BODY = ProcessingResponse(response_body=BodyResponse())
+CONTINUE_REQUEST_TRAILERS = ProcessingResponse(request_trailers=TrailersResponse())
+CONTINUE_RESPONSE_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
+
+
+def decode_headers(message: HttpHeaders) -> tuple[dict[str, str], frozenset[str]]:
+    """Header map as a dict (repeats joined with ","), plus the names that repeat."""
+    headers: dict[str, str] = {}
+    repeated: set[str] = set()
+    for header in message.headers.headers:
+        name = header.key
+        # Envoy sends raw_value; latin-1 maps every byte, so nothing is lost.
+        value = header.raw_value.decode("latin-1") if header.raw_value else header.value
+        if name in headers:
+            headers[name] += "," + value
+            repeated.add(name)
+        else:
+            headers[name] = value
+    return headers, frozenset(repeated)
+
+
+@cache
+def _mode(wants: Phase) -> ProcessingMode:
+    return ProcessingMode(
+        request_body_mode=(
+            ProcessingMode.BUFFERED if Phase.REQUEST_BODY in wants else ProcessingMode.NONE
+        ),
+        response_header_mode=(
+            ProcessingMode.SEND if Phase.RESPONSE_HEADERS in wants else ProcessingMode.SKIP
+        ),
+        response_body_mode=(
+            ProcessingMode.STREAMED if Phase.RESPONSE_BODY in wants else ProcessingMode.NONE
+        ),
+        request_trailer_mode=ProcessingMode.SKIP,
+        response_trailer_mode=ProcessingMode.SKIP,
+    )
+
+
+def _header_mutation(ex: Exchange) -> HeaderMutation | None:
+    if not ex.set_headers and not ex.remove_headers:
+        return None
+    return HeaderMutation(
+        set_headers=[
+            HeaderValueOption(
+                header=HeaderValue(key=name, raw_value=value.encode("latin-1")),
+                append_action=_OVERWRITE,
+            )
+            for name, value in ex.set_headers.items()
+        ],
+        # A header that is set is overwritten; removing it too would drop it.
+        remove_headers=sorted(ex.remove_headers.difference(ex.set_headers)),
+    )
+
+
+def _with_metadata(response: ProcessingResponse, metadata: dict[str, MetadataValue]) -> None:
+    if metadata:
+        response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(metadata)
+
+
+def request_headers_response(ex: Exchange, wants: Phase) -> ProcessingResponse:
+    """Continue with the exchange's header edits and ask only for the phases wanted."""
+    response = ProcessingResponse(
+        request_headers=HeadersResponse(response=CommonResponse(header_mutation=_header_mutation(ex))),
+        mode_override=_mode(wants),
+    )
+    _with_metadata(response, ex.metadata)
+    return response
+
+
+def request_body_response(ex: Exchange) -> ProcessingResponse:
+    """Continue after the body phase; header edits made there still reach the upstream."""
+    mutation = _header_mutation(ex)
+    response = (
+        ProcessingResponse(
+            request_body=BodyResponse(response=CommonResponse(header_mutation=mutation))
+        )
+        if mutation is not None
+        else ProcessingResponse(request_body=BodyResponse())
+    )
+    _with_metadata(response, ex.metadata)
+    return response
+
+
+def error_body(deny: Deny) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": deny.message, "type": deny.type, "code": deny.code, "param": None}}
+    )
+
+
+def immediate_response(deny: Deny, metadata: dict[str, MetadataValue]) -> ProcessingResponse:
+    headers = [_JSON] + [
+        HeaderValueOption(
+            header=HeaderValue(key=name, raw_value=value.encode("latin-1")),
+            append_action=_OVERWRITE,
+        )
+        for name, value in deny.headers
+    ]
+    response = ProcessingResponse(
+        immediate_response=ImmediateResponse(
+            status=HttpStatus(code=deny.status),  # type: ignore[arg-type]
+            headers=HeaderMutation(set_headers=headers),
+            body=error_body(deny),
+            details=deny.details,
+        )
+    )
+    _with_metadata(response, {**metadata, "denied": deny.code})
+    return response

@@ -1,0 +1,328 @@
+"""Tollway's YAML configuration: validated once at start-up, with errors that
+name the file, the key and what is wrong.
+
+Environment overrides use the key path in capitals with double underscores,
+e.g. ``TOLLWAY__SERVER__PORT=50052`` or ``TOLLWAY__AUTH__KEYS_FILE=/etc/keys.yaml``;
+values are parsed as YAML scalars. Secrets never live in the file: provider
+credentials are named by environment variable or file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "TOLLWAY__"
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+
+ApiKind = Literal["openai", "azure", "anthropic", "gemini"]
+
+# The header each provider reads its key from; "authorization" gets "Bearer ".
+PROVIDER_KEY_HEADER: dict[str, str] = {
+    "openai": "authorization",
+    "azure": "api-key",
+    "anthropic": "x-api-key",
+    "gemini": "x-goog-api-key",
+}
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator."""
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSFiles(_Model):
+    cert_file: Path
+    key_file: Path
+    # When set, peers must present a certificate signed by this CA (mTLS).
+    client_ca_file: Path | None = None
+
+
+class ServerConfig(_Model):
+    """The ext_proc gRPC server that Envoy calls."""
+
+    address: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    tls: TLSFiles | None = None
+    # Plaintext gRPC is refused on non-loopback addresses unless this is true
+    # (e.g. inside a private container network).
+    allow_plaintext: bool = False
+    # After SIGTERM: report NOT_SERVING for this long (so Envoy's health check
+    # moves traffic away), then stop accepting streams and let in-flight ones
+    # finish for at most drain_timeout_s.
+    drain_delay_s: float = Field(2.0, ge=0)
+    drain_timeout_s: float = Field(20.0, ge=0)
+    # How often the keys and credential files are checked for changes.
+    reload_interval_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _plaintext_only_on_loopback(self) -> ServerConfig:
+        if self.tls is None and not self.allow_plaintext and not _is_loopback(self.address):
+            raise ValueError(
+                f"address {self.address!r} is not loopback: configure server.tls "
+                "or set server.allow_plaintext: true"
+            )
+        return self
+
+
+class MetricsConfig(_Model):
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class AuthConfig(_Model):
+    keys_file: Path = Path("tollway-keys.yaml")
+
+
+class Credential(_Model):
+    """Where the provider's key comes from: an environment variable or a file."""
+
+    env: str | None = None
+    file: Path | None = None
+    # Override the header the key is sent in (default: the provider's own).
+    header: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Credential:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of 'env' or 'file'")
+        return self
+
+
+class Upstream(_Model):
+    """A provider API that Envoy routes to."""
+
+    url: str
+    api: ApiKind = "openai"
+    # Path prefixes routed to this upstream; the longest match wins.
+    prefixes: tuple[str, ...] = ("/v1/",)
+    credential: Credential | None = None
+    # Turning auth off must be explicit: such a route needs no Tollway key.
+    auth: bool = True
+    timeout_s: float = Field(600.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return url.rstrip("/")
+
+    @field_validator("prefixes")
+    @classmethod
+    def _check_prefixes(cls, prefixes: tuple[str, ...]) -> tuple[str, ...]:
+        if not prefixes:
+            raise ValueError("needs at least one path prefix")
+        for prefix in prefixes:
+            if not prefix.startswith("/"):
+                raise ValueError(f"prefix {prefix!r} must start with '/'")
+        return prefixes
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "https"
+
+    @property
+    def base_path(self) -> str:
+        return urlsplit(self.url).path.rstrip("/")
+
+    @property
+    def key_header(self) -> str:
+        if self.credential is not None and self.credential.header:
+            return self.credential.header.lower()
+        return PROVIDER_KEY_HEADER[self.api]
+
+
+class EnvoyConfig(_Model):
+    """The front door that `tollway up` and compose run."""
+
+    address: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    admin_address: str = "127.0.0.1"
+    admin_port: int = Field(9901, ge=0, le=65535)
+    # Downstream TLS (clients to Envoy); plaintext when absent.
+    tls: TLSFiles | None = None
+    # Envoy worker threads; 1 leaves the most CPU for Tollway on small hosts.
+    concurrency: int = Field(1, ge=1)
+    # Client certificate Envoy presents to Tollway when server.tls requires one.
+    extproc_client_tls: TLSFiles | None = None
+    # Hostname Envoy uses to reach Tollway (compose: the service name).
+    extproc_host: str | None = None
+
+
+def _default_upstreams() -> dict[str, Upstream]:
+    return {
+        "openai": Upstream(
+            url="https://api.openai.com",
+            api="openai",
+            prefixes=("/v1/",),
+            credential=Credential(env="OPENAI_API_KEY"),
+        ),
+        "anthropic": Upstream(
+            url="https://api.anthropic.com",
+            api="anthropic",
+            prefixes=("/v1/messages",),
+            credential=Credential(env="ANTHROPIC_API_KEY"),
+        ),
+        "gemini": Upstream(
+            url="https://generativelanguage.googleapis.com",
+            api="gemini",
+            prefixes=("/v1beta/",),
+            credential=Credential(env="GEMINI_API_KEY"),
+        ),
+    }
+
+
+class Config(_Model):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    envoy: EnvoyConfig = Field(default_factory=EnvoyConfig)
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, le=1024**3)
+    upstreams: dict[str, Upstream] = Field(default_factory=_default_upstreams)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _check_upstreams(cls, upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
+        if not upstreams:
+            raise ValueError("needs at least one upstream")
+        seen: dict[str, str] = {}
+        for name, upstream in upstreams.items():
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"upstream name {name!r}: use letters, digits, '-' and '_'")
+            for prefix in upstream.prefixes:
+                if prefix in seen:
+                    raise ValueError(f"prefix {prefix!r} is used by {seen[prefix]!r} and {name!r}")
+                seen[prefix] = name
+        return upstreams
+
+
+def _env_overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
+    """``TOLLWAY__A__B=v`` becomes ``{"a": {"b": v}}``."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        if not path:
+            continue
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(raw) if raw else ""
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read ``path`` (or only defaults when None), apply env overrides, validate.
+
+    Relative paths inside the file are resolved against the file's directory.
+    """
+    source = str(path) if path else "defaults"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded or {}
+    overrides = _env_overrides(os.environ if environ is None else environ)
+    if overrides:
+        source += " + TOLLWAY__* environment"
+    try:
+        config = Config.model_validate(_merge(data, overrides))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    if path is not None:
+        config = _resolve_paths(config, path.parent)
+    return config
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def resolve(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p)
+
+    def resolve_tls(tls: TLSFiles | None) -> TLSFiles | None:
+        if tls is None:
+            return None
+        return tls.model_copy(
+            update={
+                "cert_file": resolve(tls.cert_file),
+                "key_file": resolve(tls.key_file),
+                "client_ca_file": resolve(tls.client_ca_file) if tls.client_ca_file else None,
+            }
+        )
+
+    upstreams = {}
+    for name, upstream in config.upstreams.items():
+        cred = upstream.credential
+        if cred is not None and cred.file is not None:
+            cred = cred.model_copy(update={"file": resolve(cred.file)})
+        upstreams[name] = upstream.model_copy(update={"credential": cred})
+    return config.model_copy(
+        update={
+            "auth": config.auth.model_copy(update={"keys_file": resolve(config.auth.keys_file)}),
+            "server": config.server.model_copy(update={"tls": resolve_tls(config.server.tls)}),
+            "envoy": config.envoy.model_copy(
+                update={
+                    "tls": resolve_tls(config.envoy.tls),
+                    "extproc_client_tls": resolve_tls(config.envoy.extproc_client_tls),
+                }
+            ),
+            "upstreams": upstreams,
+        }
+    )

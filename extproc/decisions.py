@@ -1,0 +1,43 @@
+"""Values that stages return: what Envoy should do next."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Phase(enum.Flag):
+    """Later ext_proc phases a request needs, beyond its request headers."""
+
+    NONE = 0
+    REQUEST_BODY = enum.auto()
+    RESPONSE_HEADERS = enum.auto()
+    RESPONSE_BODY = enum.auto()
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    """Answer the client directly with an OpenAI-style JSON error.
+
+    ``details`` is a snake_case reason for Envoy's access log
+    (%RESPONSE_CODE_DETAILS%); ``message`` is safe to show the client.
+    """
+
+    status: int
+    type: str
+    code: str
+    message: str
+    details: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def unauthorized(code: str, message: str) -> Deny:
+    return Deny(401, "authentication_error", code, message, f"tollway_{code}")
+
+
+def forbidden(code: str, message: str) -> Deny:
+    return Deny(403, "permission_error", code, message, f"tollway_{code}")
+
+
+def bad_request(code: str, message: str) -> Deny:
+    return Deny(400, "invalid_request_error", code, message, f"tollway_{code}")

@@ -1,0 +1,50 @@
+"""One HTTP request as the stages see it: plain values, no protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from .keys import KeyRecord
+    from .routes import Route
+
+MetadataValue = str | int | float | bool
+
+
+class BodyError(ValueError):
+    """The request body is not the JSON object this request needs."""
+
+
+@dataclass(slots=True)
+class Exchange:
+    method: str
+    path: str  # without the query string
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ","
+    repeated: frozenset[str]  # names that appeared more than once
+    route: Route | None
+    now: float  # wall clock, seconds since the epoch
+    identity: KeyRecord | None = None
+    # Edits for the upstream request, applied by the codec.
+    set_headers: dict[str, str] = field(default_factory=dict)
+    remove_headers: set[str] = field(default_factory=set)
+    # Dynamic metadata for Envoy's access log (namespace "tollway").
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
+    body: bytes | None = None
+    _json: dict[str, Any] | None = None
+
+    def json(self) -> dict[str, Any]:
+        """The request body parsed once as a JSON object (raises BodyError)."""
+        if self._json is None:
+            if not self.body:
+                raise BodyError("the request body is empty; a JSON object is required")
+            try:
+                parsed = orjson.loads(self.body)
+            except orjson.JSONDecodeError:
+                raise BodyError("the request body is not valid JSON") from None
+            if not isinstance(parsed, dict):
+                raise BodyError("the request body must be a JSON object")
+            self._json = parsed
+        return self._json

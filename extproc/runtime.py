@@ -1,0 +1,120 @@
+"""The config compiled once into what requests read, and reloads of watched files.
+
+Requests read ``runtime.pipeline``'s stages; a reload replaces a stage's key
+table with one reference assignment, so the hot path takes no lock and a bad
+file keeps the previous table serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import keys
+from .config import Config
+from .metrics import Metrics
+from .pipeline import Pipeline
+from .routes import RouteTable
+from .stages.auth import AuthStage
+from .stages.credentials import CredentialStage
+
+log = logging.getLogger("tollway")
+
+Stamp = tuple[int, int, int] | None
+
+
+def _stamp(path: Path) -> Stamp:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class Runtime:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.routes = RouteTable(config.upstreams)
+        self._stamps: dict[Path, Stamp] = {}
+        keys_file = config.auth.keys_file
+        self._stamps[keys_file] = _stamp(keys_file)
+        self.auth = AuthStage(keys.KeyRing(keys.read_records(keys_file)))  # errors are fatal here
+        self._count_keys()
+        self.credentials = CredentialStage(self._provider_keys())
+        self.pipeline = Pipeline(self.routes, [self.auth, self.credentials], clock)
+
+    def _credential_files(self) -> list[Path]:
+        return [
+            up.credential.file
+            for up in self.config.upstreams.values()
+            if up.credential is not None and up.credential.file is not None
+        ]
+
+    def _provider_keys(self) -> dict[str, str | None]:
+        found: dict[str, str | None] = {}
+        for name, upstream in self.config.upstreams.items():
+            cred = upstream.credential
+            value: str | None = None
+            if cred is not None and cred.env is not None:
+                value = os.environ.get(cred.env, "").strip() or None
+                source = f"environment variable {cred.env}"
+            elif cred is not None and cred.file is not None:
+                self._stamps[cred.file] = _stamp(cred.file)
+                try:
+                    value = cred.file.read_text(encoding="utf-8").strip() or None
+                except OSError:
+                    value = None
+                source = f"file {cred.file}"
+            if cred is not None and value is None:
+                log.warning(
+                    "upstream %s: no provider key in %s; requests reach it without one",
+                    name,
+                    source,
+                )
+            found[name] = value
+        return found
+
+    def _count_keys(self) -> None:
+        now = datetime.now(UTC)
+        counts = {"active": 0, "revoked": 0, "expired": 0}
+        for record in self.auth.keys:
+            if record.revoked is not None:
+                counts["revoked"] += 1
+            elif record.expires is not None and record.expires <= now:
+                counts["expired"] += 1
+            else:
+                counts["active"] += 1
+        for state, count in counts.items():
+            self.metrics.keys.labels(state).set(count)
+
+    def reload_if_changed(self) -> None:
+        """Re-read any watched file whose stamp changed; keep the old state on error."""
+        keys_file = self.config.auth.keys_file
+        stamp = _stamp(keys_file)
+        if stamp != self._stamps.get(keys_file):
+            self._stamps[keys_file] = stamp
+            try:
+                ring = keys.KeyRing(keys.read_records(keys_file))
+            except keys.KeysFileError as exc:
+                log.error("keys file not reloaded, previous keys stay in force: %s", exc)
+                self.metrics.reloads.labels("keys", "error").inc()
+            else:
+                self.auth.keys = ring
+                self._count_keys()
+                self.metrics.reloads.labels("keys", "ok").inc()
+                log.info("keys file reloaded: %d keys", len(ring))
+        files = self._credential_files()
+        if any(_stamp(f) != self._stamps.get(f) for f in files):
+            self.credentials.provider_keys = self._provider_keys()
+            self.metrics.reloads.labels("credentials", "ok").inc()
+            log.info("provider credential files reloaded")

@@ -1,0 +1,102 @@
+"""Authenticate the caller with a Tollway key and enforce its model allowlist."""
+
+from __future__ import annotations
+
+from ..decisions import Deny, Phase, bad_request, forbidden, unauthorized
+from ..exchange import BodyError, Exchange
+from ..keys import KeyRing
+
+# Every header a client SDK may carry its key in (OpenAI, Anthropic, Azure, Gemini).
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+
+_MISSING = unauthorized(
+    "missing_api_key",
+    "No API key provided. Send your Tollway key as 'Authorization: Bearer <key>' "
+    "(or in x-api-key, api-key or x-goog-api-key).",
+)
+_INVALID = unauthorized("invalid_api_key", "Incorrect API key provided.")
+_REVOKED = unauthorized("revoked_api_key", "This API key has been revoked.")
+_EXPIRED = unauthorized("expired_api_key", "This API key has expired.")
+_BAD_SCHEME = unauthorized(
+    "invalid_authorization_header", "The Authorization header must be 'Bearer <key>'."
+)
+
+
+def _ambiguous(detail: str) -> Deny:
+    return unauthorized("ambiguous_credentials", f"Ambiguous credentials: {detail}.")
+
+
+def presented_key(ex: Exchange) -> str | Deny | None:
+    """The one key the client sent, a denial if it sent several, or None."""
+    found: str | None = None
+    for name in CREDENTIAL_HEADERS:
+        value = ex.headers.get(name)
+        if value is None:
+            continue
+        if name in ex.repeated:
+            return _ambiguous(f"the {name} header appears more than once")
+        if name == "authorization":
+            scheme, _, value = value.partition(" ")
+            if scheme.lower() != "bearer":
+                return _BAD_SCHEME
+        value = value.strip()
+        if found is not None and value != found:
+            return _ambiguous("different keys in different headers")
+        found = value
+    return found or None
+
+
+def _model_denied(model: str) -> Deny:
+    return forbidden("model_not_allowed", f"This API key may not use the model '{model}'.")
+
+
+class AuthStage:
+    """Routes with ``auth: false`` pass without a key; all others need one."""
+
+    def __init__(self, keys: KeyRing) -> None:
+        self.keys = keys  # replaced whole when the keys file changes
+
+    def on_request_headers(self, ex: Exchange) -> Deny | Phase:
+        if ex.route is not None and not ex.route.upstream.auth:
+            ex.metadata["auth"] = "disabled"
+            return Phase.NONE
+        key = presented_key(ex)
+        if key is None:
+            return _MISSING
+        if isinstance(key, Deny):
+            return key
+        record = self.keys.find(key)
+        if record is None:
+            return _INVALID
+        ex.metadata["key_id"] = record.id
+        if record.revoked is not None:
+            return _REVOKED
+        if record.expires is not None and record.expires.timestamp() <= ex.now:
+            return _EXPIRED
+        ex.identity = record
+        ex.metadata["tenant"] = record.tenant
+        ex.metadata["key_name"] = record.name
+        ex.metadata["auth"] = "ok"
+        ex.set_headers["x-tollway-key-id"] = record.id
+        ex.set_headers["x-tollway-tenant"] = record.tenant
+        if not record.restricts_models or ex.route is None:
+            return Phase.NONE
+        model = ex.route.model_in_path(ex.path)
+        if model is not None:
+            ex.metadata["model"] = model
+            return Phase.NONE if record.allows_model(model) else _model_denied(model)
+        # Only a restricted key on an endpoint that names its model pays for the body.
+        return Phase.REQUEST_BODY if ex.route.model_in_body(ex.method, ex.path) else Phase.NONE
+
+    def on_request_body(self, ex: Exchange) -> Deny | None:
+        record = ex.identity
+        if record is None or not record.restricts_models:
+            return None
+        try:
+            model = ex.json().get("model")
+        except BodyError as exc:
+            return bad_request("invalid_body", str(exc))
+        if not isinstance(model, str) or not model:
+            return bad_request("missing_model", "The request body must name a 'model'.")
+        ex.metadata["model"] = model
+        return None if record.allows_model(model) else _model_denied(model)

@@ -1,0 +1,31 @@
+"""Swap the client's credential for the provider's, so provider keys never leave."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..decisions import Phase
+from ..exchange import Exchange
+from .auth import CREDENTIAL_HEADERS
+
+
+class CredentialStage:
+    def __init__(self, provider_keys: Mapping[str, str | None]) -> None:
+        self.provider_keys = provider_keys  # upstream name -> key; replaced on reload
+
+    def on_request_headers(self, ex: Exchange) -> Phase:
+        route = ex.route
+        if route is None:
+            return Phase.NONE
+        key = self.provider_keys.get(route.name)
+        # A Tollway key must never reach a provider. On a route without auth
+        # and without a provider key, the client's own credential passes.
+        if route.upstream.auth or key is not None:
+            ex.remove_headers.update(CREDENTIAL_HEADERS)
+        if key is not None:
+            header = route.upstream.key_header
+            ex.set_headers[header] = f"Bearer {key}" if header == "authorization" else key
+        return Phase.NONE
+
+    def on_request_body(self, ex: Exchange) -> None:
+        return None
