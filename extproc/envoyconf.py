@@ -37,6 +37,7 @@ ACCESS_LOG_FORMAT: dict[str, str] = {
     "upstream": "%UPSTREAM_CLUSTER%",
     "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
     "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+    "user_agent": "%REQ(USER-AGENT)%",
     "route": "%DYNAMIC_METADATA(tollway:route)%",
     "auth": "%DYNAMIC_METADATA(tollway:auth)%",
     "key_id": "%DYNAMIC_METADATA(tollway:key_id)%",

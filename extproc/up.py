@@ -73,9 +73,17 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def spawn(argv: Sequence[str], env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a child that dies with us; its output goes to ``log`` or our terminal."""
     preexec = _die_with_parent if sys.platform == "linux" else None
-    return subprocess.Popen(list(argv), env=env, preexec_fn=preexec, **kwargs)  # noqa: PLW1509
+    if log is None:
+        return subprocess.Popen(list(argv), env=env, preexec_fn=preexec)  # noqa: PLW1509
+    with open(log, "ab") as out:
+        return subprocess.Popen(  # noqa: PLW1509
+            list(argv), env=env, preexec_fn=preexec, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def _get(url: str, timeout: float = 1.0) -> tuple[int, str]:
@@ -170,19 +178,26 @@ def _pick_ports(config: Config) -> Config:
     })
 
 
-def start(config: Config, workdir: Path, *, demo: bool = False, quiet: bool = False,
+def start(config: Config, workdir: Path, *, demo: bool = False, log_to_files: bool = False,
           timeout: float = 60.0, env: dict[str, str] | None = None) -> Gateway:
-    """Start everything and wait until Envoy reports Tollway healthy."""
+    """Start everything and wait until Envoy reports Tollway healthy.
+
+    With ``log_to_files`` each process writes to ``workdir/<name>.log``
+    (Envoy's access log is ``envoy.log``); otherwise they share the terminal.
+    """
     child_env = dict(os.environ if env is None else env)
     gateway = Gateway(config, workdir)
-    out = subprocess.DEVNULL if quiet else None
+
+    def log(name: str) -> Path | None:
+        return workdir / f"{name}.log" if log_to_files else None
+
     try:
         if demo:
             demo_port = free_port()
             child_env[DEMO_KEY_ENV] = DEMO_PROVIDER_KEY
             gateway.procs.append(spawn(
                 [sys.executable, "-m", "extproc", "demo-upstream", "--port", str(demo_port),
-                 "--provider-key", DEMO_PROVIDER_KEY], env=child_env, stdout=out, stderr=out))
+                 "--provider-key", DEMO_PROVIDER_KEY], env=child_env, log=log("demo")))
             config = config.model_copy(update={
                 "upstreams": demo_upstreams(f"http://127.0.0.1:{demo_port}")})
         config = _pick_ports(config)
@@ -193,10 +208,10 @@ def start(config: Config, workdir: Path, *, demo: bool = False, quiet: bool = Fa
         envoy_file.write_text(envoyconf.render_yaml(config))
         gateway.procs.append(spawn(
             [sys.executable, "-m", "extproc", "serve", "--config", str(config_file)],
-            env=child_env, stdout=out, stderr=out))
+            env=child_env, log=log("tollway")))
         gateway.procs.append(spawn(
-            envoy_command(envoy_file, config.envoy.concurrency), env=child_env, stdout=out,
-            stderr=out))
+            envoy_command(envoy_file, config.envoy.concurrency), env=child_env,
+            log=log("envoy")))
         wait_until(lambda: extproc_healthy(config.envoy.admin_port), timeout,
                    "Envoy health check of Tollway", gateway.procs)
         wait_until(lambda: _get(f"{gateway.url}/healthz")[0] == 200, timeout,

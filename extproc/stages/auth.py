@@ -33,7 +33,8 @@ def presented_key(ex: Exchange) -> str | Deny | None:
         value = ex.headers.get(name)
         if value is None:
             continue
-        if name in ex.repeated:
+        # Envoy may join a repeated header into one value with ","; keys have none.
+        if name in ex.repeated or "," in value:
             return _ambiguous(f"the {name} header appears more than once")
         if name == "authorization":
             scheme, _, value = value.partition(" ")

@@ -1,0 +1,142 @@
+"""The real topology as local processes: demo upstream, Tollway, the Envoy binary.
+
+Every port is free-picked; readiness is polled with deadlines, never slept for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extproc import keys, up
+from extproc.config import Config, Credential, EnvoyConfig, MetricsConfig, ServerConfig, Upstream
+
+PROVIDER_KEY = "sk-provider-secret-for-tests"
+PROVIDER_ENV = "TOLLWAY_TEST_PROVIDER_KEY"
+
+
+@dataclass
+class Stack:
+    gateway: up.Gateway
+    upstream_url: str
+    keys: dict[str, str]  # name -> the key as a client would send it
+    keys_file: Path
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    @property
+    def tollway(self) -> Any:
+        return self.gateway.procs[-2]
+
+    def upstream_requests(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.upstream_url}/__demo/requests", timeout=5) as r:
+            return list(json.loads(r.read()))
+
+    def clear_upstream_requests(self) -> None:
+        req = urllib.request.Request(f"{self.upstream_url}/__demo/requests", method="DELETE")
+        urllib.request.urlopen(req, timeout=5).close()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample from Tollway's /metrics (0 when absent)."""
+        port = self.gateway.config.metrics.port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            metric, _, value = line.rpartition(" ")
+            mname, _, rest = metric.partition("{")
+            got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+            if mname == name and got == want:
+                return float(value)
+        return 0.0
+
+    def access_log(self) -> list[dict[str, Any]]:
+        lines = (self.gateway.workdir / "envoy.log").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def _record(name: str, tenant: str = "acme", **extra: Any) -> tuple[str, keys.KeyRecord]:
+    return keys.generate(name=name, tenant=tenant, **extra)
+
+
+def start_stack(workdir: Path, *, drain_delay_s: float = 0.0) -> Stack:
+    """A gateway in front of the demo upstream, with a fixed set of test keys."""
+    upstream_port = up.free_port()
+    env = {**os.environ, PROVIDER_ENV: PROVIDER_KEY}
+    demo = up.spawn(
+        [sys.executable, "-m", "extproc", "demo-upstream", "--port", str(upstream_port),
+         "--provider-key", PROVIDER_KEY],
+        env=env, log=workdir / "demo.log",
+    )
+    upstream_url = f"http://127.0.0.1:{upstream_port}"
+    keys_file = workdir / "keys.yaml"
+    made: dict[str, str] = {}
+    now = datetime.now(UTC)
+    for name, extra in {
+        "alice": {},
+        "restricted": {"models": ["gpt-4o-mini", "claude-*", "gemini-2.0-flash"]},
+        "revoked": {},
+        "expired": {"now": now - timedelta(days=30)},
+    }.items():
+        key, record = _record(name, **extra)
+        if name == "expired":
+            record = keys.make_record(
+                key_id=record.id, name=name, tenant="acme", digest=record.digest,
+                created=record.created, expires=now - timedelta(days=1))
+        keys.add(keys_file, record)
+        made[name] = key
+    keys.revoke(keys_file, "revoked")
+    cred = Credential(env=PROVIDER_ENV)
+    config = Config(
+        server=ServerConfig(port=0, drain_delay_s=drain_delay_s, drain_timeout_s=5,
+                            reload_interval_s=0.2),
+        metrics=MetricsConfig(port=0),
+        envoy=EnvoyConfig(port=0, admin_port=0),
+        auth={"keys_file": keys_file},  # type: ignore[arg-type]
+        max_body_bytes=10 * 1024 * 1024,
+        upstreams={
+            "openai": Upstream(url=upstream_url, api="openai", prefixes=("/v1/",), credential=cred),
+            "anthropic": Upstream(url=upstream_url, api="anthropic", prefixes=("/v1/messages",),
+                                  credential=cred),
+            "gemini": Upstream(url=upstream_url, api="gemini", prefixes=("/v1beta/",),
+                               credential=cred),
+            # An internal route with auth explicitly off: clients bring their own key.
+            "internal": Upstream(url=upstream_url, api="openai", prefixes=("/v1/embeddings",),
+                                 auth=False),
+        },
+    )
+    try:
+        gateway = up.start(config, workdir, log_to_files=True, env=env, timeout=60)
+    except BaseException:
+        up.stop_all([demo])
+        raise
+    gateway.procs.insert(0, demo)
+    return Stack(gateway, upstream_url, made, keys_file)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("stack"))
+    yield s
+    s.gateway.stop()
+
+
+@pytest.fixture
+def fresh_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A private stack for tests that stop or disturb it."""
+    s = start_stack(tmp_path, drain_delay_s=3.0)
+    yield s
+    s.gateway.stop()
