@@ -52,8 +52,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = config.load(Path(args.file))
     records = keys.read_records(cfg.auth.keys_file)
-    print(f"{args.file}: ok ({len(cfg.upstreams)} upstreams, {len(records)} keys "
-          f"in {cfg.auth.keys_file})")
+    print(
+        f"{args.file}: ok ({len(cfg.upstreams)} upstreams, {len(records)} keys "
+        f"in {cfg.auth.keys_file})"
+    )
     return 0
 
 
@@ -74,8 +76,11 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     path = _keys_file(args)
     keys.add(path, record)
     print(key)
-    print(f"created key {record.id} ({record.name}, tenant {record.tenant}) in {path}; "
-          "the key is shown only now", file=sys.stderr)
+    print(
+        f"created key {record.id} ({record.name}, tenant {record.tenant}) in {path}; "
+        "the key is shown only now",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -83,8 +88,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     print(f"{'ID':<12}  {'NAME':<20}  {'TENANT':<12}  {'STATE':<8}  {'EXPIRES':<10}  MODELS")
     for r in keys.read_records(_keys_file(args)):
-        state = ("revoked" if r.revoked else
-                 "expired" if r.expires and r.expires <= now else "active")
+        state = (
+            "revoked" if r.revoked else "expired" if r.expires and r.expires <= now else "active"
+        )
         expires = r.expires.date().isoformat() if r.expires else "-"
         models = ",".join(r.models) or "*"
         print(f"{r.id:<12}  {r.name:<20}  {r.tenant:<12}  {state:<8}  {expires:<10}  {models}")
@@ -109,8 +115,12 @@ def cmd_demo_upstream(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tollway", description=(
-        "Auth, limits, redaction and cost metering for LLM APIs, as an Envoy ext_proc server."))
+    p = argparse.ArgumentParser(
+        prog="tollway",
+        description=(
+            "Auth, limits, redaction and cost metering for LLM APIs, as an Envoy ext_proc server."
+        ),
+    )
     p.add_argument("--version", action="version", version=f"tollway {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -118,8 +128,12 @@ def parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_, description=help_)
 
     def config_option(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", "-c", type=Path,
-                        help=f"YAML config file (default: ${CONFIG_ENV} or built-in defaults)")
+        sp.add_argument(
+            "--config",
+            "-c",
+            type=Path,
+            help=f"YAML config file (default: ${CONFIG_ENV} or built-in defaults)",
+        )
 
     s = add("serve", "run the ext_proc gRPC server that Envoy calls")
     config_option(s)
@@ -127,8 +141,11 @@ def parser() -> argparse.ArgumentParser:
 
     s = add("up", "run the whole front door locally: Envoy + Tollway (Ctrl-C stops both)")
     config_option(s)
-    s.add_argument("--demo", action="store_true",
-                   help="also run a built-in demo upstream and create a demo key (no network)")
+    s.add_argument(
+        "--demo",
+        action="store_true",
+        help="also run a built-in demo upstream and create a demo key (no network)",
+    )
     s.add_argument("--port", type=int, help="front door port (default: envoy.port, 8080)")
     s.set_defaults(func=cmd_up)
 
@@ -172,7 +189,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
+        level=logging.INFO,
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -95,7 +95,9 @@ def _with_metadata(response: ProcessingResponse, metadata: dict[str, MetadataVal
 def request_headers_response(ex: Exchange, wants: Phase) -> ProcessingResponse:
     """Continue with the exchange's header edits and ask only for the phases wanted."""
     response = ProcessingResponse(
-        request_headers=HeadersResponse(response=CommonResponse(header_mutation=_header_mutation(ex))),
+        request_headers=HeadersResponse(
+            response=CommonResponse(header_mutation=_header_mutation(ex))
+        ),
         mode_override=_mode(wants),
     )
     _with_metadata(response, ex.metadata)
@@ -132,7 +134,7 @@ def immediate_response(deny: Deny, metadata: dict[str, MetadataValue]) -> Proces
     ]
     response = ProcessingResponse(
         immediate_response=ImmediateResponse(
-            status=HttpStatus(code=deny.status),  # type: ignore[arg-type]
+            status=HttpStatus(code=deny.status),
             headers=HeaderMutation(set_headers=headers),
             body=error_body(deny),
             details=deny.details,

@@ -128,6 +128,10 @@ class Upstream(_Model):
             raise ValueError("must be an http:// or https:// URL with a host")
         if parts.query or parts.fragment:
             raise ValueError("must not have a query or fragment")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError("has an invalid port") from None
         return url.rstrip("/")
 
     @field_validator("prefixes")

@@ -58,8 +58,11 @@ def _error_json(message: str, type_: str, code: str) -> dict[str, Any]:
 def _status_mapper(codes: tuple[int, ...], message: str, type_: str, code: str) -> dict[str, Any]:
     """Envoy's own error replies (Tollway never sends these codes) as OpenAI-style JSON."""
     filters = [
-        {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": c,
-                                                                      "runtime_key": "unused"}}}}
+        {
+            "status_code_filter": {
+                "comparison": {"op": "EQ", "value": {"default_value": c, "runtime_key": "unused"}}
+            }
+        }
         for c in codes
     ]
     return {
@@ -95,8 +98,15 @@ def _endpoint(name: str, host: str, port: int) -> dict[str, Any]:
     return {
         "cluster_name": name,
         "endpoints": [
-            {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                "address": host, "port_value": port}}}}]}
+            {
+                "lb_endpoints": [
+                    {
+                        "endpoint": {
+                            "address": {"socket_address": {"address": host, "port_value": port}}
+                        }
+                    }
+                ]
+            }
         ],
     }
 
@@ -214,12 +224,16 @@ def _routes(config: Config) -> list[dict[str, Any]]:
             "match": {"prefix": "/"},
             "direct_response": {
                 "status": 404,
-                "body": {"inline_string": '{"error": {"message": "Unknown request URL.", '
-                         '"type": "invalid_request_error", "code": "unknown_url"}}'},
+                "body": {
+                    "inline_string": '{"error": {"message": "Unknown request URL.", '
+                    '"type": "invalid_request_error", "code": "unknown_url"}}'
+                },
             },
             "response_headers_to_add": [
-                {"header": {"key": "content-type", "value": "application/json"},
-                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                {
+                    "header": {"key": "content-type", "value": "application/json"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
             ],
             "typed_per_filter_config": disabled,
         }
@@ -301,12 +315,18 @@ def render(config: Config) -> dict[str, Any]:
         ],
         "local_reply_config": {
             "mappers": [
-                _status_mapper((413,), "Request body too large.", "invalid_request_error",
-                               "request_too_large"),
-                _status_mapper((503,), "The gateway or the upstream is unavailable.",
-                               "api_error", "service_unavailable"),
-                _status_mapper((502, 504), "The upstream failed to answer.", "api_error",
-                               "upstream_error"),
+                _status_mapper(
+                    (413,), "Request body too large.", "invalid_request_error", "request_too_large"
+                ),
+                _status_mapper(
+                    (503,),
+                    "The gateway or the upstream is unavailable.",
+                    "api_error",
+                    "service_unavailable",
+                ),
+                _status_mapper(
+                    (502, 504), "The upstream failed to answer.", "api_error", "upstream_error"
+                ),
             ]
         },
         "http_filters": _http_filters(config),
@@ -320,23 +340,27 @@ def render(config: Config) -> dict[str, Any]:
     }
     if envoy.tls is not None:
         chain["transport_socket"] = _tls_context(
-            envoy.tls, "DownstreamTlsContext",
+            envoy.tls,
+            "DownstreamTlsContext",
             require_client_certificate=envoy.tls.client_ca_file is not None,
         )
         chain["transport_socket"]["typed_config"]["common_tls_context"]["alpn_protocols"] = [
-            "h2", "http/1.1"
+            "h2",
+            "http/1.1",
         ]
     return {
         "admin": {
-            "address": {"socket_address": {"address": envoy.admin_address,
-                                           "port_value": envoy.admin_port}}
+            "address": {
+                "socket_address": {"address": envoy.admin_address, "port_value": envoy.admin_port}
+            }
         },
         "static_resources": {
             "listeners": [
                 {
                     "name": "front_door",
-                    "address": {"socket_address": {"address": envoy.address,
-                                                   "port_value": envoy.port}},
+                    "address": {
+                        "socket_address": {"address": envoy.address, "port_value": envoy.port}
+                    },
                     # ext_proc buffers a request body in this much memory.
                     "per_connection_buffer_limit_bytes": config.max_body_bytes + 64 * 1024,
                     "filter_chains": [chain],

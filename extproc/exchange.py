@@ -22,6 +22,7 @@ class BodyError(ValueError):
 class Exchange:
     method: str
     path: str  # without the query string
+    query: str
     headers: dict[str, str]  # lower-case names; repeated headers joined with ","
     repeated: frozenset[str]  # names that appeared more than once
     route: Route | None

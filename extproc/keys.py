@@ -229,9 +229,10 @@ def read_records(path: Path) -> list[KeyRecord]:
         raise KeysFileError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
         return []
-    if not isinstance(data, dict) or not isinstance(data.get("keys", []), list):
+    if not isinstance(data, dict) or not isinstance(data.get("keys", ()), list | None):
         raise KeysFileError(f"{path}: expected a mapping with a 'keys' list")
-    records = [_from_yaml(item, f"{path}: keys[{i}]") for i, item in enumerate(data["keys"] or [])]
+    entries = data["keys"] or []
+    records = [_from_yaml(item, f"{path}: keys[{i}]") for i, item in enumerate(entries)]
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
         raise KeysFileError(f"{path}: duplicate key ids")

@@ -12,7 +12,9 @@ from .stages import Stage
 
 INTERNAL_HEADER_PREFIX = "x-tollway-"
 
-_NO_ROUTE = Deny(404, "invalid_request_error", "unknown_url", "Unknown request URL.", "tollway_no_route")
+_NO_ROUTE = Deny(
+    404, "invalid_request_error", "unknown_url", "Unknown request URL.", "tollway_no_route"
+)
 
 
 class Pipeline:
@@ -29,8 +31,10 @@ class Pipeline:
     def exchange(
         self, method: str, path: str, headers: dict[str, str], repeated: frozenset[str]
     ) -> Exchange:
-        path = path.partition("?")[0]
-        return Exchange(method, path, headers, repeated, self.routes.match(path), self.clock())
+        path, _, query = path.partition("?")
+        return Exchange(
+            method, path, query, headers, repeated, self.routes.match(path), self.clock()
+        )
 
     def request_headers(self, ex: Exchange) -> Deny | Phase:
         # Clients must not be able to forge headers that upstreams trust.

@@ -11,10 +11,10 @@ from .config import ApiKind, Upstream
 # Endpoints whose JSON body names the model (the key's model allowlist needs it).
 _MODEL_IN_BODY = re.compile(
     r"/(?:v1/)?(?:chat/completions|completions|embeddings|responses|messages"
-    r"|messages/count_tokens|moderations|images/generations|audio/speech)$"
+    r"|messages/count_tokens|moderations|images/generations|audio/speech)/?$"
 )
 # Gemini and Azure name the model (deployment) in the path.
-_GEMINI_MODEL = re.compile(r"/models/([^/:]+):[A-Za-z]+$")
+_GEMINI_MODEL = re.compile(r"/(?:tunedModels|models)/([^/:]+):[A-Za-z]+$")
 _AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
 
 
@@ -30,8 +30,10 @@ class Route:
 
     def model_in_path(self, path: str) -> str | None:
         pattern = {"gemini": _GEMINI_MODEL, "azure": _AZURE_DEPLOYMENT}.get(self.api)
-        match = pattern.search(path) if pattern else None
-        return unquote(match.group(1)) if match else None
+        if pattern is None:
+            return None
+        match = pattern.search(unquote(path) if "%" in path else path)
+        return match.group(1) if match else None
 
     def model_in_body(self, method: str, path: str) -> bool:
         return method == "POST" and _MODEL_IN_BODY.search(path) is not None

@@ -27,7 +27,10 @@ log = logging.getLogger("tollway")
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 _INTERNAL = Deny(
-    500, "api_error", "internal_error", "The gateway failed to process this request.",
+    500,
+    "api_error",
+    "internal_error",
+    "The gateway failed to process this request.",
     "tollway_internal_error",
 )
 
@@ -44,12 +47,11 @@ _CONTINUE = {
 
 class Processor(extproc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+        self.pipeline = runtime.pipeline
         self.metrics = runtime.metrics
 
-    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         self.metrics.streams.inc()
-        pipeline = self.runtime.pipeline
         ex: Exchange | None = None
         body = bytearray()
         # Envoy resets the stream when the request ends: the read is then
@@ -80,8 +82,10 @@ class Processor(extproc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     def _request_headers(self, request: ProcessingRequest) -> tuple[Exchange, ProcessingResponse]:
         headers, repeated = codec.decode_headers(request.request_headers)
-        pipeline = self.runtime.pipeline
-        ex = pipeline.exchange(headers.get(":method", ""), headers.get(":path", ""), headers, repeated)
+        pipeline = self.pipeline
+        ex = pipeline.exchange(
+            headers.get(":method", ""), headers.get(":path", ""), headers, repeated
+        )
         decision = pipeline.request_headers(ex)
         if isinstance(decision, Deny):
             return ex, self._deny(ex, decision)
@@ -90,7 +94,7 @@ class Processor(extproc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return ex, codec.request_headers_response(ex, decision)
 
     def _request_body(self, ex: Exchange, body: bytes) -> ProcessingResponse:
-        decision = self.runtime.pipeline.request_body(ex, body)
+        decision = self.pipeline.request_body(ex, body)
         if decision is not None:
             return self._deny(ex, decision)
         self._count(ex, "allowed")
@@ -181,8 +185,11 @@ async def serve(
         # Tell Envoy's health checker first, keep serving while it moves away,
         # then refuse new streams and let in-flight ones finish.
         await health.enter_graceful_shutdown()
-        log.info("draining: NOT_SERVING for %.1fs, then up to %.1fs for in-flight streams",
-                 config.server.drain_delay_s, config.server.drain_timeout_s)
+        log.info(
+            "draining: NOT_SERVING for %.1fs, then up to %.1fs for in-flight streams",
+            config.server.drain_delay_s,
+            config.server.drain_timeout_s,
+        )
         await asyncio.sleep(config.server.drain_delay_s)
         await server.stop(grace=config.server.drain_timeout_s)
         log.info("stopped")

@@ -60,9 +60,12 @@ def envoy_binary() -> str:
 def envoy_command(config_file: Path, concurrency: int = 1, log_level: str = "warning") -> list[str]:
     return [
         envoy_binary(),
-        "-c", str(config_file),
-        "--concurrency", str(concurrency),
-        "--log-level", log_level,
+        "-c",
+        str(config_file),
+        "--concurrency",
+        str(concurrency),
+        "--log-level",
+        log_level,
         "--use-dynamic-base-id",  # several Envoys may run on one host
     ]
 
@@ -79,9 +82,9 @@ def spawn(
     """Start a child that dies with us; its output goes to ``log`` or our terminal."""
     preexec = _die_with_parent if sys.platform == "linux" else None
     if log is None:
-        return subprocess.Popen(list(argv), env=env, preexec_fn=preexec)  # noqa: PLW1509
+        return subprocess.Popen(list(argv), env=env, preexec_fn=preexec)
     with open(log, "ab") as out:
-        return subprocess.Popen(  # noqa: PLW1509
+        return subprocess.Popen(
             list(argv), env=env, preexec_fn=preexec, stdout=out, stderr=subprocess.STDOUT
         )
 
@@ -101,12 +104,17 @@ def extproc_healthy(admin_port: int, admin_host: str = "127.0.0.1") -> bool:
     status, text = _get(f"http://{admin_host}:{admin_port}/clusters")
     if status != 200:
         return False
-    flags = [line for line in text.splitlines()
-             if line.startswith(f"{envoyconf.EXTPROC_CLUSTER}::") and "::health_flags::" in line]
+    flags = [
+        line
+        for line in text.splitlines()
+        if line.startswith(f"{envoyconf.EXTPROC_CLUSTER}::") and "::health_flags::" in line
+    ]
     return bool(flags) and all(line.endswith("::healthy") for line in flags)
 
 
-def wait_until(check: Any, timeout: float, what: str, procs: Sequence[subprocess.Popen[bytes]] = ()) -> None:
+def wait_until(
+    check: Any, timeout: float, what: str, procs: Sequence[subprocess.Popen[bytes]] = ()
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -135,7 +143,9 @@ def demo_upstreams(url: str) -> dict[str, Upstream]:
     cred = Credential(env=DEMO_KEY_ENV)
     return {
         "openai": Upstream(url=url, api="openai", prefixes=("/v1/",), credential=cred),
-        "anthropic": Upstream(url=url, api="anthropic", prefixes=("/v1/messages",), credential=cred),
+        "anthropic": Upstream(
+            url=url, api="anthropic", prefixes=("/v1/messages",), credential=cred
+        ),
         "gemini": Upstream(url=url, api="gemini", prefixes=("/v1beta/",), credential=cred),
     }
 
@@ -163,23 +173,34 @@ class Gateway:
 
 def _pick_ports(config: Config) -> Config:
     """Keep configured ports when free, otherwise take free ones."""
+
     def port(host: str, wanted: int) -> int:
         return wanted if wanted and port_is_free(host, wanted) else free_port(host)
 
     envoy, server, metrics = config.envoy, config.server, config.metrics
-    return config.model_copy(update={
-        "envoy": envoy.model_copy(update={
-            "port": port(envoy.address, envoy.port),
-            "admin_port": port(envoy.admin_address, envoy.admin_port),
-        }),
-        "server": server.model_copy(update={"port": port(server.address, server.port),
-                                            "drain_delay_s": 0.0}),
-        "metrics": metrics.model_copy(update={"port": port(metrics.address, metrics.port)}),
-    })
+    return config.model_copy(
+        update={
+            "envoy": envoy.model_copy(
+                update={
+                    "port": port(envoy.address, envoy.port),
+                    "admin_port": port(envoy.admin_address, envoy.admin_port),
+                }
+            ),
+            "server": server.model_copy(update={"port": port(server.address, server.port)}),
+            "metrics": metrics.model_copy(update={"port": port(metrics.address, metrics.port)}),
+        }
+    )
 
 
-def start(config: Config, workdir: Path, *, demo: bool = False, log_to_files: bool = False,
-          timeout: float = 60.0, env: dict[str, str] | None = None) -> Gateway:
+def start(
+    config: Config,
+    workdir: Path,
+    *,
+    demo: bool = False,
+    log_to_files: bool = False,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+) -> Gateway:
     """Start everything and wait until Envoy reports Tollway healthy.
 
     With ``log_to_files`` each process writes to ``workdir/<name>.log``
@@ -195,27 +216,55 @@ def start(config: Config, workdir: Path, *, demo: bool = False, log_to_files: bo
         if demo:
             demo_port = free_port()
             child_env[DEMO_KEY_ENV] = DEMO_PROVIDER_KEY
-            gateway.procs.append(spawn(
-                [sys.executable, "-m", "extproc", "demo-upstream", "--port", str(demo_port),
-                 "--provider-key", DEMO_PROVIDER_KEY], env=child_env, log=log("demo")))
-            config = config.model_copy(update={
-                "upstreams": demo_upstreams(f"http://127.0.0.1:{demo_port}")})
+            gateway.procs.append(
+                spawn(
+                    [
+                        sys.executable,
+                        "-m",
+                        "extproc",
+                        "demo-upstream",
+                        "--port",
+                        str(demo_port),
+                        "--provider-key",
+                        DEMO_PROVIDER_KEY,
+                    ],
+                    env=child_env,
+                    log=log("demo"),
+                )
+            )
+            config = config.model_copy(
+                update={"upstreams": demo_upstreams(f"http://127.0.0.1:{demo_port}")}
+            )
         config = _pick_ports(config)
         gateway.config = config
         config_file = workdir / "tollway.yaml"
         write_config(config, config_file)
         envoy_file = workdir / "envoy.yaml"
         envoy_file.write_text(envoyconf.render_yaml(config))
-        gateway.procs.append(spawn(
-            [sys.executable, "-m", "extproc", "serve", "--config", str(config_file)],
-            env=child_env, log=log("tollway")))
-        gateway.procs.append(spawn(
-            envoy_command(envoy_file, config.envoy.concurrency), env=child_env,
-            log=log("envoy")))
-        wait_until(lambda: extproc_healthy(config.envoy.admin_port), timeout,
-                   "Envoy health check of Tollway", gateway.procs)
-        wait_until(lambda: _get(f"{gateway.url}/healthz")[0] == 200, timeout,
-                   "front door /healthz", gateway.procs)
+        gateway.procs.append(
+            spawn(
+                [sys.executable, "-m", "extproc", "serve", "--config", str(config_file)],
+                env=child_env,
+                log=log("tollway"),
+            )
+        )
+        gateway.procs.append(
+            spawn(
+                envoy_command(envoy_file, config.envoy.concurrency), env=child_env, log=log("envoy")
+            )
+        )
+        wait_until(
+            lambda: extproc_healthy(config.envoy.admin_port),
+            timeout,
+            "Envoy health check of Tollway",
+            gateway.procs,
+        )
+        wait_until(
+            lambda: _get(f"{gateway.url}/healthz")[0] == 200,
+            timeout,
+            "front door /healthz",
+            gateway.procs,
+        )
     except BaseException:
         gateway.stop()
         raise
@@ -233,13 +282,18 @@ def run(config: Config, *, demo: bool) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Envoy stops first on Ctrl-C, so there is nobody to drain for.
+    config = config.model_copy(
+        update={"server": config.server.model_copy(update={"drain_delay_s": 0.0})}
+    )
     demo_key = None
     if demo:
         keys_file = workdir / "keys.yaml"
         demo_key, record = keys.generate(name="demo", tenant="demo")
         keys.add(keys_file, record)
-        config = config.model_copy(update={
-            "auth": config.auth.model_copy(update={"keys_file": keys_file})})
+        config = config.model_copy(
+            update={"auth": config.auth.model_copy(update={"keys_file": keys_file})}
+        )
     try:
         gateway = start(config, workdir, demo=demo)
     except RuntimeError as exc:
@@ -248,7 +302,8 @@ def run(config: Config, *, demo: bool) -> int:
         return 1
     url = gateway.url
     key = demo_key or "<your tollway key: tollway keys create --name NAME>"
-    print(f"""
+    print(
+        f"""
 Tollway is up.
   front door  {url}   (OpenAI: {url}/v1, Anthropic: {url}, Gemini: {url}/v1beta)
   metrics     http://{gateway.config.metrics.address}:{gateway.config.metrics.port}/metrics
@@ -260,7 +315,9 @@ Try it:
     -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
 Ctrl-C stops everything.
-""", flush=True)
+""",
+        flush=True,
+    )
     code = 0
     try:
         while not stopping:

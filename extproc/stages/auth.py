@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl
+
 from ..decisions import Deny, Phase, bad_request, forbidden, unauthorized
 from ..exchange import BodyError, Exchange
 from ..keys import KeyRing
 
 # Every header a client SDK may carry its key in (OpenAI, Anthropic, Azure, Gemini).
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def query_keys(ex: Exchange) -> list[str]:
+    """Gemini clients may send the key as ``?key=``."""
+    if ex.route is None or ex.route.api != "gemini" or "key=" not in ex.query:
+        return []
+    return [value for name, value in parse_qsl(ex.query, keep_blank_values=True) if name == "key"]
+
 
 _MISSING = unauthorized(
     "missing_api_key",
@@ -44,7 +55,12 @@ def presented_key(ex: Exchange) -> str | Deny | None:
         if found is not None and value != found:
             return _ambiguous("different keys in different headers")
         found = value
-    return found or None
+    in_query = query_keys(ex)
+    if len(in_query) > 1:
+        return _ambiguous("the key query parameter appears more than once")
+    if in_query and found is not None and in_query[0] != found:
+        return _ambiguous("different keys in a header and the query")
+    return found or (in_query[0] if in_query else None)
 
 
 def _model_denied(model: str) -> Deny:
@@ -86,17 +102,21 @@ class AuthStage:
         if model is not None:
             ex.metadata["model"] = model
             return Phase.NONE if record.allows_model(model) else _model_denied(model)
-        # Only a restricted key on an endpoint that names its model pays for the body.
-        return Phase.REQUEST_BODY if ex.route.model_in_body(ex.method, ex.path) else Phase.NONE
+        # Only a restricted key pays for the body: any body may name a model.
+        return Phase.REQUEST_BODY if ex.method in _BODY_METHODS else Phase.NONE
 
     def on_request_body(self, ex: Exchange) -> Deny | None:
         record = ex.identity
-        if record is None or not record.restricts_models:
+        if record is None or not record.restricts_models or ex.route is None:
             return None
+        names_model = ex.route.model_in_body(ex.method, ex.path)
         try:
             model = ex.json().get("model")
         except BodyError as exc:
-            return bad_request("invalid_body", str(exc))
+            # Endpoints that take no JSON (uploads) name no model to check.
+            return bad_request("invalid_body", str(exc)) if names_model else None
+        if model is None and not names_model:
+            return None
         if not isinstance(model, str) or not model:
             return bad_request("missing_model", "The request body must name a 'model'.")
         ex.metadata["model"] = model

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from urllib.parse import parse_qsl, urlencode
 
 from ..decisions import Phase
 from ..exchange import Exchange
-from .auth import CREDENTIAL_HEADERS
+from .auth import CREDENTIAL_HEADERS, query_keys
 
 
 class CredentialStage:
@@ -22,6 +23,11 @@ class CredentialStage:
         # and without a provider key, the client's own credential passes.
         if route.upstream.auth or key is not None:
             ex.remove_headers.update(CREDENTIAL_HEADERS)
+            if query_keys(ex):
+                kept = [
+                    (k, v) for k, v in parse_qsl(ex.query, keep_blank_values=True) if k != "key"
+                ]
+                ex.set_headers[":path"] = ex.path + (f"?{urlencode(kept)}" if kept else "")
         if key is not None:
             header = route.upstream.key_header
             ex.set_headers[header] = f"Bearer {key}" if header == "authorization" else key

@@ -77,9 +77,18 @@ def start_stack(workdir: Path, *, drain_delay_s: float = 0.0) -> Stack:
     upstream_port = up.free_port()
     env = {**os.environ, PROVIDER_ENV: PROVIDER_KEY}
     demo = up.spawn(
-        [sys.executable, "-m", "extproc", "demo-upstream", "--port", str(upstream_port),
-         "--provider-key", PROVIDER_KEY],
-        env=env, log=workdir / "demo.log",
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "demo-upstream",
+            "--port",
+            str(upstream_port),
+            "--provider-key",
+            PROVIDER_KEY,
+        ],
+        env=env,
+        log=workdir / "demo.log",
     )
     upstream_url = f"http://127.0.0.1:{upstream_port}"
     keys_file = workdir / "keys.yaml"
@@ -94,28 +103,37 @@ def start_stack(workdir: Path, *, drain_delay_s: float = 0.0) -> Stack:
         key, record = _record(name, **extra)
         if name == "expired":
             record = keys.make_record(
-                key_id=record.id, name=name, tenant="acme", digest=record.digest,
-                created=record.created, expires=now - timedelta(days=1))
+                key_id=record.id,
+                name=name,
+                tenant="acme",
+                digest=record.digest,
+                created=record.created,
+                expires=now - timedelta(days=1),
+            )
         keys.add(keys_file, record)
         made[name] = key
     keys.revoke(keys_file, "revoked")
     cred = Credential(env=PROVIDER_ENV)
     config = Config(
-        server=ServerConfig(port=0, drain_delay_s=drain_delay_s, drain_timeout_s=5,
-                            reload_interval_s=0.2),
+        server=ServerConfig(
+            port=0, drain_delay_s=drain_delay_s, drain_timeout_s=5, reload_interval_s=0.2
+        ),
         metrics=MetricsConfig(port=0),
         envoy=EnvoyConfig(port=0, admin_port=0),
         auth={"keys_file": keys_file},  # type: ignore[arg-type]
         max_body_bytes=10 * 1024 * 1024,
         upstreams={
             "openai": Upstream(url=upstream_url, api="openai", prefixes=("/v1/",), credential=cred),
-            "anthropic": Upstream(url=upstream_url, api="anthropic", prefixes=("/v1/messages",),
-                                  credential=cred),
-            "gemini": Upstream(url=upstream_url, api="gemini", prefixes=("/v1beta/",),
-                               credential=cred),
+            "anthropic": Upstream(
+                url=upstream_url, api="anthropic", prefixes=("/v1/messages",), credential=cred
+            ),
+            "gemini": Upstream(
+                url=upstream_url, api="gemini", prefixes=("/v1beta/",), credential=cred
+            ),
             # An internal route with auth explicitly off: clients bring their own key.
-            "internal": Upstream(url=upstream_url, api="openai", prefixes=("/v1/embeddings",),
-                                 auth=False),
+            "internal": Upstream(
+                url=upstream_url, api="openai", prefixes=("/v1/embeddings",), auth=False
+            ),
         },
     )
     try:

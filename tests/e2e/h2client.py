@@ -24,8 +24,13 @@ def h2_post(
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
         conn.initiate_connection()
         sock.sendall(conn.data_to_send())
-        request = [(":method", "POST"), (":path", path), (":scheme", "http"),
-                   (":authority", parts.netloc), *headers.items()]
+        request = [
+            (":method", "POST"),
+            (":path", path),
+            (":scheme", "http"),
+            (":authority", parts.netloc),
+            *headers.items(),
+        ]
         if declare_length:
             request.append(("content-length", str(len(body))))
         conn.send_headers(1, request)
@@ -34,10 +39,14 @@ def h2_post(
             # Send what flow control allows, then read whatever the server says.
             with contextlib.suppress(h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
                 while offset < len(body) and conn.local_flow_control_window(1) > 0:
-                    size = min(conn.local_flow_control_window(1), conn.max_outbound_frame_size,
-                               len(body) - offset)
-                    conn.send_data(1, body[offset:offset + size],
-                                   end_stream=offset + size == len(body))
+                    size = min(
+                        conn.local_flow_control_window(1),
+                        conn.max_outbound_frame_size,
+                        len(body) - offset,
+                    )
+                    conn.send_data(
+                        1, body[offset : offset + size], end_stream=offset + size == len(body)
+                    )
                     offset += size
             with contextlib.suppress(OSError):
                 sock.sendall(conn.data_to_send())

@@ -12,9 +12,8 @@ import openai
 import orjson
 import pytest
 
-from .h2client import h2_post
-
 from .conftest import PROVIDER_KEY, Stack
+from .h2client import h2_post
 
 pytestmark = pytest.mark.e2e
 
@@ -49,18 +48,23 @@ def test_openai_sdk_chat_plain_and_streamed(stack: Stack) -> None:
     assert "demo upstream" in reply.choices[0].message.content
     assert reply.usage is not None and reply.usage.prompt_tokens > 0
 
-    chunks = list(client.chat.completions.create(
-        **CHAT, stream=True, stream_options={"include_usage": True}))  # type: ignore[call-overload]
+    chunks = list(
+        client.chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True})
+    )  # type: ignore[call-overload]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == reply.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
 def test_anthropic_sdk_messages_plain_and_streamed(stack: Stack) -> None:
-    client = anthropic.Anthropic(base_url=stack.url, api_key=stack.keys["alice"],
-                                 max_retries=0, timeout=10)
-    args: dict[str, Any] = {"model": "claude-haiku-4-5", "max_tokens": 64,
-                            "messages": [{"role": "user", "content": "Hello"}]}
+    client = anthropic.Anthropic(
+        base_url=stack.url, api_key=stack.keys["alice"], max_retries=0, timeout=10
+    )
+    args: dict[str, Any] = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Hello"}],
+    }
     message = client.messages.create(**args)
     assert message.content[0].type == "text" and "demo upstream" in message.content[0].text
     with client.messages.stream(**args) as stream:
@@ -72,8 +76,12 @@ def test_anthropic_sdk_messages_plain_and_streamed(stack: Stack) -> None:
 
 def test_gemini_generate_content_with_goog_api_key(stack: Stack) -> None:
     body = {"contents": [{"role": "user", "parts": [{"text": "Hello"}]}]}
-    r = post(stack, "/v1beta/models/gemini-2.0-flash:generateContent",
-             {"x-goog-api-key": stack.keys["alice"]}, body)
+    r = post(
+        stack,
+        "/v1beta/models/gemini-2.0-flash:generateContent",
+        {"x-goog-api-key": stack.keys["alice"]},
+        body,
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usageMetadata"]["promptTokenCount"] > 0
 
@@ -95,8 +103,7 @@ def test_key_accepted_in_azure_style_header(stack: Stack) -> None:
         ({"authorization": "Basic dXNlcjpwYXNz"}, "invalid_authorization_header"),
         ({"authorization": "Bearer {revoked}"}, "revoked_api_key"),
         ({"authorization": "Bearer {expired}"}, "expired_api_key"),
-        ({"authorization": "Bearer {alice}", "x-api-key": "{restricted}"},
-         "ambiguous_credentials"),
+        ({"authorization": "Bearer {alice}", "x-api-key": "{restricted}"}, "ambiguous_credentials"),
     ],
 )
 def test_401_with_openai_style_error(stack: Stack, headers: dict[str, str], code: str) -> None:
@@ -113,8 +120,12 @@ def test_401_with_openai_style_error(stack: Stack, headers: dict[str, str], code
 
 def test_repeated_authorization_header_is_rejected(stack: Stack) -> None:
     key = stack.keys["alice"]
-    r = httpx.post(f"{stack.url}/v1/chat/completions", json=CHAT, timeout=10,
-                   headers=[("authorization", f"Bearer {key}"), ("authorization", f"Bearer {key}")])
+    r = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        json=CHAT,
+        timeout=10,
+        headers=[("authorization", f"Bearer {key}"), ("authorization", f"Bearer {key}")],
+    )
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "ambiguous_credentials"
 
@@ -132,28 +143,46 @@ def test_model_allowlist(stack: Stack) -> None:
         client.chat.completions.create(**{**CHAT, "model": "gpt-4o"})  # type: ignore[call-overload]
     assert caught.value.code == "model_not_allowed"
 
-    claude = anthropic.Anthropic(base_url=stack.url, api_key=stack.keys["restricted"],
-                                 max_retries=0, timeout=10)
-    assert claude.messages.create(model="claude-haiku-4-5-20251001", max_tokens=16,
-                                  messages=[{"role": "user", "content": "hi"}]).content
+    claude = anthropic.Anthropic(
+        base_url=stack.url, api_key=stack.keys["restricted"], max_retries=0, timeout=10
+    )
+    assert claude.messages.create(
+        model="claude-haiku-4-5-20251001",
+        max_tokens=16,
+        messages=[{"role": "user", "content": "hi"}],
+    ).content
 
     gemini = {"contents": [{"parts": [{"text": "hi"}]}]}
-    denied = post(stack, "/v1beta/models/gemini-2.5-pro:generateContent",
-                  {"x-goog-api-key": stack.keys["restricted"]}, gemini)
+    denied = post(
+        stack,
+        "/v1beta/models/gemini-2.5-pro:generateContent",
+        {"x-goog-api-key": stack.keys["restricted"]},
+        gemini,
+    )
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "model_not_allowed"
 
-    no_model = post(stack, "/v1/chat/completions",
-                    {"authorization": f"Bearer {stack.keys['restricted']}"}, {"messages": []})
+    no_model = post(
+        stack,
+        "/v1/chat/completions",
+        {"authorization": f"Bearer {stack.keys['restricted']}"},
+        {"messages": []},
+    )
     assert no_model.status_code == 400 and no_model.json()["error"]["code"] == "missing_model"
-    bad_json = httpx.post(f"{stack.url}/v1/chat/completions", content=b"{not json", timeout=10,
-                          headers={"authorization": f"Bearer {stack.keys['restricted']}"})
+    bad_json = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        content=b"{not json",
+        timeout=10,
+        headers={"authorization": f"Bearer {stack.keys['restricted']}"},
+    )
     assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_body"
 
 
 def test_only_restricted_keys_pay_for_the_body(stack: Stack) -> None:
     def messages() -> tuple[float, float]:
-        return (stack.metric("tollway_extproc_messages_total", kind="request_headers"),
-                stack.metric("tollway_extproc_messages_total", kind="request_body"))
+        return (
+            stack.metric("tollway_extproc_messages_total", kind="request_headers"),
+            stack.metric("tollway_extproc_messages_total", kind="request_body"),
+        )
 
     before = messages()
     oai(stack, stack.keys["alice"]).chat.completions.create(**CHAT)  # type: ignore[call-overload]
@@ -167,8 +196,9 @@ def test_only_restricted_keys_pay_for_the_body(stack: Stack) -> None:
 def test_large_body_is_buffered_for_a_restricted_key(stack: Stack) -> None:
     # 6 MB: over Envoy's default 1 MiB buffer and grpcio's default 4 MiB message.
     big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 6_000_000}]}
-    r = post(stack, "/v1/chat/completions",
-             {"authorization": f"Bearer {stack.keys['restricted']}"}, big)
+    r = post(
+        stack, "/v1/chat/completions", {"authorization": f"Bearer {stack.keys['restricted']}"}, big
+    )
     assert r.status_code == 403, r.text
     assert r.json()["error"]["code"] == "model_not_allowed"
 
@@ -177,16 +207,25 @@ OVER_LIMIT = 11 * 1024 * 1024
 
 
 def test_body_over_limit_is_413_on_http1(stack: Stack) -> None:
-    r = httpx.post(f"{stack.url}/v1/chat/completions", content=b"x" * OVER_LIMIT, timeout=20,
-                   headers={"authorization": f"Bearer {stack.keys['alice']}"})
+    r = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        content=b"x" * OVER_LIMIT,
+        timeout=20,
+        headers={"authorization": f"Bearer {stack.keys['alice']}"},
+    )
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "request_too_large"
 
 
 @pytest.mark.parametrize("declare_length", [True, False], ids=["content-length", "streamed"])
 def test_body_over_limit_is_413_on_http2(stack: Stack, declare_length: bool) -> None:
-    status, body = h2_post(stack, "/v1/chat/completions", b"x" * OVER_LIMIT, declare_length,
-                           {"authorization": f"Bearer {stack.keys['alice']}"})
+    status, body = h2_post(
+        stack,
+        "/v1/chat/completions",
+        b"x" * OVER_LIMIT,
+        declare_length,
+        {"authorization": f"Bearer {stack.keys['alice']}"},
+    )
     assert status == 413
     assert orjson.loads(body)["error"]["code"] == "request_too_large"
 
@@ -198,14 +237,28 @@ def test_provider_key_injected_and_client_key_never_forwarded(stack: Stack) -> N
     key = stack.keys["alice"]
     stack.clear_upstream_requests()
     post(stack, "/v1/chat/completions", {"authorization": f"Bearer {key}"}).raise_for_status()
-    post(stack, "/v1/messages", {"x-api-key": key, "anthropic-version": "2023-06-01"},
-         {"model": "claude-haiku-4-5", "max_tokens": 8,
-          "messages": [{"role": "user", "content": "hi"}]}).raise_for_status()
-    post(stack, "/v1beta/models/gemini-2.0-flash:generateContent", {"x-goog-api-key": key},
-         {"contents": [{"parts": [{"text": "hi"}]}]}).raise_for_status()
+    post(
+        stack,
+        "/v1/messages",
+        {"x-api-key": key, "anthropic-version": "2023-06-01"},
+        {
+            "model": "claude-haiku-4-5",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    ).raise_for_status()
+    post(
+        stack,
+        "/v1beta/models/gemini-2.0-flash:generateContent",
+        {"x-goog-api-key": key},
+        {"contents": [{"parts": [{"text": "hi"}]}]},
+    ).raise_for_status()
     seen = stack.upstream_requests()
     assert [r["path"] for r in seen] == [
-        "/v1/chat/completions", "/v1/messages", "/v1beta/models/gemini-2.0-flash:generateContent"]
+        "/v1/chat/completions",
+        "/v1/messages",
+        "/v1beta/models/gemini-2.0-flash:generateContent",
+    ]
     openai_h, anthropic_h, gemini_h = (r["headers"] for r in seen)
     assert openai_h["authorization"] == f"Bearer {PROVIDER_KEY}"
     assert anthropic_h["x-api-key"] == PROVIDER_KEY and "authorization" not in anthropic_h
@@ -217,12 +270,16 @@ def test_provider_key_injected_and_client_key_never_forwarded(stack: Stack) -> N
 
 def test_client_sent_internal_headers_are_stripped(stack: Stack) -> None:
     stack.clear_upstream_requests()
-    r = post(stack, "/v1/chat/completions", {
-        "authorization": f"Bearer {stack.keys['alice']}",
-        "x-tollway-tenant": "someone-else",
-        "x-tollway-key-id": "000000000000",
-        "x-tollway-admin": "true",
-    })
+    r = post(
+        stack,
+        "/v1/chat/completions",
+        {
+            "authorization": f"Bearer {stack.keys['alice']}",
+            "x-tollway-tenant": "someone-else",
+            "x-tollway-key-id": "000000000000",
+            "x-tollway-admin": "true",
+        },
+    )
     assert r.status_code == 200
     (seen,) = stack.upstream_requests()
     headers = seen["headers"]
@@ -256,10 +313,14 @@ def test_unknown_path_is_json_404(stack: Stack) -> None:
 
 def test_access_log_carries_identity_and_denials(stack: Stack) -> None:
     alice = stack.keys["alice"]
-    post(stack, "/v1/chat/completions", {"authorization": f"Bearer {alice}",
-                                         "user-agent": "log-ok"}).raise_for_status()
-    post(stack, "/v1/chat/completions", {"authorization": "Bearer tw_bad",
-                                         "user-agent": "log-denied"})
+    post(
+        stack, "/v1/chat/completions", {"authorization": f"Bearer {alice}", "user-agent": "log-ok"}
+    ).raise_for_status()
+    post(
+        stack,
+        "/v1/chat/completions",
+        {"authorization": "Bearer tw_bad", "user-agent": "log-denied"},
+    )
 
     def lines() -> dict[str, dict[str, Any]]:
         found = {e["user_agent"]: e for e in stack.access_log()}
@@ -268,9 +329,17 @@ def test_access_log_carries_identity_and_denials(stack: Stack) -> None:
     entries = eventually(lines)
     ok, denied = entries["log-ok"], entries["log-denied"]
     assert (ok["status"], ok["key_id"], ok["tenant"], ok["key_name"], ok["route"]) == (
-        200, alice[3:15], "acme", "alice", "openai")
+        200,
+        alice[3:15],
+        "acme",
+        "alice",
+        "openai",
+    )
     assert (denied["status"], denied["denied"], denied["details"]) == (
-        401, "invalid_api_key", "tollway_invalid_api_key")
+        401,
+        "invalid_api_key",
+        "tollway_invalid_api_key",
+    )
     text = (stack.gateway.workdir / "envoy.log").read_text()
     assert alice not in text and PROVIDER_KEY not in text
 
@@ -282,9 +351,17 @@ def test_keys_file_changes_apply_without_restart(stack: Stack) -> None:
     r = post(stack, "/v1/chat/completions", {"authorization": f"Bearer {key}"})
     assert r.status_code == 401
     keys.add(stack.keys_file, record)
-    eventually(lambda: post(stack, "/v1/chat/completions",
-                            {"authorization": f"Bearer {key}"}).status_code == 200)
+    eventually(
+        lambda: (
+            post(stack, "/v1/chat/completions", {"authorization": f"Bearer {key}"}).status_code
+            == 200
+        )
+    )
     keys.revoke(stack.keys_file, record.id)
-    eventually(lambda: post(stack, "/v1/chat/completions",
-                            {"authorization": f"Bearer {key}"}).status_code == 401)
+    eventually(
+        lambda: (
+            post(stack, "/v1/chat/completions", {"authorization": f"Bearer {key}"}).status_code
+            == 401
+        )
+    )
     assert stack.metric("tollway_reloads_total", file="keys", result="ok") >= 2

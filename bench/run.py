@@ -1,0 +1,358 @@
+"""Side-by-side benchmark: plain Envoy vs Envoy + Tollway (auth on), same fast upstream.
+
+Run: .venv/bin/python bench/run.py [--duration 10] [--connections 16] [--rounds 2] [--quick]
+See bench/README.md for how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extproc import envoyconf, keys, up
+from extproc.config import Config
+
+Proc = subprocess.Popen[bytes]
+PATH = "/v1/chat/completions"
+REQUEST_BODY = (
+    '{"model": "gpt-4o-mini", "max_tokens": 16, '
+    '"messages": [{"role": "user", "content": "Say hello."}]}'
+)
+CHAT_COMPLETION = (
+    '{"id": "chatcmpl-bench0001", "object": "chat.completion", "created": 1700000000, '
+    '"model": "gpt-4o-mini-2024-07-18", "system_fingerprint": "fp_bench", "choices": '
+    '[{"index": 0, "message": {"role": "assistant", "content": "Hello! How can I help you '
+    'today?"}, "logprobs": null, "finish_reason": "stop"}], '
+    '"usage": {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20}}'
+)
+UPSTREAM_YAML = Path(__file__).with_name("upstream-envoy.yaml")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+READY_TIMEOUT_S = 60.0
+MAX_ERROR_RATIO = 0.01
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+
+
+@dataclass
+class Target:
+    name: str
+    envoy: Proc
+    config: Config  # the front door's ports
+    tollway: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.config.envoy.port}"
+
+    @property
+    def admin_port(self) -> int:
+        return self.config.envoy.admin_port
+
+
+@dataclass
+class Sample:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    envoy_cpu_us: float
+    tollway_cpu_us: float | None
+    extproc_msgs: float | None  # ext_proc messages Envoy sent Tollway, per request
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    p.add_argument("--connections", type=int, default=16, help="wrk connections")
+    p.add_argument("--rounds", type=int, default=2, help="plain/tollway pairs; median reported")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per target")
+    p.add_argument("--quick", action="store_true", help="smoke test: 3 s, 1 round")
+    p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    args = p.parse_args()
+    if args.quick:
+        args.duration, args.rounds = 3, 1
+    return args
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def extproc_msgs_sent(admin_port: int) -> int:
+    url = f"http://127.0.0.1:{admin_port}/stats?filter=ext_proc.stream_msgs_sent$"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(int(line.rpartition(":")[2]) for line in text.splitlines() if ":" in line)
+
+
+def upstream_envoy_config(port: int, admin_port: int) -> dict[str, Any]:
+    """The fast upstream (see upstream-envoy.yaml) answering with CHAT_COMPLETION."""
+    config: dict[str, Any] = yaml.safe_load(UPSTREAM_YAML.read_text())
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
+    route["direct_response"]["body"]["inline_string"] = CHAT_COMPLETION
+    return config
+
+
+def plain_envoy_config(config: Config) -> dict[str, Any]:
+    """The rendered front door without the ext_proc filter.
+
+    Its cluster goes too, so the plain Envoy does not health-check Tollway; the routes'
+    per-filter "disabled" entries for ext_proc stay (Envoy accepts and ignores them).
+    """
+    rendered = envoyconf.render(config)
+    hcm = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = hcm["typed_config"]["http_filters"]
+    hcm["typed_config"]["http_filters"] = [f for f in filters if f["name"] != EXT_PROC_FILTER]
+    static = rendered["static_resources"]
+    static["clusters"] = [c for c in static["clusters"] if c["name"] != envoyconf.EXTPROC_CLUSTER]
+    return rendered
+
+
+def bench_config(upstream_port: int, keys_file: Path) -> Config:
+    """One upstream `openai` at the fast upstream, no credential; auth on (the default)."""
+    upstream = {"url": f"http://127.0.0.1:{upstream_port}", "api": "openai", "prefixes": ["/v1/"]}
+    return Config.model_validate(
+        {
+            "server": {"port": up.free_port(), "drain_delay_s": 0, "drain_timeout_s": 2},
+            "metrics": {"enabled": False},
+            "auth": {"keys_file": str(keys_file)},
+            "envoy": {"port": up.free_port(), "admin_port": up.free_port(), "concurrency": 1},
+            "upstreams": {"openai": upstream},
+        }
+    )
+
+
+def post_status(url: str, key: str | None) -> int:
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url + PATH, REQUEST_BODY.encode(), headers)  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def start_envoy(name: str, config: dict[str, Any], workdir: Path, procs: list[Proc]) -> Proc:
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = up.spawn(up.envoy_command(path, concurrency=1), log=workdir / f"{name}.log")
+    procs.append(proc)
+    return proc
+
+
+def start_tollway(config: Config, workdir: Path, procs: list[Proc]) -> Proc:
+    config_file = workdir / "tollway.yaml"
+    up.write_config(config, config_file)
+    argv = [sys.executable, "-m", "extproc", "serve", "--config", str(config_file)]
+    procs.append(up.spawn(argv, log=workdir / "tollway.log"))
+    return procs[-1]
+
+
+def with_new_ports(config: Config) -> Config:
+    ports = {"port": up.free_port(), "admin_port": up.free_port()}
+    return config.model_copy(update={"envoy": config.envoy.model_copy(update=ports)})
+
+
+def wait_ready(plain: Target, tollway: Target, key: str, procs: list[Proc]) -> None:
+    """Tollway healthy in Envoy's eyes, a 200 through both fronts, a 401 without a key."""
+    up.wait_until(
+        lambda: up.extproc_healthy(tollway.admin_port), READY_TIMEOUT_S, "Tollway health", procs
+    )
+    for target in (plain, tollway):
+        url = target.url
+        ok = f"{target.name}: 200 on POST {PATH}"
+        up.wait_until(lambda u=url: post_status(u, key) == 200, READY_TIMEOUT_S, ok, procs)
+    no_key = post_status(tollway.url, None)
+    if no_key != 401:
+        raise RuntimeError(f"auth looks off: POST without a key got {no_key}, expected 401")
+
+
+def start_stack(workdir: Path, procs: list[Proc]) -> tuple[Target, Target, str]:
+    """Upstream, Tollway and both front doors; returns (plain, tollway, key) once ready."""
+    upstream_port = up.free_port()
+    start_envoy("upstream", upstream_envoy_config(upstream_port, up.free_port()), workdir, procs)
+    key, record = keys.generate(name="bench", tenant="bench")
+    keys.add(workdir / "keys.yaml", record)
+    config = bench_config(upstream_port, workdir / "keys.yaml")
+    tollway_proc = start_tollway(config, workdir, procs)
+    front = start_envoy("front-tollway", envoyconf.render(config), workdir, procs)
+    plain_conf = with_new_ports(config)
+    plain_proc = start_envoy("front-plain", plain_envoy_config(plain_conf), workdir, procs)
+    plain = Target("plain envoy", plain_proc, plain_conf)
+    tollway = Target("envoy+tollway", front, config, tollway_proc)
+    wait_ready(plain, tollway, key, procs)
+    return plain, tollway, key
+
+
+def write_lua(workdir: Path, key: str) -> Path:
+    script = workdir / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(REQUEST_BODY)}\n"
+        'wrk.headers["content-type"] = "application/json"\n'
+        f'wrk.headers["authorization"] = "Bearer {key}"\n'
+    )
+    return script
+
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _latency_ms(text: str, percentile: str) -> float:
+    match = re.search(rf"^\s*{percentile}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk output has no {percentile}% latency:\n{text}")
+    return float(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def parse_wrk(text: str) -> tuple[int, float, float, float, int]:
+    """(requests, rps, p50_ms, p99_ms, errors) from `wrk --latency` output."""
+    requests = re.search(r"^\s*(\d+) requests in", text, re.MULTILINE)
+    rps = re.search(r"^Requests/sec:\s*([\d.]+)", text, re.MULTILINE)
+    if requests is None or rps is None:
+        raise RuntimeError(f"cannot parse wrk output:\n{text}")
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
+    sockets = re.search(r"Socket errors:(.*)", text)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    if sockets:
+        errors += sum(int(n) for n in re.findall(r"\d+", sockets.group(1)))
+    p50, p99 = _latency_ms(text, "50"), _latency_ms(text, "99")
+    return int(requests.group(1)), float(rps.group(1)), p50, p99, errors
+
+
+def run_wrk(url: str, script: Path, duration: int, connections: int) -> str:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    argv += ["-s", str(script), url + PATH]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr}{done.stdout}")
+    return done.stdout
+
+
+def measure(target: Target, script: Path, duration: int, connections: int) -> Sample:
+    pids = [target.envoy.pid] + ([target.tollway.pid] if target.tollway else [])
+    msgs_before = extproc_msgs_sent(target.admin_port)
+    before = [cpu_seconds(pid) for pid in pids]
+    output = run_wrk(target.url, script, duration, connections)
+    used = [cpu_seconds(pid) - start for pid, start in zip(pids, before, strict=True)]
+    msgs = extproc_msgs_sent(target.admin_port) - msgs_before
+    requests, rps, p50, p99, errors = parse_wrk(output)
+    if requests == 0 or errors > MAX_ERROR_RATIO * requests:
+        raise RuntimeError(f"{target.name}: {errors} errors in {requests} requests:\n{output}")
+    per_request = [seconds * 1e6 / requests for seconds in used]
+    if target.tollway is None:
+        return Sample(rps, p50, p99, requests, per_request[0], None, None)
+    return Sample(rps, p50, p99, requests, per_request[0], per_request[1], msgs / requests)
+
+
+def median_sample(samples: list[Sample]) -> Sample:
+    """Field by field median across rounds; `requests` is the total."""
+
+    def median(name: str) -> Any:
+        values = [getattr(s, name) for s in samples if getattr(s, name) is not None]
+        return float(statistics.median(values)) if values else None
+
+    merged = {f.name: median(f.name) for f in fields(Sample)}
+    return Sample(**{**merged, "requests": sum(s.requests for s in samples)})
+
+
+def _rounded(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()}
+
+
+def summarize(plain: Sample, tollway: Sample, args: argparse.Namespace) -> dict[str, Any]:
+    settings = {"duration_s": args.duration, "connections": args.connections}
+    return {
+        "settings": {**settings, "rounds": args.rounds, "cpus": os.cpu_count()},
+        "plain": _rounded(asdict(plain)),
+        "tollway": _rounded(asdict(tollway)),
+        "ratio_rps": round(tollway.rps / plain.rps, 3),
+        "added_p50_ms": round(tollway.p50_ms - plain.p50_ms, 3),
+        "added_p99_ms": round(tollway.p99_ms - plain.p99_ms, 3),
+    }
+
+
+ROW = "{:<16}{:>9}{:>9}{:>9}{:>18}{:>20}"
+
+
+def print_table(rows: list[tuple[str, Sample]], result: dict[str, Any]) -> None:
+    print(ROW.format("target", "rps", "p50_ms", "p99_ms", "envoy_cpu_us/req", "tollway_cpu_us/req"))
+    for name, s in rows:
+        tollway = "-" if s.tollway_cpu_us is None else f"{s.tollway_cpu_us:.0f}"
+        cells = f"{s.rps:.0f}", f"{s.p50_ms:.2f}", f"{s.p99_ms:.2f}", f"{s.envoy_cpu_us:.0f}"
+        print(ROW.format(name, *cells, tollway))
+    added = (
+        f"added p50: {result['added_p50_ms']:.2f} ms   added p99: {result['added_p99_ms']:.2f} ms"
+    )
+    print(f"ratio rps (tollway/plain): {result['ratio_rps']:.2f}   {added}")
+    msgs = rows[1][1].extproc_msgs
+    if msgs is not None:
+        print(f"ext_proc messages per request (Envoy -> Tollway): {msgs:.2f}")
+
+
+def run_rounds(targets: list[Target], script: Path, args: argparse.Namespace) -> list[Sample]:
+    """Warm up each target, then alternate them round by round; the median of each."""
+    for target in targets:
+        run_wrk(target.url, script, args.warmup, args.connections)
+    samples: list[list[Sample]] = [[] for _ in targets]
+    for round_no in range(1, args.rounds + 1):
+        for target, mine in zip(targets, samples, strict=True):
+            mine.append(measure(target, script, args.duration, args.connections))
+            print(
+                f"round {round_no} {target.name:<14} {mine[-1].rps:8.0f} rps  "
+                f"p50 {mine[-1].p50_ms:.2f} ms  p99 {mine[-1].p99_ms:.2f} ms",
+                file=sys.stderr,
+            )
+    return [median_sample(mine) for mine in samples]
+
+
+def main() -> int:
+    args = parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk not found: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="tollway-bench-"))
+    procs: list[Proc] = []
+    try:
+        plain, tollway, key = start_stack(workdir, procs)
+        medians = run_rounds([plain, tollway], write_lua(workdir, key), args)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"bench: {exc}\n(logs kept in {workdir})", file=sys.stderr)
+        return 1
+    finally:
+        up.stop_all(list(reversed(procs)))
+    shutil.rmtree(workdir, ignore_errors=True)
+    rows = [(plain.name, medians[0]), (tollway.name, medians[1])]
+    result = summarize(medians[0], medians[1], args)
+    print_table(rows, result)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,599 @@
+"""Built-in demo LLM upstream: a fake OpenAI + Anthropic + Gemini compatible HTTP server.
+
+Lets a newcomer watch the gateway work with no provider account or network access::
+
+    python -m extproc.demo_upstream --port 8081 [--provider-key sk-demo]
+
+Routes (real providers' wire formats; ``"stream": true`` switches to SSE):
+OpenAI ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/responses``,
+``GET /v1/models``; Anthropic ``POST /v1/messages``; Gemini ``POST /v1beta/models/{model}:
+generateContent`` and ``:streamGenerateContent`` (SSE with ``?alt=sse``, else a JSON array).
+``GET /__demo/requests`` lists the last 100 requests (method, path, query, lowercased headers);
+``DELETE`` clears them; these debug routes never need a key. With ``provider_key`` set, requests
+need ``authorization: Bearer KEY`` (OpenAI), ``x-api-key: KEY`` (Anthropic; if that header is
+absent, a Bearer token as anthropic SDK 2.x sends) or ``x-goog-api-key: KEY`` (Gemini), else a
+401 in the provider's error format. Bad input is a 400 in that format, never a 500.
+
+Deterministic token accounting:
+
+* ``chars``: total length of the strings in the prompt fields (chat ``messages``, legacy
+  ``prompt``, embeddings ``input``, Responses ``instructions`` + ``input``, Anthropic ``system``
+  + ``messages``, Gemini ``systemInstruction`` + ``contents``), bare or under a ``text`` /
+  ``content`` / ``parts`` key; each integer of a token-array prompt counts 4 characters.
+* Prompt tokens ``P = max(1, ceil(chars / 4))``.
+* Completion tokens ``C = min(limit, 12)``; ``limit`` is ``max_completion_tokens`` or
+  ``max_tokens`` (OpenAI, Anthropic), ``max_output_tokens`` (Responses) or
+  ``generationConfig.maxOutputTokens`` (Gemini), 12 if absent. The reply is the first ``C``
+  words of :data:`REPLY` (12 words), one word per stream chunk; ``C < 12`` ends with the
+  provider's length reason (``length`` / ``max_tokens`` / ``MAX_TOKENS`` / ``incomplete``).
+* Cached input ``K = P // 2`` if the model contains ``cached`` or ``chars > 4096``, else 0.
+  OpenAI ``cached_tokens`` and Gemini ``cachedContentTokenCount`` are ``K`` (subsets of P).
+  Anthropic: ``cache_read_input_tokens = K``, ``cache_creation_input_tokens = (P - K) // 2`` if
+  the model contains ``cache-write`` (else 0), ``input_tokens`` the rest (the three sum to P).
+* Reasoning ``R = C // 2`` if the model starts with ``o1``/``o3``/``o4``/``gpt-5`` or contains
+  ``reasoning``/``thinking``, else 0. OpenAI ``reasoning_tokens = R`` (a subset of C); Gemini
+  ``thoughtsTokenCount = R`` on top of ``candidatesTokenCount = C`` (total ``P + C + R``).
+  As in the real API, Gemini omits ``cachedContentTokenCount``/``thoughtsTokenCount`` when 0.
+* Embeddings: 8 floats from SHA-256 of each input, unit length; usage ``P`` for all inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import itertools
+import math
+import signal
+import struct
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+__all__ = ["REPLY", "make_app", "run", "start"]
+
+REPLY = "Hello from Tollway's demo upstream. This reply is canned, deterministic and free."
+_WORDS = REPLY.split(" ")
+EMBEDDING_DIM = 8
+_MAX_RECORDS = 100
+_FINGERPRINT = "fp_tollway_demo"
+_MODELS = ("gpt-4o-mini", "gpt-5-mini", "o3-mini", "text-embedding-3-small", "demo-cached")
+
+Style = Literal["openai", "anthropic", "gemini"]
+_RECORDS: web.AppKey[deque[dict[str, Any]]] = web.AppKey("demo_records")
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """Token accounting and reply text for one request (see module docstring)."""
+
+    model: str
+    prompt: int
+    completion: int
+    cached: int
+    cache_write: int
+    reasoning: int
+    pieces: tuple[str, ...]  # the reply, one word per element, re-joinable with "".join
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def truncated(self) -> bool:
+        return self.completion < len(_WORDS)
+
+
+def _chars(value: Any, depth: int = 0) -> int:
+    if depth > 64 or isinstance(value, bool):
+        return 0
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, int):
+        return 4
+    if isinstance(value, list):
+        return sum(_chars(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return sum(_chars(value[k], depth + 1) for k in ("text", "content", "parts") if k in value)
+    return 0
+
+
+def _tokens(chars: int) -> int:
+    return max(1, math.ceil(chars / 4))
+
+
+def _limit(value: Any, field: str) -> int:
+    if value is None:
+        return len(_WORDS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _ApiError(400, f"'{field}' must be a positive integer")
+    return min(value, len(_WORDS))
+
+
+def _turn(model: str, chars: int, limit: int) -> _Turn:
+    prompt = _tokens(chars)
+    cached = prompt // 2 if "cached" in model or chars > 4096 else 0
+    cache_write = (prompt - cached) // 2 if "cache-write" in model else 0
+    reasons = model.startswith(("o1", "o3", "o4", "gpt-5")) or any(
+        w in model for w in ("reasoning", "thinking")
+    )
+    pieces = tuple(w if i == 0 else " " + w for i, w in enumerate(_WORDS[:limit]))
+    return _Turn(model, prompt, limit, cached, cache_write, limit // 2 if reasons else 0, pieces)
+
+
+def _id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:24]
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def _data(obj: Any, sep: bytes = b"\n\n") -> bytes:
+    return b"data: " + orjson.dumps(obj) + sep
+
+
+def _event(name: str, obj: Any) -> bytes:
+    return f"event: {name}\n".encode() + _data(obj)
+
+
+async def _sse(request: web.Request, events: Iterable[bytes]) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    with contextlib.suppress(ConnectionResetError):  # the client went away mid-stream
+        for chunk in events:
+            await resp.write(chunk)
+        await resp.write_eof()
+    return resp
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise _ApiError(413, "Request body too large") from exc
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _ApiError(400, f"Could not parse the JSON body of your request: {exc}") from exc
+    if not isinstance(body, dict):
+        raise _ApiError(400, "The request body must be a JSON object")
+    return body
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _ApiError(400, "You must provide a model parameter")
+    return model
+
+
+# ---------------------------------------------------------------------------- OpenAI
+
+
+def _openai_usage(t: _Turn) -> dict[str, Any]:
+    return {
+        "prompt_tokens": t.prompt,
+        "completion_tokens": t.completion,
+        "total_tokens": t.prompt + t.completion,
+        "prompt_tokens_details": {"cached_tokens": t.cached, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": t.reasoning,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def _openai_stream(t: _Turn, base: dict[str, Any], choices: list[Any], body: Any) -> list[bytes]:
+    """One ``data:`` line per choice, the usage chunk if asked for, then ``[DONE]``."""
+    opts = body.get("stream_options")
+    include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+    extra: dict[str, Any] = {"usage": None} if include_usage else {}
+    out = [_data({**base, "choices": [c], **extra}) for c in choices]
+    if include_usage:
+        out.append(_data({**base, "choices": [], "usage": _openai_usage(t)}))
+    return [*out, b"data: [DONE]\n\n"]
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _ApiError(400, "'messages' must be a non-empty array")
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    t = _turn(_model(body), _chars(messages), _limit(limit, "max_completion_tokens"))
+    finish, stream = ("length" if t.truncated else "stop"), body.get("stream") is True
+    kind = "chat.completion.chunk" if stream else "chat.completion"
+    base = {"id": _id("chatcmpl-"), "object": kind, "created": int(time.time()), "model": t.model}
+    base |= {"service_tier": "default", "system_fingerprint": _FINGERPRINT}
+    if not stream:
+        message = {"role": "assistant", "content": t.text, "refusal": None, "annotations": ()}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        return _json({**base, "choices": [choice], "usage": _openai_usage(t)})
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": "", "refusal": None}]
+    deltas += [{"content": p} for p in t.pieces] + [{}]
+    choices = [
+        {"index": 0, "delta": d, "logprobs": None, "finish_reason": None if d else finish}
+        for d in deltas
+    ]
+    return await _sse(request, _openai_stream(t, base, choices, body))
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str | list):
+        raise _ApiError(400, "'prompt' must be a string or an array")
+    t = _turn(_model(body), _chars(prompt), _limit(body.get("max_tokens"), "max_tokens"))
+    finish = "length" if t.truncated else "stop"
+    base = {"id": _id("cmpl-"), "object": "text_completion", "created": int(time.time())}
+    base |= {"model": t.model, "system_fingerprint": _FINGERPRINT}
+    if body.get("stream") is not True:
+        choice = {"text": t.text, "index": 0, "logprobs": None, "finish_reason": finish}
+        return _json({**base, "choices": [choice], "usage": _openai_usage(t)})
+    texts = [*t.pieces, ""]
+    choices = [
+        {"text": x, "index": 0, "logprobs": None, "finish_reason": None if x else finish}
+        for x in texts
+    ]
+    return await _sse(request, _openai_stream(t, base, choices, body))
+
+
+def _embedding(item: Any, as_base64: bool) -> list[float] | str:
+    digest = hashlib.sha256(orjson.dumps(item)).digest()
+    raw = [(b - 127.5) / 127.5 for b in digest[:EMBEDDING_DIM]]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    vector = [round(x / norm, 6) for x in raw]
+    if as_base64:
+        return base64.b64encode(struct.pack(f"<{EMBEDDING_DIM}f", *vector)).decode()
+    return vector
+
+
+async def _embeddings(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    model, raw = _model(body), body.get("input")
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise _ApiError(400, "'encoding_format' must be 'float' or 'base64'")
+    if isinstance(raw, list) and raw and all(isinstance(x, int) for x in raw):
+        raw = [raw]  # one token array
+    items = [raw] if isinstance(raw, str) else raw
+    if not (isinstance(items, list) and items and all(isinstance(x, str | list) for x in items)):
+        raise _ApiError(400, "'input' must be a string or a non-empty array")
+    data = [
+        {"object": "embedding", "index": i, "embedding": _embedding(x, fmt == "base64")}
+        for i, x in enumerate(items)
+    ]
+    tokens = _tokens(_chars(items))
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return _json({"object": "list", "data": data, "model": model, "usage": usage})
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message_item(msg_id: str, text: str | None, status: str) -> dict[str, Any]:
+    item: dict[str, Any] = {"type": "message", "id": msg_id, "status": status, "role": "assistant"}
+    item["content"] = [] if text is None else [_text_part(text)]
+    return item
+
+
+def _response_obj(
+    t: _Turn, body: dict[str, Any], ids: dict[str, Any], done: bool
+) -> dict[str, Any]:
+    status = ("incomplete" if t.truncated else "completed") if done else "in_progress"
+    output: list[dict[str, Any]] = []
+    if done and t.reasoning:
+        output.append({"type": "reasoning", "id": ids["rs"], "summary": []})
+    if done:
+        output.append(_message_item(ids["msg"], t.text, status))
+    usage = {
+        "input_tokens": t.prompt,
+        "input_tokens_details": {"cached_tokens": t.cached},
+        "output_tokens": t.completion,
+        "output_tokens_details": {"reasoning_tokens": t.reasoning},
+        "total_tokens": t.prompt + t.completion,
+    }
+    incomplete = {"reason": "max_output_tokens"} if done and t.truncated else None
+    return {
+        "id": ids["resp"], "object": "response", "created_at": ids["created"], "status": status,
+        "error": None, "incomplete_details": incomplete, "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"), "model": t.model, "output": output,
+        "parallel_tool_calls": True, "previous_response_id": body.get("previous_response_id"),
+        "reasoning": {"effort": "medium" if t.reasoning else None, "summary": None},
+        "store": True, "temperature": 1.0, "text": {"format": {"type": "text"}},
+        "tool_choice": "auto", "tools": [], "top_p": 1.0, "truncation": "disabled",
+        "usage": usage if done else None, "user": None, "metadata": {},
+    }  # fmt: skip
+
+
+def _responses_events(t: _Turn, body: dict[str, Any], ids: dict[str, Any]) -> list[bytes]:
+    seq = itertools.count()
+
+    def ev(name: str, **payload: Any) -> bytes:
+        return _event(name, {"type": name, "sequence_number": next(seq), **payload})
+
+    pending = _response_obj(t, body, ids, done=False)
+    out = [ev("response.created", response=pending), ev("response.in_progress", response=pending)]
+    index = 0
+    if t.reasoning:
+        item = {"type": "reasoning", "id": ids["rs"], "summary": []}
+        out += [
+            ev(f"response.output_item.{s}", output_index=0, item=item) for s in ("added", "done")
+        ]
+        index = 1
+    msg = ids["msg"]
+    loc = {"item_id": msg, "output_index": index, "content_index": 0}
+    added = _message_item(msg, None, "in_progress")
+    out.append(ev("response.output_item.added", output_index=index, item=added))
+    out.append(ev("response.content_part.added", **loc, part=_text_part("")))
+    out += [ev("response.output_text.delta", **loc, delta=p, logprobs=[]) for p in t.pieces]
+    out.append(ev("response.output_text.done", **loc, text=t.text, logprobs=[]))
+    out.append(ev("response.content_part.done", **loc, part=_text_part(t.text)))
+    final = _response_obj(t, body, ids, done=True)
+    out.append(ev("response.output_item.done", output_index=index, item=final["output"][-1]))
+    out.append(ev(f"response.{final['status']}", response=final))
+    return out
+
+
+async def _responses(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    chars = _chars(body.get("instructions")) + _chars(body.get("input"))
+    t = _turn(_model(body), chars, _limit(body.get("max_output_tokens"), "max_output_tokens"))
+    ids = {"resp": _id("resp_"), "msg": _id("msg_"), "rs": _id("rs_"), "created": int(time.time())}
+    if body.get("stream") is True:
+        return await _sse(request, _responses_events(t, body, ids))
+    return _json(_response_obj(t, body, ids, done=True))
+
+
+async def _models(request: web.Request) -> web.StreamResponse:
+    info = {"object": "model", "created": 1_700_000_000, "owned_by": "tollway-demo"}
+    return _json({"object": "list", "data": [{"id": m, **info} for m in _MODELS]})
+
+
+# ------------------------------------------------------------------------- Anthropic
+
+
+async def _messages(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _ApiError(400, "messages: Field required (a non-empty array)")
+    if "max_tokens" not in body:
+        raise _ApiError(400, "max_tokens: Field required")
+    chars = _chars(body.get("system")) + _chars(messages)
+    t = _turn(_model(body), chars, _limit(body["max_tokens"], "max_tokens"))
+    usage = {
+        "input_tokens": t.prompt - t.cached - t.cache_write,
+        "cache_creation_input_tokens": t.cache_write,
+        "cache_read_input_tokens": t.cached,
+        "output_tokens": t.completion,
+        "service_tier": "standard",
+    }
+    stop = "max_tokens" if t.truncated else "end_turn"
+    msg: dict[str, Any] = {
+        "id": _id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "model": t.model,
+    }
+    if body.get("stream") is not True:
+        content = [{"type": "text", "text": t.text}]
+        msg |= {"content": content, "stop_reason": stop, "stop_sequence": None}
+        return _json({**msg, "usage": usage})
+    start: dict[str, Any] = {**msg, "content": [], "stop_reason": None, "stop_sequence": None}
+    start["usage"] = {**usage, "output_tokens": 1}
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"message": start}),
+        ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("ping", {}),
+    ]
+    events += [
+        ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}})
+        for p in t.pieces
+    ]
+    events += [
+        ("content_block_stop", {"index": 0}),
+        ("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None},
+                           "usage": {"output_tokens": t.completion}}),
+        ("message_stop", {}),
+    ]  # fmt: skip
+    return await _sse(request, (_event(name, {"type": name, **data}) for name, data in events))
+
+
+# ---------------------------------------------------------------------------- Gemini
+
+
+def _gemini_chunk(t: _Turn, text: str, candidates: int, final: bool, rid: str) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "promptTokenCount": t.prompt,
+        "candidatesTokenCount": candidates,
+        "totalTokenCount": t.prompt + candidates + t.reasoning,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": t.prompt}],
+    }
+    if t.cached:
+        usage["cachedContentTokenCount"] = t.cached
+    if t.reasoning:
+        usage["thoughtsTokenCount"] = t.reasoning
+    candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
+    if final:
+        candidate["finishReason"] = "MAX_TOKENS" if t.truncated else "STOP"
+    candidate["index"] = 0
+    info = {"usageMetadata": usage, "modelVersion": t.model, "responseId": rid}
+    return {"candidates": [candidate], **info}
+
+
+async def _gemini(request: web.Request) -> web.StreamResponse:
+    model, _, method = request.match_info["target"].rpartition(":")
+    if not model or method not in ("generateContent", "streamGenerateContent"):
+        raise _ApiError(404, f"'{method}' is not a supported method (use :generateContent)")
+    body = await _json_body(request)
+    config, contents = body.get("generationConfig", {}), body.get("contents")
+    if not isinstance(config, dict):
+        raise _ApiError(400, "Invalid value at 'generation_config'")
+    if not isinstance(contents, list) or not contents:
+        raise _ApiError(400, "* GenerateContentRequest.contents: contents is not specified")
+    chars = _chars(body.get("systemInstruction")) + _chars(contents)
+    t = _turn(model, chars, _limit(config.get("maxOutputTokens"), "maxOutputTokens"))
+    rid = _id("")
+    if method == "generateContent":
+        return _json(_gemini_chunk(t, t.text, t.completion, True, rid))
+    pieces = t.pieces
+    chunks = [_gemini_chunk(t, p, i + 1, i + 1 == len(pieces), rid) for i, p in enumerate(pieces)]
+    if request.query.get("alt") == "sse":
+        return await _sse(request, (_data(c, b"\r\n\r\n") for c in chunks))
+    return _json(chunks)
+
+
+# ------------------------------------------------------------------ errors, auth, app
+
+_ANTHROPIC_ERRORS = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}
+_GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND"}
+_AUTH_MESSAGES = {
+    "openai": "Incorrect API key provided.",
+    "anthropic": "invalid x-api-key",
+    "gemini": "API key not valid. Please pass a valid API key.",
+}
+
+
+def _style(path: str) -> Style:
+    if path.startswith("/v1beta/"):
+        return "gemini"
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
+def _error(style: Style, err: _ApiError) -> web.Response:
+    if style == "anthropic":
+        kind = _ANTHROPIC_ERRORS.get(err.status, "invalid_request_error")
+        return _json({"type": "error", "error": {"type": kind, "message": err.message}}, err.status)
+    if style == "gemini":
+        status = _GEMINI_STATUS.get(err.status, "FAILED_PRECONDITION")
+        error = {"code": err.status, "message": err.message, "status": status}
+        return _json({"error": error}, err.status)
+    error = {"message": err.message, "type": "invalid_request_error", "param": None}
+    return _json({"error": {**error, "code": err.code}}, err.status)
+
+
+def _presented_key(request: web.Request, style: Style) -> str:
+    if style == "gemini":
+        return request.headers.get("x-goog-api-key", "")
+    if style == "anthropic" and "x-api-key" in request.headers:
+        return request.headers["x-api-key"]
+    # OpenAI; also Anthropic without x-api-key (anthropic SDK 2.x sends the key as a Bearer token)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _middleware(provider_key: str | None) -> Middleware:
+    expected = None if provider_key is None else provider_key.encode("utf-8", "surrogatepass")
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        debug = request.path.startswith("/__demo/")
+        if not debug:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            record = {"method": request.method, "path": request.path, "query": request.query_string}
+            request.app[_RECORDS].append({**record, "headers": headers})
+        routing_error = request.match_info.http_exception
+        if routing_error is not None:
+            message = f"Invalid URL ({request.method} {request.path})"
+            return _error("openai", _ApiError(routing_error.status, message, "unknown_url"))
+        style = _style(request.path)
+        if expected is not None and not debug:
+            presented = _presented_key(request, style).encode("utf-8", "surrogatepass")
+            if not hmac.compare_digest(presented, expected):
+                return _error(style, _ApiError(401, _AUTH_MESSAGES[style], "invalid_api_key"))
+        try:
+            return await handler(request)
+        except _ApiError as err:
+            return _error(style, err)
+
+    return middleware
+
+
+async def _records(request: web.Request) -> web.StreamResponse:
+    records = request.app[_RECORDS]
+    if request.method == "DELETE":
+        records.clear()
+        return web.Response(status=204)
+    return _json(list(records))
+
+
+def make_app(provider_key: str | None = None) -> web.Application:
+    """Build the demo upstream application (not yet serving)."""
+    app = web.Application(middlewares=[_middleware(provider_key)], client_max_size=32 * 1024**2)
+    records: deque[dict[str, Any]] = deque(maxlen=_MAX_RECORDS)
+    app[_RECORDS] = records
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/embeddings", _embeddings)
+    app.router.add_post("/v1/responses", _responses)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_post("/v1/messages", _messages)
+    app.router.add_post("/v1beta/models/{target}", _gemini)
+    app.router.add_get("/__demo/requests", _records)
+    app.router.add_delete("/__demo/requests", _records)
+    return app
+
+
+async def start(host: str, port: int, provider_key: str | None = None) -> tuple[web.AppRunner, int]:
+    """Start serving on ``host:port`` (0 picks a free port); returns the runner and bound port."""
+    runner = web.AppRunner(make_app(provider_key), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, int(runner.addresses[0][1])
+
+
+async def _serve(host: str, port: int, provider_key: str | None) -> None:
+    runner, bound = await start(host, port, provider_key)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"demo upstream listening on http://{shown}:{bound}", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C still interrupts
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run(host: str, port: int, provider_key: str | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (blocking)."""
+    asyncio.run(_serve(host, port, provider_key))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Tollway demo LLM upstream")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--provider-key", default=None)
+    args = parser.parse_args()
+    run(args.host, args.port, args.provider_key)

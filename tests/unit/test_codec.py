@@ -1,0 +1,255 @@
+"""Protobuf in and out: the one module that speaks Envoy's ext_proc messages."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3.external_processor_pb2 import HttpHeaders, ProcessingResponse
+from google.protobuf.json_format import MessageToDict
+
+from extproc import codec
+from extproc.decisions import Deny, Phase, forbidden, unauthorized
+from extproc.exchange import Exchange
+
+from .factories import bearer, build_pipeline, decide, new_key
+
+OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def http_headers(*pairs: tuple[str, bytes]) -> HttpHeaders:
+    """What Envoy sends: every value in raw_value, repeats as separate entries."""
+    return HttpHeaders(
+        headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v) for k, v in pairs]),
+        end_of_stream=False,
+    )
+
+
+def exchange(
+    set_headers: dict[str, str] | None = None,
+    remove_headers: set[str] | None = None,
+    metadata: dict[str, str | int | float | bool] | None = None,
+) -> Exchange:
+    ex = Exchange("POST", "/v1/chat/completions", "", {}, frozenset(), None, 0.0)
+    ex.set_headers.update(set_headers or {})
+    ex.remove_headers.update(remove_headers or set())
+    ex.metadata.update(metadata or {})
+    return ex
+
+
+def roundtrip(response: ProcessingResponse) -> ProcessingResponse:
+    """What Envoy would receive: serialised and parsed again."""
+    return ProcessingResponse.FromString(response.SerializeToString())
+
+
+def tollway_metadata(response: ProcessingResponse) -> dict[str, object]:
+    fields = MessageToDict(response.dynamic_metadata)
+    assert set(fields) <= {codec.METADATA_NAMESPACE}
+    return dict(fields.get(codec.METADATA_NAMESPACE, {}))
+
+
+# ---- decode ----------------------------------------------------------------------
+
+
+def test_decode_headers_joins_repeats_and_names_them() -> None:
+    headers, repeated = codec.decode_headers(
+        http_headers(
+            (":method", b"POST"),
+            (":path", b"/v1/chat/completions?x=1"),
+            ("authorization", b"Bearer a"),
+            ("x-api-key", b"k"),
+            ("authorization", b"Bearer b"),
+            ("accept", b"*/*"),
+            ("authorization", b"Bearer c"),
+        )
+    )
+    assert headers == {
+        ":method": "POST",
+        ":path": "/v1/chat/completions?x=1",
+        "authorization": "Bearer a,Bearer b,Bearer c",
+        "x-api-key": "k",
+        "accept": "*/*",
+    }
+    assert repeated == frozenset({"authorization"})
+
+
+def test_decode_headers_keeps_every_byte_and_reads_value_as_fallback() -> None:
+    message = http_headers(("x-name", b"caf\xe9 \xff"), ("x-empty", b""))
+    message.headers.headers.add(key="x-legacy", value="from-value-field")
+    headers, repeated = codec.decode_headers(message)
+    assert headers == {"x-name": "café ÿ", "x-empty": "", "x-legacy": "from-value-field"}
+    assert repeated == frozenset()
+
+
+def test_decoded_repeated_header_is_denied_by_the_pipeline() -> None:
+    key, record = new_key()
+    headers, repeated = codec.decode_headers(
+        http_headers(("authorization", f"Bearer {key}".encode()), ("authorization", b"Bearer x"))
+    )
+    p = build_pipeline([record])
+    decision = p.request_headers(p.exchange("POST", "/v1/chat/completions", headers, repeated))
+    assert isinstance(decision, Deny) and decision.code == "ambiguous_credentials"
+
+
+# ---- request headers response -----------------------------------------------------
+
+
+def test_header_mutation_uses_raw_value_and_overwrite() -> None:
+    ex = exchange(
+        set_headers={"authorization": "Bearer PK", "x-tollway-tenant": "acmé"},
+        remove_headers={"x-api-key", "authorization", "x-tollway-forged"},
+    )
+    response = roundtrip(codec.request_headers_response(ex, Phase.NONE))
+    mutation = response.request_headers.response.header_mutation
+    sets = {o.header.key: o for o in mutation.set_headers}
+    assert set(sets) == {"authorization", "x-tollway-tenant"}
+    assert sets["authorization"].header.raw_value == b"Bearer PK"
+    assert sets["x-tollway-tenant"].header.raw_value == "acmé".encode("latin-1")
+    for option in sets.values():
+        assert option.header.value == ""  # Envoy rejects mutations that set both
+        assert option.append_action == OVERWRITE
+    # A header both set and removed is only set (removing it would drop the new value).
+    assert list(mutation.remove_headers) == ["x-api-key", "x-tollway-forged"]
+
+
+def test_no_edits_means_no_header_mutation() -> None:
+    response = codec.request_headers_response(exchange(), Phase.NONE)
+    assert response.HasField("request_headers")
+    assert not response.request_headers.response.HasField("header_mutation")
+    assert not response.HasField("dynamic_metadata")
+
+
+@pytest.mark.parametrize(
+    ("wants", "request_body", "response_headers", "response_body"),
+    [
+        (Phase.NONE, ProcessingMode.NONE, ProcessingMode.SKIP, ProcessingMode.NONE),
+        (Phase.REQUEST_BODY, ProcessingMode.BUFFERED, ProcessingMode.SKIP, ProcessingMode.NONE),
+        (Phase.RESPONSE_HEADERS, ProcessingMode.NONE, ProcessingMode.SEND, ProcessingMode.NONE),
+        (Phase.RESPONSE_BODY, ProcessingMode.NONE, ProcessingMode.SKIP, ProcessingMode.STREAMED),
+        (
+            Phase.REQUEST_BODY | Phase.RESPONSE_HEADERS,
+            ProcessingMode.BUFFERED,
+            ProcessingMode.SEND,
+            ProcessingMode.NONE,
+        ),
+    ],
+)
+def test_mode_override_asks_only_for_wanted_phases(
+    wants: Phase, request_body: int, response_headers: int, response_body: int
+) -> None:
+    response = roundtrip(codec.request_headers_response(exchange(), wants))
+    assert response.HasField("mode_override")
+    mode = response.mode_override
+    assert mode.request_body_mode == request_body
+    assert mode.response_header_mode == response_headers
+    assert mode.response_body_mode == response_body
+    assert mode.request_trailer_mode == ProcessingMode.SKIP
+    assert mode.response_trailer_mode == ProcessingMode.SKIP
+
+
+def test_metadata_goes_under_the_tollway_namespace() -> None:
+    ex = exchange(metadata={"route": "openai", "key_id": "0123456789ab", "auth": "ok"})
+    response = roundtrip(codec.request_headers_response(ex, Phase.NONE))
+    assert tollway_metadata(response) == {
+        "route": "openai",
+        "key_id": "0123456789ab",
+        "auth": "ok",
+    }
+
+
+def test_pipeline_result_encodes_end_to_end() -> None:
+    key, record = new_key("alice", tenant="acme")
+    ex, decision = decide(build_pipeline([record]), headers=bearer(key))
+    assert isinstance(decision, Phase)
+    response = roundtrip(codec.request_headers_response(ex, decision))
+    mutation = response.request_headers.response.header_mutation
+    sets = {o.header.key: o.header.raw_value for o in mutation.set_headers}
+    assert sets == {
+        "authorization": b"Bearer PK-openai-secret",
+        "x-tollway-key-id": record.id.encode(),
+        "x-tollway-tenant": b"acme",
+    }
+    assert "authorization" not in mutation.remove_headers
+    assert {"x-api-key", "api-key", "x-goog-api-key"} <= set(mutation.remove_headers)
+    assert key.encode() not in response.SerializeToString()
+    assert tollway_metadata(response)["key_id"] == record.id
+
+
+# ---- request body response --------------------------------------------------------
+
+
+def test_request_body_response_carries_late_edits_and_metadata() -> None:
+    response = roundtrip(
+        codec.request_body_response(
+            exchange(set_headers={"x-model": "gpt-4o"}, metadata={"model": "gpt-4o"})
+        )
+    )
+    mutation = response.request_body.response.header_mutation
+    assert [(o.header.key, o.header.raw_value) for o in mutation.set_headers] == [
+        ("x-model", b"gpt-4o")
+    ]
+    assert tollway_metadata(response) == {"model": "gpt-4o"}
+    plain = codec.request_body_response(exchange())
+    assert plain.HasField("request_body")
+    assert not plain.request_body.response.HasField("header_mutation")
+
+
+# ---- immediate response -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "deny",
+    [
+        unauthorized("invalid_api_key", "Incorrect API key provided."),
+        forbidden("model_not_allowed", "This API key may not use the model 'gpt-4o'."),
+        Deny(
+            429,
+            "rate_limit_error",
+            "rate_limited",
+            'Slow "down".',
+            "tollway_rate",
+            (("retry-after", "3"),),
+        ),
+    ],
+    ids=lambda d: d.code,
+)
+def test_immediate_response_is_an_openai_style_json_error(deny: Deny) -> None:
+    response = roundtrip(codec.immediate_response(deny, {"route": "openai", "key_id": "k1"}))
+    assert response.HasField("immediate_response")
+    immediate = response.immediate_response
+    assert immediate.status.code == deny.status
+    assert immediate.details == deny.details
+    headers = {o.header.key: o for o in immediate.headers.set_headers}
+    assert headers["content-type"].header.raw_value == b"application/json"
+    for name, value in deny.headers:
+        assert headers[name].header.raw_value == value.encode()
+    for option in headers.values():
+        assert option.append_action == OVERWRITE
+        assert option.header.value == ""
+    assert orjson.loads(immediate.body) == {
+        "error": {"message": deny.message, "type": deny.type, "code": deny.code, "param": None}
+    }
+    assert tollway_metadata(response) == {"route": "openai", "key_id": "k1", "denied": deny.code}
+
+
+def test_immediate_response_metadata_without_context() -> None:
+    deny = unauthorized("missing_api_key", "No API key provided.")
+    response = codec.immediate_response(deny, {})
+    assert tollway_metadata(response) == {"denied": "missing_api_key"}
+
+
+@pytest.mark.parametrize(
+    ("response", "kind"),
+    [
+        (codec.CONTINUE_REQUEST_HEADERS, "request_headers"),
+        (codec.CONTINUE_RESPONSE_HEADERS, "response_headers"),
+        (codec.CONTINUE_REQUEST_BODY, "request_body"),
+        (codec.CONTINUE_RESPONSE_BODY, "response_body"),
+        (codec.CONTINUE_REQUEST_TRAILERS, "request_trailers"),
+        (codec.CONTINUE_RESPONSE_TRAILERS, "response_trailers"),
+    ],
+)
+def test_continue_answers_match_their_message_kind(response: ProcessingResponse, kind: str) -> None:
+    assert response.WhichOneof("response") == kind
+    assert not response.HasField("mode_override")

@@ -1,0 +1,461 @@
+"""The stages wired as in production, driven with plain Exchanges (no protobuf)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from extproc.decisions import Deny, Phase
+from extproc.exchange import Exchange
+from extproc.pipeline import Pipeline
+from extproc.stages.auth import CREDENTIAL_HEADERS
+
+from .factories import (
+    NOW,
+    PROVIDER_KEYS,
+    Clock,
+    bearer,
+    build_pipeline,
+    decide,
+    new_key,
+    unknown_key,
+)
+
+ALICE, ALICE_RECORD = new_key("alice", tenant="acme")
+BOB, BOB_RECORD = new_key("bob", tenant="globex")
+REVOKED, REVOKED_RECORD = new_key("gone", revoked=NOW - timedelta(days=1))
+EXPIRED, EXPIRED_RECORD = new_key("old", expires=NOW - timedelta(seconds=1))
+ENDS_NOW, ENDS_NOW_RECORD = new_key("ends-now", expires=NOW)
+LATER, LATER_RECORD = new_key("later", expires=NOW + timedelta(days=1))
+RESTRICTED, RESTRICTED_RECORD = new_key(
+    "narrow", models=("gpt-4o-mini", "claude-*", "gemini-2.0-*")
+)
+
+RECORDS = [
+    ALICE_RECORD,
+    BOB_RECORD,
+    REVOKED_RECORD,
+    EXPIRED_RECORD,
+    ENDS_NOW_RECORD,
+    LATER_RECORD,
+    RESTRICTED_RECORD,
+]
+
+
+def pipeline(clock: Clock | None = None) -> Pipeline:
+    return build_pipeline(RECORDS, clock=clock)
+
+
+def assert_no_key_material(ex: Exchange, key: str) -> None:
+    """The presented Tollway key must not be logged or forwarded anywhere."""
+    if not key.strip():
+        return
+    secret = key.rsplit("_", 1)[-1]
+    for value in [*ex.metadata.values(), *ex.set_headers.values()]:
+        assert key not in str(value)
+        assert secret not in str(value)
+
+
+def assert_denied(
+    decision: Deny | Phase | None, status: int, code: str, details: str | None = None
+) -> Deny:
+    assert isinstance(decision, Deny), decision
+    assert (decision.status, decision.code) == (status, code)
+    assert decision.details == (details or f"tollway_{code}")
+    assert decision.message  # a client-safe explanation is always given
+    return decision
+
+
+# ---- authentication ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "repeated", "code"),
+    [
+        ({}, (), "missing_api_key"),
+        ({"authorization": "Bearer "}, (), "missing_api_key"),
+        ({"content-type": "application/json"}, (), "missing_api_key"),
+        (bearer(unknown_key()), (), "invalid_api_key"),
+        (bearer("sk-proj-not-a-tollway-key"), (), "invalid_api_key"),
+        (bearer(ALICE[:-1]), (), "invalid_api_key"),
+        ({"x-api-key": ALICE + "x"}, (), "invalid_api_key"),
+        (bearer(REVOKED), (), "revoked_api_key"),
+        (bearer(EXPIRED), (), "expired_api_key"),
+        (bearer(ENDS_NOW), (), "expired_api_key"),
+        ({"authorization": f"Basic {ALICE}"}, (), "invalid_authorization_header"),
+        ({"authorization": ALICE}, (), "invalid_authorization_header"),
+        (
+            {"authorization": f"Bearer {ALICE},Bearer {ALICE}"},
+            ("authorization",),
+            "ambiguous_credentials",
+        ),
+        ({"x-api-key": f"{ALICE},{ALICE}"}, ("x-api-key",), "ambiguous_credentials"),
+        ({**bearer(ALICE), "x-api-key": BOB}, (), "ambiguous_credentials"),
+        ({"api-key": ALICE, "x-goog-api-key": BOB}, (), "ambiguous_credentials"),
+        ({"x-api-key": ALICE, "x-goog-api-key": unknown_key()}, (), "ambiguous_credentials"),
+    ],
+    ids=[
+        "missing",
+        "empty-bearer",
+        "unrelated-headers",
+        "unknown",
+        "provider-key",
+        "truncated",
+        "extended",
+        "revoked",
+        "expired",
+        "expires-this-instant",
+        "basic-scheme",
+        "no-scheme",
+        "repeated-authorization",
+        "repeated-x-api-key",
+        "two-keys-bearer-and-x-api-key",
+        "two-keys-api-key-and-goog",
+        "known-and-unknown",
+    ],
+)
+def test_authentication_denials(
+    headers: dict[str, str], repeated: tuple[str, ...], code: str
+) -> None:
+    ex, decision = decide(pipeline(), headers=headers, repeated=repeated)
+    deny = assert_denied(decision, 401, code)
+    assert deny.type == "authentication_error"
+    assert ex.identity is None
+    assert "x-tollway-key-id" not in ex.set_headers
+    assert "authorization" not in ex.set_headers  # no provider key for a denied request
+    for value in headers.values():
+        assert_no_key_material(ex, value.removeprefix("Bearer ").split(",")[0])
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        bearer(ALICE),
+        {"authorization": f"bearer {ALICE}"},
+        {"authorization": f"Bearer   {ALICE}  "},
+        {"x-api-key": ALICE},
+        {"api-key": ALICE},
+        {"x-goog-api-key": ALICE},
+        {**bearer(ALICE), "x-api-key": ALICE},
+        {"x-api-key": ALICE, "api-key": ALICE, "x-goog-api-key": ALICE},
+    ],
+    ids=[
+        "bearer",
+        "bearer-lowercase",
+        "bearer-padded",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "same-key-twice",
+        "same-key-thrice",
+    ],
+)
+def test_key_accepted_in_every_sdk_header(headers: dict[str, str]) -> None:
+    ex, decision = decide(pipeline(), headers=headers)
+    assert decision == Phase.NONE
+    assert ex.identity == ALICE_RECORD
+    assert ex.set_headers["x-tollway-key-id"] == ALICE_RECORD.id
+    assert ex.set_headers["x-tollway-tenant"] == "acme"
+
+
+def test_not_yet_expired_key_expires_when_the_clock_passes_it() -> None:
+    clock = Clock()
+    p = build_pipeline(RECORDS, clock=clock)
+    _, decision = decide(p, headers=bearer(LATER))
+    assert decision == Phase.NONE
+    clock.advance(timedelta(days=1).total_seconds() - 1)
+    assert decide(p, headers=bearer(LATER))[1] == Phase.NONE
+    clock.advance(1)
+    assert_denied(decide(p, headers=bearer(LATER))[1], 401, "expired_api_key")
+
+
+def test_denied_known_key_is_named_in_metadata_but_gets_no_identity() -> None:
+    ex, decision = decide(pipeline(), headers=bearer(REVOKED))
+    assert_denied(decision, 401, "revoked_api_key")
+    assert ex.metadata["key_id"] == REVOKED_RECORD.id
+    assert "tenant" not in ex.metadata
+
+
+# ---- header hygiene ----------------------------------------------------------
+
+
+def test_client_cannot_forge_internal_headers() -> None:
+    headers = {
+        **bearer(ALICE),
+        "x-tollway-key-id": "000000000000",
+        "x-tollway-tenant": "root",
+        "x-tollway-anything": "1",
+        "x-request-id": "keep-me",
+    }
+    ex, decision = decide(pipeline(), headers=headers)
+    assert decision == Phase.NONE
+    assert {"x-tollway-key-id", "x-tollway-tenant", "x-tollway-anything"} <= ex.remove_headers
+    assert "x-request-id" not in ex.remove_headers
+    assert ex.set_headers["x-tollway-key-id"] == ALICE_RECORD.id
+    assert ex.set_headers["x-tollway-tenant"] == "acme"
+
+
+@pytest.mark.parametrize("path", ["/open/v1/chat/completions", "/nowhere"])
+def test_internal_headers_are_stripped_even_without_auth_or_route(path: str) -> None:
+    ex, _ = decide(pipeline(), path, {"x-tollway-tenant": "root"})
+    assert "x-tollway-tenant" in ex.remove_headers
+    assert "x-tollway-tenant" not in ex.set_headers
+
+
+@pytest.mark.parametrize(
+    ("path", "client_header", "provider_header", "provider_value"),
+    [
+        ("/v1/chat/completions", "authorization", "authorization", "Bearer PK-openai-secret"),
+        ("/v1/messages", "x-api-key", "x-api-key", "PK-anthropic-secret"),
+        (
+            "/v1beta/models/gemini-2.0-flash:generateContent",
+            "x-goog-api-key",
+            "x-goog-api-key",
+            "PK-gemini-secret",
+        ),
+        (
+            "/openai/deployments/gpt-4o/chat/completions",
+            "api-key",
+            "api-key",
+            "PK-azure-secret",
+        ),
+        ("/v1/messages", "authorization", "x-api-key", "PK-anthropic-secret"),
+        ("/v1/embeddings", "x-api-key", "authorization", "Bearer PK-openai-secret"),
+    ],
+)
+def test_client_key_is_swapped_for_the_provider_key(
+    path: str, client_header: str, provider_header: str, provider_value: str
+) -> None:
+    value = f"Bearer {ALICE}" if client_header == "authorization" else ALICE
+    ex, decision = decide(pipeline(), path, {client_header: value})
+    assert decision == Phase.NONE
+    # Every header a Tollway key could ride in is stripped...
+    assert set(CREDENTIAL_HEADERS) <= ex.remove_headers
+    # ...and exactly one provider credential header is set.
+    assert {h: ex.set_headers[h] for h in CREDENTIAL_HEADERS if h in ex.set_headers} == {
+        provider_header: provider_value
+    }
+    assert_no_key_material(ex, ALICE)
+
+
+def test_route_without_provider_key_still_strips_the_tollway_key() -> None:
+    p = build_pipeline(RECORDS, provider_keys={**PROVIDER_KEYS, "openai": None})
+    ex, decision = decide(p, headers=bearer(ALICE))
+    assert decision == Phase.NONE
+    assert set(CREDENTIAL_HEADERS) <= ex.remove_headers
+    assert not set(CREDENTIAL_HEADERS) & set(ex.set_headers)
+
+
+def test_route_without_auth_passes_without_a_key() -> None:
+    ex, decision = decide(pipeline(), "/open/v1/chat/completions", {})
+    assert decision == Phase.NONE
+    assert ex.identity is None
+    assert ex.metadata == {"route": "open", "auth": "disabled"}
+
+
+def test_route_without_auth_passes_the_clients_own_credential() -> None:
+    headers = {"authorization": "Bearer sk-clients-own", "x-api-key": "other"}
+    ex, decision = decide(pipeline(), "/open/v1/chat/completions", headers)
+    assert decision == Phase.NONE
+    assert not set(CREDENTIAL_HEADERS) & ex.remove_headers
+    assert not set(CREDENTIAL_HEADERS) & set(ex.set_headers)
+
+
+def test_route_without_auth_but_with_provider_key_replaces_the_clients_credential() -> None:
+    ex, decision = decide(pipeline(), "/open-keyed/x", {"authorization": "Bearer sk-clients-own"})
+    assert decision == Phase.NONE
+    assert ex.set_headers["authorization"] == "Bearer PK-open-keyed-secret"
+    assert set(CREDENTIAL_HEADERS) <= ex.remove_headers
+
+
+# ---- routing -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "route"),
+    [
+        ("/v1/chat/completions", "openai"),
+        ("/v1/messages", "anthropic"),
+        ("/v1/messages/count_tokens", "anthropic"),
+        ("/v1/models?limit=5", "openai"),
+        ("/v1beta/models", "gemini"),
+        ("/openai/deployments/x/embeddings", "azure"),
+    ],
+)
+def test_longest_prefix_picks_the_route(path: str, route: str) -> None:
+    ex, decision = decide(pipeline(), path, bearer(ALICE), method="GET")
+    assert decision == Phase.NONE
+    assert ex.metadata["route"] == route
+    assert "?" not in ex.path
+
+
+@pytest.mark.parametrize("path", ["/", "/v2/chat/completions", "/v1", "/health", "/V1/models"])
+def test_unknown_path_is_404_before_any_stage(path: str) -> None:
+    ex, decision = decide(pipeline(), path, bearer(ALICE))
+    assert_denied(decision, 404, "unknown_url", "tollway_no_route")
+    assert ex.identity is None and ex.set_headers == {}
+
+
+# ---- model allowlist -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "key", "wants"),
+    [
+        ("POST", "/v1/chat/completions", ALICE, Phase.NONE),
+        ("POST", "/v1/messages", ALICE, Phase.NONE),
+        ("POST", "/v1/chat/completions", RESTRICTED, Phase.REQUEST_BODY),
+        ("POST", "/v1/chat/completions?stream=true", RESTRICTED, Phase.REQUEST_BODY),
+        ("POST", "/v1/embeddings", RESTRICTED, Phase.REQUEST_BODY),
+        ("POST", "/v1/responses", RESTRICTED, Phase.REQUEST_BODY),
+        ("POST", "/v1/messages", RESTRICTED, Phase.REQUEST_BODY),
+        ("POST", "/v1/messages/count_tokens", RESTRICTED, Phase.REQUEST_BODY),
+        ("POST", "/v1beta/openai/chat/completions", RESTRICTED, Phase.REQUEST_BODY),
+        ("GET", "/v1/models", RESTRICTED, Phase.NONE),
+        ("GET", "/v1/chat/completions", RESTRICTED, Phase.NONE),
+        # Any body may name a model, so a restricted key has it checked.
+        ("POST", "/v1/files", RESTRICTED, Phase.REQUEST_BODY),
+    ],
+)
+def test_only_restricted_keys_buffer_the_body(
+    method: str, path: str, key: str, wants: Phase
+) -> None:
+    ex, decision = decide(pipeline(), path, bearer(key), method=method)
+    assert decision == wants
+    assert ex.identity is not None
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b'{"model": "gpt-4o-mini", "messages": []}', None, None),
+        (b'{"model": "claude-3-5-sonnet-latest"}', None, None),
+        (b'{"model": "gpt-4o"}', 403, "model_not_allowed"),
+        (b'{"model": "gpt-4o-mini-2"}', 403, "model_not_allowed"),
+        (b"", 400, "invalid_body"),
+        (b"not json", 400, "invalid_body"),
+        (b'{"model": "gpt-4o-mini"', 400, "invalid_body"),
+        (b'["gpt-4o-mini"]', 400, "invalid_body"),
+        (b'"gpt-4o-mini"', 400, "invalid_body"),
+        (b"{}", 400, "missing_model"),
+        (b'{"model": ""}', 400, "missing_model"),
+        (b'{"model": 4}', 400, "missing_model"),
+        (b'{"model": ["gpt-4o-mini"]}', 400, "missing_model"),
+    ],
+)
+def test_restricted_key_body_check(body: bytes, status: int | None, code: str | None) -> None:
+    p = pipeline()
+    ex, decision = decide(p, headers=bearer(RESTRICTED))
+    assert decision == Phase.REQUEST_BODY
+    result = p.request_body(ex, body)
+    if status is None:
+        assert result is None
+        assert str(ex.metadata["model"]) in body.decode()
+    else:
+        assert code is not None
+        deny = assert_denied(result, status, code)
+        if status == 403:
+            assert deny.type == "permission_error" and "gpt-4o" in deny.message
+        else:
+            assert deny.type == "invalid_request_error"
+
+
+def test_unrestricted_key_ignores_the_body() -> None:
+    p = pipeline()
+    ex, _ = decide(p, headers=bearer(ALICE))
+    assert p.request_body(ex, b"not even json") is None
+
+
+@pytest.mark.parametrize(
+    ("path", "model", "allowed"),
+    [
+        ("/v1beta/models/gemini-2.0-flash:generateContent", "gemini-2.0-flash", True),
+        ("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", "gemini-2.0-flash", True),
+        ("/v1beta/models/gemini-1.5-pro:generateContent", "gemini-1.5-pro", False),
+        ("/v1beta/models/gemini-1.5-pro:countTokens", "gemini-1.5-pro", False),
+        ("/openai/deployments/gpt-4o-mini/chat/completions", "gpt-4o-mini", True),
+        ("/openai/deployments/gpt-4o/chat/completions", "gpt-4o", False),
+        ("/openai/deployments/gpt-4o%2Dmini/chat/completions", "gpt-4o-mini", True),
+        ("/v1beta/models/gemini-1.5-pro%3AgenerateContent", "gemini-1.5-pro", False),
+        ("/v1beta/tunedModels/my-tune:generateContent", "my-tune", False),
+    ],
+)
+def test_model_in_path_is_decided_at_headers(path: str, model: str, allowed: bool) -> None:
+    ex, decision = decide(pipeline(), path, bearer(RESTRICTED))
+    assert decision != Phase.REQUEST_BODY
+    assert ex.metadata["model"] == model
+    if allowed:
+        assert decision == Phase.NONE
+    else:
+        deny = assert_denied(decision, 403, "model_not_allowed")
+        assert model in deny.message
+
+
+# ---- metadata --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", ["authorization", "x-api-key", "api-key", "x-goog-api-key"])
+def test_metadata_names_the_key_and_never_holds_it(header: str) -> None:
+    value = f"Bearer {BOB}" if header == "authorization" else BOB
+    ex, decision = decide(pipeline(), "/v1/chat/completions", {header: value})
+    assert decision == Phase.NONE
+    assert ex.metadata == {
+        "route": "openai",
+        "key_id": BOB_RECORD.id,
+        "tenant": "globex",
+        "key_name": "bob",
+        "auth": "ok",
+    }
+    assert_no_key_material(ex, BOB)
+    assert set(ex.set_headers) == {"x-tollway-key-id", "x-tollway-tenant", "authorization"}
+
+
+def test_restricted_key_metadata_after_body_holds_model_not_key() -> None:
+    p = pipeline()
+    ex, _ = decide(p, headers={"x-api-key": RESTRICTED})
+    assert p.request_body(ex, b'{"model": "gpt-4o-mini"}') is None
+    assert ex.metadata["model"] == "gpt-4o-mini"
+    assert_no_key_material(ex, RESTRICTED)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code"),
+    [
+        # Endpoints Tollway has no list for are still checked when the body names a model.
+        ("/v1/audio/transcriptions", b'{"model": "whisper-1"}', "model_not_allowed"),
+        ("/v1/batches", b'{"model": "gpt-4o"}', "model_not_allowed"),
+        ("/v1/chat/completions/", b'{"model": "gpt-4o"}', "model_not_allowed"),
+        ("/v1/files", b"--boundary\r\nmultipart upload", None),
+        ("/v1/files", b'{"purpose": "batch"}', None),
+        ("/v1/batches", b'{"model": "gpt-4o-mini"}', None),
+    ],
+)
+def test_restricted_key_cannot_bypass_the_allowlist(
+    path: str, body: bytes, code: str | None
+) -> None:
+    p = pipeline()
+    ex, decision = decide(p, path, bearer(RESTRICTED))
+    assert decision == Phase.REQUEST_BODY
+    result = p.request_body(ex, body)
+    if code is None:
+        assert result is None
+    else:
+        assert_denied(result, 403, code)
+
+
+def test_gemini_key_in_query_is_accepted_and_never_forwarded() -> None:
+    path = f"/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse&key={ALICE}"
+    ex, decision = decide(pipeline(), path, {})
+    assert decision == Phase.NONE
+    assert ex.identity is not None and ex.identity.name == "alice"
+    assert (
+        ex.set_headers[":path"] == "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse"
+    )
+    assert_no_key_material(ex, ALICE)
+
+
+def test_gemini_query_key_conflicting_with_header_is_ambiguous() -> None:
+    path = f"/v1beta/models/gemini-2.0-flash:generateContent?key={ALICE}"
+    _, decision = decide(pipeline(), path, {"x-goog-api-key": BOB})
+    assert_denied(decision, 401, "ambiguous_credentials")
