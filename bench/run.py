@@ -329,9 +329,20 @@ def run_rounds(targets: list[Target], script: Path, args: argparse.Namespace) ->
     return [median_sample(mine) for mine in samples]
 
 
+def ensure_wrk() -> bool:
+    """Install wrk from Debian's packages when it is missing and we may."""
+    if shutil.which("wrk") is not None:
+        return True
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("installing wrk (apt-get install wrk)", file=sys.stderr)
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False)
+    return shutil.which("wrk") is not None
+
+
 def main() -> int:
     args = parse_args()
-    if shutil.which("wrk") is None:
+    if not ensure_wrk():
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="tollway-bench-"))

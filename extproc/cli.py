@@ -62,8 +62,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_render_envoy(args: argparse.Namespace) -> int:
     from . import envoyconf
 
-    cfg = _load(args.config)
-    sys.stdout.write(envoyconf.render_yaml(cfg))
+    text = envoyconf.render_yaml(_load(args.config))
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -155,6 +158,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = add("render-envoy", "print the Envoy front-door config for a Tollway config")
     config_option(s)
+    s.add_argument("--output", "-o", help="write to this file instead of stdout")
     s.set_defaults(func=cmd_render_envoy)
 
     k = add("keys", "create, list and revoke Tollway API keys")

@@ -56,6 +56,23 @@ class TLSFiles(_Model):
     client_ca_file: Path | None = None
 
 
+class ExtprocClientTLS(_Model):
+    """How Envoy connects to Tollway when ``server.tls`` is set."""
+
+    ca_file: Path  # verifies Tollway's certificate
+    # Envoy's own certificate, needed when server.tls.client_ca_file asks for one (mTLS).
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # The name Tollway's certificate must carry (default: the host Envoy dials).
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> ExtprocClientTLS:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both cert_file and key_file, or neither")
+        return self
+
+
 class ServerConfig(_Model):
     """The ext_proc gRPC server that Envoy calls."""
 
@@ -179,8 +196,8 @@ class EnvoyConfig(_Model):
     tls: TLSFiles | None = None
     # Envoy worker threads; 1 leaves the most CPU for Tollway on small hosts.
     concurrency: int = Field(1, ge=1)
-    # Client certificate Envoy presents to Tollway when server.tls requires one.
-    extproc_client_tls: TLSFiles | None = None
+    # TLS from Envoy to Tollway; required when server.tls is set.
+    extproc_client_tls: ExtprocClientTLS | None = None
     # Hostname Envoy uses to reach Tollway (compose: the service name).
     extproc_host: str | None = None
 
@@ -311,6 +328,17 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             }
         )
 
+    def resolve_client(tls: ExtprocClientTLS | None) -> ExtprocClientTLS | None:
+        if tls is None:
+            return None
+        return tls.model_copy(
+            update={
+                "ca_file": resolve(tls.ca_file),
+                "cert_file": resolve(tls.cert_file) if tls.cert_file else None,
+                "key_file": resolve(tls.key_file) if tls.key_file else None,
+            }
+        )
+
     upstreams = {}
     for name, upstream in config.upstreams.items():
         cred = upstream.credential
@@ -324,7 +352,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             "envoy": config.envoy.model_copy(
                 update={
                     "tls": resolve_tls(config.envoy.tls),
-                    "extproc_client_tls": resolve_tls(config.envoy.extproc_client_tls),
+                    "extproc_client_tls": resolve_client(config.envoy.extproc_client_tls),
                 }
             ),
             "upstreams": upstreams,

@@ -7,11 +7,12 @@ keeps the committed file in sync.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import yaml
 
-from .config import Config, TLSFiles, Upstream
+from .config import Config, ConfigError, TLSFiles, Upstream
 from .routes import RouteTable
 
 EXTPROC_CLUSTER = "tollway_extproc"
@@ -71,26 +72,27 @@ def _status_mapper(codes: tuple[int, ...], message: str, type_: str, code: str) 
     }
 
 
-def _tls_context(files: TLSFiles, kind: str, **extra: Any) -> dict[str, Any]:
-    context: dict[str, Any] = {
-        "common_tls_context": {
-            "tls_certificates": [
-                {
-                    "certificate_chain": {"filename": str(files.cert_file)},
-                    "private_key": {"filename": str(files.key_file)},
-                }
-            ],
-            "tls_params": {"tls_maximum_protocol_version": "TLSv1_3"},
-        },
-        **extra,
+def _downstream_tls(files: TLSFiles) -> dict[str, Any]:
+    """Clients to Envoy; with client_ca_file, clients must present a certificate."""
+    common: dict[str, Any] = {
+        "alpn_protocols": ["h2", "http/1.1"],
+        "tls_certificates": [
+            {
+                "certificate_chain": {"filename": str(files.cert_file)},
+                "private_key": {"filename": str(files.key_file)},
+            }
+        ],
+        "tls_params": {"tls_maximum_protocol_version": "TLSv1_3"},
     }
     if files.client_ca_file is not None:
-        context["common_tls_context"]["validation_context"] = {
-            "trusted_ca": {"filename": str(files.client_ca_file)}
-        }
+        common["validation_context"] = {"trusted_ca": {"filename": str(files.client_ca_file)}}
     return {
         "name": "envoy.transport_sockets.tls",
-        "typed_config": {"@type": f"{_T}extensions.transport_sockets.tls.v3.{kind}", **context},
+        "typed_config": {
+            "@type": f"{_T}extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": common,
+            "require_client_certificate": files.client_ca_file is not None,
+        },
     }
 
 
@@ -140,22 +142,47 @@ def _extproc_cluster(config: Config) -> dict[str, Any]:
         ],
     }
     if config.server.tls is not None:
-        client = config.envoy.extproc_client_tls
-        if client is not None:
-            socket = _tls_context(client, "UpstreamTlsContext", sni=host)
-        else:
-            socket = {
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": {
-                    "@type": f"{_T}extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                    "sni": host,
-                    "common_tls_context": {
-                        "tls_params": {"tls_maximum_protocol_version": "TLSv1_3"}
-                    },
-                },
-            }
-        cluster["transport_socket"] = socket
+        cluster["transport_socket"] = _extproc_tls(config, host)
     return cluster
+
+
+def _extproc_tls(config: Config, host: str) -> dict[str, Any]:
+    """Envoy verifies Tollway's certificate and, for mTLS, presents its own."""
+    client = config.envoy.extproc_client_tls
+    if client is None:
+        raise ConfigError("envoy.extproc_client_tls (at least ca_file) is required with server.tls")
+    name = client.server_name or host
+    san_type = "IP_ADDRESS" if _is_ip(name) else "DNS"
+    common: dict[str, Any] = {
+        "alpn_protocols": ["h2"],
+        "tls_params": {"tls_maximum_protocol_version": "TLSv1_3"},
+        "validation_context": {
+            "trusted_ca": {"filename": str(client.ca_file)},
+            "match_typed_subject_alt_names": [{"san_type": san_type, "matcher": {"exact": name}}],
+        },
+    }
+    if client.cert_file is not None and client.key_file is not None:
+        common["tls_certificates"] = [
+            {
+                "certificate_chain": {"filename": str(client.cert_file)},
+                "private_key": {"filename": str(client.key_file)},
+            }
+        ]
+    context: dict[str, Any] = {
+        "@type": f"{_T}extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": common,
+    }
+    if san_type == "DNS":
+        context["sni"] = name
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _upstream_cluster(name: str, upstream: Upstream) -> dict[str, Any]:
@@ -339,15 +366,7 @@ def render(config: Config) -> dict[str, Any]:
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
     }
     if envoy.tls is not None:
-        chain["transport_socket"] = _tls_context(
-            envoy.tls,
-            "DownstreamTlsContext",
-            require_client_certificate=envoy.tls.client_ca_file is not None,
-        )
-        chain["transport_socket"]["typed_config"]["common_tls_context"]["alpn_protocols"] = [
-            "h2",
-            "http/1.1",
-        ]
+        chain["transport_socket"] = _downstream_tls(envoy.tls)
     return {
         "admin": {
             "address": {

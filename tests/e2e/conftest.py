@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -72,7 +72,12 @@ def _record(name: str, tenant: str = "acme", **extra: Any) -> tuple[str, keys.Ke
     return keys.generate(name=name, tenant=tenant, **extra)
 
 
-def start_stack(workdir: Path, *, drain_delay_s: float = 0.0) -> Stack:
+def start_stack(
+    workdir: Path,
+    *,
+    drain_delay_s: float = 0.0,
+    customize: Callable[[Config], Config] = lambda config: config,
+) -> Stack:
     """A gateway in front of the demo upstream, with a fixed set of test keys."""
     upstream_port = up.free_port()
     env = {**os.environ, PROVIDER_ENV: PROVIDER_KEY}
@@ -137,7 +142,7 @@ def start_stack(workdir: Path, *, drain_delay_s: float = 0.0) -> Stack:
         },
     )
     try:
-        gateway = up.start(config, workdir, log_to_files=True, env=env, timeout=60)
+        gateway = up.start(customize(config), workdir, log_to_files=True, env=env, timeout=60)
     except BaseException:
         up.stop_all([demo])
         raise

@@ -1,0 +1,11 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY extproc ./extproc
+RUN pip install --no-cache-dir . \
+ && useradd --system --uid 10001 tollway \
+ && mkdir -p /var/lib/tollway && chown tollway /var/lib/tollway
+USER tollway
+EXPOSE 50051 9464
+ENTRYPOINT ["tollway"]
+CMD ["serve", "--config", "/etc/tollway/tollway.yaml"]
