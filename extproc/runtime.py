@@ -43,6 +43,7 @@ class Runtime:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.metrics = metrics or Metrics()
         self.routes = RouteTable(config.upstreams)
         self._stamps: dict[Path, Stamp] = {}
@@ -85,7 +86,7 @@ class Runtime:
         return found
 
     def _count_keys(self) -> None:
-        now = datetime.now(UTC)
+        now = datetime.fromtimestamp(self.clock(), UTC)
         counts = {"active": 0, "revoked": 0, "expired": 0}
         for record in self.auth.keys:
             if record.revoked is not None:
