@@ -1,0 +1,177 @@
+"""The gRPC server spoken to directly, as Envoy would: every message kind, faults, resets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc import keys, server
+from extproc.config import Config, MetricsConfig, ServerConfig
+from extproc.runtime import Runtime
+
+
+def headers(**values: str) -> pb.HttpHeaders:
+    pairs = [
+        HeaderValue(key=k.replace("_", "-").replace("--", ":"), raw_value=v.encode())
+        for k, v in values.items()
+    ]
+    return pb.HttpHeaders(headers=HeaderMap(headers=pairs))
+
+
+def request_headers(key: str, path: str = "/v1/chat/completions") -> pb.ProcessingRequest:
+    h = headers(__method="POST", __path=path, authorization=f"Bearer {key}")
+    return pb.ProcessingRequest(request_headers=h)
+
+
+class Harness:
+    def __init__(self, runtime: Runtime, port: int) -> None:
+        self.runtime, self.port = runtime, port
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = ExternalProcessorStub(self.channel)
+
+    async def exchange(self, *requests: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        """Send each message and read one answer to it, like Envoy outside full duplex."""
+        call = self.stub.Process()
+        answers = []
+        for request in requests:
+            await call.write(request)
+            answer = await asyncio.wait_for(call.read(), timeout=5)
+            if answer is grpc.aio.EOF:
+                break
+            answers.append(answer)
+        await call.done_writing()
+        return answers
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.runtime.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+Fixture = tuple[Harness, dict[str, str]]
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[tuple[Harness, dict[str, str]]]:
+    keys_file = tmp_path / "keys.yaml"
+    made = {}
+    for name, models in (("open", ()), ("narrow", ("gpt-4o-mini",))):
+        key, record = keys.generate(name=name, models=models)
+        keys.add(keys_file, record)
+        made[name] = key
+    config = Config(
+        server=ServerConfig(port=0, drain_delay_s=0.5, drain_timeout_s=2),
+        metrics=MetricsConfig(enabled=False),
+        auth={"keys_file": keys_file},
+    )  # type: ignore[arg-type]
+    runtime = Runtime(config)
+    stop, ready = asyncio.Event(), asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        server.serve(config, runtime=runtime, stop=stop, on_ready=ready.set_result)
+    )
+    h = Harness(runtime, await asyncio.wait_for(ready, 10))
+    yield h, made
+    stop.set()
+    await h.channel.close()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_every_message_kind_gets_an_answer_of_its_own_kind(harness: Fixture) -> None:
+    h, made = harness
+    answers = await h.exchange(
+        request_headers(made["open"]),
+        pb.ProcessingRequest(response_headers=headers(__status="200")),
+        pb.ProcessingRequest(response_body=pb.HttpBody(body=b"data", end_of_stream=True)),
+        pb.ProcessingRequest(request_trailers=pb.HttpTrailers()),
+        pb.ProcessingRequest(response_trailers=pb.HttpTrailers()),
+    )
+    assert [a.WhichOneof("response") for a in answers] == [
+        "request_headers",
+        "response_headers",
+        "response_body",
+        "request_trailers",
+        "response_trailers",
+    ]
+    first = answers[0]
+    assert first.mode_override.request_body_mode == ProcessingMode.NONE
+    assert first.mode_override.response_header_mode == ProcessingMode.SKIP
+    assert h.metric("tollway_requests_total", {"route": "openai", "outcome": "allowed"}) == 1
+
+
+async def test_body_in_chunks_is_decided_at_its_end(harness: Fixture) -> None:
+    h, made = harness
+    answers = await h.exchange(
+        request_headers(made["narrow"]),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=b'{"model": "gp', end_of_stream=False)),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=b't-4o"}', end_of_stream=True)),
+    )
+    assert answers[0].mode_override.request_body_mode == ProcessingMode.BUFFERED
+    assert answers[1].WhichOneof("response") == "request_body"  # the first chunk just continues
+    denial = answers[2].immediate_response
+    assert denial.status.code == 403 and b"model_not_allowed" in denial.body
+
+
+async def test_a_fault_is_a_500_for_that_request_only(
+    harness: Fixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, made = harness
+
+    def broken(ex: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(h.runtime.auth, "on_request_headers", broken)
+    (answer,) = await h.exchange(request_headers(made["open"]))
+    assert answer.immediate_response.status.code == 500
+    assert b"internal_error" in answer.immediate_response.body
+    assert b"bug" not in answer.immediate_response.body  # no internals leak to clients
+    assert h.metric("tollway_internal_errors_total") == 1
+    monkeypatch.undo()
+    (answer,) = await h.exchange(request_headers(made["open"]))
+    assert answer.WhichOneof("response") == "request_headers"
+
+
+async def test_stream_reset_by_envoy_is_quiet(
+    harness: Fixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    h, made = harness
+    for _ in range(20):
+        call = h.stub.Process()
+        await call.write(request_headers(made["open"]))
+        call.cancel()  # what Envoy does when a request ends
+    (answer,) = await h.exchange(request_headers(made["open"]))
+    assert answer.WhichOneof("response") == "request_headers"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_health_goes_not_serving_when_stopping(tmp_path: Path) -> None:
+    config = Config(
+        server=ServerConfig(port=0, drain_delay_s=1.0, drain_timeout_s=1),
+        metrics=MetricsConfig(enabled=False),
+        auth={"keys_file": tmp_path / "keys.yaml"},
+    )  # type: ignore[arg-type]
+    stop, ready = asyncio.Event(), asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(server.serve(config, stop=stop, on_ready=ready.set_result))
+    port = await asyncio.wait_for(ready, 10)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service=server.SERVICE_NAME)
+        assert (
+            await health.Check(request, timeout=2)
+        ).status == health_pb2.HealthCheckResponse.SERVING
+        stop.set()
+        statuses = []
+        for _ in range(50):  # well within the 1 s drain delay, while the server still answers
+            statuses.append((await health.Check(request, timeout=2)).status)
+            if statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.01)
+        assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    await asyncio.wait_for(task, 10)
