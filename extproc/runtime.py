@@ -50,6 +50,8 @@ class Runtime:
         keys_file = config.auth.keys_file
         self._stamps[keys_file] = _stamp(keys_file)
         self.auth = AuthStage(keys.KeyRing(keys.read_records(keys_file)))  # errors are fatal here
+        if not len(self.auth.keys):
+            log.warning("no API keys in %s yet: create one with `tollway keys create`", keys_file)
         self._count_keys()
         self.credentials = CredentialStage(self._provider_keys())
         self.pipeline = Pipeline(self.routes, [self.auth, self.credentials], clock)
