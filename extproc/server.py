@@ -63,11 +63,13 @@ class Processor(extproc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 if kind == "request_headers":
                     ex, response = self._request_headers(request)
                 elif kind == "request_body" and ex is not None:
-                    body += request.request_body.body
-                    if not request.request_body.end_of_stream:
+                    chunk = request.request_body
+                    if not chunk.end_of_stream:
+                        body += chunk.body
                         response = codec.CONTINUE_REQUEST_BODY
-                    else:
-                        response = self._request_body(ex, bytes(body))
+                    else:  # BUFFERED: usually the whole body in one chunk, not copied
+                        whole = bytes(body + chunk.body) if body else chunk.body
+                        response = self._request_body(ex, whole)
                 elif kind in _CONTINUE:
                     response = _CONTINUE[kind]
                 else:
