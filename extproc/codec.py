@@ -1,4 +1,4 @@
-"""Protobuf <-> plain values. With server.py, the only module that imports Envoy protos."""
+"""Protobuf <-> plain values: stages never see protobuf, only this and the transports."""
 
 from __future__ import annotations
 

@@ -78,6 +78,9 @@ class ServerConfig(_Model):
 
     address: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
+    # h2: Tollway's own small gRPC server (asyncio + h2), about twice as fast;
+    # grpcio: grpc.aio, the fallback.
+    transport: Literal["h2", "grpcio"] = "h2"
     tls: TLSFiles | None = None
     # Plaintext gRPC is refused on non-loopback addresses unless this is true
     # (e.g. inside a private container network).

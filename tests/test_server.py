@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -59,16 +60,28 @@ class Harness:
 Fixture = tuple[Harness, dict[str, str]]
 
 
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[tuple[Harness, dict[str, str]]]:
+TRANSPORTS = pytest.mark.parametrize("transport", ["h2", "grpcio"])
+
+
+@contextlib.asynccontextmanager
+async def running(
+    tmp_path: Path, transport: str, drain_delay_s: float = 0.5, drain_timeout_s: float = 2
+) -> AsyncIterator[tuple[Harness, dict[str, str], asyncio.Event, asyncio.Task[None]]]:
+    """A server on a free port with two keys; yields (harness, keys, stop, task)."""
     keys_file = tmp_path / "keys.yaml"
     made = {}
     for name, models in (("open", ()), ("narrow", ("gpt-4o-mini",))):
         key, record = keys.generate(name=name, models=models)
         keys.add(keys_file, record)
         made[name] = key
+    server_config = ServerConfig(
+        port=0,
+        transport=transport,  # type: ignore[arg-type]
+        drain_delay_s=drain_delay_s,
+        drain_timeout_s=drain_timeout_s,
+    )
     config = Config(
-        server=ServerConfig(port=0, drain_delay_s=0.5, drain_timeout_s=2),
+        server=server_config,
         metrics=MetricsConfig(enabled=False),
         auth={"keys_file": keys_file},
     )  # type: ignore[arg-type]
@@ -78,10 +91,18 @@ async def harness(tmp_path: Path) -> AsyncIterator[tuple[Harness, dict[str, str]
         server.serve(config, runtime=runtime, stop=stop, on_ready=ready.set_result)
     )
     h = Harness(runtime, await asyncio.wait_for(ready, 10))
-    yield h, made
-    stop.set()
-    await h.channel.close()
-    await asyncio.wait_for(task, 10)
+    try:
+        yield h, made, stop, task
+    finally:
+        stop.set()
+        await h.channel.close()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture(params=["h2", "grpcio"])
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fixture]:
+    async with running(tmp_path, request.param) as (h, made, _, _):
+        yield h, made
 
 
 async def test_every_message_kind_gets_an_answer_of_its_own_kind(harness: Fixture) -> None:
@@ -151,9 +172,10 @@ async def test_stream_reset_by_envoy_is_quiet(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-async def test_health_goes_not_serving_when_stopping(tmp_path: Path) -> None:
+@TRANSPORTS
+async def test_health_goes_not_serving_when_stopping(tmp_path: Path, transport: str) -> None:
     config = Config(
-        server=ServerConfig(port=0, drain_delay_s=1.0, drain_timeout_s=1),
+        server=ServerConfig(port=0, transport=transport, drain_delay_s=1.0, drain_timeout_s=1),
         metrics=MetricsConfig(enabled=False),
         auth={"keys_file": tmp_path / "keys.yaml"},
     )  # type: ignore[arg-type]
@@ -175,3 +197,42 @@ async def test_health_goes_not_serving_when_stopping(tmp_path: Path) -> None:
             await asyncio.sleep(0.01)
         assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
     await asyncio.wait_for(task, 10)
+
+
+@TRANSPORTS
+async def test_drain_refuses_new_streams_and_finishes_those_in_flight(
+    tmp_path: Path, transport: str
+) -> None:
+    async with running(tmp_path, transport, drain_delay_s=0, drain_timeout_s=10) as (
+        h,
+        made,
+        stop,
+        task,
+    ):
+        call = h.stub.Process()
+        await call.write(request_headers(made["open"]))
+        assert (await call.read()).WhichOneof("response") == "request_headers"
+        stop.set()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{h.port}") as fresh:
+            check = health_pb2_grpc.HealthStub(fresh).Check
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                for _ in range(100):  # until the server has begun to stop
+                    await check(health_pb2.HealthCheckRequest(), timeout=1)
+                    await asyncio.sleep(0.02)
+            # h2: the listener is closed; grpc.aio cancels calls it will not serve
+            refusals = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+            assert refused.value.code() in refusals
+        await call.write(pb.ProcessingRequest(response_headers=headers(__status="200")))
+        assert (await call.read()).WhichOneof("response") == "response_headers"
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+        await asyncio.wait_for(task, 10)  # stops as soon as the last stream is done
+
+
+@TRANSPORTS
+async def test_health_of_an_unknown_service_is_not_found(tmp_path: Path, transport: str) -> None:
+    async with running(tmp_path, transport) as (h, _, _, _):
+        check = health_pb2_grpc.HealthStub(h.channel).Check
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=2)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND

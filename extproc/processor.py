@@ -1,0 +1,103 @@
+"""One ext_proc stream, whatever carries it: each ProcessingRequest in, the answer out.
+
+The transports (h2server.py, grpcio_server.py) only move bytes; this turns a
+message into a call to the pipeline and the pipeline's decision into a reply.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
+
+from . import codec
+from .decisions import Deny, Phase
+from .exchange import Exchange
+from .runtime import Runtime
+
+log = logging.getLogger("tollway")
+
+INTERNAL_ERROR = Deny(
+    500,
+    "api_error",
+    "internal_error",
+    "The gateway failed to process this request.",
+    "tollway_internal_error",
+)
+
+# Messages Tollway did not ask for still get the answer of their own kind.
+_CONTINUE = {
+    "request_headers": codec.CONTINUE_REQUEST_HEADERS,
+    "response_headers": codec.CONTINUE_RESPONSE_HEADERS,
+    "request_body": codec.CONTINUE_REQUEST_BODY,
+    "response_body": codec.CONTINUE_RESPONSE_BODY,
+    "request_trailers": codec.CONTINUE_REQUEST_TRAILERS,
+    "response_trailers": codec.CONTINUE_RESPONSE_TRAILERS,
+}
+
+
+class StreamProcessor:
+    """The state of one stream (one HTTP request through Envoy)."""
+
+    __slots__ = ("_body", "_ex", "_metrics", "_pipeline", "failed")
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._pipeline = runtime.pipeline
+        self._metrics = runtime.metrics
+        self._ex: Exchange | None = None
+        self._body = bytearray()
+        # After a fault the stream has answered with a 500 and should end.
+        self.failed = False
+
+    def handle(self, request: ProcessingRequest) -> ProcessingResponse | None:
+        """The reply to one message; None for a message of a kind this Envoy API lacks."""
+        kind = request.WhichOneof("request")
+        self._metrics.messages[kind if kind in _CONTINUE else "unknown"].inc()
+        try:
+            if kind == "request_headers":
+                return self._request_headers(request)
+            if kind == "request_body" and self._ex is not None:
+                chunk = request.request_body
+                if not chunk.end_of_stream:
+                    self._body += chunk.body
+                    return codec.CONTINUE_REQUEST_BODY
+                # BUFFERED: usually the whole body in one chunk, not copied
+                whole = bytes(self._body + chunk.body) if self._body else chunk.body
+                return self._request_body(self._ex, whole)
+        except Exception:
+            log.exception("fault while processing a %s message", kind)
+            self._metrics.internal_errors.inc()
+            self.failed = True
+            return codec.immediate_response(INTERNAL_ERROR, {})
+        if kind in _CONTINUE:
+            return _CONTINUE[kind]
+        log.warning("ext_proc message of unknown kind ignored")
+        return None
+
+    def _request_headers(self, request: ProcessingRequest) -> ProcessingResponse:
+        headers, repeated = codec.decode_headers(request.request_headers)
+        pipeline = self._pipeline
+        ex = self._ex = pipeline.exchange(
+            headers.get(":method", ""), headers.get(":path", ""), headers, repeated
+        )
+        decision = pipeline.request_headers(ex)
+        if isinstance(decision, Deny):
+            return self._deny(ex, decision)
+        if Phase.REQUEST_BODY not in decision:
+            self._count(ex, "allowed")
+        return codec.request_headers_response(ex, decision)
+
+    def _request_body(self, ex: Exchange, body: bytes) -> ProcessingResponse:
+        decision = self._pipeline.request_body(ex, body)
+        if decision is not None:
+            return self._deny(ex, decision)
+        self._count(ex, "allowed")
+        return codec.request_body_response(ex)
+
+    def _deny(self, ex: Exchange, deny: Deny) -> ProcessingResponse:
+        self._count(ex, deny.code)
+        return codec.immediate_response(deny, ex.metadata)
+
+    def _count(self, ex: Exchange, outcome: str) -> None:
+        route = ex.route.name if ex.route is not None else "none"
+        self._metrics.requests.labels(route, outcome).inc()
