@@ -228,6 +228,38 @@ def _default_upstreams() -> dict[str, Upstream]:
     }
 
 
+class TierPrice(_Model):
+    """USD per 1M tokens. Cached reads and cache writes default to the input price,
+    reasoning to the output price: no discount is assumed where none is listed."""
+
+    input: float = Field(ge=0)
+    output: float = Field(0, ge=0)
+    cached_input: float | None = Field(None, ge=0)
+    cache_write: float | None = Field(None, ge=0)
+    reasoning: float | None = Field(None, ge=0)
+
+
+class LongContextPrice(TierPrice):
+    # Above this many input tokens, this tier prices the whole request.
+    threshold: int = Field(gt=0)
+
+
+class ModelPrice(TierPrice):
+    provider: str | None = None
+    long_context: LongContextPrice | None = None
+    # Other names of the model (dated snapshots with the same price...).
+    aliases: tuple[str, ...] = ()
+
+
+class PricingConfig(_Model):
+    # A LiteLLM model_prices_and_context_window.json, read over the shipped table.
+    litellm_file: Path | None = None
+    # Custom models and overrides, over both.
+    models: dict[str, ModelPrice] = Field(default_factory=dict)
+    # x-tollway-cost-usd on non-streaming JSON responses.
+    cost_header: bool = True
+
+
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -235,6 +267,7 @@ class Config(_Model):
     envoy: EnvoyConfig = Field(default_factory=EnvoyConfig)
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, le=1024**3)
     upstreams: dict[str, Upstream] = Field(default_factory=_default_upstreams)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
 
     @field_validator("upstreams")
     @classmethod
@@ -359,5 +392,12 @@ def _resolve_paths(config: Config, base: Path) -> Config:
                 }
             ),
             "upstreams": upstreams,
+            "pricing": config.pricing.model_copy(
+                update={
+                    "litellm_file": resolve(config.pricing.litellm_file)
+                    if config.pricing.litellm_file
+                    else None
+                }
+            ),
         }
     )

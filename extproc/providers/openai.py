@@ -1,0 +1,116 @@
+"""OpenAI and everything that speaks its schema: Azure OpenAI, vLLM, Ollama, LM Studio.
+
+Chat completions, legacy completions and embeddings report ``usage`` with
+``prompt_tokens`` and ``completion_tokens``; the Responses API with
+``input_tokens`` and ``output_tokens``. In both, the cached tokens are already
+*inside* the prompt count and the reasoning tokens *inside* the completion
+count, which is also how Usage counts them. A chat or completions stream
+reports usage only in its last chunk and only with
+``stream_options.include_usage`` (Tollway asks for it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .sse import Event
+from .usage import Usage, UsageReader, count, text_length
+
+
+def _usage(raw: Any) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+    details = raw.get("prompt_tokens_details") or raw.get("input_tokens_details")
+    output_details = raw.get("completion_tokens_details") or raw.get("output_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    reasoning = output_details.get("reasoning_tokens") if isinstance(output_details, dict) else None
+    if "input_tokens" in raw or "output_tokens" in raw:  # the Responses API
+        prompt, completion = raw.get("input_tokens"), raw.get("output_tokens")
+    else:
+        prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
+    return Usage(
+        input_tokens=count(prompt),
+        output_tokens=count(completion),
+        cached_input_tokens=count(cached),
+        reasoning_tokens=count(reasoning),
+    )
+
+
+def _choices_text(choices: Any, key: str) -> int:
+    """Characters of text in ``choices[*][key]`` (``message``/``delta`` content, or ``text``)."""
+    total = 0
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            part = choice.get(key)
+            if isinstance(part, dict):
+                total += text_length(part.get("content")) + text_length(part.get("refusal"))
+                total += text_length(part.get("reasoning_content"))  # vLLM, DeepSeek
+            else:
+                total += text_length(part)
+    return total
+
+
+class ChatReader(UsageReader):
+    """/chat/completions and /completions (``text`` instead of ``message``/``delta``)."""
+
+    def on_json(self, doc: Any) -> None:
+        if isinstance(doc, dict):
+            self._model(doc.get("model"))
+            choices = doc.get("choices")
+            self.text_chars += _choices_text(choices, "message") + _choices_text(choices, "text")
+            self.usage = _usage(doc.get("usage")) or self.usage
+
+    def on_event(self, event: Event, doc: Any) -> None:
+        if isinstance(doc, dict):  # "[DONE]" and anything else not JSON are skipped
+            self._model(doc.get("model"))
+            choices = doc.get("choices")
+            self.text_chars += _choices_text(choices, "delta") + _choices_text(choices, "text")
+            self.usage = _usage(doc.get("usage")) or self.usage
+
+
+class EmbeddingsReader(UsageReader):
+    def on_json(self, doc: Any) -> None:
+        if isinstance(doc, dict):
+            self._model(doc.get("model"))
+            self.usage = _usage(doc.get("usage")) or self.usage
+
+    def on_event(self, event: Event, doc: Any) -> None:
+        pass  # embeddings do not stream
+
+
+_FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+class ResponsesReader(UsageReader):
+    """/responses: a response object, or events whose last carries the final response."""
+
+    def on_json(self, doc: Any) -> None:
+        if isinstance(doc, dict):
+            self._response(doc, final=True)
+
+    def on_event(self, event: Event, doc: Any) -> None:
+        if not isinstance(doc, dict):
+            return
+        kind = doc.get("type", event.type)
+        if kind == "response.output_text.delta" or kind == "response.refusal.delta":
+            self.text_chars += text_length(doc.get("delta"))
+        elif isinstance(doc.get("response"), dict):  # created, in_progress, completed...
+            self._response(doc["response"], final=kind in _FINAL_EVENTS)
+
+    def _response(self, response: dict[str, Any], final: bool) -> None:
+        self._model(response.get("model"))
+        self.usage = _usage(response.get("usage")) or self.usage
+        if final and not self.text_chars:
+            self.text_chars = _output_text(response.get("output"))
+
+
+def _output_text(output: Any) -> int:
+    total = 0
+    for item in output if isinstance(output, list) else ():
+        content = item.get("content") if isinstance(item, dict) else None
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict):
+                total += text_length(part.get("text"))
+    return total

@@ -1,0 +1,69 @@
+"""Token usage in one shape for every provider, and the base of the per-API readers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .sse import Event
+
+
+@dataclass(slots=True)
+class Usage:
+    """Tokens of one request, as OpenTelemetry GenAI counts them.
+
+    ``input_tokens`` is every prompt token, cached or not; ``cached_input_tokens``
+    (read from a prompt cache) and ``cache_creation_tokens`` (written to one) are
+    parts of it. ``output_tokens`` is every generated token; ``reasoning_tokens``
+    is the part spent thinking. Providers report these differently (see each
+    reader); this is what they all become.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def is_empty(self) -> bool:
+        return not (self.input_tokens or self.output_tokens)
+
+
+def count(value: Any) -> int:
+    """A token count from JSON: a non-negative int, anything else (null, "12", 1.5) is 0."""
+    return value if type(value) is int and value > 0 else 0
+
+
+def estimate_tokens(chars: int) -> int:
+    """About four characters a token, the providers' own rule of thumb."""
+    return math.ceil(chars / 4)
+
+
+class UsageReader:
+    """Reads one response: its model, its usage once reported, the text it delivered.
+
+    Subclasses know one API. ``on_json`` takes a whole JSON response, ``on_event``
+    one SSE event; both ignore what they do not recognise: a response without
+    usage leaves ``usage`` None.
+    """
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self.usage: Usage | None = None
+        self.text_chars = 0  # delivered text, for an estimate when usage never comes
+
+    def on_json(self, doc: Any) -> None:
+        raise NotImplementedError
+
+    def on_event(self, event: Event, doc: Any) -> None:
+        """``doc`` is the event's data parsed as JSON (None if it is not JSON)."""
+        raise NotImplementedError
+
+    def _model(self, value: Any) -> None:
+        if isinstance(value, str) and value:
+            self.model = value
+
+
+def text_length(value: Any) -> int:
+    return len(value) if isinstance(value, str) else 0

@@ -1,0 +1,187 @@
+"""Prices: the shipped table, name normalisation, cost per token kind, LiteLLM import."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from extproc.config import ConfigError, ModelPrice, PricingConfig
+from extproc.pricing import OTHER, PriceTable, cost, load_prices
+from extproc.pricing.litellm import load_litellm
+from extproc.providers import Usage
+
+SHIPPED = load_prices(PricingConfig())
+
+
+def test_the_shipped_table_covers_the_three_providers_and_says_when() -> None:
+    providers = {price.provider for price in SHIPPED.models.values()}
+    assert {"openai", "anthropic", "gemini"} <= providers
+    assert SHIPPED.last_updated[:2] == "20"
+    for name in ("gpt-4o", "gpt-4o-mini", "o3", "claude-sonnet-4-5", "gemini-2.5-pro"):
+        assert SHIPPED.lookup(name) is not None, name
+
+
+@pytest.mark.parametrize(
+    ("seen", "name"),
+    [
+        ("gpt-4o", "gpt-4o"),
+        ("GPT-4o", "gpt-4o"),
+        ("gpt-4o-2024-08-06", "gpt-4o"),  # dated snapshot, same price
+        ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),  # a snapshot with its own price
+        ("openai/gpt-4o-mini", "gpt-4o-mini"),
+        ("o4-mini-2025-04-16", "o4-mini"),
+        ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
+        ("claude-sonnet-4-5@20250929", "claude-sonnet-4-5"),  # Vertex AI style
+        ("models/gemini-2.5-flash", "gemini-2.5-flash"),
+        ("gemini-2.0-flash-001", "gemini-2.0-flash"),
+    ],
+)
+def test_model_names_are_normalised(seen: str, name: str) -> None:
+    found = SHIPPED.lookup(seen)
+    assert found is not None and found[0] == name
+    assert SHIPPED.label(seen) == name
+
+
+@pytest.mark.parametrize("seen", [None, "", "my-finetune", "meta-llama/Llama-3.1-8B-Instruct"])
+def test_unknown_models_have_no_price_and_label_other(seen: str | None) -> None:
+    assert SHIPPED.lookup(seen) is None
+    assert SHIPPED.label(seen) == OTHER
+
+
+def price(name: str) -> ModelPrice:
+    found = SHIPPED.lookup(name)
+    assert found is not None
+    return found[1]
+
+
+def test_openai_cached_tokens_are_inside_the_prompt_and_priced_at_the_cached_rate() -> None:
+    p = price("o4-mini")
+    usage = Usage(
+        input_tokens=2306, output_tokens=595, cached_input_tokens=1920, reasoning_tokens=576
+    )
+    assert p.cached_input is not None
+    expected = ((2306 - 1920) * p.input + 1920 * p.cached_input + 595 * p.output) / 1e6
+    assert cost(p, usage) == pytest.approx(expected, abs=1e-9)
+
+
+def test_anthropic_cache_reads_and_writes_each_have_a_rate() -> None:
+    p = price("claude-sonnet-4-5")
+    assert p.cached_input is not None and p.cache_write is not None
+    usage = Usage(11814, 42, cached_input_tokens=10240, cache_creation_tokens=1553)
+    expected = (21 * p.input + 10240 * p.cached_input + 1553 * p.cache_write + 42 * p.output) / 1e6
+    assert cost(p, usage) == pytest.approx(expected, abs=1e-9)
+
+
+def test_gemini_thoughts_are_billed_as_output() -> None:
+    p = price("gemini-2.5-flash")
+    usage = Usage(8192, 367, cached_input_tokens=6000, reasoning_tokens=356)
+    assert p.cached_input is not None
+    expected = (2192 * p.input + 6000 * p.cached_input + 367 * p.output) / 1e6
+    assert cost(p, usage) == pytest.approx(expected, abs=1e-9)
+
+
+def test_long_context_prices_the_whole_request_above_the_threshold() -> None:
+    p = price("gemini-2.5-pro")
+    assert p.long_context is not None
+    threshold, tier = p.long_context.threshold, p.long_context
+    at = Usage(input_tokens=threshold, output_tokens=1000)
+    above = Usage(input_tokens=threshold + 1, output_tokens=1000)
+    assert cost(p, at) == pytest.approx((threshold * p.input + 1000 * p.output) / 1e6, abs=1e-9)
+    assert cost(p, above) == pytest.approx(
+        ((threshold + 1) * tier.input + 1000 * tier.output) / 1e6, abs=1e-9
+    )
+
+
+def test_missing_cache_and_reasoning_prices_mean_no_discount() -> None:
+    p = ModelPrice(input=1.0, output=4.0)
+    usage = Usage(
+        1000, 500, cached_input_tokens=400, cache_creation_tokens=100, reasoning_tokens=200
+    )
+    assert cost(p, usage) == pytest.approx((1000 * 1.0 + 500 * 4.0) / 1e6, abs=1e-12)
+    assert cost(ModelPrice(input=1.0, output=4.0, reasoning=8.0), usage) == pytest.approx(
+        (1000 * 1.0 + 300 * 4.0 + 200 * 8.0) / 1e6, abs=1e-12
+    )
+
+
+def test_config_adds_models_and_overrides_the_table() -> None:
+    table = load_prices(
+        PricingConfig(
+            models={
+                "gpt-4o": ModelPrice(input=1, output=2),
+                "meta-llama/Llama-3.1-8B-Instruct": ModelPrice(input=0.05, output=0.08),
+            }
+        )
+    )
+    assert table.lookup("gpt-4o-2024-08-06") == ("gpt-4o", ModelPrice(input=1, output=2))
+    assert table.label("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+LITELLM = {
+    "sample_spec": {"input_cost_per_token": 0, "litellm_provider": "one of..."},
+    "gpt-4o": {
+        "input_cost_per_token": 2.5e-06,
+        "output_cost_per_token": 1e-05,
+        "cache_read_input_token_cost": 1.25e-06,
+        "litellm_provider": "openai",
+        "mode": "chat",
+    },
+    "gemini/gemini-9-pro": {
+        "input_cost_per_token": 1.25e-06,
+        "input_cost_per_token_above_200k_tokens": 2.5e-06,
+        "output_cost_per_token": 1e-05,
+        "output_cost_per_token_above_200k_tokens": 1.5e-05,
+        "cache_read_input_token_cost": 3.1e-07,
+        "litellm_provider": "gemini",
+        "mode": "chat",
+    },
+    "vertex_ai/claude-x": {"input_cost_per_token": 3e-06, "litellm_provider": "vertex_ai"},
+    "dall-e-3": {"output_cost_per_image": 0.04, "litellm_provider": "openai", "mode": "image"},
+    "text-embedding-9": {"input_cost_per_token": 2e-08, "mode": "embedding"},
+}
+
+
+def test_litellm_prices_are_read_per_million(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps(LITELLM))
+    models = load_litellm(path)
+    assert models["gpt-4o"] == ModelPrice(
+        provider="openai", input=2.5, output=10, cached_input=1.25
+    )
+    gemini = models["gemini-9-pro"]  # the bare name, since gemini/ is Gemini's own API
+    assert gemini is models["gemini/gemini-9-pro"]
+    assert (gemini.input, gemini.cached_input) == (1.25, 0.31)
+    assert gemini.long_context is not None
+    assert (gemini.long_context.threshold, gemini.long_context.input) == (200_000, 2.5)
+    assert gemini.long_context.output == 15
+    assert "claude-x" not in models and "vertex_ai/claude-x" in models
+    assert "dall-e-3" not in models and "sample_spec" not in models
+    assert models["text-embedding-9"].input == 0.02
+
+
+def test_litellm_file_sits_between_the_table_and_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps(LITELLM))
+    table = load_prices(
+        PricingConfig(litellm_file=path, models={"gemini-9-pro": ModelPrice(input=9, output=9)})
+    )
+    assert table.lookup("gpt-4o") == ("gpt-4o", load_litellm(path)["gpt-4o"])
+    found = table.lookup("gemini-9-pro")
+    assert found is not None and found[1].input == 9
+    assert table.lookup("claude-sonnet-4-5") is not None  # the shipped table is still there
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_a_bad_litellm_file_is_a_config_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=r"prices\.json"):
+        load_litellm(path)
+
+
+def test_lookups_are_cached_but_bounded() -> None:
+    table = PriceTable({"m": ModelPrice(input=1)})
+    for i in range(10_000):
+        table.lookup(f"unknown-{i}")
+    assert len(table._cache) <= 4096
