@@ -8,6 +8,7 @@ import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyMutation,
     BodyResponse,
     CommonResponse,
     HeaderMutation,
@@ -19,7 +20,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
-from .decisions import Deny, Phase
+from .decisions import BodyMode, Deny, Phase
 from .exchange import Exchange, MetadataValue
 
 METADATA_NAMESPACE = "tollway"
@@ -71,17 +72,35 @@ def _mode(wants: Phase) -> ProcessingMode:
     )
 
 
+_BODY_MODES = {
+    BodyMode.NONE: ProcessingMode.NONE,
+    BodyMode.STREAMED: ProcessingMode.STREAMED,
+    BodyMode.BUFFERED: ProcessingMode.BUFFERED,
+}
+
+
+@cache
+def _response_mode(mode: BodyMode) -> ProcessingMode:
+    return ProcessingMode(
+        response_body_mode=_BODY_MODES[mode], response_trailer_mode=ProcessingMode.SKIP
+    )
+
+
+def _set(headers: dict[str, str]) -> list[HeaderValueOption]:
+    return [
+        HeaderValueOption(
+            header=HeaderValue(key=name, raw_value=value.encode("latin-1")),
+            append_action=_OVERWRITE,
+        )
+        for name, value in headers.items()
+    ]
+
+
 def _header_mutation(ex: Exchange) -> HeaderMutation | None:
     if not ex.set_headers and not ex.remove_headers:
         return None
     return HeaderMutation(
-        set_headers=[
-            HeaderValueOption(
-                header=HeaderValue(key=name, raw_value=value.encode("latin-1")),
-                append_action=_OVERWRITE,
-            )
-            for name, value in ex.set_headers.items()
-        ],
+        set_headers=_set(ex.set_headers),
         # A header that is set is overwritten; removing it too would drop it.
         remove_headers=sorted(ex.remove_headers.difference(ex.set_headers)),
     )
@@ -105,16 +124,54 @@ def request_headers_response(ex: Exchange, wants: Phase) -> ProcessingResponse:
 
 
 def request_body_response(ex: Exchange) -> ProcessingResponse:
-    """Continue after the body phase; header edits made there still reach the upstream."""
+    """Continue after the body phase; header edits made there still reach the upstream.
+
+    A replaced body gets its new content-length: Envoy does not recompute it.
+    """
+    body = None
+    if ex.new_body is not None:
+        body = BodyMutation(body=ex.new_body)
+        if "content-length" in ex.headers:
+            ex.set_headers["content-length"] = str(len(ex.new_body))
     mutation = _header_mutation(ex)
-    response = (
-        ProcessingResponse(
-            request_body=BodyResponse(response=CommonResponse(header_mutation=mutation))
-        )
-        if mutation is not None
-        else ProcessingResponse(request_body=BodyResponse())
+    if mutation is None and body is None:
+        response = ProcessingResponse(request_body=BodyResponse())
+    else:
+        common = CommonResponse(header_mutation=mutation, body_mutation=body)
+        response = ProcessingResponse(request_body=BodyResponse(response=common))
+    _with_metadata(response, ex.metadata)
+    return response
+
+
+def response_headers_response(ex: Exchange, mode: BodyMode) -> ProcessingResponse:
+    """Continue, asking for the response body only as the stages want it."""
+    response = ProcessingResponse(
+        response_headers=HeadersResponse(), mode_override=_response_mode(mode)
     )
     _with_metadata(response, ex.metadata)
+    return response
+
+
+def response_body_response(
+    ex: Exchange, replacement: bytes | None, end: bool
+) -> ProcessingResponse:
+    """Pass the chunk on (or its replacement); the last one carries metadata and headers.
+
+    Response headers set here reach the client only in BUFFERED mode.
+    """
+    if replacement is None and not end:
+        return CONTINUE_RESPONSE_BODY
+    common = CommonResponse()
+    if replacement is not None:
+        if replacement:
+            common.body_mutation.body = replacement
+        else:
+            common.body_mutation.clear_body = True
+    if end and ex.set_response_headers:
+        common.header_mutation.set_headers.extend(_set(ex.set_response_headers))
+    response = ProcessingResponse(response_body=BodyResponse(response=common))
+    if end:
+        _with_metadata(response, ex.metadata)
     return response
 
 
@@ -125,13 +182,7 @@ def error_body(deny: Deny) -> bytes:
 
 
 def immediate_response(deny: Deny, metadata: dict[str, MetadataValue]) -> ProcessingResponse:
-    headers = [_JSON] + [
-        HeaderValueOption(
-            header=HeaderValue(key=name, raw_value=value.encode("latin-1")),
-            append_action=_OVERWRITE,
-        )
-        for name, value in deny.headers
-    ]
+    headers = [_JSON, *_set(dict(deny.headers))]
     response = ProcessingResponse(
         immediate_response=ImmediateResponse(
             status=HttpStatus(code=deny.status),

@@ -15,6 +15,14 @@ class Phase(enum.Flag):
     RESPONSE_BODY = enum.auto()
 
 
+class BodyMode(enum.Enum):
+    """How Envoy should hand over the response body, decided at response headers."""
+
+    NONE = "none"
+    STREAMED = "streamed"  # chunk by chunk, each answered at once (SSE keeps its speed)
+    BUFFERED = "buffered"  # whole; the only mode where a response header can still be set
+
+
 @dataclass(frozen=True, slots=True)
 class Deny:
     """Answer the client directly with an OpenAI-style JSON error.

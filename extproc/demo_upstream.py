@@ -8,6 +8,7 @@ Routes (real providers' wire formats; ``"stream": true`` switches to SSE):
 OpenAI ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/responses``,
 ``GET /v1/models``; Anthropic ``POST /v1/messages``; Gemini ``POST /v1beta/models/{model}:
 generateContent`` and ``:streamGenerateContent`` (SSE with ``?alt=sse``, else a JSON array).
+A request header ``x-demo-chunk-bytes: N`` makes SSE go out N bytes a write.
 ``GET /__demo/requests`` lists the last 100 requests (method, path, query, lowercased headers);
 ``DELETE`` clears them; these debug routes never need a key. With ``provider_key`` set, requests
 need ``authorization: Bearer KEY`` (OpenAI), ``x-api-key: KEY`` (Anthropic; if that header is
@@ -154,14 +155,26 @@ def _event(name: str, obj: Any) -> bytes:
     return f"event: {name}\n".encode() + _data(obj)
 
 
+CHUNK_HEADER = "x-demo-chunk-bytes"
+
+
 async def _sse(request: web.Request, events: Iterable[bytes]) -> web.StreamResponse:
+    """Each event as its own write; with ``x-demo-chunk-bytes: N``, N bytes a write, paced
+    so that each reaches the client on its own (to test readers against any split)."""
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
     )
     await resp.prepare(request)
+    size = request.headers.get(CHUNK_HEADER, "")
+    step = int(size) if size.isdigit() and int(size) > 0 else 0
     with contextlib.suppress(ConnectionResetError):  # the client went away mid-stream
         for chunk in events:
-            await resp.write(chunk)
+            if not step:
+                await resp.write(chunk)
+                continue
+            for i in range(0, len(chunk), step):
+                await resp.write(chunk[i : i + step])
+                await asyncio.sleep(0.0005)
         await resp.write_eof()
     return resp
 

@@ -44,8 +44,16 @@ ACCESS_LOG_FORMAT: dict[str, str] = {
     "key_id": "%DYNAMIC_METADATA(tollway:key_id)%",
     "key_name": "%DYNAMIC_METADATA(tollway:key_name)%",
     "tenant": "%DYNAMIC_METADATA(tollway:tenant)%",
-    "model": "%DYNAMIC_METADATA(tollway:model)%",
     "denied": "%DYNAMIC_METADATA(tollway:denied)%",
+    "request_model": "%DYNAMIC_METADATA(tollway:request_model)%",
+    "model": "%DYNAMIC_METADATA(tollway:model)%",
+    "input_tokens": "%DYNAMIC_METADATA(tollway:input_tokens)%",
+    "output_tokens": "%DYNAMIC_METADATA(tollway:output_tokens)%",
+    "cached_input_tokens": "%DYNAMIC_METADATA(tollway:cached_input_tokens)%",
+    "cache_creation_tokens": "%DYNAMIC_METADATA(tollway:cache_creation_tokens)%",
+    "reasoning_tokens": "%DYNAMIC_METADATA(tollway:reasoning_tokens)%",
+    "cost_usd": "%DYNAMIC_METADATA(tollway:cost_usd)%",
+    "usage_estimated": "%DYNAMIC_METADATA(tollway:usage_estimated)%",
 }
 
 

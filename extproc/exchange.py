@@ -10,6 +10,7 @@ import orjson
 if TYPE_CHECKING:
     from .keys import KeyRecord
     from .routes import Route
+    from .stages.metering import Metering
 
 MetadataValue = str | int | float | bool
 
@@ -34,6 +35,13 @@ class Exchange:
     # Dynamic metadata for Envoy's access log (namespace "tollway").
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
     body: bytes | None = None
+    # A replacement for the request body (the codec also sets its content-length).
+    new_body: bytes | None = None
+    # The response, once its headers arrive, and headers to add for the client.
+    status: int = 0
+    response_headers: dict[str, str] = field(default_factory=dict)
+    set_response_headers: dict[str, str] = field(default_factory=dict)
+    metering: Metering | None = None  # the metering stage's state for this request
     _json: dict[str, Any] | None = None
 
     def json(self) -> dict[str, Any]:

@@ -21,12 +21,15 @@ class _Servicer(extproc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         processor = self.new_processor()
         # Envoy resets the stream when the request ends: the read is then
         # cancelled, which ends this coroutine quietly.
-        while (request := await context.read()) is not grpc.aio.EOF:
-            response = processor.handle(request)
-            if response is not None:
-                await context.write(response)
-            if processor.failed:
-                return
+        try:
+            while (request := await context.read()) is not grpc.aio.EOF:
+                response = processor.handle(request)
+                if response is not None:
+                    await context.write(response)
+                if processor.failed:
+                    return
+        finally:
+            processor.close()
 
 
 class GrpcioServer:

@@ -109,6 +109,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        for call in self.calls.values():
+            if call.processor is not None:
+                call.processor.close()
         self.calls.clear()
         self.server.notify_idle()
 
@@ -262,7 +265,12 @@ class _Connection(asyncio.Protocol):
             self._forget(sid)
 
     def _forget(self, sid: int) -> None:
-        if self.calls.pop(sid, None) is not None and not self.calls:
+        call = self.calls.pop(sid, None)
+        if call is None:
+            return
+        if call.processor is not None:
+            call.processor.close()
+        if not self.calls:
             self.server.notify_idle()
 
     def _flush(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from . import __version__
 
@@ -50,3 +50,47 @@ class Metrics:
             registry=r,
         )
         self.keys = Gauge("tollway_api_keys", "API keys loaded, by state", ["state"], registry=r)
+        # Metering. Labels: tenant (from the keys file, "none" without auth), model (the
+        # price table's name, else "other"), provider (the route's API kind), api.
+        self.tokens = Counter(
+            "tollway_gen_ai_tokens",
+            "Tokens by type: input and output are totals; cached_input and cache_creation "
+            "are parts of input, reasoning a part of output. source: reported or estimated",
+            ["tenant", "model", "provider", "api", "type", "source"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "tollway_gen_ai_cost_usd",
+            "Cost in USD from the price table",
+            ["tenant", "model", "provider", "api", "source"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "tollway_gen_ai_request_duration_seconds",
+            "From request headers to the end of a metered response",
+            ["provider", "api", "model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "tollway_gen_ai_time_to_first_token_seconds",
+            "From request headers to the first chunk of a streamed response",
+            ["provider", "api", "model"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.unpriced = Counter(
+            "tollway_gen_ai_unpriced_requests",
+            "Metered requests whose model has no price (their cost counts as 0)",
+            ["provider", "api"],
+            registry=r,
+        )
+        unmetered = Counter(
+            "tollway_gen_ai_unmetered_responses",
+            "Successful responses whose usage could not be read, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.unmetered = {
+            reason: unmetered.labels(reason) for reason in ("content_encoding", "body_too_large")
+        }

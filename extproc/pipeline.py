@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from .decisions import Deny, Phase
+from .decisions import BodyMode, Deny, Phase
 from .exchange import Exchange
 from .routes import RouteTable
-from .stages import Stage
+from .stages import ResponseStage, Stage
 
 INTERNAL_HEADER_PREFIX = "x-tollway-"
 
@@ -23,9 +23,11 @@ class Pipeline:
         routes: RouteTable,
         stages: Sequence[Stage],
         clock: Callable[[], float] = time.time,
+        response_stages: Sequence[ResponseStage] = (),
     ) -> None:
         self.routes = routes
         self.stages = tuple(stages)
+        self.response_stages = tuple(response_stages)
         self.clock = clock
 
     def exchange(
@@ -59,3 +61,26 @@ class Pipeline:
             if decision is not None:
                 return decision
         return None
+
+    def response_headers(self, ex: Exchange, status: int, headers: dict[str, str]) -> BodyMode:
+        """How the response body should come; the first stage that wants it decides."""
+        ex.status, ex.response_headers = status, headers
+        mode = BodyMode.NONE
+        for stage in self.response_stages:
+            wanted = stage.on_response_headers(ex)
+            if mode is BodyMode.NONE:
+                mode = wanted
+        return mode
+
+    def response_body(self, ex: Exchange, chunk: bytes, end: bool) -> bytes | None:
+        """A replacement for the chunk, or None to pass it on as it is."""
+        replacement = None
+        for stage in self.response_stages:
+            out = stage.on_response_body(ex, chunk if replacement is None else replacement, end)
+            if out is not None:
+                replacement = out
+        return replacement
+
+    def stream_end(self, ex: Exchange) -> None:
+        for stage in self.response_stages:
+            stage.on_stream_end(ex)

@@ -35,6 +35,8 @@ _CONTINUE = {
     "response_trailers": codec.CONTINUE_RESPONSE_TRAILERS,
 }
 
+_RESPONSE_KINDS = frozenset({"response_headers", "response_body"})
+
 
 class StreamProcessor:
     """The state of one stream (one HTTP request through Envoy)."""
@@ -56,17 +58,29 @@ class StreamProcessor:
         try:
             if kind == "request_headers":
                 return self._request_headers(request)
-            if kind == "request_body" and self._ex is not None:
+            ex = self._ex
+            if ex is None:
+                pass  # no request headers seen: nothing to decide on
+            elif kind == "response_body":
+                body = request.response_body
+                replacement = self._pipeline.response_body(ex, body.body, body.end_of_stream)
+                return codec.response_body_response(ex, replacement, body.end_of_stream)
+            elif kind == "response_headers":
+                return self._response_headers(ex, request)
+            elif kind == "request_body":
                 chunk = request.request_body
                 if not chunk.end_of_stream:
                     self._body += chunk.body
                     return codec.CONTINUE_REQUEST_BODY
                 # BUFFERED: usually the whole body in one chunk, not copied
                 whole = bytes(self._body + chunk.body) if self._body else chunk.body
-                return self._request_body(self._ex, whole)
+                return self._request_body(ex, whole)
         except Exception:
             log.exception("fault while processing a %s message", kind)
             self._metrics.internal_errors.inc()
+            if kind in _RESPONSE_KINDS:  # the response is on its way: let it through unmetered
+                self._ex = None
+                return _CONTINUE[kind]
             self.failed = True
             return codec.immediate_response(INTERNAL_ERROR, {})
         if kind in _CONTINUE:
@@ -86,6 +100,26 @@ class StreamProcessor:
         if Phase.REQUEST_BODY not in decision:
             self._count(ex, "allowed")
         return codec.request_headers_response(ex, decision)
+
+    def _response_headers(self, ex: Exchange, request: ProcessingRequest) -> ProcessingResponse:
+        message = request.response_headers
+        headers, _ = codec.decode_headers(message)
+        status = headers.get(":status", "")
+        mode = self._pipeline.response_headers(ex, int(status) if status.isdigit() else 0, headers)
+        if message.end_of_stream:  # no body will follow
+            self._pipeline.stream_end(ex)
+        return codec.response_headers_response(ex, mode)
+
+    def close(self) -> None:
+        """The stream is over (ended or reset): let stages account for what happened."""
+        if self._ex is None:
+            return
+        try:
+            self._pipeline.stream_end(self._ex)
+        except Exception:
+            log.exception("fault while ending a stream")
+            self._metrics.internal_errors.inc()
+        self._ex = None
 
     def _request_body(self, ex: Exchange, body: bytes) -> ProcessingResponse:
         decision = self._pipeline.request_body(ex, body)

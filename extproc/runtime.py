@@ -18,9 +18,14 @@ from . import keys
 from .config import Config
 from .metrics import Metrics
 from .pipeline import Pipeline
+from .pricing import load_prices
 from .routes import RouteTable
+from .stages import Stage
 from .stages.auth import AuthStage
 from .stages.credentials import CredentialStage
+from .stages.metering import MeteringStage
+from .store import Store
+from .store.memory import MemoryStore
 
 log = logging.getLogger("tollway")
 
@@ -41,6 +46,7 @@ class Runtime:
         config: Config,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        store: Store | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -54,7 +60,18 @@ class Runtime:
             log.warning("no API keys in %s yet: create one with `tollway keys create`", keys_file)
         self._count_keys()
         self.credentials = CredentialStage(self._provider_keys())
-        self.pipeline = Pipeline(self.routes, [self.auth, self.credentials], clock)
+        self.prices = load_prices(config.pricing)
+        self.store = store if store is not None else MemoryStore()
+        self.metering = MeteringStage(
+            self.prices,
+            self.store,
+            self.metrics,
+            cost_header=config.pricing.cost_header,
+            max_json_bytes=config.max_body_bytes,
+            wall_clock=clock,
+        )
+        stages: list[Stage] = [self.auth, self.credentials, self.metering]
+        self.pipeline = Pipeline(self.routes, stages, clock, response_stages=[self.metering])
 
     def _credential_files(self) -> list[Path]:
         return [

@@ -108,7 +108,7 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 async def test_every_message_kind_gets_an_answer_of_its_own_kind(harness: Fixture) -> None:
     h, made = harness
     answers = await h.exchange(
-        request_headers(made["open"]),
+        request_headers(made["open"], path="/v1/models"),  # not metered: asks for nothing more
         pb.ProcessingRequest(response_headers=headers(__status="200")),
         pb.ProcessingRequest(response_body=pb.HttpBody(body=b"data", end_of_stream=True)),
         pb.ProcessingRequest(request_trailers=pb.HttpTrailers()),

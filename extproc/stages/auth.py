@@ -100,7 +100,7 @@ class AuthStage:
             return Phase.NONE
         model = ex.route.model_in_path(ex.path)
         if model is not None:
-            ex.metadata["model"] = model
+            ex.metadata["request_model"] = model
             return Phase.NONE if record.allows_model(model) else _model_denied(model)
         # Only a restricted key pays for the body: any body may name a model.
         return Phase.REQUEST_BODY if ex.method in _BODY_METHODS else Phase.NONE
@@ -119,5 +119,5 @@ class AuthStage:
             return None
         if not isinstance(model, str) or not model:
             return bad_request("missing_model", "The request body must name a 'model'.")
-        ex.metadata["model"] = model
+        ex.metadata["request_model"] = model
         return None if record.allows_model(model) else _model_denied(model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,25 +48,40 @@ class Stack:
         req = urllib.request.Request(f"{self.upstream_url}/__demo/requests", method="DELETE")
         urllib.request.urlopen(req, timeout=5).close()
 
-    def metric(self, name: str, **labels: str) -> float:
-        """A sample from Tollway's /metrics (0 when absent)."""
+    def scrape(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """Every sample of Tollway's /metrics, read at one instant."""
         port = self.gateway.config.metrics.port
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        samples = {}
         for line in text.splitlines():
-            if line.startswith("#"):
+            if line.startswith("#") or not line:
                 continue
             metric, _, value = line.rpartition(" ")
-            mname, _, rest = metric.partition("{")
-            got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
-            if mname == name and got == want:
-                return float(value)
-        return 0.0
+            name, _, rest = metric.partition("{")
+            pairs = [p.split("=", 1) for p in rest.rstrip("}").split(",") if "=" in p]
+            labels = frozenset((k, v.strip('"')) for k, v in pairs)
+            samples[(name, labels)] = float(value)
+        return samples
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample from Tollway's /metrics (0 when absent)."""
+        return self.scrape().get((name, frozenset(labels.items())), 0.0)
 
     def access_log(self) -> list[dict[str, Any]]:
         lines = (self.gateway.workdir / "envoy.log").read_text().splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll until ``check`` returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            assert result, "condition not met in time"
+            return result
+        time.sleep(0.05)
 
 
 def _record(name: str, tenant: str = "acme", **extra: Any) -> tuple[str, keys.KeyRecord]:

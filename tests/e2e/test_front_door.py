@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import anthropic
@@ -12,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from .conftest import PROVIDER_KEY, Stack
+from .conftest import PROVIDER_KEY, Stack, eventually
 from .h2client import h2_post
 
 pytestmark = pytest.mark.e2e
@@ -22,17 +20,6 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello 
 
 def oai(stack: Stack, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0, timeout=10)
-
-
-def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll until ``check`` returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            assert result, "condition not met in time"
-            return result
-        time.sleep(0.05)
 
 
 def post(stack: Stack, path: str, headers: dict[str, str], json: Any = CHAT) -> httpx.Response:
@@ -178,17 +165,25 @@ def test_model_allowlist(stack: Stack) -> None:
 
 
 def test_only_restricted_keys_pay_for_the_body(stack: Stack) -> None:
+    """Anthropic messages are metered from the response alone: the body is auth's cost."""
+
     def messages() -> tuple[float, float]:
         return (
             stack.metric("tollway_extproc_messages_total", kind="request_headers"),
             stack.metric("tollway_extproc_messages_total", kind="request_body"),
         )
 
+    def call(key: str) -> None:
+        client = anthropic.Anthropic(base_url=stack.url, api_key=key, max_retries=0)
+        client.messages.create(
+            model="claude-haiku-4-5", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+        )
+
     before = messages()
-    oai(stack, stack.keys["alice"]).chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    call(stack.keys["alice"])
     after_open = messages()
     assert (after_open[0] - before[0], after_open[1] - before[1]) == (1, 0)
-    oai(stack, stack.keys["restricted"]).chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    call(stack.keys["restricted"])
     after_restricted = messages()
     assert (after_restricted[0] - after_open[0], after_restricted[1] - after_open[1]) == (1, 1)
 

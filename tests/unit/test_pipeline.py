@@ -351,7 +351,7 @@ def test_restricted_key_body_check(body: bytes, status: int | None, code: str | 
     result = p.request_body(ex, body)
     if status is None:
         assert result is None
-        assert str(ex.metadata["model"]) in body.decode()
+        assert str(ex.metadata["request_model"]) in body.decode()
     else:
         assert code is not None
         deny = assert_denied(result, status, code)
@@ -384,7 +384,7 @@ def test_unrestricted_key_ignores_the_body() -> None:
 def test_model_in_path_is_decided_at_headers(path: str, model: str, allowed: bool) -> None:
     ex, decision = decide(pipeline(), path, bearer(RESTRICTED))
     assert decision != Phase.REQUEST_BODY
-    assert ex.metadata["model"] == model
+    assert ex.metadata["request_model"] == model
     if allowed:
         assert decision == Phase.NONE
     else:
@@ -415,7 +415,7 @@ def test_restricted_key_metadata_after_body_holds_model_not_key() -> None:
     p = pipeline()
     ex, _ = decide(p, headers={"x-api-key": RESTRICTED})
     assert p.request_body(ex, b'{"model": "gpt-4o-mini"}') is None
-    assert ex.metadata["model"] == "gpt-4o-mini"
+    assert ex.metadata["request_model"] == "gpt-4o-mini"
     assert_no_key_material(ex, RESTRICTED)
 
 

@@ -27,7 +27,7 @@ class Env:
 
     def decide(self, key: str) -> tuple[dict[str, str], Deny | Phase]:
         p = self.runtime.pipeline
-        ex = p.exchange("POST", "/v1/chat/completions", bearer(key), frozenset())
+        ex = p.exchange("GET", "/v1/models", bearer(key), frozenset())
         return ex.set_headers, p.request_headers(ex)
 
     def code(self, key: str) -> str:
@@ -146,7 +146,7 @@ def test_emptied_provider_key_file_sends_no_key_but_still_strips_the_clients(
     env.credential_file.write_text("")
     env.runtime.reload_if_changed()
     p = env.runtime.pipeline
-    ex = p.exchange("POST", "/v1/chat/completions", bearer(alice[0]), frozenset())
+    ex = p.exchange("GET", "/v1/models", bearer(alice[0]), frozenset())
     assert p.request_headers(ex) == Phase.NONE
     assert "authorization" not in ex.set_headers
     assert "authorization" in ex.remove_headers

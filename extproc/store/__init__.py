@@ -1,0 +1,34 @@
+"""Where state lives: the Store protocol and the usage records written to it.
+
+The embedded default is memory.MemoryStore (one replica). Recording usage is
+fire-and-forget from the request's point of view: a store that does I/O
+queues the record and writes it off the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..providers.usage import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One metered request, as budgets and spend reports need it."""
+
+    at: float  # wall clock, seconds since the epoch, when the response ended
+    key_id: str | None  # None on a route with auth off
+    tenant: str | None
+    route: str
+    provider: str
+    api: str
+    model: str | None  # as the upstream named it (else as requested)
+    usage: Usage
+    cost_usd: float
+    estimated: bool  # usage never arrived: estimated from the delivered text
+    priced: bool  # the model was in the price table
+
+
+class Store(Protocol):
+    def record_usage(self, record: UsageRecord) -> None: ...
