@@ -236,3 +236,26 @@ async def test_health_of_an_unknown_service_is_not_found(tmp_path: Path, transpo
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=2)
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_fault_while_metering_lets_the_response_through(
+    harness: Fixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, made = harness
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(h.runtime.metering, "on_response_body", broken)
+    body = pb.HttpBody(body=b'{"usage": {}}', end_of_stream=True)
+    answers = await h.exchange(
+        request_headers(made["open"], path="/v1/messages"),
+        pb.ProcessingRequest(
+            response_headers=headers(__status="200", content_type="application/json")
+        ),
+        pb.ProcessingRequest(response_body=body),
+    )
+    kinds = [a.WhichOneof("response") for a in answers]
+    assert kinds == ["request_headers", "response_headers", "response_body"]
+    assert not answers[2].response_body.response.HasField("body_mutation")  # unchanged
+    assert h.metric("tollway_internal_errors_total") == 1

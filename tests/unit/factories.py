@@ -19,8 +19,10 @@ from extproc.exchange import Exchange
 from extproc.keys import KeyRecord, KeyRing
 from extproc.pipeline import Pipeline
 from extproc.routes import RouteTable
+from extproc.stages import Stage
 from extproc.stages.auth import AuthStage
 from extproc.stages.credentials import CredentialStage
+from extproc.stages.metering import MeteringStage
 
 NOW = datetime(2025, 1, 15, 12, 0, 0, tzinfo=UTC)
 
@@ -93,15 +95,20 @@ def build_pipeline(
     records: Iterable[KeyRecord] = (),
     provider_keys: Mapping[str, str | None] | None = None,
     clock: Clock | None = None,
+    metering: MeteringStage | None = None,
 ) -> Pipeline:
-    """Wired exactly as extproc.runtime.Runtime wires it."""
+    """Wired as extproc.runtime.Runtime wires it (metering only when given)."""
+    stages: list[Stage] = [
+        AuthStage(KeyRing(list(records))),
+        CredentialStage(PROVIDER_KEYS if provider_keys is None else provider_keys),
+    ]
+    if metering is not None:
+        stages.append(metering)
     return Pipeline(
         RouteTable(upstreams()),
-        [
-            AuthStage(KeyRing(list(records))),
-            CredentialStage(PROVIDER_KEYS if provider_keys is None else provider_keys),
-        ],
+        stages,
         clock or Clock(),
+        response_stages=[metering] if metering is not None else [],
     )
 
 

@@ -10,7 +10,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import HttpHeaders, Proces
 from google.protobuf.json_format import MessageToDict
 
 from extproc import codec
-from extproc.decisions import Deny, Phase, forbidden, unauthorized
+from extproc.decisions import BodyMode, Deny, Phase, forbidden, unauthorized
 from extproc.exchange import Exchange
 
 from .factories import bearer, build_pipeline, decide, new_key
@@ -253,3 +253,62 @@ def test_immediate_response_metadata_without_context() -> None:
 def test_continue_answers_match_their_message_kind(response: ProcessingResponse, kind: str) -> None:
     assert response.WhichOneof("response") == kind
     assert not response.HasField("mode_override")
+
+
+def test_a_replaced_request_body_brings_its_own_content_length() -> None:
+    ex = exchange()
+    ex.headers["content-length"] = "10"
+    ex.new_body = b'{"a": "bcd"}'
+    common = roundtrip(codec.request_body_response(ex)).request_body.response
+    assert common.body_mutation.body == ex.new_body
+    (length,) = [h for h in common.header_mutation.set_headers if h.header.key == "content-length"]
+    assert length.header.raw_value == b"12"
+
+
+def test_a_replaced_body_without_content_length_gets_none() -> None:
+    ex = exchange()  # e.g. HTTP/2 without content-length
+    ex.new_body = b"{}"
+    common = roundtrip(codec.request_body_response(ex)).request_body.response
+    assert common.body_mutation.body == b"{}"
+    assert not common.header_mutation.set_headers
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        (BodyMode.NONE, ProcessingMode.NONE),
+        (BodyMode.STREAMED, ProcessingMode.STREAMED),
+        (BodyMode.BUFFERED, ProcessingMode.BUFFERED),
+    ],
+)
+def test_response_headers_ask_for_the_body_as_decided(mode: BodyMode, expected: int) -> None:
+    response = roundtrip(codec.response_headers_response(exchange(metadata={"route": "r"}), mode))
+    assert response.WhichOneof("response") == "response_headers"
+    assert response.mode_override.response_body_mode == expected
+    assert response.mode_override.response_trailer_mode == ProcessingMode.SKIP
+    assert tollway_metadata(response) == {"route": "r"}
+
+
+def test_a_response_chunk_passes_unchanged_without_allocating() -> None:
+    assert codec.response_body_response(exchange(), None, end=False) is codec.CONTINUE_RESPONSE_BODY
+
+
+@pytest.mark.parametrize(
+    ("replacement", "field", "value"),
+    [(b"data: x\n\n", "body", b"data: x\n\n"), (b"", "clear_body", True)],
+)
+def test_a_replaced_response_chunk(replacement: bytes, field: str, value: object) -> None:
+    common = roundtrip(codec.response_body_response(exchange(), replacement, end=False))
+    assert getattr(common.response_body.response.body_mutation, field) == value
+
+
+def test_the_last_response_chunk_carries_metadata_and_response_headers() -> None:
+    ex = exchange(metadata={"cost_usd": 0.25, "usage_estimated": False})
+    ex.set_response_headers["x-tollway-cost-usd"] = "0.250000000"
+    response = roundtrip(codec.response_body_response(ex, None, end=True))
+    headers = response.response_body.response.header_mutation.set_headers
+    assert [(h.header.key, h.header.raw_value) for h in headers] == [
+        ("x-tollway-cost-usd", b"0.250000000")
+    ]
+    assert not response.response_body.response.HasField("body_mutation")
+    assert tollway_metadata(response) == {"cost_usd": 0.25, "usage_estimated": False}

@@ -1,0 +1,310 @@
+"""The metering stage as a sans-IO unit: phases asked for, bodies rewritten, records made."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from extproc.config import ModelPrice
+from extproc.decisions import BodyMode, Phase
+from extproc.exchange import Exchange
+from extproc.metrics import Metrics
+from extproc.pipeline import Pipeline
+from extproc.pricing import PriceTable
+from extproc.providers import Usage
+from extproc.stages.metering import COST_HEADER, MeteringStage
+from extproc.store import UsageRecord
+
+from .factories import bearer, build_pipeline, new_key, request
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "usage"
+PRICES = PriceTable(
+    {
+        "gpt-4o": ModelPrice(provider="openai", input=2.5, output=10, cached_input=1.25),
+        "o4-mini": ModelPrice(provider="openai", input=1.1, output=4.4, cached_input=0.275),
+    }
+)
+ALICE, ALICE_RECORD = new_key("alice", tenant="acme")
+
+
+class Records:
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def record_usage(self, record: UsageRecord) -> None:
+        self.records.append(record)
+
+
+class Ticks:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class World:
+    def __init__(self, cost_header: bool = True) -> None:
+        self.store = Records()
+        self.metrics = Metrics()
+        self.ticks = Ticks()
+        self.stage = MeteringStage(
+            PRICES, self.store, self.metrics, cost_header=cost_header, clock=self.ticks
+        )
+        self.pipeline: Pipeline = build_pipeline([ALICE_RECORD], metering=self.stage)
+
+    def start(self, path: str = "/v1/chat/completions", body: bytes | None = None) -> Exchange:
+        ex = request(self.pipeline, path, {**bearer(ALICE), "content-length": "1"})
+        wants = self.pipeline.request_headers(ex)
+        assert isinstance(wants, Phase)
+        if body is not None:
+            assert Phase.REQUEST_BODY in wants
+            assert self.pipeline.request_body(ex, body) is None
+        return ex
+
+    def respond(
+        self, ex: Exchange, fixture: str, status: int = 200, *, chunk: int = 0
+    ) -> tuple[BodyMode, bytes]:
+        """Headers, then the fixture's body (in chunks of ``chunk`` bytes); what the client gets."""
+        body = (FIXTURES / fixture).read_bytes()
+        sse = fixture.endswith(".sse")
+        headers = {
+            ":status": str(status),
+            "content-type": "text/event-stream" if sse else "application/json",
+        }
+        if not sse:
+            headers["content-length"] = str(len(body))
+        mode = self.pipeline.response_headers(ex, status, headers)
+        if mode is BodyMode.NONE:
+            return mode, body
+        pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] if chunk else [body]
+        out = b""
+        for i, piece in enumerate(pieces):
+            self.ticks.now += 0.01
+            replaced = self.pipeline.response_body(ex, piece, end=i == len(pieces) - 1)
+            out += piece if replaced is None else replaced
+        return mode, out
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_not_metered_requests_ask_for_nothing_more() -> None:
+    w = World()
+    ex = request(w.pipeline, "/v1/models", bearer(ALICE), method="GET")
+    assert w.pipeline.request_headers(ex) == Phase.NONE
+    assert ex.metering is None
+
+
+@pytest.mark.parametrize(
+    ("path", "wants"),
+    [
+        ("/v1/chat/completions", Phase.RESPONSE_HEADERS | Phase.REQUEST_BODY),
+        ("/v1/completions", Phase.RESPONSE_HEADERS | Phase.REQUEST_BODY),
+        ("/v1/embeddings", Phase.RESPONSE_HEADERS),
+        ("/v1/responses", Phase.RESPONSE_HEADERS),
+        ("/v1/messages", Phase.RESPONSE_HEADERS),
+        ("/v1beta/models/gemini-2.5-pro:streamGenerateContent", Phase.RESPONSE_HEADERS),
+    ],
+)
+def test_only_openai_chat_and_completions_read_the_request_body(path: str, wants: Phase) -> None:
+    w = World()
+    ex = request(w.pipeline, path, bearer(ALICE))
+    assert w.pipeline.request_headers(ex) == wants
+
+
+def test_gemini_names_its_model_in_the_path() -> None:
+    w = World()
+    ex = w.start("/v1beta/models/gemini-2.5-pro:generateContent")
+    assert ex.metadata["request_model"] == "gemini-2.5-pro"
+
+
+def test_a_stream_without_include_usage_gets_it_spliced_in() -> None:
+    w = World()
+    body = b'  {"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+    ex = w.start(body=body)
+    assert ex.new_body is not None
+    assert ex.new_body.endswith(body[3:])  # the client's bytes stay as they were
+    assert orjson.loads(ex.new_body) == {
+        **orjson.loads(body),
+        "stream_options": {"include_usage": True},
+    }
+    assert ex.metering is not None and ex.metering.strip_usage_chunk
+
+
+@pytest.mark.parametrize(
+    "options",
+    [None, {}, {"include_usage": False}, {"include_usage": False, "other": 1}, "bogus"],
+)
+def test_existing_stream_options_are_kept_and_usage_turned_on(options: object) -> None:
+    w = World()
+    doc = {"model": "gpt-4o", "stream": True, "stream_options": options, "messages": []}
+    ex = w.start(body=orjson.dumps(doc))
+    assert ex.new_body is not None
+    sent = orjson.loads(ex.new_body)
+    kept = options if isinstance(options, dict) else {}
+    assert sent["stream_options"] == {**kept, "include_usage": True}
+    assert {k: v for k, v in sent.items() if k != "stream_options"} == {
+        k: v for k, v in doc.items() if k != "stream_options"
+    }
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"model": "gpt-4o", "messages": []},  # not a stream
+        {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}},
+        {"model": "gpt-4o", "stream": "yes"},
+    ],
+)
+def test_the_body_is_left_alone_when_usage_will_come_anyway(doc: dict[str, object]) -> None:
+    w = World()
+    ex = w.start(body=orjson.dumps(doc))
+    assert ex.new_body is None
+    assert ex.metering is not None and not ex.metering.strip_usage_chunk
+
+
+def test_a_body_that_is_not_json_is_left_for_the_upstream_to_refuse() -> None:
+    w = World()
+    ex = w.start(body=b"{not json")
+    assert ex.new_body is None
+
+
+def test_json_is_buffered_priced_and_gets_a_cost_header() -> None:
+    w = World()
+    ex = w.start(body=b'{"model": "o4-mini", "messages": []}')
+    mode, _ = w.respond(ex, "openai_chat.json")
+    assert mode is BodyMode.BUFFERED
+    (record,) = w.store.records
+    usage = Usage(2306, 595, 1920, 0, 576)
+    expected = ((2306 - 1920) * 1.1 + 1920 * 0.275 + 595 * 4.4) / 1e6
+    assert record.usage == usage and record.cost_usd == pytest.approx(expected, abs=1e-12)
+    assert (record.key_id, record.tenant, record.model) == (
+        ALICE_RECORD.id,
+        "acme",
+        "o4-mini-2025-04-16",
+    )
+    assert not record.estimated and record.priced
+    assert ex.set_response_headers[COST_HEADER] == f"{expected:.9f}"
+    assert ex.metadata["input_tokens"] == 2306 and ex.metadata["cost_usd"] == record.cost_usd
+    assert ex.metadata["request_model"] == "o4-mini"
+    labels = {"tenant": "acme", "model": "o4-mini", "provider": "openai", "api": "chat"}
+    assert (
+        w.sample("tollway_gen_ai_tokens_total", **labels, type="cached_input", source="reported")
+        == 1920
+    )
+    assert w.sample("tollway_gen_ai_cost_usd_total", **labels, source="reported") == pytest.approx(
+        expected
+    )
+
+
+def test_without_the_cost_header_json_streams_through() -> None:
+    w = World(cost_header=False)
+    ex = w.start(body=b'{"model": "o4-mini"}')
+    mode, _ = w.respond(ex, "openai_chat.json", chunk=100)
+    assert mode is BodyMode.STREAMED
+    assert COST_HEADER not in ex.set_response_headers
+    assert w.store.records[0].usage.input_tokens == 2306
+
+
+def test_sse_streams_and_the_usage_chunk_tollway_asked_for_is_removed() -> None:
+    w = World()
+    ex = w.start(body=b'{"model": "gpt-4o", "stream": true}')
+    mode, delivered = w.respond(ex, "openai_chat_stream.sse", chunk=7)
+    assert mode is BodyMode.STREAMED
+    original = (FIXTURES / "openai_chat_stream.sse").read_bytes()
+    events = original.split(b"\n\n")
+    usage_event = next(e for e in events if b'"choices":[]' in e)
+    assert delivered == original.replace(usage_event + b"\n\n", b"")
+    assert w.store.records[0].usage == Usage(1200, 9, 1024, 0, 0)
+    assert COST_HEADER not in ex.set_response_headers  # too late for headers on a stream
+    ttft = w.sample(
+        "tollway_gen_ai_time_to_first_token_seconds_count",
+        provider="openai",
+        api="chat",
+        model="gpt-4o",
+    )
+    assert ttft == 1
+
+
+def test_a_stream_the_client_asked_usage_for_is_passed_untouched() -> None:
+    w = World()
+    ex = w.start(
+        body=b'{"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}}'
+    )
+    _, delivered = w.respond(ex, "openai_chat_stream.sse", chunk=5)
+    assert delivered == (FIXTURES / "openai_chat_stream.sse").read_bytes()
+
+
+def test_error_responses_bill_nothing_and_skip_the_body() -> None:
+    w = World()
+    ex = w.start(body=b'{"model": "gpt-4o"}')
+    mode, _ = w.respond(ex, "openai_chat.json", status=429)
+    assert mode is BodyMode.NONE
+    assert w.store.records == []
+    w.pipeline.stream_end(ex)  # the stream ends later: still nothing
+    assert w.store.records == []
+
+
+def test_compressed_responses_are_counted_as_unmetered() -> None:
+    w = World()
+    ex = w.start(body=b'{"model": "gpt-4o"}')
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    assert w.pipeline.response_headers(ex, 200, headers) is BodyMode.NONE
+    assert w.sample("tollway_gen_ai_unmetered_responses_total", reason="content_encoding") == 1
+
+
+def test_a_stream_cut_short_is_estimated_when_the_stream_ends() -> None:
+    w = World()
+    ex = w.start(body=b'{"model": "gpt-4o", "stream": true}')
+    w.pipeline.response_headers(ex, 200, {"content-type": "text/event-stream"})
+    w.pipeline.response_body(
+        ex, b'data: {"model":"gpt-4o","choices":[{"delta":{"content":"abcdefgh"}}]}\n\n', end=False
+    )
+    w.pipeline.stream_end(ex)  # Envoy reset the stream: client gone
+    (record,) = w.store.records
+    assert record.estimated and record.usage.output_tokens == 2 and record.usage.input_tokens > 0
+    w.pipeline.stream_end(ex)
+    assert len(w.store.records) == 1  # finished once
+
+
+def test_a_request_that_never_got_a_response_is_estimated_from_its_prompt() -> None:
+    w = World()
+    ex = w.start(
+        body=b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "'
+        + b"x" * 396
+        + b'"}]}'
+    )
+    w.pipeline.stream_end(ex)
+    (record,) = w.store.records
+    assert record.estimated and record.usage.output_tokens == 0
+    assert record.usage.input_tokens == -(-len(ex.body or b"") // 4)
+
+
+def test_an_unpriced_model_costs_zero_and_is_counted() -> None:
+    w = World()
+    ex = w.start("/v1/messages")
+    w.respond(ex, "anthropic_messages.json")
+    (record,) = w.store.records
+    assert not record.priced and record.cost_usd == 0
+    assert COST_HEADER not in ex.set_response_headers
+    assert (
+        w.sample("tollway_gen_ai_unpriced_requests_total", provider="anthropic", api="messages")
+        == 1
+    )
+    assert (
+        w.sample(
+            "tollway_gen_ai_tokens_total",
+            tenant="acme",
+            model="other",
+            provider="anthropic",
+            api="messages",
+            type="cache_creation",
+            source="reported",
+        )
+        == 1553
+    )
