@@ -1,12 +1,15 @@
-"""Side-by-side benchmark: plain Envoy vs Envoy + Tollway (auth on), same fast upstream.
+"""Side-by-side benchmark: plain Envoy vs Envoy + Tollway, same fast upstream.
 
-Run: .venv/bin/python bench/run.py [--duration 10] [--connections 16] [--rounds 2] [--quick]
+Three kinds of request (auth only, a metered JSON chat, a metered SSE stream), each
+under wrk load on both fronts, plus a sequential probe of time to first byte of a
+stream. Run: .venv/bin/python bench/run.py [--duration 10] [--rounds 2] [--quick]
 See bench/README.md for how to read the output.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -15,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, fields
@@ -39,6 +43,62 @@ CHAT_COMPLETION = (
     'today?"}, "logprobs": null, "finish_reason": "stop"}], '
     '"usage": {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20}}'
 )
+STREAM_HEADER = "x-bench-stream"  # the fast upstream answers with SSE when it is present
+STREAM_BODY = REQUEST_BODY[:-1] + ', "stream": true}'
+
+
+def _sse_chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+    chunk = {
+        "id": "chatcmpl-bench0001",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if delta else [],
+        **extra,
+    }
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
+CHAT_STREAM = (
+    _sse_chunk({"role": "assistant", "content": ""})
+    + "".join(_sse_chunk({"content": w}) for w in ("Hello!", " How", " can", " I", " help?"))
+    + _sse_chunk({}, usage={"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16})
+    + "data: [DONE]\n\n"
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    method: str
+    path: str
+    body: str | None
+    headers: dict[str, str]
+    about: str
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("auth", "GET", "/v1/models", None, {}, "auth only: 1 message"),
+        Scenario(
+            "chat",
+            "POST",
+            PATH,
+            REQUEST_BODY,
+            {"content-type": "application/json"},
+            "metered JSON chat completion",
+        ),
+        Scenario(
+            "stream",
+            "POST",
+            PATH,
+            STREAM_BODY,
+            {"content-type": "application/json", STREAM_HEADER: "1"},
+            "metered SSE chat stream",
+        ),
+    )
+}
 UPSTREAM_YAML = Path(__file__).with_name("upstream-envoy.yaml")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 60.0
@@ -81,9 +141,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per target")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 s, 1 round")
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    p.add_argument(
+        "--scenarios",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=list(SCENARIOS),
+        help=f"comma-separated, of: {', '.join(SCENARIOS)} (default: all)",
+    )
+    p.add_argument("--ttfb-requests", type=int, default=300, help="stream requests per front")
     args = p.parse_args()
+    unknown = set(args.scenarios) - SCENARIOS.keys()
+    if unknown:
+        p.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     if args.quick:
-        args.duration, args.rounds = 3, 1
+        args.duration, args.rounds, args.ttfb_requests = 3, 1, 50
     return args
 
 
@@ -107,8 +177,16 @@ def upstream_envoy_config(port: int, admin_port: int) -> dict[str, Any]:
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = port
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
-    route["direct_response"]["body"]["inline_string"] = CHAT_COMPLETION
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    routes[0]["direct_response"]["body"]["inline_string"] = CHAT_COMPLETION
+    stream = {
+        "match": {"prefix": "/", "headers": [{"name": STREAM_HEADER, "present_match": True}]},
+        "direct_response": {"status": 200, "body": {"inline_string": CHAT_STREAM}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": "text/event-stream"}}
+        ],
+    }
+    routes.insert(0, stream)
     return config
 
 
@@ -207,14 +285,14 @@ def start_stack(workdir: Path, procs: list[Proc]) -> tuple[Target, Target, str]:
     return plain, tollway, key
 
 
-def write_lua(workdir: Path, key: str) -> Path:
-    script = workdir / "post.lua"
-    script.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = {json.dumps(REQUEST_BODY)}\n"
-        'wrk.headers["content-type"] = "application/json"\n'
-        f'wrk.headers["authorization"] = "Bearer {key}"\n'
-    )
+def write_lua(workdir: Path, key: str, scenario: Scenario) -> Path:
+    script = workdir / f"{scenario.name}.lua"
+    lines = [f"wrk.method = {json.dumps(scenario.method)}"]
+    if scenario.body is not None:
+        lines.append(f"wrk.body = {json.dumps(scenario.body)}")
+    for name, value in {**scenario.headers, "authorization": f"Bearer {key}"}.items():
+        lines.append(f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}")
+    script.write_text("\n".join(lines) + "\n")
     return script
 
 
@@ -245,7 +323,7 @@ def parse_wrk(text: str) -> tuple[int, float, float, float, int]:
 
 def run_wrk(url: str, script: Path, duration: int, connections: int) -> str:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
-    argv += ["-s", str(script), url + PATH]
+    argv += ["-s", str(script), url + SCENARIOS[script.stem].path]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr}{done.stdout}")
@@ -283,10 +361,8 @@ def _rounded(values: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()}
 
 
-def summarize(plain: Sample, tollway: Sample, args: argparse.Namespace) -> dict[str, Any]:
-    settings = {"duration_s": args.duration, "connections": args.connections}
+def summarize(plain: Sample, tollway: Sample) -> dict[str, Any]:
     return {
-        "settings": {**settings, "rounds": args.rounds, "cpus": os.cpu_count()},
         "plain": _rounded(asdict(plain)),
         "tollway": _rounded(asdict(tollway)),
         "ratio_rps": round(tollway.rps / plain.rps, 3),
@@ -298,7 +374,8 @@ def summarize(plain: Sample, tollway: Sample, args: argparse.Namespace) -> dict[
 ROW = "{:<16}{:>9}{:>9}{:>9}{:>18}{:>20}"
 
 
-def print_table(rows: list[tuple[str, Sample]], result: dict[str, Any]) -> None:
+def print_table(scenario: Scenario, rows: list[tuple[str, Sample]], result: dict[str, Any]) -> None:
+    print(f"\n== {scenario.name}: {scenario.method} {scenario.path} ({scenario.about})")
     print(ROW.format("target", "rps", "p50_ms", "p99_ms", "envoy_cpu_us/req", "tollway_cpu_us/req"))
     for name, s in rows:
         tollway = "-" if s.tollway_cpu_us is None else f"{s.tollway_cpu_us:.0f}"
@@ -313,20 +390,69 @@ def print_table(rows: list[tuple[str, Sample]], result: dict[str, Any]) -> None:
         print(f"ext_proc messages per request (Envoy -> Tollway): {msgs:.2f}")
 
 
-def run_rounds(targets: list[Target], script: Path, args: argparse.Namespace) -> list[Sample]:
-    """Warm up each target, then alternate them round by round; the median of each."""
-    for target in targets:
-        run_wrk(target.url, script, args.warmup, args.connections)
-    samples: list[list[Sample]] = [[] for _ in targets]
+def run_rounds(
+    targets: list[Target], scripts: list[Path], args: argparse.Namespace
+) -> dict[str, list[Sample]]:
+    """Warm up, then per round each scenario on each target in turn; medians per pair."""
+    for script in scripts:
+        for target in targets:
+            run_wrk(target.url, script, args.warmup, args.connections)
+    samples = {script.stem: [[] for _ in targets] for script in scripts}
     for round_no in range(1, args.rounds + 1):
-        for target, mine in zip(targets, samples, strict=True):
-            mine.append(measure(target, script, args.duration, args.connections))
-            print(
-                f"round {round_no} {target.name:<14} {mine[-1].rps:8.0f} rps  "
-                f"p50 {mine[-1].p50_ms:.2f} ms  p99 {mine[-1].p99_ms:.2f} ms",
-                file=sys.stderr,
-            )
-    return [median_sample(mine) for mine in samples]
+        for script in scripts:
+            for target, mine in zip(targets, samples[script.stem], strict=True):
+                mine.append(measure(target, script, args.duration, args.connections))
+                print(
+                    f"round {round_no} {script.stem:<7}{target.name:<14} {mine[-1].rps:8.0f} rps"
+                    f"  p50 {mine[-1].p50_ms:.2f} ms  p99 {mine[-1].p99_ms:.2f} ms",
+                    file=sys.stderr,
+                )
+    return {name: [median_sample(mine) for mine in pair] for name, pair in samples.items()}
+
+
+def first_byte_ms(conn: http.client.HTTPConnection, key: str) -> float:
+    """One stream request on a kept-alive connection: ms until the first body byte."""
+    scenario = SCENARIOS["stream"]
+    headers = {**scenario.headers, "authorization": f"Bearer {key}"}
+    start = time.perf_counter()
+    conn.request(scenario.method, scenario.path, scenario.body, headers)
+    response = conn.getresponse()
+    first = response.read1(1)
+    elapsed = (time.perf_counter() - start) * 1e3
+    response.read()
+    if response.status != 200 or not first:
+        raise RuntimeError(f"stream probe: status {response.status}")
+    return elapsed
+
+
+def probe_ttfb(targets: list[Target], key: str, count: int) -> dict[str, Any]:
+    """Time to first byte of an SSE response, unloaded, requests alternating between fronts."""
+    conns = [
+        http.client.HTTPConnection("127.0.0.1", t.config.envoy.port, timeout=10) for t in targets
+    ]
+    times: list[list[float]] = [[] for _ in targets]
+    try:
+        for i in range(count + 20):
+            for conn, mine in zip(conns, times, strict=True):
+                elapsed = first_byte_ms(conn, key)
+                if i >= 20:  # the first requests warm up connections and caches
+                    mine.append(elapsed)
+    finally:
+        for conn in conns:
+            conn.close()
+
+    def pct(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+    result = {
+        t.name: {"p50_ms": pct(v, 0.5), "p99_ms": pct(v, 0.99)}
+        for t, v in zip(targets, times, strict=True)
+    }
+    plain, tollway = (result[t.name] for t in targets)
+    result["added_p50_ms"] = round(tollway["p50_ms"] - plain["p50_ms"], 3)
+    result["added_p99_ms"] = round(tollway["p99_ms"] - plain["p99_ms"], 3)
+    return result
 
 
 def ensure_wrk() -> bool:
@@ -347,18 +473,33 @@ def main() -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="tollway-bench-"))
     procs: list[Proc] = []
+    scenarios = [SCENARIOS[name] for name in args.scenarios]
     try:
         plain, tollway, key = start_stack(workdir, procs)
-        medians = run_rounds([plain, tollway], write_lua(workdir, key), args)
+        scripts = [write_lua(workdir, key, scenario) for scenario in scenarios]
+        medians = run_rounds([plain, tollway], scripts, args)
+        ttfb = probe_ttfb([plain, tollway], key, args.ttfb_requests)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         print(f"bench: {exc}\n(logs kept in {workdir})", file=sys.stderr)
         return 1
     finally:
         up.stop_all(list(reversed(procs)))
     shutil.rmtree(workdir, ignore_errors=True)
-    rows = [(plain.name, medians[0]), (tollway.name, medians[1])]
-    result = summarize(medians[0], medians[1], args)
-    print_table(rows, result)
+    settings = {"duration_s": args.duration, "connections": args.connections}
+    result: dict[str, Any] = {
+        "settings": {**settings, "rounds": args.rounds, "cpus": os.cpu_count()},
+        "scenarios": {},
+    }
+    for scenario in scenarios:
+        pair = medians[scenario.name]
+        summary = result["scenarios"][scenario.name] = summarize(pair[0], pair[1])
+        print_table(scenario, [(plain.name, pair[0]), (tollway.name, pair[1])], summary)
+    result["ttfb_stream"] = ttfb
+    print(f"\n== time to first byte of a stream, unloaded ({args.ttfb_requests} requests each)")
+    for target in (plain, tollway):
+        values = ttfb[target.name]
+        print(f"{target.name:<16} p50 {values['p50_ms']:.2f} ms  p99 {values['p99_ms']:.2f} ms")
+    print(f"added p50: {ttfb['added_p50_ms']:.2f} ms   added p99: {ttfb['added_p99_ms']:.2f} ms")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -145,9 +145,10 @@ def request_body_response(ex: Exchange) -> ProcessingResponse:
 
 def response_headers_response(ex: Exchange, mode: BodyMode) -> ProcessingResponse:
     """Continue, asking for the response body only as the stages want it."""
-    response = ProcessingResponse(
-        response_headers=HeadersResponse(), mode_override=_response_mode(mode)
-    )
+    headers = HeadersResponse()
+    if ex.remove_response_headers:
+        headers.response.header_mutation.remove_headers.extend(sorted(ex.remove_response_headers))
+    response = ProcessingResponse(response_headers=headers, mode_override=_response_mode(mode))
     _with_metadata(response, ex.metadata)
     return response
 

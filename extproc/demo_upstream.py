@@ -8,7 +8,8 @@ Routes (real providers' wire formats; ``"stream": true`` switches to SSE):
 OpenAI ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/responses``,
 ``GET /v1/models``; Anthropic ``POST /v1/messages``; Gemini ``POST /v1beta/models/{model}:
 generateContent`` and ``:streamGenerateContent`` (SSE with ``?alt=sse``, else a JSON array).
-A request header ``x-demo-chunk-bytes: N`` makes SSE go out N bytes a write.
+A request header ``x-demo-chunk-bytes: N`` makes SSE go out N bytes a write;
+``x-demo-sse-whole`` sends it in one piece with a content-length.
 ``GET /__demo/requests`` lists the last 100 requests (method, path, query, lowercased headers);
 ``DELETE`` clears them; these debug routes never need a key. With ``provider_key`` set, requests
 need ``authorization: Bearer KEY`` (OpenAI), ``x-api-key: KEY`` (Anthropic; if that header is
@@ -156,14 +157,17 @@ def _event(name: str, obj: Any) -> bytes:
 
 
 CHUNK_HEADER = "x-demo-chunk-bytes"
+WHOLE_HEADER = "x-demo-sse-whole"
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 
 
 async def _sse(request: web.Request, events: Iterable[bytes]) -> web.StreamResponse:
     """Each event as its own write; with ``x-demo-chunk-bytes: N``, N bytes a write, paced
-    so that each reaches the client on its own (to test readers against any split)."""
-    resp = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
-    )
+    so that each reaches the client on its own (to test readers against any split). With
+    ``x-demo-sse-whole``, the whole stream at once with a content-length, as some servers do."""
+    if WHOLE_HEADER in request.headers:
+        return web.Response(body=b"".join(events), headers=_SSE_HEADERS)
+    resp = web.StreamResponse(headers=_SSE_HEADERS)
     await resp.prepare(request)
     size = request.headers.get(CHUNK_HEADER, "")
     step = int(size) if size.isdigit() and int(size) > 0 else 0

@@ -41,6 +41,7 @@ class Exchange:
     status: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)
     set_response_headers: dict[str, str] = field(default_factory=dict)
+    remove_response_headers: set[str] = field(default_factory=set)
     metering: Metering | None = None  # the metering stage's state for this request
     _json: dict[str, Any] | None = None
 

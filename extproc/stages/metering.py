@@ -124,6 +124,9 @@ class MeteringStage:
         if not sse and self.cost_header and length.isdigit() and int(length) <= self.max_json_bytes:
             m.buffered = True
             return BodyMode.BUFFERED
+        if m.strip_usage_chunk and length:
+            # The body will shrink; Envoy would refuse a length that no longer matches.
+            ex.remove_response_headers.add("content-length")
         return BodyMode.STREAMED
 
     def on_response_body(self, ex: Exchange, chunk: bytes, end: bool) -> bytes | None:

@@ -151,6 +151,22 @@ def test_openai_stream_gets_usage_the_client_did_not_ask_for(stack: Stack) -> No
     assert spent == pytest.approx(expected_cost(stack, "gpt-4o-mini", tokens), abs=1e-9)
 
 
+def test_a_stream_sent_with_a_content_length_still_loses_only_the_usage_chunk(
+    stack: Stack,
+) -> None:
+    """Some servers send SSE in one piece with a content-length; the stripped body is shorter."""
+    labels = Labels("gpt-4o-mini", "openai", "chat")
+    plain = oai(stack).chat.completions.create(**chat("gpt-4o-mini"))
+
+    def stream() -> list[Any]:
+        client = oai(stack).with_options(default_headers={"x-demo-sse-whole": "1"})
+        return list(client.chat.completions.create(**chat("gpt-4o-mini"), stream=True))
+
+    chunks, tokens, _ = metered(stack, labels, stream)
+    assert chunks and all(chunk.choices for chunk in chunks)
+    assert tokens == openai_usage(plain.usage)
+
+
 def test_openai_stream_with_include_usage_keeps_its_usage_chunk(stack: Stack) -> None:
     labels = Labels("gpt-4o", "openai", "chat")
     options = {"stream_options": {"include_usage": True}}

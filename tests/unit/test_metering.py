@@ -308,3 +308,11 @@ def test_an_unpriced_model_costs_zero_and_is_counted() -> None:
         )
         == 1553
     )
+
+
+def test_a_stream_with_a_content_length_loses_it_when_it_will_shrink() -> None:
+    w = World()
+    ex = w.start(body=b'{"model": "gpt-4o", "stream": true}')
+    headers = {"content-type": "text/event-stream", "content-length": "1234"}
+    assert w.pipeline.response_headers(ex, 200, headers) is BodyMode.STREAMED
+    assert ex.remove_response_headers == {"content-length"}
