@@ -107,8 +107,29 @@ def _header_mutation(ex: Exchange) -> HeaderMutation | None:
 
 
 def _with_metadata(response: ProcessingResponse, metadata: dict[str, MetadataValue]) -> None:
-    if metadata:
-        response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.update(metadata)
+    """Under Tollway's namespace; Envoy merges it into what earlier messages set.
+
+    Written field by field: Struct.update() is several times slower.
+    """
+    if not metadata:
+        return
+    fields = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value.fields
+    for name, value in metadata.items():
+        field = fields[name]
+        if isinstance(value, str):
+            field.string_value = value
+        elif isinstance(value, bool):
+            field.bool_value = value
+        else:
+            field.number_value = value
+
+
+def _new_metadata(ex: Exchange) -> dict[str, MetadataValue]:
+    """What changed since the last message sent it: Envoy keeps the rest."""
+    sent = ex.metadata_sent
+    changed = {k: v for k, v in ex.metadata.items() if k not in sent or sent[k] != v}
+    sent.update(changed)
+    return changed
 
 
 def request_headers_response(ex: Exchange, wants: Phase) -> ProcessingResponse:
@@ -119,7 +140,7 @@ def request_headers_response(ex: Exchange, wants: Phase) -> ProcessingResponse:
         ),
         mode_override=_mode(wants),
     )
-    _with_metadata(response, ex.metadata)
+    _with_metadata(response, _new_metadata(ex))
     return response
 
 
@@ -139,7 +160,7 @@ def request_body_response(ex: Exchange) -> ProcessingResponse:
     else:
         common = CommonResponse(header_mutation=mutation, body_mutation=body)
         response = ProcessingResponse(request_body=BodyResponse(response=common))
-    _with_metadata(response, ex.metadata)
+    _with_metadata(response, _new_metadata(ex))
     return response
 
 
@@ -149,7 +170,7 @@ def response_headers_response(ex: Exchange, mode: BodyMode) -> ProcessingRespons
     if ex.remove_response_headers:
         headers.response.header_mutation.remove_headers.extend(sorted(ex.remove_response_headers))
     response = ProcessingResponse(response_headers=headers, mode_override=_response_mode(mode))
-    _with_metadata(response, ex.metadata)
+    _with_metadata(response, _new_metadata(ex))
     return response
 
 
@@ -172,7 +193,7 @@ def response_body_response(
         common.header_mutation.set_headers.extend(_set(ex.set_response_headers))
     response = ProcessingResponse(response_body=BodyResponse(response=common))
     if end:
-        _with_metadata(response, ex.metadata)
+        _with_metadata(response, _new_metadata(ex))
     return response
 
 

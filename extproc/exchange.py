@@ -34,6 +34,7 @@ class Exchange:
     remove_headers: set[str] = field(default_factory=set)
     # Dynamic metadata for Envoy's access log (namespace "tollway").
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
+    metadata_sent: dict[str, MetadataValue] = field(default_factory=dict)  # by the codec
     body: bytes | None = None
     # A replacement for the request body (the codec also sets its content-length).
     new_body: bytes | None = None

@@ -67,6 +67,30 @@ class MeteringStage:
         self.max_json_bytes = max_json_bytes
         self.clock = clock
         self.wall_clock = wall_clock
+        # Labelled children, looked up once per label set: labels() is slow per call.
+        self._spend: dict[tuple[str, ...], tuple[list[Any], Any]] = {}
+        self._timing: dict[tuple[str, ...], tuple[Any, Any]] = {}
+
+    def _spend_children(self, labels: tuple[str, str, str, str, str]) -> tuple[list[Any], Any]:
+        found = self._spend.get(labels)
+        if found is None:
+            tenant, model, provider, api, source = labels
+            tokens = self.metrics.tokens
+            found = self._spend[labels] = (
+                [tokens.labels(tenant, model, provider, api, kind, source) for kind in TOKEN_TYPES],
+                self.metrics.cost.labels(*labels),
+            )
+        return found
+
+    def _timing_children(self, labels: tuple[str, str, str]) -> tuple[Any, Any]:
+        found = self._timing.get(labels)
+        if found is None:
+            metrics = self.metrics
+            found = self._timing[labels] = (
+                metrics.duration.labels(*labels),
+                metrics.time_to_first_token.labels(*labels),
+            )
+        return found
 
     # request
 
@@ -169,7 +193,7 @@ class MeteringStage:
         provider, identity = route.api, ex.identity
         tenant = identity.tenant if identity is not None and identity.tenant else "none"
         source = "estimated" if reading.estimated else "reported"
-        metrics = self.metrics
+        counters, spent = self._spend_children((tenant, label, provider, m.api, source))
         counts = (
             usage.input_tokens,
             usage.output_tokens,
@@ -177,18 +201,16 @@ class MeteringStage:
             usage.cache_creation_tokens,
             usage.reasoning_tokens,
         )
-        for kind, tokens in zip(TOKEN_TYPES, counts, strict=True):
+        for counter, tokens in zip(counters, counts, strict=True):
             if tokens:
-                metrics.tokens.labels(tenant, label, provider, m.api, kind, source).inc(tokens)
-        metrics.cost.labels(tenant, label, provider, m.api, source).inc(cost_usd)
+                counter.inc(tokens)
+        spent.inc(cost_usd)
         if found is None:
-            metrics.unpriced.labels(provider, m.api).inc()
-        now = self.clock()
-        metrics.duration.labels(provider, m.api, label).observe(now - m.started)
+            self.metrics.unpriced.labels(provider, m.api).inc()
+        duration, first_token = self._timing_children((provider, m.api, label))
+        duration.observe(self.clock() - m.started)
         if m.first_byte is not None and m.meter is not None and m.meter.sse is not None:
-            metrics.time_to_first_token.labels(provider, m.api, label).observe(
-                m.first_byte - m.started
-            )
+            first_token.observe(m.first_byte - m.started)
         ex.metadata.update(
             {
                 "model": model or "",
