@@ -110,6 +110,37 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def cmd_prices(args: argparse.Namespace) -> int:
+    from .pricing import load_prices
+
+    table = load_prices(_load(args.config).pricing)
+    if args.models:  # how names as upstreams send them resolve
+        missing = 0
+        for model in args.models:
+            found = table.lookup(model)
+            if found is None:
+                missing += 1
+                print(f"{model}: not priced (cost 0, metrics label 'other')")
+            else:
+                p = found[1]
+                print(f"{model}: {found[0]} (input {_usd(p.input)}, output {_usd(p.output)})")
+        return 1 if missing else 0
+    print(f"USD per 1M tokens; shipped table last updated {table.last_updated}")
+    columns = ("MODEL", "PROVIDER", "INPUT", "OUTPUT", "CACHED", "CACHE_WRITE", "LONG_CONTEXT")
+    row = "{:<34}  {:<10}  {:>8}  {:>8}  {:>8}  {:>11}  {}"
+    print(row.format(*columns))
+    for name, p in sorted(table.models.items()):
+        long = p.long_context
+        tier = f">{long.threshold}: {_usd(long.input)}/{_usd(long.output)}" if long else "-"
+        cells = (_usd(p.input), _usd(p.output), _usd(p.cached_input), _usd(p.cache_write))
+        print(row.format(name, p.provider or "-", *cells, tier))
+    return 0
+
+
 def cmd_demo_upstream(args: argparse.Namespace) -> int:
     from . import demo_upstream
 
@@ -181,6 +212,11 @@ def parser() -> argparse.ArgumentParser:
     s = keys_parser("revoke", "revoke keys by id or name (takes effect within a second)")
     s.add_argument("key", help="key id or name")
     s.set_defaults(func=cmd_keys_revoke)
+
+    s = add("prices", "list the price table, or show how model names resolve in it")
+    config_option(s)
+    s.add_argument("models", nargs="*", help="model names as upstreams report them")
+    s.set_defaults(func=cmd_prices)
 
     s = add("demo-upstream", "run the built-in demo LLM upstream (OpenAI/Anthropic/Gemini)")
     s.add_argument("--host", default="127.0.0.1")

@@ -25,7 +25,8 @@ def tollway(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
 
 def test_help_lists_every_subcommand_with_a_line_of_help() -> None:
     out = tollway("--help").stdout
-    for command in ("serve", "up", "check-config", "render-envoy", "keys", "demo-upstream"):
+    commands = ("serve", "up", "check-config", "render-envoy", "keys", "prices", "demo-upstream")
+    for command in commands:
         assert re.search(rf"^\s+{command}\b", out, re.M), command
     keys_help = tollway("keys", "--help").stdout
     for action in ("create", "list", "revoke"):
@@ -104,3 +105,17 @@ def test_serve_refuses_a_bad_config_with_a_clear_message(tmp_path: Path) -> None
     result = tollway("serve", "--config", str(bad))
     assert result.returncode == 2
     assert "server" in result.stderr and "server.tls" in result.stderr
+
+
+def test_prices_lists_the_table_and_resolves_names(tmp_path: Path) -> None:
+    listing = tollway("prices", cwd=tmp_path)
+    assert listing.returncode == 0
+    assert re.search(r"^gpt-4o\s+openai\s+2\.5\s+10\s+1\.25\b", listing.stdout, re.M)
+    config = tmp_path / "tollway.yaml"
+    config.write_text(yaml.safe_dump({"pricing": {"models": {"house-llm": {"input": 1}}}}))
+    found = tollway("prices", "-c", str(config), "gpt-4o-2024-08-06", "house-llm", cwd=tmp_path)
+    assert found.returncode == 0
+    assert "gpt-4o-2024-08-06: gpt-4o (input 2.5, output 10)" in found.stdout
+    assert "house-llm: house-llm (input 1, output 0)" in found.stdout
+    missing = tollway("prices", "no-such-model", cwd=tmp_path)
+    assert missing.returncode == 1 and "not priced" in missing.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal
+from urllib.parse import unquote
 
 from ..config import ApiKind
 from .anthropic import MessagesReader
@@ -36,7 +37,7 @@ def api_for(kind: ApiKind, method: str, path: str) -> Api | None:
     if kind == "anthropic":
         return "messages" if _ANTHROPIC.search(path) else None
     if kind == "gemini":
-        return "generate_content" if _GEMINI.search(path.replace("%3A", ":")) else None
+        return "generate_content" if _GEMINI.search(unquote(path)) else None
     return None
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extproc.config import ModelPrice
 from extproc.decisions import BodyMode, Phase
@@ -316,3 +318,22 @@ def test_a_stream_with_a_content_length_loses_it_when_it_will_shrink() -> None:
     headers = {"content-type": "text/event-stream", "content-length": "1234"}
     assert w.pipeline.response_headers(ex, 200, headers) is BodyMode.STREAMED
     assert ex.remove_response_headers == {"content-length"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(0, 4000), max_size=30))
+def test_stripping_survives_any_split_and_delivers_everything_else(cuts: list[int]) -> None:
+    w = World()
+    ex = w.start(body=b'{"model": "gpt-4o", "stream": true}')
+    w.pipeline.response_headers(ex, 200, {"content-type": "text/event-stream"})
+    original = (FIXTURES / "openai_chat_stream.sse").read_bytes()
+    points = sorted({c % (len(original) + 1) for c in cuts})
+    pieces = [original[a:b] for a, b in zip([0, *points], [*points, len(original)], strict=True)]
+    delivered = b""
+    for i, piece in enumerate(pieces):
+        out = w.pipeline.response_body(ex, piece, end=i == len(pieces) - 1)
+        assert out is not None
+        delivered += out
+    usage_event = next(e for e in original.split(b"\n\n") if b'"choices":[]' in e)
+    assert delivered == original.replace(usage_event + b"\n\n", b"")
+    assert w.store.records[0].usage == Usage(1200, 9, 1024, 0, 0)

@@ -173,6 +173,7 @@ def test_a_json_body_over_the_limit_is_not_kept() -> None:
             "generate_content",
         ),
         ("gemini", "POST", "/v1beta/models/gemini-2.5-pro%3AgenerateContent", "generate_content"),
+        ("gemini", "POST", "/v1beta/models/gemini-2.5-pro%3agenerateContent", "generate_content"),
         ("gemini", "POST", "/v1beta/models/gemini-2.5-pro:countTokens", None),
         ("gemini", "POST", "/v1beta/models/text-embedding-004:embedContent", None),
     ],
