@@ -368,3 +368,21 @@ def test_an_unpriced_model_costs_nothing_and_is_counted(stack: Stack) -> None:
     assert tokens.input_tokens > 0 and spent == 0
     after = stack.metric("tollway_gen_ai_unpriced_requests_total", provider="openai", api="chat")
     assert after == before + 1
+
+
+def test_a_large_json_response_is_metered_whole(stack: Stack) -> None:
+    """Several MB of embeddings: over Envoy's default 1 MiB buffer, still buffered and read."""
+    labels = Labels("text-embedding-3-large", "openai", "embeddings", tenant="none")
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=PROVIDER_KEY, max_retries=0)
+    inputs = [f"line {i}" for i in range(20_000)]
+
+    def embed() -> Any:
+        raw = client.embeddings.with_raw_response.create(
+            model="text-embedding-3-large", input=inputs, encoding_format="float"
+        )
+        assert len(raw.content) > 2_000_000
+        return raw.parse()
+
+    response, tokens, _ = metered(stack, labels, embed)
+    assert len(response.data) == len(inputs)
+    assert tokens == Usage(response.usage.prompt_tokens, 0)
