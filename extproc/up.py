@@ -67,6 +67,8 @@ def envoy_command(config_file: Path, concurrency: int = 1, log_level: str = "war
         "--log-level",
         log_level,
         "--use-dynamic-base-id",  # several Envoys may run on one host
+        "--file-flush-interval-msec",  # the access log within a second, not Envoy's 10 s
+        "1000",
     ]
 
 

@@ -78,9 +78,15 @@ def read(stack: Stack, labels: Labels) -> tuple[Usage, float, float]:
     return Usage(*counts), sample("tollway_gen_ai_cost_usd_total", **base), done
 
 
-def metered(stack: Stack, labels: Labels, call: Callable[[], Any]) -> tuple[Any, Usage, float]:
-    """Run ``call``; return its result and the tokens and cost it added to /metrics."""
+def metered(
+    stack: Stack, labels: Labels, call: Callable[[], Any], *, logged: bool = True
+) -> tuple[Any, Usage, float]:
+    """Run ``call``; return its result and the tokens and cost it added to /metrics.
+
+    With ``logged``, the access log must carry the same tokens and cost for it.
+    """
     before, spent_before, done_before = read(stack, labels)
+    log_before = len(stack.access_log())
     result = call()
     # A stream's last chunk may reach the client before Tollway has answered Envoy's
     # end-of-stream message: poll until the request is counted as finished (the duration
@@ -88,7 +94,32 @@ def metered(stack: Stack, labels: Labels, call: Callable[[], Any]) -> tuple[Any,
     eventually(lambda: read(stack, labels)[2] > done_before)
     after, spent, _ = read(stack, labels)
     delta = Usage(*(getattr(after, f) - getattr(before, f) for f in Usage.__slots__))
+    if logged:
+        eventually(lambda: logged_as(stack.access_log()[log_before:], delta, spent - spent_before))
     return result, delta, spent - spent_before
+
+
+def logged_as(entries: list[dict[str, Any]], usage: Usage, spent: float) -> bool:
+    """Some new access-log entry holds exactly these tokens and this cost."""
+    return any(
+        (
+            e["input_tokens"],
+            e["output_tokens"],
+            e["cached_input_tokens"],
+            e["cache_creation_tokens"],
+            e["reasoning_tokens"],
+        )
+        == (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cached_input_tokens,
+            usage.cache_creation_tokens,
+            usage.reasoning_tokens,
+        )
+        and abs(e["cost_usd"] - spent) < 1e-9
+        and e["usage_estimated"] is False
+        for e in entries
+    )
 
 
 def expected_cost(stack: Stack, model: str, usage: Usage) -> float:
@@ -355,7 +386,8 @@ def test_a_stream_the_client_abandons_is_counted_as_estimated(stack: Stack) -> N
                 break  # got some text, then hang up
         stream.close()
 
-    _, tokens, _ = metered(stack, labels, abandon)
+    # The client is gone before the end: the access log line is written without usage.
+    _, tokens, _ = metered(stack, labels, abandon, logged=False)
     assert tokens.input_tokens > 0 and tokens.output_tokens > 0
 
 
