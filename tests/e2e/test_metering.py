@@ -418,3 +418,22 @@ def test_a_large_json_response_is_metered_whole(stack: Stack) -> None:
     response, tokens, _ = metered(stack, labels, embed)
     assert len(response.data) == len(inputs)
     assert tokens == Usage(response.usage.prompt_tokens, 0)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_openai_legacy_completions(stack: Stack, stream: bool) -> None:
+    labels = Labels("gpt-3.5-turbo-instruct", "openai", "completions")
+    client = oai(stack)
+    request = {"model": "gpt-3.5-turbo-instruct", "prompt": LONG, "max_tokens": 8}
+    plain = client.completions.create(**request)
+
+    def call() -> Any:
+        if not stream:
+            return client.completions.create(**request)
+        return list(client.completions.create(**request, stream=True))
+
+    result, tokens, spent = metered(stack, labels, call)
+    if stream:
+        assert "".join(c.choices[0].text for c in result) == plain.choices[0].text
+    assert tokens == openai_usage(plain.usage)
+    assert spent == pytest.approx(expected_cost(stack, "gpt-3.5-turbo-instruct", tokens), abs=1e-9)
