@@ -35,7 +35,9 @@ class ResponseMeter:
         self, api: Api, *, sse: bool, max_json_bytes: int = 16 << 20, prompt_chars: int = 0
     ) -> None:
         self.reader = new_reader(api)
-        self.sse = SSEParser() if sse else None
+        # An event is kept whole until it ends (it may have to be passed on again):
+        # the same bound as a JSON body.
+        self.sse = SSEParser(max_event_bytes=max_json_bytes) if sse else None
         self._json = bytearray()
         self._max_json = max_json_bytes
         self._prompt_chars = prompt_chars

@@ -437,3 +437,12 @@ def test_openai_legacy_completions(stack: Stack, stream: bool) -> None:
         assert "".join(c.choices[0].text for c in result) == plain.choices[0].text
     assert tokens == openai_usage(plain.usage)
     assert spent == pytest.approx(expected_cost(stack, "gpt-3.5-turbo-instruct", tokens), abs=1e-9)
+
+
+def test_an_upstream_error_costs_nothing(stack: Stack) -> None:
+    labels = Labels("text-embedding-3-small", "openai", "embeddings", tenant="none")
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-wrong", max_retries=0)
+    before = read(stack, labels)
+    with pytest.raises(openai.AuthenticationError):  # the demo upstream refuses the key
+        client.embeddings.create(model="text-embedding-3-small", input="hello")
+    assert read(stack, labels) == before
