@@ -44,6 +44,7 @@ class Exchange:
     set_response_headers: dict[str, str] = field(default_factory=dict)
     remove_response_headers: set[str] = field(default_factory=set)
     metering: Metering | None = None  # the metering stage's state for this request
+    denied: bool = False  # answered by Tollway: it never reaches an upstream
     _json: dict[str, Any] | None = None
 
     def json(self) -> dict[str, Any]:

@@ -44,12 +44,14 @@ class Pipeline:
             if name.startswith(INTERNAL_HEADER_PREFIX):
                 ex.remove_headers.add(name)
         if ex.route is None:
+            ex.denied = True
             return _NO_ROUTE
         ex.metadata["route"] = ex.route.name
         wants = Phase.NONE
         for stage in self.stages:
             decision = stage.on_request_headers(ex)
             if isinstance(decision, Deny):
+                ex.denied = True
                 return decision
             wants |= decision
         return wants
@@ -59,6 +61,7 @@ class Pipeline:
         for stage in self.stages:
             decision = stage.on_request_body(ex)
             if decision is not None:
+                ex.denied = True
                 return decision
         return None
 

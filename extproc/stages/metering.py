@@ -171,7 +171,7 @@ class MeteringStage:
     def on_stream_end(self, ex: Exchange) -> None:
         """The ext_proc stream ended: meter what arrived if the response did not finish."""
         m = ex.metering
-        if m is None or m.done:
+        if m is None or m.done or ex.denied:
             return
         if m.meter is None:  # no response yet: the prompt was sent, nothing came back
             estimate = Usage(input_tokens=-(-m.prompt_chars // 4))

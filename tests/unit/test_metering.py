@@ -337,3 +337,15 @@ def test_stripping_survives_any_split_and_delivers_everything_else(cuts: list[in
     usage_event = next(e for e in original.split(b"\n\n") if b'"choices":[]' in e)
     assert delivered == original.replace(usage_event + b"\n\n", b"")
     assert w.store.records[0].usage == Usage(1200, 9, 1024, 0, 0)
+
+
+def test_a_request_denied_at_its_body_is_never_metered() -> None:
+    w = World()
+    narrow_key, narrow = new_key("narrow", models=["gpt-4o-mini"])
+    pipeline = build_pipeline([narrow], metering=w.stage)
+    ex = request(pipeline, "/v1/chat/completions", bearer(narrow_key))
+    assert Phase.REQUEST_BODY in pipeline.request_headers(ex)  # type: ignore[operator]
+    denial = pipeline.request_body(ex, b'{"model": "gpt-4o", "stream": true}')
+    assert denial is not None and denial.code == "model_not_allowed"
+    pipeline.stream_end(ex)  # Envoy ends the stream after the 403
+    assert w.store.records == []
