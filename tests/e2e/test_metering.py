@@ -17,7 +17,8 @@ import httpx
 import openai
 import pytest
 
-from extproc.config import Config, ModelPrice, PricingConfig
+from extproc import up
+from extproc.config import Config, ModelPrice, PricingConfig, Upstream
 from extproc.pricing import cost as price_of
 from extproc.pricing import load_prices
 from extproc.providers import Usage
@@ -40,7 +41,14 @@ EXTRA_PRICES = {
 
 
 def with_prices(config: Config) -> Config:
-    return config.model_copy(update={"pricing": PricingConfig(models=EXTRA_PRICES)})
+    """The test stack, plus the extra prices and an upstream that is down."""
+    dead = Upstream(url=f"http://127.0.0.1:{up.free_port()}", api="openai", prefixes=("/dead/",))
+    return config.model_copy(
+        update={
+            "pricing": PricingConfig(models=EXTRA_PRICES),
+            "upstreams": {**config.upstreams, "dead": dead},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -446,3 +454,17 @@ def test_an_upstream_error_costs_nothing(stack: Stack) -> None:
     with pytest.raises(openai.AuthenticationError):  # the demo upstream refuses the key
         client.embeddings.create(model="text-embedding-3-small", input="hello")
     assert read(stack, labels) == before
+
+
+def test_an_unreachable_upstream_costs_nothing(stack: Stack) -> None:
+    labels = Labels("gpt-4o", "openai", "chat")
+    estimated = Labels("gpt-4o", "openai", "chat", source="estimated")
+    before = read(stack, labels), read(stack, estimated)
+    client = openai.OpenAI(base_url=f"{stack.url}/dead/v1", api_key=stack.keys["alice"])
+    with pytest.raises(openai.InternalServerError):  # Envoy's 503: nothing listens there
+        client.with_options(max_retries=0).chat.completions.create(**chat("gpt-4o"))
+    # Envoy ends the failed request's ext_proc stream before it opens the next one on
+    # the same connection: once a later request is metered, a late record would show.
+    later = Labels("gpt-4o-mini", "openai", "chat")
+    metered(stack, later, lambda: oai(stack).chat.completions.create(**chat("gpt-4o-mini")))
+    assert (read(stack, labels), read(stack, estimated)) == before
