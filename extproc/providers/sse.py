@@ -47,6 +47,11 @@ class SSEParser:
         self._long_line = False  # inside a line that outgrew it: skip to its end
         self.dropped_events = 0
 
+    @property
+    def at_boundary(self) -> bool:
+        """Nothing of an unfinished event is held: what was fed so far ended with an event."""
+        return not (self._tail or self._data or self._type or self._discarding or self._long_line)
+
     def feed(self, chunk: bytes) -> list[Event]:
         if self._skip_lf:
             self._skip_lf = False

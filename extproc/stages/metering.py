@@ -160,13 +160,20 @@ class MeteringStage:
             return None
         if m.first_byte is None and chunk:
             m.first_byte = self.clock()
+        sse = m.meter.sse
+        whole_before = sse is None or sse.at_boundary
         events = m.meter.feed(chunk)
+        whole_after = sse is None or sse.at_boundary
         if end:
             events += m.meter.close()
             if m.meter.overflow:
                 self.metrics.unmetered["body_too_large"].inc()
             self._finish(ex, m, m.meter.reading())
-        return _without_usage_chunks(events) if m.strip_usage_chunk else None
+        if not m.strip_usage_chunk:
+            return None
+        if whole_before and whole_after and not any(_is_usage_chunk(doc) for _, doc in events):
+            return None  # whole events, none to remove: the chunk goes on as it came
+        return _without_usage_chunks(events)
 
     def on_stream_end(self, ex: Exchange) -> None:
         """The ext_proc stream ended: meter what arrived if the response did not finish."""
