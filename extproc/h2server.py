@@ -14,6 +14,7 @@ the reply is response headers, messages, then trailers carrying grpc-status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -145,7 +146,8 @@ class _Connection(asyncio.Protocol):
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
         if self.goaway_sent:  # opened before our GOAWAY reached Envoy: safe to retry
-            self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            with contextlib.suppress(h2.exceptions.StreamClosedError):  # the client gave up first
+                self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         path = next((v for k, v in event.headers or () if k == b":path"), b"")
         if path == PROCESS_PATH:

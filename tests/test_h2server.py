@@ -256,6 +256,17 @@ def test_goaway_lets_open_streams_finish_and_refuses_new_ones(server: H2Server) 
     assert client.replies[refused].reset  # REFUSED_STREAM: safe for Envoy to retry elsewhere
 
 
+def test_a_late_stream_the_client_already_reset_is_not_refused_twice(server: H2Server) -> None:
+    client = Client(server)
+    client.server_side.goaway()
+    client.transport.out.clear()
+    late = client.open()
+    client.h2.reset_stream(late)  # HEADERS and RST_STREAM arrive in one read
+    client.pump()  # no StreamClosedError escapes; the connection lives on
+    assert not client.transport.closed
+    assert client.server_side.calls == {}
+
+
 def test_garbage_instead_of_http2_closes_the_connection(server: H2Server) -> None:
     connection = _Connection(server)
     transport = MemoryTransport()
