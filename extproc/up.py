@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,17 +72,23 @@ def envoy_command(config_file: Path, concurrency: int = 1, log_level: str = "war
     ]
 
 
-def _die_with_parent() -> None:
+def _die_with(parent: int) -> Callable[[], None]:
     """Children get SIGTERM if `tollway up` dies, even by SIGKILL: no orphans."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    def in_child() -> None:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died between fork and prctl: no signal will come
+            os._exit(1)
+
+    return in_child
 
 
 def spawn(
     argv: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """Start a child that dies with us; its output goes to ``log`` or our terminal."""
-    preexec = _die_with_parent if sys.platform == "linux" else None
+    preexec = _die_with(os.getpid()) if sys.platform == "linux" else None
     if log is None:
         return subprocess.Popen(list(argv), env=env, preexec_fn=preexec)
     with open(log, "ab") as out:

@@ -122,3 +122,13 @@ def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
         assert not Path(f"/proc/{pid}").exists()
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_child_whose_supervisor_died_before_it_started_never_runs() -> None:
+    """`tollway up` killed between fork and PR_SET_PDEATHSIG: the signal would never come."""
+    gone = os.getpid() + 1  # stands for a parent that is no longer ours
+    child = subprocess.Popen(["sleep", "30"], preexec_fn=up._die_with(gone))
+    try:
+        assert child.wait(timeout=10) == 1
+    finally:
+        child.kill()
