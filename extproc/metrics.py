@@ -49,6 +49,9 @@ class Metrics:
             ["file", "result"],
             registry=r,
         )
+        # Exported at 0 from the start, so that increase() sees the first reload.
+        for file, result in (("keys", "ok"), ("keys", "error"), ("credentials", "ok")):
+            self.reloads.labels(file, result)
         self.keys = Gauge("tollway_api_keys", "API keys loaded, by state", ["state"], registry=r)
         # Metering. Labels: tenant (from the keys file, "none" without auth), model (the
         # price table's name, else "other"), provider (the route's API kind), api.

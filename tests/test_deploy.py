@@ -72,3 +72,25 @@ def test_compose_uses_the_tested_envoy_version_and_loopback_ports() -> None:
             source = volume.split(":")[0]
             if source.startswith("./"):
                 assert (ROOT / source).exists(), source
+
+
+def test_compose_mounts_what_prometheus_and_grafana_load() -> None:
+    """Prometheus ignores a rule file that is not there, and Grafana an empty dashboard folder."""
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+
+    def mounts(service: str) -> dict[str, Path]:
+        pairs = (volume.split(":")[:2] for volume in services[service]["volumes"])
+        return {target: ROOT / source for source, target in pairs}
+
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    for rule_file in prometheus["rule_files"]:
+        assert mounts("prometheus")[rule_file].is_file(), rule_file
+    grafana = mounts("grafana")
+    provider = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/tollway.yaml").read_text()
+    )
+    folder = provider["providers"][0]["options"]["path"]
+    assert (grafana[folder] / "tollway.json").is_file()
+    assert grafana["/etc/grafana/provisioning"].is_dir()
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{folder}/tollway.json"
