@@ -74,9 +74,9 @@ def envoy_command(config_file: Path, concurrency: int = 1, log_level: str = "war
 
 def _die_with(parent: int) -> Callable[[], None]:
     """Children get SIGTERM if `tollway up` dies, even by SIGKILL: no orphans."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded before fork: no dlopen after it
 
     def in_child() -> None:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # it died between fork and prctl: no signal will come
             os._exit(1)
