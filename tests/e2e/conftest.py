@@ -69,8 +69,9 @@ class Stack:
         return self.scrape().get((name, frozenset(labels.items())), 0.0)
 
     def access_log(self) -> list[dict[str, Any]]:
-        lines = (self.gateway.workdir / "envoy.log").read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        text = (self.gateway.workdir / "envoy.log").read_text()
+        complete = text.split("\n")[:-1]  # the last piece may be a line Envoy is still writing
+        return [json.loads(line) for line in complete if line.startswith("{")]
 
 
 def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -163,7 +164,21 @@ def start_stack(
         up.stop_all([demo])
         raise
     gateway.procs.insert(0, demo)
-    return Stack(gateway, upstream_url, made, keys_file)
+    stack = Stack(gateway, upstream_url, made, keys_file)
+    try:  # started first, but nothing above waited for it
+        eventually(lambda: _answers(f"{upstream_url}/__demo/requests"), timeout=30)
+    except BaseException:
+        gateway.stop()
+        raise
+    return stack
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="session")
