@@ -1,26 +1,34 @@
-"""The shipped Grafana dashboard and Prometheus alert rules query metrics that exist.
+"""The shipped Grafana dashboard and Prometheus alert rules work on real metrics.
 
 A renamed metric or a dropped label does not break a dashboard loudly: the panel
 just goes empty. Here every query is parsed as PromQL and each metric, label
 matcher, `by` label and legend is checked against real scrapes of Tollway and
-Envoy taken after real traffic.
+Envoy taken after real traffic; then a real Prometheus (Debian's package)
+scrapes the same processes with the shipped alert rules, every query must
+return data, and an unpriced model must fire its alert.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import openai
 import promql_parser
 import pytest
 import yaml
 
-from .conftest import Stack
+from extproc import up
+
+from .conftest import Stack, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -120,9 +128,8 @@ def scrape(url: str) -> dict[str, dict[str, set[str]]]:
     return seen
 
 
-@pytest.fixture(scope="module")
-def metrics(stack: Stack) -> dict[str, dict[str, set[str]]]:
-    """Both scrapes after traffic that touches every panel: priced, unpriced, streamed, denied."""
+def send_traffic(stack: Stack) -> None:
+    """Requests that touch every panel: priced, unpriced, streamed, denied."""
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.keys["alice"], max_retries=0)
     for model in ("gpt-4o-mini", "my-own-finetune"):
         message = [{"role": "user", "content": "hello"}]
@@ -135,6 +142,12 @@ def metrics(stack: Stack) -> dict[str, dict[str, set[str]]]:
     assert list(stream)
     with pytest.raises(openai.AuthenticationError):
         client.with_options(api_key="tw_wrong").models.list()
+
+
+@pytest.fixture(scope="module")
+def metrics(stack: Stack) -> dict[str, dict[str, set[str]]]:
+    """Scrapes of Envoy and Tollway after the traffic."""
+    send_traffic(stack)
     config = stack.gateway.config
     return {
         **scrape(f"http://127.0.0.1:{config.envoy.admin_port}/stats/prometheus"),
@@ -197,3 +210,108 @@ def test_the_check_catches_a_renamed_metric_and_a_wrong_label(
         "p: 'by (team)' matches no label",
     ]
     assert problems(broken, metrics)[0].startswith("p: not PromQL")
+
+
+# ---- in a real Prometheus -------------------------------------------------------
+
+
+def instant(prometheus: str, expr: str) -> list[Any]:
+    """The result of an instant query; an error names the query."""
+    for variable, value in {**VARIABLES, "$__range": "10m"}.items():
+        expr = expr.replace(variable, value)
+    url = f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return list(json.loads(response.read())["data"]["result"])
+    except urllib.error.HTTPError as error:
+        raise AssertionError(f"{expr}: {error.read().decode()}") from error
+
+
+def api(prometheus: str, path: str) -> Any:
+    with urllib.request.urlopen(f"{prometheus}/api/v1/{path}", timeout=5) as response:
+        return json.loads(response.read())["data"]
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    stack: Stack,
+    metrics: dict[str, dict[str, set[str]]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """Prometheus scraping this stack every second with the shipped rules, after two rounds
+    of traffic: the first (from `metrics`) creates the series, the second moves them."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is missing: ./scripts/test installs it (apt-get install prometheus)"
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = stack.gateway.config
+    targets = {
+        "tollway": ("/metrics", config.metrics.port),
+        "envoy": ("/stats/prometheus", config.envoy.admin_port),
+    }
+    settings = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [
+            {
+                "job_name": job,
+                "metrics_path": path,
+                "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
+            }
+            for job, (path, port) in targets.items()
+        ],
+    }
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(settings))
+    port = up.free_port()
+    argv = [binary, f"--config.file={workdir / 'prometheus.yml'}"]
+    argv += [f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}"]
+    proc = up.spawn(argv, log=workdir / "prometheus.log")
+    url = f"http://127.0.0.1:{port}"
+
+    def has(expr: str, at_least: float = 0) -> bool:
+        return any(float(sample["value"][1]) >= at_least for sample in instant(url, expr))
+
+    def ready() -> bool:
+        try:
+            urllib.request.urlopen(f"{url}/-/ready", timeout=2).close()
+        except OSError:  # not listening, or 503 while it starts
+            return False
+        return True
+
+    try:
+        eventually(ready, timeout=60)
+        eventually(lambda: has("count(up == 1)", len(targets)) and has("tollway_requests_total"))
+        send_traffic(stack)
+        done = sum(v for (name, _), v in stack.scrape().items() if name == "tollway_requests_total")
+        # Prometheus has seen all of it, and rate() has two samples of each series or more.
+        caught_up = (
+            f"sum(tollway_requests_total) >= {done} and on() min(count_over_time(up[1m])) >= 3"
+        )
+        eventually(lambda: bool(instant(url, caught_up)), timeout=30)
+        yield url
+    finally:
+        up.stop_all([proc])
+
+
+def firing(prometheus: str) -> set[tuple[str, str]]:
+    """(alert name, provider label) of every firing alert."""
+    alerts = api(prometheus, "alerts")["alerts"]
+    return {
+        (a["labels"]["alertname"], a["labels"].get("provider", ""))
+        for a in alerts
+        if a["state"] == "firing"
+    }
+
+
+def test_every_dashboard_query_returns_data_in_prometheus(prometheus: str) -> None:
+    empty = [f"{q.where}: {q.expr}" for q in dashboard_queries() if not instant(prometheus, q.expr)]
+    assert empty == []
+
+
+def test_the_alert_rules_load_evaluate_and_fire_for_an_unpriced_model(prometheus: str) -> None:
+    shipped = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    assert ("TollwayUnpricedModel", "openai") in eventually(lambda: firing(prometheus), timeout=30)
+    rules = [rule for group in api(prometheus, "rules")["groups"] for rule in group["rules"]]
+    assert {rule["name"] for rule in rules} == shipped
+    assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+    healthy = {"TollwayNoHealthyReplica", "TollwayReplicaDown", "TollwayExtProcFailures"}
+    assert not {name for name, _ in firing(prometheus)} & healthy
