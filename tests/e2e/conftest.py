@@ -166,14 +166,15 @@ def start_stack(
     gateway.procs.insert(0, demo)
     stack = Stack(gateway, upstream_url, made, keys_file)
     try:  # started first, but nothing above waited for it
-        eventually(lambda: _answers(f"{upstream_url}/__demo/requests"), timeout=30)
+        eventually(lambda: answers(f"{upstream_url}/__demo/requests"), timeout=30)
     except BaseException:
         gateway.stop()
         raise
     return stack
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """A GET of ``url`` gets a 2xx (not refused, not a 503 while starting)."""
     try:
         urllib.request.urlopen(url, timeout=2).close()
     except OSError:

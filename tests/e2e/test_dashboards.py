@@ -28,7 +28,7 @@ import yaml
 
 from extproc import up
 
-from .conftest import Stack, eventually
+from .conftest import Stack, answers, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -270,15 +270,8 @@ def prometheus(
     def has(expr: str, at_least: float = 0) -> bool:
         return any(float(sample["value"][1]) >= at_least for sample in instant(url, expr))
 
-    def ready() -> bool:
-        try:
-            urllib.request.urlopen(f"{url}/-/ready", timeout=2).close()
-        except OSError:  # not listening, or 503 while it starts
-            return False
-        return True
-
     try:
-        eventually(ready, timeout=60)
+        eventually(lambda: answers(f"{url}/-/ready"), timeout=60)
         eventually(lambda: has("count(up == 1)", len(targets)) and has("tollway_requests_total"))
         send_traffic(stack)
         done = sum(v for (name, _), v in stack.scrape().items() if name == "tollway_requests_total")
