@@ -97,7 +97,8 @@ class Runtime:
                 source = f"file {cred.file}"
             if cred is not None and value is None:
                 log.warning(
-                    "upstream %s: no provider key in %s; requests reach it without one",
+                    "upstream %s: no provider key in %s; its requests are refused "
+                    "(500 provider_credential_missing) until there is one",
                     name,
                     source,
                 )

@@ -26,6 +26,8 @@ from extproc.h2server import HEALTH_CHECK_PATH, PROCESS_PATH, H2Server, Status, 
 from extproc.processor import StreamProcessor
 from extproc.runtime import Runtime
 
+pytestmark = pytest.mark.usefixtures("provider_keys_in_env")
+
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 

@@ -20,6 +20,8 @@ from extproc import keys, server
 from extproc.config import Config, MetricsConfig, ServerConfig
 from extproc.runtime import Runtime
 
+pytestmark = pytest.mark.usefixtures("provider_keys_in_env")
+
 
 def headers(**values: str) -> pb.HttpHeaders:
     pairs = [

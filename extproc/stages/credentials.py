@@ -5,20 +5,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 from urllib.parse import parse_qsl, urlencode
 
-from ..decisions import Phase
+from ..decisions import Deny, Phase
 from ..exchange import Exchange
 from .auth import CREDENTIAL_HEADERS, query_keys
+
+# Sent keyless, the request would come back as the provider's 401, which the
+# client would take for a problem with its own (valid) Tollway key.
+CREDENTIAL_MISSING = Deny(
+    500,
+    "api_error",
+    "provider_credential_missing",
+    "The gateway has no credential for this provider. Its operator must configure one.",
+    "tollway_provider_credential_missing",
+)
 
 
 class CredentialStage:
     def __init__(self, provider_keys: Mapping[str, str | None]) -> None:
         self.provider_keys = provider_keys  # upstream name -> key; replaced on reload
 
-    def on_request_headers(self, ex: Exchange) -> Phase:
+    def on_request_headers(self, ex: Exchange) -> Deny | Phase:
         route = ex.route
         if route is None:
             return Phase.NONE
         key = self.provider_keys.get(route.name)
+        if key is None and route.upstream.credential is not None:
+            return CREDENTIAL_MISSING  # configured, but the variable or file is empty
         # A Tollway key must never reach a provider. On a route without auth
         # and without a provider key, the client's own credential passes.
         if route.upstream.auth or key is not None:

@@ -95,25 +95,23 @@ def start_stack(
     drain_delay_s: float = 0.0,
     customize: Callable[[Config], Config] = lambda config: config,
 ) -> Stack:
-    """A gateway in front of the demo upstream, with a fixed set of test keys."""
-    upstream_port = up.free_port()
-    env = {**os.environ, PROVIDER_ENV: PROVIDER_KEY}
-    demo = up.spawn(
-        [
-            sys.executable,
-            "-m",
-            "extproc",
-            "demo-upstream",
-            "--port",
-            str(upstream_port),
-            "--provider-key",
-            PROVIDER_KEY,
-        ],
-        env=env,
-        log=workdir / "demo.log",
-    )
-    upstream_url = f"http://127.0.0.1:{upstream_port}"
+    """A gateway in front of the demo upstream, with a fixed set of test keys.
+
+    Ports are picked free before the processes bind them, and another process
+    (any outgoing connection) may take one in between: a start that fails is
+    tried again on new ports, and the failure is printed.
+    """
     keys_file = workdir / "keys.yaml"
+    made = _make_keys(keys_file)
+    for attempt in (1, 2):
+        try:
+            return _start(workdir, keys_file, made, drain_delay_s, customize)
+        except Exception as error:
+            print(f"start_stack: attempt {attempt} failed, trying new ports: {error!r}")
+    return _start(workdir, keys_file, made, drain_delay_s, customize)
+
+
+def _make_keys(keys_file: Path) -> dict[str, str]:
     made: dict[str, str] = {}
     now = datetime.now(UTC)
     for name, extra in {
@@ -135,6 +133,33 @@ def start_stack(
         keys.add(keys_file, record)
         made[name] = key
     keys.revoke(keys_file, "revoked")
+    return made
+
+
+def _start(
+    workdir: Path,
+    keys_file: Path,
+    made: dict[str, str],
+    drain_delay_s: float,
+    customize: Callable[[Config], Config],
+) -> Stack:
+    upstream_port = up.free_port()
+    env = {**os.environ, PROVIDER_ENV: PROVIDER_KEY}
+    demo = up.spawn(
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "demo-upstream",
+            "--port",
+            str(upstream_port),
+            "--provider-key",
+            PROVIDER_KEY,
+        ],
+        env=env,
+        log=workdir / "demo.log",
+    )
+    upstream_url = f"http://127.0.0.1:{upstream_port}"
     cred = Credential(env=PROVIDER_ENV)
     config = Config(
         server=ServerConfig(
@@ -152,6 +177,13 @@ def start_stack(
             "gemini": Upstream(
                 url=upstream_url, api="gemini", prefixes=("/v1beta/",), credential=cred
             ),
+            # Its provider key is configured but not there: refused, never sent keyless.
+            "keyless": Upstream(
+                url=upstream_url,
+                api="openai",
+                prefixes=("/keyless/",),
+                credential=Credential(env="TOLLWAY_TEST_UNSET_PROVIDER_KEY"),
+            ),
             # An internal route with auth explicitly off: clients bring their own key.
             "internal": Upstream(
                 url=upstream_url, api="openai", prefixes=("/v1/embeddings",), auth=False
@@ -164,13 +196,12 @@ def start_stack(
         up.stop_all([demo])
         raise
     gateway.procs.insert(0, demo)
-    stack = Stack(gateway, upstream_url, made, keys_file)
     try:  # started first, but nothing above waited for it
         eventually(lambda: answers(f"{upstream_url}/__demo/requests"), timeout=30)
     except BaseException:
         gateway.stop()
         raise
-    return stack
+    return Stack(gateway, upstream_url, made, keys_file)
 
 
 def answers(url: str) -> bool:

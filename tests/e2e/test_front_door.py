@@ -105,6 +105,22 @@ def test_401_with_openai_style_error(stack: Stack, headers: dict[str, str], code
     assert stack.upstream_requests() == []  # the provider never saw it
 
 
+def test_a_missing_provider_key_is_a_clear_500_and_nothing_reaches_the_provider(
+    stack: Stack,
+) -> None:
+    stack.clear_upstream_requests()
+    client = openai.OpenAI(
+        base_url=f"{stack.url}/keyless/v1", api_key=stack.keys["alice"], max_retries=0
+    )
+    with pytest.raises(openai.InternalServerError) as error:
+        client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    assert error.value.status_code == 500
+    assert error.value.code == "provider_credential_missing"
+    assert stack.upstream_requests() == []
+    # Without a valid Tollway key, the caller learns nothing about the gateway's setup.
+    assert post(stack, "/keyless/v1/chat/completions", {}).status_code == 401
+
+
 def test_repeated_authorization_header_is_rejected(stack: Stack) -> None:
     key = stack.keys["alice"]
     r = httpx.post(

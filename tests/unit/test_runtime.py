@@ -11,6 +11,7 @@ from extproc import keys
 from extproc.decisions import Deny, Phase
 from extproc.keys import KeyRecord, KeysFileError
 from extproc.runtime import Runtime
+from extproc.stages.credentials import CREDENTIAL_MISSING
 
 from .factories import NOW, Clock, bearer, new_key, runtime_config
 
@@ -140,16 +141,19 @@ def test_provider_key_file_is_re_read_when_it_changes(
     assert env.reloads("keys", "ok") == 0
 
 
-def test_emptied_provider_key_file_sends_no_key_but_still_strips_the_clients(
+def test_emptied_provider_key_file_refuses_requests_until_it_is_refilled(
     env: Env, alice: tuple[str, KeyRecord]
 ) -> None:
+    p = env.runtime.pipeline
     env.credential_file.write_text("")
     env.runtime.reload_if_changed()
-    p = env.runtime.pipeline
+    ex = p.exchange("GET", "/v1/models", bearer(alice[0]), frozenset())
+    assert p.request_headers(ex) == CREDENTIAL_MISSING  # not sent upstream keyless
+    env.credential_file.write_text("sk-new")
+    env.runtime.reload_if_changed()
     ex = p.exchange("GET", "/v1/models", bearer(alice[0]), frozenset())
     assert p.request_headers(ex) == Phase.NONE
-    assert "authorization" not in ex.set_headers
-    assert "authorization" in ex.remove_headers
+    assert ex.set_headers["authorization"] == "Bearer sk-new"
 
 
 def test_missing_provider_key_file_at_start(tmp_path: Path) -> None:
@@ -158,8 +162,7 @@ def test_missing_provider_key_file_at_start(tmp_path: Path) -> None:
     keys.write_records(keys_file, [record])
     runtime = Runtime(runtime_config(keys_file, tmp_path / "absent.key"))
     ex = runtime.pipeline.exchange("GET", "/v1/models", bearer(key), frozenset())
-    assert runtime.pipeline.request_headers(ex) == Phase.NONE
-    assert "authorization" not in ex.set_headers
+    assert runtime.pipeline.request_headers(ex) == CREDENTIAL_MISSING
     (tmp_path / "absent.key").write_text("sk-late")
     runtime.reload_if_changed()
     ex = runtime.pipeline.exchange("GET", "/v1/models", bearer(key), frozenset())
