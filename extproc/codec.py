@@ -21,7 +21,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
 from .decisions import BodyMode, Deny, Phase
+from .error_shapes import error_document
 from .exchange import Exchange, MetadataValue
+from .routes import Dialect
 
 METADATA_NAMESPACE = "tollway"
 
@@ -197,19 +199,20 @@ def response_body_response(
     return response
 
 
-def error_body(deny: Deny) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": deny.message, "type": deny.type, "code": deny.code, "param": None}}
-    )
+def error_body(deny: Deny, dialect: Dialect = "openai") -> bytes:
+    return orjson.dumps(error_document(dialect, deny.status, deny.type, deny.code, deny.message))
 
 
-def immediate_response(deny: Deny, metadata: dict[str, MetadataValue]) -> ProcessingResponse:
+def immediate_response(
+    deny: Deny, metadata: dict[str, MetadataValue], dialect: Dialect = "openai"
+) -> ProcessingResponse:
+    """Answer the client now, in the error shape of the provider it speaks."""
     headers = [_JSON, *_set(dict(deny.headers))]
     response = ProcessingResponse(
         immediate_response=ImmediateResponse(
             status=HttpStatus(code=deny.status),
             headers=HeaderMutation(set_headers=headers),
-            body=error_body(deny),
+            body=error_body(deny, dialect),
             details=deny.details,
         )
     )

@@ -133,8 +133,13 @@ class Upstream(_Model):
 
     url: str
     api: ApiKind = "openai"
-    # Path prefixes routed to this upstream; the longest match wins.
+    # Path prefixes routed to this upstream; the longest match wins. Upstreams of
+    # different APIs may share a prefix: a request goes to the one it speaks
+    # (see routes.py: Anthropic by its header, Gemini by its path or key, else OpenAI).
     prefixes: tuple[str, ...] = ("/v1/",)
+    # A prefix of this upstream's own, removed before the request goes upstream:
+    # with mount "/anthropic", /anthropic/v1/messages is sent as /v1/messages.
+    mount: str | None = None
     credential: Credential | None = None
     # Turning auth off must be explicit: such a route needs no Tollway key.
     auth: bool = True
@@ -163,6 +168,15 @@ class Upstream(_Model):
             if not prefix.startswith("/"):
                 raise ValueError(f"prefix {prefix!r} must start with '/'")
         return prefixes
+
+    @field_validator("mount")
+    @classmethod
+    def _check_mount(cls, mount: str | None) -> str | None:
+        if mount is None:
+            return None
+        if not mount.startswith("/") or mount == "/" or mount.endswith("/"):
+            raise ValueError("must start with '/' and not end with '/' (e.g. /anthropic)")
+        return mount
 
     @property
     def host(self) -> str:
@@ -205,24 +219,36 @@ class EnvoyConfig(_Model):
     extproc_host: str | None = None
 
 
+# The paths each provider's SDK calls by default. All three speak /v1/: requests
+# there go to the provider they speak (see routes.py).
+DEFAULT_PREFIXES: dict[str, tuple[str, ...]] = {
+    "openai": ("/v1/",),
+    "anthropic": ("/v1/",),
+    "gemini": ("/v1/", "/v1beta/", "/v1alpha/"),
+}
+
+
 def _default_upstreams() -> dict[str, Upstream]:
     return {
         "openai": Upstream(
             url="https://api.openai.com",
             api="openai",
-            prefixes=("/v1/",),
+            prefixes=DEFAULT_PREFIXES["openai"],
+            mount="/openai",
             credential=Credential(env="OPENAI_API_KEY"),
         ),
         "anthropic": Upstream(
             url="https://api.anthropic.com",
             api="anthropic",
-            prefixes=("/v1/messages",),
+            prefixes=DEFAULT_PREFIXES["anthropic"],
+            mount="/anthropic",
             credential=Credential(env="ANTHROPIC_API_KEY"),
         ),
         "gemini": Upstream(
             url="https://generativelanguage.googleapis.com",
             api="gemini",
-            prefixes=("/v1beta/",),
+            prefixes=DEFAULT_PREFIXES["gemini"],
+            mount="/gemini",
             credential=Credential(env="GEMINI_API_KEY"),
         ),
     }
@@ -274,14 +300,30 @@ class Config(_Model):
     def _check_upstreams(cls, upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
         if not upstreams:
             raise ValueError("needs at least one upstream")
-        seen: dict[str, str] = {}
+        # On a shared prefix each upstream must speak a different API (one Anthropic,
+        # one Gemini, one OpenAI-style), or a request could not be told apart.
+        seen: dict[tuple[str, str], str] = {}
+        mounts: dict[str, str] = {}
         for name, upstream in upstreams.items():
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"upstream name {name!r}: use letters, digits, '-' and '_'")
+            speaks = "openai" if upstream.api == "azure" else upstream.api
             for prefix in upstream.prefixes:
-                if prefix in seen:
-                    raise ValueError(f"prefix {prefix!r} is used by {seen[prefix]!r} and {name!r}")
-                seen[prefix] = name
+                other = seen.get((prefix, speaks))
+                if other is not None:
+                    raise ValueError(
+                        f"prefix {prefix!r} is used by {other!r} and {name!r}, which speak "
+                        "the same API: requests could not be told apart"
+                    )
+                seen[prefix, speaks] = name
+            if upstream.mount is not None:
+                mounts[upstream.mount + "/"] = name
+        prefixes = {prefix for prefix, _ in seen}
+        for mount, name in mounts.items():
+            if mount in prefixes:
+                raise ValueError(f"mount {mount[:-1]!r} of {name!r} is also a prefix")
+        if len(mounts) != sum(u.mount is not None for u in upstreams.values()):
+            raise ValueError("two upstreams have the same mount")
         return upstreams
 
 

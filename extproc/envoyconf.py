@@ -13,7 +13,14 @@ from typing import Any
 import yaml
 
 from .config import Config, ConfigError, TLSFiles, Upstream
-from .routes import RouteTable
+from .routes import (
+    ANTHROPIC_HEADER,
+    GEMINI_KEY_HEADER,
+    GEMINI_KEY_PARAM,
+    GEMINI_PATH,
+    RouteTable,
+    Signature,
+)
 
 EXTPROC_CLUSTER = "tollway_extproc"
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -220,6 +227,21 @@ def _upstream_cluster(name: str, upstream: Upstream) -> dict[str, Any]:
     return cluster
 
 
+def _matches(prefix: str, signature: Signature | None) -> list[dict[str, Any]]:
+    """Envoy route matches for one rule of the table: the same test routes.py makes."""
+    if signature is None:
+        return [{"prefix": prefix}]
+    if signature == "anthropic":
+        return [{"prefix": prefix, "headers": [{"name": ANTHROPIC_HEADER, "present_match": True}]}]
+    # :path carries the query string; routes.py matches the path without it.
+    path = {"safe_regex": {"regex": GEMINI_PATH + r"(?:\?.*)?"}}
+    return [
+        {"prefix": prefix, "headers": [{"name": ":path", "string_match": path}]},
+        {"prefix": prefix, "headers": [{"name": GEMINI_KEY_HEADER, "present_match": True}]},
+        {"prefix": prefix, "query_parameters": [{"name": GEMINI_KEY_PARAM, "present_match": True}]},
+    ]
+
+
 def _routes(config: Config) -> list[dict[str, Any]]:
     disabled = {
         "envoy.filters.http.ext_proc": {
@@ -235,24 +257,27 @@ def _routes(config: Config) -> list[dict[str, Any]]:
             "typed_per_filter_config": disabled,
         }
     ]
-    for prefix, route in RouteTable(config.upstreams).entries:
-        upstream = route.upstream
+    for rule in RouteTable(config.upstreams).rules:
+        upstream = rule.route.upstream
         action: dict[str, Any] = {
-            "cluster": f"upstream_{route.name}",
+            "cluster": f"upstream_{rule.route.name}",
             "timeout": f"{upstream.timeout_s:g}s",
             "auto_host_rewrite": True,
         }
-        if upstream.base_path:
-            action["prefix_rewrite"] = upstream.base_path + prefix
-        routes.append(
-            {
-                "name": route.name,
-                "match": {"prefix": prefix},
-                "route": action,
-                # ext_proc would see gzip bytes otherwise (and a decompressor behind it hangs).
-                "request_headers_to_remove": ["accept-encoding"],
-            }
-        )
+        if rule.strip:  # a mount: /anthropic/v1/messages goes up as /v1/messages
+            action["prefix_rewrite"] = upstream.base_path + "/"
+        elif upstream.base_path:
+            action["prefix_rewrite"] = upstream.base_path + rule.prefix
+        for match in _matches(rule.prefix, rule.signature):
+            routes.append(
+                {
+                    "name": rule.route.name,
+                    "match": match,
+                    "route": action,
+                    # ext_proc would see gzip bytes otherwise (and a decompressor behind it hangs).
+                    "request_headers_to_remove": ["accept-encoding"],
+                }
+            )
     routes.append(
         {
             "name": "not_found",
@@ -298,6 +323,9 @@ def _http_filters(config: Config) -> list[dict[str, Any]]:
                 "status_on_error": {"code": 503},
                 "message_timeout": "5s",
                 "allow_mode_override": True,
+                # The route was chosen on what the client sent; Tollway's edits
+                # (credential headers, ?key=) must not send it elsewhere.
+                "route_cache_action": "RETAIN",
                 # Tollway asks per request for anything beyond request headers.
                 "processing_mode": {
                     "request_header_mode": "SEND",

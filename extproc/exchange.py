@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .routes import Call, Dialect, Route, dialect_of, route_dialect
+
 if TYPE_CHECKING:
     from .keys import KeyRecord
-    from .routes import Route
     from .stages.metering import Metering
 
 MetadataValue = str | int | float | bool
@@ -26,7 +27,7 @@ class Exchange:
     query: str
     headers: dict[str, str]  # lower-case names; repeated headers joined with ","
     repeated: frozenset[str]  # names that appeared more than once
-    route: Route | None
+    call: Call | None  # the route and what the request calls there; None: no route
     now: float  # wall clock, seconds since the epoch
     identity: KeyRecord | None = None
     # Edits for the upstream request, applied by the codec.
@@ -46,6 +47,17 @@ class Exchange:
     metering: Metering | None = None  # the metering stage's state for this request
     denied: bool = False  # answered by Tollway: it never reaches an upstream
     _json: dict[str, Any] | None = None
+
+    @property
+    def route(self) -> Route | None:
+        return self.call.route if self.call is not None else None
+
+    @property
+    def dialect(self) -> Dialect:
+        """The error shape this client understands: its route's, or what it speaks."""
+        if self.call is not None:
+            return route_dialect(self.call.route.api)
+        return dialect_of(self.path, self.headers, self.query)
 
     def json(self) -> dict[str, Any]:
         """The request body parsed once as a JSON object (raises BodyError)."""

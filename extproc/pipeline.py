@@ -34,9 +34,8 @@ class Pipeline:
         self, method: str, path: str, headers: dict[str, str], repeated: frozenset[str]
     ) -> Exchange:
         path, _, query = path.partition("?")
-        return Exchange(
-            method, path, query, headers, repeated, self.routes.match(path), self.clock()
-        )
+        call = self.routes.match(method, path, headers, query)
+        return Exchange(method, path, query, headers, repeated, call, self.clock())
 
     def request_headers(self, ex: Exchange) -> Deny | Phase:
         # Clients must not be able to forge headers that upstreams trust.

@@ -82,7 +82,8 @@ class StreamProcessor:
                 self._ex = None
                 return _CONTINUE[kind]
             self.failed = True
-            return codec.immediate_response(INTERNAL_ERROR, {})
+            dialect = self._ex.dialect if self._ex is not None else "openai"
+            return codec.immediate_response(INTERNAL_ERROR, {}, dialect)
         if kind in _CONTINUE:
             return _CONTINUE[kind]
         log.warning("ext_proc message of unknown kind ignored")
@@ -130,7 +131,7 @@ class StreamProcessor:
 
     def _deny(self, ex: Exchange, deny: Deny) -> ProcessingResponse:
         self._count(ex, deny.code)
-        return codec.immediate_response(deny, ex.metadata)
+        return codec.immediate_response(deny, ex.metadata, ex.dialect)
 
     def _count(self, ex: Exchange, outcome: str) -> None:
         route = ex.route.name if ex.route is not None else "none"

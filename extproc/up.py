@@ -148,13 +148,11 @@ def stop_all(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) ->
 
 
 def demo_upstreams(url: str) -> dict[str, Upstream]:
+    """The default routes (OpenAI, Anthropic, Gemini), all served by the demo upstream."""
     cred = Credential(env=DEMO_KEY_ENV)
     return {
-        "openai": Upstream(url=url, api="openai", prefixes=("/v1/",), credential=cred),
-        "anthropic": Upstream(
-            url=url, api="anthropic", prefixes=("/v1/messages",), credential=cred
-        ),
-        "gemini": Upstream(url=url, api="gemini", prefixes=("/v1beta/",), credential=cred),
+        name: upstream.model_copy(update={"url": url, "credential": cred})
+        for name, upstream in Config().upstreams.items()
     }
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl
 
+from .. import named_models
 from ..decisions import Deny, Phase, bad_request, forbidden, unauthorized
 from ..exchange import BodyError, Exchange
-from ..keys import KeyRing
+from ..keys import KeyRecord, KeyRing
 
 # Every header a client SDK may carry its key in (OpenAI, Anthropic, Azure, Gemini).
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
@@ -96,28 +98,86 @@ class AuthStage:
         ex.metadata["auth"] = "ok"
         ex.set_headers["x-tollway-key-id"] = record.id
         ex.set_headers["x-tollway-tenant"] = record.tenant
-        if not record.restricts_models or ex.route is None:
+        if not record.restricts_models or ex.call is None:
             return Phase.NONE
-        model = ex.route.model_in_path(ex.path)
-        if model is not None:
-            ex.metadata["request_model"] = model
-            return Phase.NONE if record.allows_model(model) else _model_denied(model)
-        # Only a restricted key pays for the body: any body may name a model.
-        return Phase.REQUEST_BODY if ex.method in _BODY_METHODS else Phase.NONE
+        return _check_path_models(ex, record)
 
     def on_request_body(self, ex: Exchange) -> Deny | None:
         record = ex.identity
-        if record is None or not record.restricts_models or ex.route is None:
+        if record is None or not record.restricts_models or ex.call is None:
             return None
-        names_model = ex.route.model_in_body(ex.method, ex.path)
-        try:
-            model = ex.json().get("model")
-        except BodyError as exc:
-            # Endpoints that take no JSON (uploads) name no model to check.
-            return bad_request("invalid_body", str(exc)) if names_model else None
-        if model is None and not names_model:
-            return None
-        if not isinstance(model, str) or not model:
-            return bad_request("missing_model", "The request body must name a 'model'.")
-        ex.metadata["request_model"] = model
-        return None if record.allows_model(model) else _model_denied(model)
+        found = _models_in_body(ex)
+        if isinstance(found, Deny):
+            return found
+        if not found and _REQUIRES_MODEL.search(ex.call.path):
+            return bad_request(
+                "missing_model", "This API key is restricted to certain models: name the 'model'."
+            )
+        return _check_models(ex, record, found)
+
+
+# Endpoints that fall back to a default model when none is named: a restricted
+# key must name one. Matched at the end of the path as the provider sees it.
+_REQUIRES_MODEL = re.compile(
+    r"/(?:chat/completions|completions|embeddings|responses|moderations"
+    r"|images/(?:generations|edits|variations)|audio/(?:speech|transcriptions|translations)"
+    r"|realtime/(?:sessions|client_secrets|transcription_sessions)|fine_tuning/jobs"
+    r"|assistants|threads/(?:[^/]+/)?runs|messages|messages/count_tokens|messages/batches"
+    r"|complete)/?$"
+)
+# Endpoints whose models Tollway cannot see (a batch names them in an uploaded file).
+_OPAQUE = re.compile(r"/v1/batches/?$")
+
+
+def _check_path_models(ex: Exchange, record: KeyRecord) -> Deny | Phase:
+    call = ex.call
+    assert call is not None
+    if call.path_model_unreadable:
+        return bad_request("invalid_model", "The model named in the path could not be read.")
+    if ex.method in _BODY_METHODS and _OPAQUE.search(call.path):
+        return forbidden(
+            "endpoint_not_allowed",
+            "This API key is restricted to certain models, and the models this endpoint "
+            "uses cannot be checked.",
+        )
+    named: list[object] = [] if call.path_model is None else [call.path_model]
+    denied = _check_models(ex, record, [*named, *named_models.in_query(ex.query)])
+    if denied is not None:
+        return denied
+    if call.path_model is not None or ex.method not in _BODY_METHODS:
+        return Phase.NONE
+    # Only a restricted key pays for the body: any body may name a model.
+    return Phase.REQUEST_BODY
+
+
+def _models_in_body(ex: Exchange) -> list[object] | Deny:
+    body = ex.body or b""
+    if not body:
+        return []
+    kind = ex.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    try:
+        if kind == "application/json" or kind.endswith("+json"):
+            doc = ex.json()  # parsed once; metering reads the same document
+            return named_models.in_json(doc) if named_models.json_may_name_a_model(body) else []
+        if kind == "multipart/form-data":
+            return named_models.in_multipart(ex.headers["content-type"], body)
+        if kind == "application/x-www-form-urlencoded":
+            return named_models.in_form(body)
+        return named_models.in_other(body)
+    except BodyError as exc:
+        return bad_request(
+            "invalid_body", f"{exc}; this API key may only send bodies Tollway can check."
+        )
+
+
+def _check_models(ex: Exchange, record: KeyRecord, named: list[object]) -> Deny | None:
+    gemini = ex.call is not None and ex.call.route.api == "gemini"
+    for value in named:
+        if not isinstance(value, str) or not value.strip():
+            return bad_request("invalid_model", "Every 'model' must be a non-empty string.")
+        # Gemini bodies name "models/gemini-2.0-flash" (or a Vertex resource path).
+        model = value.rsplit("/", 1)[-1] if gemini else value
+        ex.metadata.setdefault("request_model", model)
+        if not record.allows_model(model):
+            return _model_denied(model)
+    return None

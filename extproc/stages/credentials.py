@@ -7,7 +7,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from ..decisions import Deny, Phase
 from ..exchange import Exchange
-from .auth import CREDENTIAL_HEADERS, query_keys
+from .auth import CREDENTIAL_HEADERS
 
 # Sent keyless, the request would come back as the provider's 401, which the
 # client would take for a problem with its own (valid) Tollway key.
@@ -35,11 +35,12 @@ class CredentialStage:
         # and without a provider key, the client's own credential passes.
         if route.upstream.auth or key is not None:
             ex.remove_headers.update(CREDENTIAL_HEADERS)
-            if query_keys(ex):
-                kept = [
-                    (k, v) for k, v in parse_qsl(ex.query, keep_blank_values=True) if k != "key"
-                ]
-                ex.set_headers[":path"] = ex.path + (f"?{urlencode(kept)}" if kept else "")
+            # On every route: a key in the query must not reach any provider.
+            if "key" in ex.query:
+                pairs = parse_qsl(ex.query, keep_blank_values=True)
+                kept = [(k, v) for k, v in pairs if k != "key"]
+                if len(kept) != len(pairs):
+                    ex.set_headers[":path"] = ex.path + (f"?{urlencode(kept)}" if kept else "")
         if key is not None:
             header = route.upstream.key_header
             ex.set_headers[header] = f"Bearer {key}" if header == "authorization" else key

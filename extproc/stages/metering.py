@@ -21,7 +21,7 @@ from ..decisions import BodyMode, Deny, Phase
 from ..exchange import BodyError, Exchange
 from ..metrics import Metrics
 from ..pricing import OTHER, PriceTable, cost
-from ..providers import Api, api_for
+from ..providers import Api
 from ..providers.meter import Parsed, Reading, ResponseMeter
 from ..providers.usage import Usage
 from ..store import Store, UsageRecord
@@ -95,14 +95,13 @@ class MeteringStage:
     # request
 
     def on_request_headers(self, ex: Exchange) -> Deny | Phase:
-        route = ex.route
-        api = api_for(route.api, ex.method, ex.path) if route is not None else None
-        if route is None or api is None:
+        call = ex.call
+        if call is None or call.api is None:
             return Phase.NONE
-        m = ex.metering = Metering(api, self.clock(), request_model=route.model_in_path(ex.path))
+        m = ex.metering = Metering(call.api, self.clock(), request_model=call.path_model)
         if m.request_model is not None:
             ex.metadata["request_model"] = m.request_model
-        if api in _ASK_FOR_USAGE:
+        if call.api in _ASK_FOR_USAGE:
             return Phase.RESPONSE_HEADERS | Phase.REQUEST_BODY
         return Phase.RESPONSE_HEADERS
 

@@ -144,7 +144,7 @@ def _start(
     customize: Callable[[Config], Config],
 ) -> Stack:
     upstream_port = up.free_port()
-    env = {**os.environ, PROVIDER_ENV: PROVIDER_KEY}
+    env = {**os.environ, PROVIDER_ENV: PROVIDER_KEY, up.DEMO_KEY_ENV: PROVIDER_KEY}
     demo = up.spawn(
         [
             sys.executable,
@@ -160,7 +160,6 @@ def _start(
         log=workdir / "demo.log",
     )
     upstream_url = f"http://127.0.0.1:{upstream_port}"
-    cred = Credential(env=PROVIDER_ENV)
     config = Config(
         server=ServerConfig(
             port=0, drain_delay_s=drain_delay_s, drain_timeout_s=5, reload_interval_s=0.2
@@ -170,13 +169,8 @@ def _start(
         auth={"keys_file": keys_file},  # type: ignore[arg-type]
         max_body_bytes=10 * 1024 * 1024,
         upstreams={
-            "openai": Upstream(url=upstream_url, api="openai", prefixes=("/v1/",), credential=cred),
-            "anthropic": Upstream(
-                url=upstream_url, api="anthropic", prefixes=("/v1/messages",), credential=cred
-            ),
-            "gemini": Upstream(
-                url=upstream_url, api="gemini", prefixes=("/v1beta/",), credential=cred
-            ),
+            # The default routes: OpenAI, Anthropic and Gemini share /v1/, each has a mount.
+            **up.demo_upstreams(upstream_url),
             # Its provider key is configured but not there: refused, never sent keyless.
             "keyless": Upstream(
                 url=upstream_url,

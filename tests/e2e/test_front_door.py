@@ -162,7 +162,10 @@ def test_model_allowlist(stack: Stack) -> None:
         {"x-goog-api-key": stack.keys["restricted"]},
         gemini,
     )
-    assert denied.status_code == 403 and denied.json()["error"]["code"] == "model_not_allowed"
+    assert denied.status_code == 403
+    error = denied.json()["error"]  # Google's shape on a Gemini route
+    assert error["status"] == "PERMISSION_DENIED"
+    assert error["details"][0]["reason"] == "MODEL_NOT_ALLOWED"
 
     no_model = post(
         stack,

@@ -40,15 +40,16 @@ PROVIDER_KEYS: dict[str, str | None] = {
 def upstreams() -> dict[str, Upstream]:
     """One upstream per provider kind, plus two routes with ``auth: false``."""
     return {
-        "openai": Upstream(url="https://api.openai.com", api="openai", prefixes=("/v1/",)),
-        "anthropic": Upstream(
-            url="https://api.anthropic.com", api="anthropic", prefixes=("/v1/messages",)
-        ),
-        "gemini": Upstream(
-            url="https://generativelanguage.googleapis.com", api="gemini", prefixes=("/v1beta/",)
-        ),
+        # The three providers as the default config routes them: sharing /v1/.
+        **{
+            name: upstream.model_copy(update={"credential": None})
+            for name, upstream in Config().upstreams.items()
+        },
         "azure": Upstream(
-            url="https://example.openai.azure.com", api="azure", prefixes=("/openai/",)
+            url="https://example.openai.azure.com",
+            api="azure",
+            prefixes=("/openai/deployments/",),
+            mount="/azure",
         ),
         "open": Upstream(url="http://127.0.0.1:9000", prefixes=("/open/",), auth=False),
         "open_keyed": Upstream(url="http://127.0.0.1:9001", prefixes=("/open-keyed/",), auth=False),

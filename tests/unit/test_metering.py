@@ -109,7 +109,7 @@ def test_not_metered_requests_ask_for_nothing_more() -> None:
         ("/v1/completions", Phase.RESPONSE_HEADERS | Phase.REQUEST_BODY),
         ("/v1/embeddings", Phase.RESPONSE_HEADERS),
         ("/v1/responses", Phase.RESPONSE_HEADERS),
-        ("/v1/messages", Phase.RESPONSE_HEADERS),
+        ("/anthropic/v1/messages", Phase.RESPONSE_HEADERS),
         ("/v1beta/models/gemini-2.5-pro:streamGenerateContent", Phase.RESPONSE_HEADERS),
     ],
 )
@@ -303,7 +303,7 @@ def test_a_request_that_never_got_a_response_is_estimated_from_its_prompt() -> N
 
 def test_an_unpriced_model_costs_zero_and_is_counted() -> None:
     w = World()
-    ex = w.start("/v1/messages")
+    ex = w.start("/anthropic/v1/messages")
     w.respond(ex, "anthropic_messages.json")
     (record,) = w.store.records
     assert not record.priced and record.cost_usd == 0

@@ -207,7 +207,7 @@ def test_internal_headers_are_stripped_even_without_auth_or_route(path: str) -> 
     ("path", "client_header", "provider_header", "provider_value"),
     [
         ("/v1/chat/completions", "authorization", "authorization", "Bearer PK-openai-secret"),
-        ("/v1/messages", "x-api-key", "x-api-key", "PK-anthropic-secret"),
+        ("/anthropic/v1/messages", "x-api-key", "x-api-key", "PK-anthropic-secret"),
         (
             "/v1beta/models/gemini-2.0-flash:generateContent",
             "x-goog-api-key",
@@ -220,7 +220,7 @@ def test_internal_headers_are_stripped_even_without_auth_or_route(path: str) -> 
             "api-key",
             "PK-azure-secret",
         ),
-        ("/v1/messages", "authorization", "x-api-key", "PK-anthropic-secret"),
+        ("/anthropic/v1/messages", "authorization", "x-api-key", "PK-anthropic-secret"),
         ("/v1/embeddings", "x-api-key", "authorization", "Bearer PK-openai-secret"),
     ],
 )
@@ -272,19 +272,30 @@ def test_route_without_auth_but_with_provider_key_replaces_the_clients_credentia
 # ---- routing -----------------------------------------------------------------
 
 
+ANTHROPIC_SDK = {"anthropic-version": "2023-06-01"}
+
+
 @pytest.mark.parametrize(
-    ("path", "route"),
+    ("path", "headers", "route"),
     [
-        ("/v1/chat/completions", "openai"),
-        ("/v1/messages", "anthropic"),
-        ("/v1/messages/count_tokens", "anthropic"),
-        ("/v1/models?limit=5", "openai"),
-        ("/v1beta/models", "gemini"),
-        ("/openai/deployments/x/embeddings", "azure"),
+        ("/v1/chat/completions", {}, "openai"),
+        ("/v1/messages", ANTHROPIC_SDK, "anthropic"),
+        ("/v1/messages/count_tokens", ANTHROPIC_SDK, "anthropic"),
+        ("/v1/models?limit=5", {}, "openai"),
+        ("/v1/models?limit=5", ANTHROPIC_SDK, "anthropic"),
+        ("/v1/files", ANTHROPIC_SDK, "anthropic"),
+        ("/v1/models/gemini-2.5-flash:generateContent", {}, "gemini"),
+        ("/v1beta/models", {}, "gemini"),
+        ("/openai/deployments/x/embeddings", {}, "azure"),
+        ("/openai/v1/models", {}, "openai"),
+        ("/anthropic/v1/models", {}, "anthropic"),
+        ("/gemini/v1beta/models", {}, "gemini"),
     ],
 )
-def test_longest_prefix_picks_the_route(path: str, route: str) -> None:
-    ex, decision = decide(pipeline(), path, bearer(ALICE), method="GET")
+def test_a_request_goes_to_the_provider_it_speaks(
+    path: str, headers: dict[str, str], route: str
+) -> None:
+    ex, decision = decide(pipeline(), path, {**bearer(ALICE), **headers}, method="GET")
     assert decision == Phase.NONE
     assert ex.metadata["route"] == route
     assert "?" not in ex.path
@@ -304,13 +315,13 @@ def test_unknown_path_is_404_before_any_stage(path: str) -> None:
     ("method", "path", "key", "wants"),
     [
         ("POST", "/v1/chat/completions", ALICE, Phase.NONE),
-        ("POST", "/v1/messages", ALICE, Phase.NONE),
+        ("POST", "/anthropic/v1/messages", ALICE, Phase.NONE),
         ("POST", "/v1/chat/completions", RESTRICTED, Phase.REQUEST_BODY),
         ("POST", "/v1/chat/completions?stream=true", RESTRICTED, Phase.REQUEST_BODY),
         ("POST", "/v1/embeddings", RESTRICTED, Phase.REQUEST_BODY),
         ("POST", "/v1/responses", RESTRICTED, Phase.REQUEST_BODY),
-        ("POST", "/v1/messages", RESTRICTED, Phase.REQUEST_BODY),
-        ("POST", "/v1/messages/count_tokens", RESTRICTED, Phase.REQUEST_BODY),
+        ("POST", "/anthropic/v1/messages", RESTRICTED, Phase.REQUEST_BODY),
+        ("POST", "/anthropic/v1/messages/count_tokens", RESTRICTED, Phase.REQUEST_BODY),
         ("POST", "/v1beta/openai/chat/completions", RESTRICTED, Phase.REQUEST_BODY),
         ("GET", "/v1/models", RESTRICTED, Phase.NONE),
         ("GET", "/v1/chat/completions", RESTRICTED, Phase.NONE),
@@ -333,15 +344,19 @@ def test_only_restricted_keys_buffer_the_body(
         (b'{"model": "claude-3-5-sonnet-latest"}', None, None),
         (b'{"model": "gpt-4o"}', 403, "model_not_allowed"),
         (b'{"model": "gpt-4o-mini-2"}', 403, "model_not_allowed"),
-        (b"", 400, "invalid_body"),
+        (b"", 400, "missing_model"),
         (b"not json", 400, "invalid_body"),
         (b'{"model": "gpt-4o-mini"', 400, "invalid_body"),
         (b'["gpt-4o-mini"]', 400, "invalid_body"),
         (b'"gpt-4o-mini"', 400, "invalid_body"),
         (b"{}", 400, "missing_model"),
-        (b'{"model": ""}', 400, "missing_model"),
-        (b'{"model": 4}', 400, "missing_model"),
-        (b'{"model": ["gpt-4o-mini"]}', 400, "missing_model"),
+        (b'{"model": ""}', 400, "invalid_model"),
+        (b'{"model": 4}', 400, "invalid_model"),
+        (b'{"model": null}', 400, "invalid_model"),
+        (b'{"model": ["gpt-4o-mini"]}', 400, "invalid_model"),
+        # Models at any depth, and spelled with JSON escapes, are all checked.
+        (b'{"model": "gpt-4o-mini", "tools": [{"model": "gpt-4o"}]}', 403, "model_not_allowed"),
+        (b'{"mod\\u0065l": "gpt-4o"}', 403, "model_not_allowed"),
     ],
 )
 def test_restricted_key_body_check(body: bytes, status: int | None, code: str | None) -> None:
@@ -395,20 +410,31 @@ def test_model_in_path_is_decided_at_headers(path: str, model: str, allowed: boo
 # ---- metadata --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("header", ["authorization", "x-api-key", "api-key", "x-goog-api-key"])
-def test_metadata_names_the_key_and_never_holds_it(header: str) -> None:
+@pytest.mark.parametrize(
+    ("header", "route", "provider_header"),
+    [
+        ("authorization", "openai", "authorization"),
+        ("x-api-key", "openai", "authorization"),
+        ("api-key", "openai", "authorization"),
+        # The Gemini SDK's header says the request speaks Gemini.
+        ("x-goog-api-key", "gemini", "x-goog-api-key"),
+    ],
+)
+def test_metadata_names_the_key_and_never_holds_it(
+    header: str, route: str, provider_header: str
+) -> None:
     value = f"Bearer {BOB}" if header == "authorization" else BOB
-    ex, decision = decide(pipeline(), "/v1/chat/completions", {header: value})
+    ex, decision = decide(pipeline(), "/v1/models", {header: value})
     assert decision == Phase.NONE
     assert ex.metadata == {
-        "route": "openai",
+        "route": route,
         "key_id": BOB_RECORD.id,
         "tenant": "globex",
         "key_name": "bob",
         "auth": "ok",
     }
     assert_no_key_material(ex, BOB)
-    assert set(ex.set_headers) == {"x-tollway-key-id", "x-tollway-tenant", "authorization"}
+    assert set(ex.set_headers) == {"x-tollway-key-id", "x-tollway-tenant", provider_header}
 
 
 def test_restricted_key_metadata_after_body_holds_model_not_key() -> None:
@@ -419,29 +445,127 @@ def test_restricted_key_metadata_after_body_holds_model_not_key() -> None:
     assert_no_key_material(ex, RESTRICTED)
 
 
+MULTIPART = "multipart/form-data; boundary=XyZ"
+
+
+def multipart(**fields: str) -> bytes:
+    parts = [
+        f'--XyZ\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields.items()
+    ]
+    return ("".join(parts) + "--XyZ--\r\n").encode()
+
+
 @pytest.mark.parametrize(
-    ("path", "body", "code"),
+    ("path", "content_type", "body", "status", "code"),
     [
         # Endpoints Tollway has no list for are still checked when the body names a model.
-        ("/v1/audio/transcriptions", b'{"model": "whisper-1"}', "model_not_allowed"),
-        ("/v1/batches", b'{"model": "gpt-4o"}', "model_not_allowed"),
-        ("/v1/chat/completions/", b'{"model": "gpt-4o"}', "model_not_allowed"),
-        ("/v1/files", b"--boundary\r\nmultipart upload", None),
-        ("/v1/files", b'{"purpose": "batch"}', None),
-        ("/v1/batches", b'{"model": "gpt-4o-mini"}', None),
+        (
+            "/v1/chat/completions/",
+            "application/json",
+            b'{"model": "gpt-4o"}',
+            403,
+            "model_not_allowed",
+        ),
+        ("/v1/files", "application/json", b'{"purpose": "batch"}', None, None),
+        ("/v1/files", MULTIPART, multipart(purpose="batch", file="{}"), None, None),
+        # Uploads name the model in a form field.
+        (
+            "/v1/audio/transcriptions",
+            MULTIPART,
+            multipart(model="gpt-4o", file="RIFF"),
+            403,
+            "model_not_allowed",
+        ),
+        (
+            "/v1/audio/transcriptions",
+            MULTIPART,
+            multipart(model="gpt-4o-mini", file="RIFF"),
+            None,
+            None,
+        ),
+        ("/v1/audio/transcriptions", MULTIPART, multipart(file="RIFF"), 400, "missing_model"),
+        (
+            "/v1/images/edits",
+            MULTIPART,
+            multipart(prompt="x", model="gpt-4o"),
+            403,
+            "model_not_allowed",
+        ),
+        ("/v1/images/edits", "multipart/form-data", multipart(model="gpt-4o"), 400, "invalid_body"),
+        (
+            "/v1/images/variations",
+            "application/x-www-form-urlencoded",
+            b"n=1&model=gpt-4o",
+            403,
+            "model_not_allowed",
+        ),
+        (
+            "/v1/images/variations",
+            "application/x-www-form-urlencoded",
+            b"n=1",
+            400,
+            "missing_model",
+        ),
+        # Nested: Anthropic batches and realtime sessions.
+        (
+            "/anthropic/v1/messages/batches",
+            "application/json",
+            b'{"requests": [{"custom_id": "a", "params": {"model": "claude-3-haiku"}},'
+            b' {"custom_id": "b", "params": {"model": "gpt-4o"}}]}',
+            403,
+            "model_not_allowed",
+        ),
+        (
+            "/v1/realtime/client_secrets",
+            "application/json",
+            b'{"session": {"type": "realtime", "model": "gpt-4o"}}',
+            403,
+            "model_not_allowed",
+        ),
+        (
+            "/v1/realtime/client_secrets",
+            "application/json",
+            b'{"session": {}}',
+            400,
+            "missing_model",
+        ),
+        # A content type Tollway cannot read is fine only if nothing in it says "model".
+        ("/v1/uploads/x/parts", "application/octet-stream", b"\x00\x01", None, None),
+        ("/v1/uploads/x/parts", "text/plain", b"model=gpt-4o", 400, "invalid_body"),
     ],
 )
 def test_restricted_key_cannot_bypass_the_allowlist(
-    path: str, body: bytes, code: str | None
+    path: str, content_type: str, body: bytes, status: int | None, code: str | None
 ) -> None:
     p = pipeline()
-    ex, decision = decide(p, path, bearer(RESTRICTED))
+    ex, decision = decide(p, path, {**bearer(RESTRICTED), "content-type": content_type})
     assert decision == Phase.REQUEST_BODY
     result = p.request_body(ex, body)
     if code is None:
         assert result is None
     else:
-        assert_denied(result, 403, code)
+        assert_denied(result, status, code)
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        # A batch names its models inside an uploaded file: nothing to check them on.
+        ("/v1/batches", 403, "endpoint_not_allowed"),
+        # A Gemini path whose model cannot be read is refused, not passed to the body check.
+        ("/v1beta/models/gemini-2.5-pro:x:generateContent", 400, "invalid_model"),
+        ("/v1/models/gemini-2.0-flash:x:generateContent", 400, "invalid_model"),
+        # Azure deployments, whatever the casing Azure accepts.
+        ("/openai/deployments/gpt-4o/chat/completions", 403, "model_not_allowed"),
+        ("/azure/openai/Deployments/gpt-4o/chat/completions", 403, "model_not_allowed"),
+        # A model in the query string counts too.
+        ("/v1/realtime/calls?model=gpt-4o", 403, "model_not_allowed"),
+    ],
+)
+def test_restricted_key_refused_at_headers(path: str, status: int, code: str) -> None:
+    _, decision = decide(pipeline(), path, bearer(RESTRICTED))
+    assert_denied(decision, status, code)
 
 
 def test_gemini_key_in_query_is_accepted_and_never_forwarded() -> None:
