@@ -8,16 +8,19 @@ keeps the committed file in sync.
 from __future__ import annotations
 
 import ipaddress
+import json
 from typing import Any
 
 import yaml
 
 from .config import Config, ConfigError, TLSFiles, Upstream
+from .error_shapes import error_document
 from .routes import (
     ANTHROPIC_HEADER,
     GEMINI_KEY_HEADER,
     GEMINI_KEY_PARAM,
     GEMINI_PATH,
+    Dialect,
     RouteTable,
     Signature,
 )
@@ -278,26 +281,34 @@ def _routes(config: Config) -> list[dict[str, Any]]:
                     "request_headers_to_remove": ["accept-encoding"],
                 }
             )
-    routes.append(
-        {
-            "name": "not_found",
-            "match": {"prefix": "/"},
-            "direct_response": {
-                "status": 404,
-                "body": {
-                    "inline_string": '{"error": {"message": "Unknown request URL.", '
-                    '"type": "invalid_request_error", "code": "unknown_url"}}'
-                },
-            },
-            "response_headers_to_add": [
+    # No provider matched: a 404 in the shape of what the request seems to speak.
+    not_found: list[tuple[Signature | None, Dialect]] = [
+        ("anthropic", "anthropic"),
+        ("gemini", "gemini"),
+        (None, "openai"),
+    ]
+    for signature, dialect in not_found:
+        body = error_document(
+            dialect, 404, "invalid_request_error", "unknown_url", "Unknown request URL."
+        )
+        for match in _matches("/", signature):
+            routes.append(
                 {
-                    "header": {"key": "content-type", "value": "application/json"},
-                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    "name": "not_found",
+                    "match": match,
+                    "direct_response": {
+                        "status": 404,
+                        "body": {"inline_string": json.dumps(body)},
+                    },
+                    "response_headers_to_add": [
+                        {
+                            "header": {"key": "content-type", "value": "application/json"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        }
+                    ],
+                    "typed_per_filter_config": disabled,
                 }
-            ],
-            "typed_per_filter_config": disabled,
-        }
-    )
+            )
     return routes
 
 

@@ -121,6 +121,30 @@ def test_a_request_that_matches_no_provider_is_404(stack: Stack, path: str) -> N
 # ---- errors in each provider's own shape ------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("path", "headers", "shape"),
+    [
+        ("/v2/x", {}, "openai"),
+        ("/v2/x", {"anthropic-version": "2023-06-01"}, "anthropic"),
+        ("/v2/models/gemini-2.0-flash:generateContent", {}, "gemini"),
+        ("/v2/x?key=abc", {}, "gemini"),
+    ],
+)
+def test_unknown_url_in_the_shape_the_client_speaks(
+    stack: Stack, path: str, headers: dict[str, str], shape: str
+) -> None:
+    response = httpx.post(f"{stack.url}{path}", headers=headers, json={}, timeout=10)
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    if shape == "anthropic":
+        assert body["type"] == "error" and body["error"]["type"] == "not_found_error"
+    elif shape == "gemini":
+        assert (body["error"]["code"], body["error"]["status"]) == (404, "NOT_FOUND")
+    else:
+        assert body["error"]["code"] == "unknown_url"
+
+
 def test_anthropic_sdk_gets_anthropic_errors(stack: Stack) -> None:
     client = anthropic.Anthropic(base_url=stack.url, api_key="tw_wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError) as caught:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, HeaderValueOption
@@ -11,7 +13,9 @@ from google.protobuf.json_format import MessageToDict
 
 from extproc import codec
 from extproc.decisions import BodyMode, Deny, Phase, forbidden, unauthorized
+from extproc.error_shapes import error_document
 from extproc.exchange import Exchange
+from extproc.routes import Dialect
 
 from .factories import bearer, build_pipeline, decide, new_key
 
@@ -312,3 +316,69 @@ def test_the_last_response_chunk_carries_metadata_and_response_headers() -> None
     ]
     assert not response.response_body.response.HasField("body_mutation")
     assert tollway_metadata(response) == {"cost_usd": 0.25, "usage_estimated": False}
+
+
+@pytest.mark.parametrize(
+    ("dialect", "body"),
+    [
+        (
+            "anthropic",
+            {
+                "type": "error",
+                "error": {"type": "permission_error", "message": "No gpt-4o for you."},
+            },
+        ),
+        (
+            "gemini",
+            {
+                "error": {
+                    "code": 403,
+                    "message": "No gpt-4o for you.",
+                    "status": "PERMISSION_DENIED",
+                    "details": [
+                        {
+                            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                            "reason": "MODEL_NOT_ALLOWED",
+                            "domain": "tollway",
+                        }
+                    ],
+                }
+            },
+        ),
+        (
+            "openai",
+            {
+                "error": {
+                    "message": "No gpt-4o for you.",
+                    "type": "permission_error",
+                    "code": "model_not_allowed",
+                    "param": None,
+                }
+            },
+        ),
+    ],
+)
+def test_denials_come_in_the_providers_own_shape(dialect: Dialect, body: dict[str, Any]) -> None:
+    deny = forbidden("model_not_allowed", "No gpt-4o for you.")
+    response = roundtrip(codec.immediate_response(deny, {}, dialect))
+    assert response.immediate_response.status.code == 403
+    assert orjson.loads(response.immediate_response.body) == body
+
+
+@pytest.mark.parametrize(
+    ("status", "anthropic_type", "google_status"),
+    [
+        (400, "invalid_request_error", "INVALID_ARGUMENT"),
+        (401, "authentication_error", "UNAUTHENTICATED"),
+        (404, "not_found_error", "NOT_FOUND"),
+        (413, "request_too_large", "INVALID_ARGUMENT"),
+        (429, "rate_limit_error", "RESOURCE_EXHAUSTED"),
+        (500, "api_error", "INTERNAL"),
+        (503, "api_error", "UNAVAILABLE"),
+    ],
+)
+def test_error_types_follow_the_status(
+    status: int, anthropic_type: str, google_status: str
+) -> None:
+    assert error_document("anthropic", status, "t", "c", "m")["error"]["type"] == anthropic_type
+    assert error_document("gemini", status, "t", "c", "m")["error"]["status"] == google_status
