@@ -259,3 +259,21 @@ def test_a_key_in_the_query_never_reaches_any_provider(stack: Stack) -> None:
     assert response.status_code == 200
     request = provider_request(stack, "/v1/chat/completions")
     assert key not in request["query"] and request["query"] == "x=1"
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/models?key={key}", "/v1/models/gemini-2.0-flash:countTokens?key={key}"]
+)
+def test_a_gemini_key_in_the_query_routes_to_gemini_and_stays_there(
+    stack: Stack, path: str
+) -> None:
+    """Tollway strips ?key=; the route Envoy chose on the client's request must hold."""
+    stack.clear_upstream_requests()
+    key = stack.keys["alice"]
+    method = "GET" if "countTokens" not in path else "POST"
+    httpx.request(method, f"{stack.url}{path.format(key=key)}", json={}, timeout=10)
+    request = provider_request(stack, path.partition("?")[0])
+    assert request["headers"]["x-goog-api-key"] == PROVIDER_KEY
+    assert key not in request["query"]
+    line = routed(stack, path.partition("?")[0])
+    assert (line["route"], line["upstream"]) == ("gemini", "upstream_gemini")
