@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from .decisions import BodyMode, Deny, Phase
 from .exchange import Exchange
+from .headroom import HeaderLimits, over_limits
 from .routes import RouteTable
 from .stages import ResponseStage, Stage
 
@@ -24,8 +25,10 @@ class Pipeline:
         stages: Sequence[Stage],
         clock: Callable[[], float] = time.time,
         response_stages: Sequence[ResponseStage] = (),
+        header_limits: HeaderLimits | None = None,
     ) -> None:
         self.routes = routes
+        self.header_limits = header_limits or HeaderLimits()
         self.stages = tuple(stages)
         self.response_stages = tuple(response_stages)
         self.clock = clock
@@ -54,6 +57,11 @@ class Pipeline:
                 ex.denied = True
                 return decision
             wants |= decision
+        # After every stage's edits: Envoy would fail the request if they crossed its limits.
+        too_large = over_limits(ex, self.header_limits)
+        if too_large is not None:
+            ex.denied = True
+            return too_large
         return wants
 
     def request_body(self, ex: Exchange, body: bytes) -> Deny | None:
