@@ -19,6 +19,9 @@ from .exchange import Exchange
 
 # A body phase may still rewrite content-length (a replaced body): a few more bytes.
 BODY_PHASE_SLACK_BYTES = 16
+# Envoy's limit on the header lines of an upstream's response (the upstream cluster's
+# max_headers_count, default 100), checked again after ext_proc adds response headers.
+RESPONSE_HEADER_LINES = 100
 
 TOO_LARGE = Deny(
     431,
@@ -63,3 +66,15 @@ def over_limits(ex: Exchange, limits: HeaderLimits) -> Deny | None:
     if count > limits.count or size + BODY_PHASE_SLACK_BYTES > limits.kb * 1024:
         return TOO_LARGE
     return None
+
+
+def response_headers_fit(ex: Exchange, limit: int = RESPONSE_HEADER_LINES) -> bool:
+    """Would the response headers Tollway adds keep the response within Envoy's count?
+
+    Response repeats are not marked, so every comma counts as a line: near the
+    limit this errs towards leaving an optional header out.
+    """
+    kept = (v for n, v in ex.response_headers.items() if n not in ex.remove_response_headers)
+    lines = sum(value.count(",") + 1 for value in kept)
+    added = sum(1 for name in ex.set_response_headers if name not in ex.response_headers)
+    return lines + added <= limit

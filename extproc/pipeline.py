@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from .decisions import BodyMode, Deny, Phase
 from .exchange import Exchange
-from .headroom import HeaderLimits, over_limits
+from .headroom import HeaderLimits, over_limits, response_headers_fit
 from .routes import RouteTable
 from .stages import ResponseStage, Stage
 
@@ -90,6 +90,8 @@ class Pipeline:
             out = stage.on_response_body(ex, chunk if replacement is None else replacement, end)
             if out is not None:
                 replacement = out
+        if end and ex.set_response_headers and not response_headers_fit(ex):
+            ex.set_response_headers.clear()  # Envoy would fail the whole response over them
         return replacement
 
     def stream_end(self, ex: Exchange) -> None:

@@ -297,6 +297,25 @@ class _OddUpstream(BaseHTTPRequestHandler):
         else:
             self.release.wait(timeout=15)
 
+    def do_POST(self) -> None:
+        """/odd/v1/embeddings: a metered answer with x-lines extra header lines."""
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
+                "model": "text-embedding-3-small",
+                "usage": {"prompt_tokens": 5, "total_tokens": 5},
+            }
+        )
+        self.send_response(200)  # with server and date: 4 lines and the extra ones
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        for i in range(int(self.headers.get("x-lines", "0"))):
+            self.send_header(f"x-line-{i}", "v")
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, format: str, *args: object) -> None:
         pass
 
@@ -330,6 +349,23 @@ def test_an_upstream_that_times_out_is_504_upstream_error_not_503(odd_stack: Sta
     r = httpx.get(f"{odd_stack.url}/odd/hang", timeout=10)
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_error"
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("lines", [10, 90, 94, 96])
+def test_a_response_near_envoys_header_count_is_answered_without_the_cost_header(
+    odd_stack: Stack, lines: int
+) -> None:
+    """Envoy checks the response's header count again after Tollway adds x-tollway-cost-usd."""
+    r = httpx.post(
+        f"{odd_stack.url}/odd/v1/embeddings",
+        json={"model": "text-embedding-3-small", "input": "hi"},
+        headers={"x-lines": str(lines)},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 5
+    if lines <= 90:
+        assert r.headers["x-tollway-cost-usd"]  # room for it: still there
 
 
 # ---- a stalled Tollway -----------------------------------------------------------------

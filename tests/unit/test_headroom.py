@@ -11,6 +11,7 @@ from extproc.headroom import (
     HeaderLimits,
     after_edits,
     over_limits,
+    response_headers_fit,
 )
 from extproc.pipeline import Pipeline
 
@@ -80,3 +81,14 @@ def test_a_denial_before_any_edit_is_not_turned_into_a_431() -> None:
     pipeline = _pipeline(HeaderLimits(count=1))
     decision = pipeline.request_headers(request(pipeline, "/v1/models", {}, method="GET"))
     assert decision is not TOO_LARGE and getattr(decision, "code", "") == "missing_api_key"
+
+
+def test_response_headers_tollway_adds_must_fit_envoys_count() -> None:
+    ex = exchange({})
+    ex.response_headers = {f"x-{i}": "v" for i in range(99)}
+    ex.set_response_headers["x-tollway-cost-usd"] = "0.000000100"
+    assert response_headers_fit(ex)  # 99 + 1
+    ex.response_headers["date"] = "Tue, 01 Dec 2026 18:00:00 GMT"  # a comma: counted as 2
+    assert not response_headers_fit(ex)
+    ex.remove_response_headers.add("date")
+    assert response_headers_fit(ex)
