@@ -116,14 +116,28 @@ _UNAVAILABLE = ENVOY_ERRORS[-2]
 EXTPROC_TIMEOUT_DETAILS = "ext_proc_error_per-message_timeout_exceeded"
 
 
+def _details_are(details: str) -> dict[str, Any]:
+    """The reply's %RESPONSE_CODE_DETAILS% (a CEL filter: no built-in filter reads it)."""
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": f"{_T}extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": f"response.code_details == '{details}'",
+            },
+        }
+    }
+
+
 def _local_reply_config() -> dict[str, Any]:
     """Every answer Envoy makes itself is a JSON error; Tollway's own answers pass unchanged.
 
     Tollway's ImmediateResponses are local replies too (mappers would rewrite
-    them), and each one sets dynamic metadata ``tollway.denied``: the first
-    mapper matches them and changes nothing. A Tollway that does not answer in
-    time is a 503 (fail closed), not the upstream's 504. Real upstream answers
-    are not local replies and are never rewritten.
+    them), and each one sets dynamic metadata ``tollway.denied``; so are
+    routes' direct responses (details ``direct_response``). The first mapper
+    matches both and changes nothing. A Tollway that does not answer in time
+    is a 503 (fail closed), not the upstream's 504. Real upstream answers are
+    not local replies and are never rewritten.
     """
     tollway_answered = {
         "metadata_filter": {
@@ -135,19 +149,14 @@ def _local_reply_config() -> dict[str, Any]:
             "match_if_key_not_found": False,  # default true: would match every reply
         }
     }
-    extproc_timeout = {
-        "extension_filter": {
-            "name": "envoy.access_loggers.extension_filters.cel",
-            "typed_config": {
-                "@type": f"{_T}extensions.access_loggers.filters.cel.v3.ExpressionFilter",
-                "expression": f"response.code_details == '{EXTPROC_TIMEOUT_DETAILS}'",
-            },
-        }
-    }
+    # A route's direct_response (the 404 for an unknown URL) is an answer written on purpose.
+    configured = _details_are("direct_response")
     status, code, message, type_ = _UNAVAILABLE
     mappers: list[dict[str, Any]] = [
-        {"filter": tollway_answered},
-        _mapper(extproc_timeout, status, code, message, type_, rewrite=status),
+        {"filter": {"or_filter": {"filters": [tollway_answered, configured]}}},
+        _mapper(
+            _details_are(EXTPROC_TIMEOUT_DETAILS), status, code, message, type_, rewrite=status
+        ),
     ]
     mappers += [_mapper(_status_is("EQ", s), s, c, m, t) for s, c, m, t in ENVOY_ERRORS]
     # Anything else Envoy refuses (405, 411, 414, 501, ...): still a JSON error.

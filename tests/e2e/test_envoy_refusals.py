@@ -28,7 +28,7 @@ import httpx
 import orjson
 import pytest
 
-from extproc import codec
+from extproc import codec, envoyconf
 from extproc.config import Config, Upstream
 from extproc.stages import auth
 
@@ -210,6 +210,20 @@ def test_tollways_own_answers_pass_the_mappers_unchanged(stack: Stack) -> None:
     assert r.content == codec.error_body(auth._MISSING)  # byte for byte what Tollway sent
     h2_answer = h2_request(stack, [(":method", "GET"), (":path", "/v1/models")])
     assert (h2_answer.status, h2_answer.body) == (401, codec.error_body(auth._MISSING))
+
+
+def test_a_routes_direct_response_passes_the_mappers_unchanged(stack: Stack) -> None:
+    """The 404 route for unknown URLs answers in its own words (a shape per provider)."""
+    rendered = envoyconf.render(stack.gateway.config)
+    hcm = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    bodies = {
+        r["direct_response"]["body"]["inline_string"].encode()
+        for r in routes
+        if r.get("direct_response", {}).get("status") == 404
+    }
+    r = httpx.get(f"{stack.url}/no/such/url", timeout=5)
+    assert r.status_code == 404 and r.content in bodies
 
 
 def test_healthz_is_not_an_error(stack: Stack) -> None:

@@ -16,7 +16,10 @@ def _hcm(config: Config) -> dict[str, Any]:
 def test_tollways_own_answers_are_matched_first_and_left_alone() -> None:
     first = _hcm(Config())["local_reply_config"]["mappers"][0]
     assert first.keys() == {"filter"}  # no status, body or header override
-    metadata = first["filter"]["metadata_filter"]
+    tollway, direct_response = first["filter"]["or_filter"]["filters"]
+    expression = direct_response["extension_filter"]["typed_config"]["expression"]
+    assert expression == "response.code_details == 'direct_response'"
+    metadata = tollway["metadata_filter"]
     assert metadata["matcher"]["filter"] == "tollway"
     assert metadata["matcher"]["path"] == [{"key": "denied"}]
     assert metadata["match_if_key_not_found"] is False  # else it matches every reply
