@@ -217,6 +217,15 @@ class EnvoyConfig(_Model):
     extproc_client_tls: ExtprocClientTLS | None = None
     # Hostname Envoy uses to reach Tollway (compose: the service name).
     extproc_host: str | None = None
+    # Request header limits (Envoy's max_headers_count and max_request_headers_kb). Envoy
+    # checks them on what the client sends (431) and again after Tollway's header edits, so
+    # Tollway answers 431 itself when its edits would cross them.
+    max_request_headers: int = Field(100, ge=32, le=10000)
+    max_request_headers_kb: int = Field(60, ge=8, le=8192)
+    # How long Envoy waits for Tollway's answer to one message before failing closed (503).
+    # The timer restarts on every message; a whole 10 MiB body is one message (~0.1 s alone,
+    # under 1 s with 8 at once on 2 cores).
+    extproc_message_timeout_s: float = Field(2.0, gt=0, le=60)
 
 
 # The paths each provider's SDK calls by default. All three speak /v1/: requests

@@ -23,6 +23,7 @@ from .routes import (
     Dialect,
     RouteTable,
     Signature,
+    route_dialect,
 )
 
 EXTPROC_CLUSTER = "tollway_extproc"
@@ -67,27 +68,167 @@ ACCESS_LOG_FORMAT: dict[str, str] = {
 }
 
 
-def _error_json(message: str, type_: str, code: str) -> dict[str, Any]:
+def error_body(
+    status: int, code: str, message: str, type_: str, dialect: Dialect = "openai"
+) -> dict[str, Any]:
+    """The body of an error the front door itself answers, in the route's provider shape."""
     return {
-        "json_format": {"error": {"message": message, "type": type_, "code": code}},
+        "json_format": error_document(dialect, status, type_, code, message),
         "content_type": "application/json",
     }
 
 
-def _status_mapper(codes: tuple[int, ...], message: str, type_: str, code: str) -> dict[str, Any]:
-    """Envoy's own error replies (Tollway never sends these codes) as OpenAI-style JSON."""
-    filters = [
-        {
-            "status_code_filter": {
-                "comparison": {"op": "EQ", "value": {"default_value": c, "runtime_key": "unused"}}
-            }
-        }
-        for c in codes
-    ]
+def _status_is(op: str, status: int) -> dict[str, Any]:
     return {
-        "filter": filters[0] if len(filters) == 1 else {"or_filter": {"filters": filters}},
-        "body_format_override": _error_json(message, type_, code),
+        "status_code_filter": {
+            "comparison": {"op": op, "value": {"default_value": status, "runtime_key": "unused"}}
+        }
     }
+
+
+def _mapper(
+    filter_: dict[str, Any],
+    status: int,
+    code: str,
+    message: str,
+    type_: str,
+    *,
+    rewrite: int = 0,
+    dialect: Dialect = "openai",
+) -> dict[str, Any]:
+    mapper: dict[str, Any] = {
+        "filter": filter_,
+        "body_format_override": error_body(status, code, message, type_, dialect),
+    }
+    if rewrite:
+        mapper["status_code"] = rewrite
+    return mapper
+
+
+# Envoy's own answers, by status: (status, code, message, type).
+ENVOY_ERRORS: tuple[tuple[int, str, str, str], ...] = (
+    (400, "bad_request", "The request is malformed.", "invalid_request_error"),
+    (403, "upgrade_not_supported", "Protocol upgrades are not supported.", "invalid_request_error"),
+    (404, "unknown_url", "Unknown request URL.", "invalid_request_error"),
+    (408, "request_timeout", "The request was not received in time.", "invalid_request_error"),
+    (413, "request_too_large", "Request body too large.", "invalid_request_error"),
+    (426, "upgrade_required", "HTTP/1.1 or HTTP/2 is required.", "invalid_request_error"),
+    (
+        431,
+        "request_header_fields_too_large",
+        "Request headers too large or too many.",
+        "invalid_request_error",
+    ),
+    (500, "gateway_error", "The gateway failed to process this request.", "api_error"),
+    (501, "not_implemented", "The gateway does not support this request.", "invalid_request_error"),
+    (502, "upstream_error", "The upstream failed to answer.", "api_error"),
+    (503, "service_unavailable", "The gateway or the upstream is unavailable.", "api_error"),
+    (504, "upstream_error", "The upstream failed to answer.", "api_error"),
+)
+
+_UNAVAILABLE = ENVOY_ERRORS[-2]
+# Envoy's ext_proc filter answers 504 when Tollway does not answer a message in time.
+EXTPROC_TIMEOUT_DETAILS = "ext_proc_error_per-message_timeout_exceeded"
+
+
+def _cel(expression: str) -> dict[str, Any]:
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": f"{_T}extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                "expression": expression,
+            },
+        }
+    }
+
+
+def _details_are(details: str) -> dict[str, Any]:
+    """The reply's %RESPONSE_CODE_DETAILS% (a CEL filter: no built-in filter reads it)."""
+    return _cel(f"response.code_details == '{details}'")
+
+
+def _both(first: dict[str, Any], second: dict[str, Any] | None) -> dict[str, Any]:
+    return first if second is None else {"and_filter": {"filters": [first, second]}}
+
+
+def _local_reply_config(config: Config) -> dict[str, Any]:
+    """Every answer Envoy makes itself is a JSON error; Tollway's own answers pass unchanged.
+
+    Tollway's ImmediateResponses are local replies too (mappers would rewrite
+    them), and each one sets dynamic metadata ``tollway.denied``; so are
+    routes' direct responses (details ``direct_response``). The first mapper
+    matches both and changes nothing. A Tollway that does not answer in time
+    is a 503 (fail closed), not the upstream's 504. Real upstream answers are
+    not local replies and are never rewritten.
+    """
+    tollway_answered = {
+        "metadata_filter": {
+            "matcher": {
+                "filter": "tollway",
+                "path": [{"key": "denied"}],
+                "value": {"present_match": True},
+            },
+            "match_if_key_not_found": False,  # default true: would match every reply
+        }
+    }
+    # A route's direct_response (the 404 for an unknown URL) is an answer written on purpose.
+    configured = _details_are("direct_response")
+    mappers: list[dict[str, Any]] = [
+        {"filter": {"or_filter": {"filters": [tollway_answered, configured]}}}
+    ]
+    # In the shape of the provider whose route the request took (Envoy's route
+    # names are the upstreams'); before any route (a malformed request), OpenAI's.
+    names: dict[Dialect, list[str]] = {}
+    for name, upstream in config.upstreams.items():
+        names.setdefault(route_dialect(upstream.api), []).append(name)
+    for dialect in ("anthropic", "gemini", "openai"):
+        if dialect == "openai":
+            on_route = None
+        elif dialect in names:
+            listed = ", ".join(f"'{n}'" for n in names[dialect])
+            on_route = _cel(f"xds.route_name in [{listed}]")
+        else:
+            continue
+        status, code, message, type_ = _UNAVAILABLE
+        mappers.append(
+            _mapper(
+                _both(_details_are(EXTPROC_TIMEOUT_DETAILS), on_route),
+                status,
+                code,
+                message,
+                type_,
+                rewrite=status,
+                dialect=dialect,
+            )
+        )
+        mappers += [
+            _mapper(_both(_status_is("EQ", s), on_route), s, c, m, t, dialect=dialect)
+            for s, c, m, t in ENVOY_ERRORS
+        ]
+        # Anything else Envoy refuses (405, 411, 414, 501, ...): still a JSON error.
+        client_error = {"and_filter": {"filters": [_status_is("GE", 400), _status_is("LE", 499)]}}
+        mappers.append(
+            _mapper(
+                _both(client_error, on_route),
+                400,
+                "request_refused",
+                "The gateway refused this request.",
+                "invalid_request_error",
+                dialect=dialect,
+            )
+        )
+        mappers.append(
+            _mapper(
+                _both(_status_is("GE", 500), on_route),
+                500,
+                "gateway_error",
+                "The gateway failed to process this request.",
+                "api_error",
+                dialect=dialect,
+            )
+        )
+    return {"mappers": mappers}
 
 
 def _downstream_tls(files: TLSFiles) -> dict[str, Any]:
@@ -138,6 +279,9 @@ def _extproc_cluster(config: Config) -> dict[str, Any]:
         "type": "STRICT_DNS",  # every replica behind one name (compose, k8s headless service)
         "connect_timeout": "1s",
         "load_assignment": _endpoint(EXTPROC_CLUSTER, host, config.server.port),
+        # No healthy replica means no healthy replica: fail closed at once (503) instead of
+        # Envoy's panic mode sending every request to the unhealthy ones anyway.
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": f"{_T}extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -148,6 +292,8 @@ def _extproc_cluster(config: Config) -> dict[str, Any]:
                 },
             }
         },
+        # A replica that stops answering (hung, stopped, overloaded) is ejected after one
+        # missed check: within interval + timeout, ~2 s.
         "health_checks": [
             {
                 "timeout": "1s",
@@ -332,7 +478,8 @@ def _http_filters(config: Config) -> list[dict[str, Any]]:
                 },
                 "failure_mode_allow": False,  # fail closed: no Tollway, no traffic
                 "status_on_error": {"code": 503},
-                "message_timeout": "5s",
+                # A stalled Tollway costs a request this long (then 503), not more.
+                "message_timeout": f"{config.envoy.extproc_message_timeout_s:g}s",
                 "allow_mode_override": True,
                 # The route was chosen on what the client sent; Tollway's edits
                 # (credential headers, ?key=) must not send it elsewhere.
@@ -367,6 +514,10 @@ def render(config: Config) -> dict[str, Any]:
         "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
         "use_remote_address": True,
         "stream_idle_timeout": "300s",
+        # Explicit, because Tollway reads the same numbers: Envoy checks the headers after
+        # ext_proc's edits against these limits too (see headroom.py).
+        "common_http_protocol_options": {"max_headers_count": envoy.max_request_headers},
+        "max_request_headers_kb": envoy.max_request_headers_kb,
         "access_log": [
             {
                 "name": "envoy.access_loggers.stdout",
@@ -387,22 +538,7 @@ def render(config: Config) -> dict[str, Any]:
                 },
             }
         ],
-        "local_reply_config": {
-            "mappers": [
-                _status_mapper(
-                    (413,), "Request body too large.", "invalid_request_error", "request_too_large"
-                ),
-                _status_mapper(
-                    (503,),
-                    "The gateway or the upstream is unavailable.",
-                    "api_error",
-                    "service_unavailable",
-                ),
-                _status_mapper(
-                    (502, 504), "The upstream failed to answer.", "api_error", "upstream_error"
-                ),
-            ]
-        },
+        "local_reply_config": _local_reply_config(config),
         "http_filters": _http_filters(config),
         "route_config": {
             "name": "llm",

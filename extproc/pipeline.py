@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from .decisions import BodyMode, Deny, Phase
 from .exchange import Exchange
+from .headroom import HeaderLimits, over_limits, response_headers_fit
 from .routes import RouteTable
 from .stages import ResponseStage, Stage
 
@@ -24,8 +25,10 @@ class Pipeline:
         stages: Sequence[Stage],
         clock: Callable[[], float] = time.time,
         response_stages: Sequence[ResponseStage] = (),
+        header_limits: HeaderLimits | None = None,
     ) -> None:
         self.routes = routes
+        self.header_limits = header_limits or HeaderLimits()
         self.stages = tuple(stages)
         self.response_stages = tuple(response_stages)
         self.clock = clock
@@ -53,6 +56,11 @@ class Pipeline:
                 ex.denied = True
                 return decision
             wants |= decision
+        # After every stage's edits: Envoy would fail the request if they crossed its limits.
+        too_large = over_limits(ex, self.header_limits)
+        if too_large is not None:
+            ex.denied = True
+            return too_large
         return wants
 
     def request_body(self, ex: Exchange, body: bytes) -> Deny | None:
@@ -81,6 +89,8 @@ class Pipeline:
             out = stage.on_response_body(ex, chunk if replacement is None else replacement, end)
             if out is not None:
                 replacement = out
+        if end and ex.set_response_headers and not response_headers_fit(ex):
+            ex.set_response_headers.clear()  # Envoy would fail the whole response over them
         return replacement
 
     def stream_end(self, ex: Exchange) -> None:

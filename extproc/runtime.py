@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import keys
 from .config import Config
+from .headroom import HeaderLimits
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .pricing import load_prices
@@ -71,7 +72,15 @@ class Runtime:
             wall_clock=clock,
         )
         stages: list[Stage] = [self.auth, self.credentials, self.metering]
-        self.pipeline = Pipeline(self.routes, stages, clock, response_stages=[self.metering])
+        self.pipeline = Pipeline(
+            self.routes,
+            stages,
+            clock,
+            response_stages=[self.metering],
+            header_limits=HeaderLimits(
+                config.envoy.max_request_headers, config.envoy.max_request_headers_kb
+            ),
+        )
 
     def _credential_files(self) -> list[Path]:
         return [

@@ -42,8 +42,15 @@ def test_sigterm_drains_then_envoy_fails_closed(fresh_stack: Stack) -> None:
     eventually(lambda: health(port) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=2)
     admin = stack.gateway.config.envoy.admin_port
     eventually(lambda: not up.extproc_healthy(admin), timeout=3)
-    # Still answering during the drain delay: no request is dropped.
-    assert post(stack, "/v1/chat/completions", alice).status_code == 200
+
+    # The only replica is out: Envoy fails closed rather than sending it traffic in panic
+    # mode (healthy_panic_threshold 0); with other replicas, traffic moves to them. The
+    # workers see the health change a moment after the admin endpoint does.
+    def refused() -> httpx.Response | None:
+        r = post(stack, "/v1/chat/completions", alice)
+        return r if r.status_code == 503 else None
+
+    assert eventually(refused, timeout=3).json()["error"]["code"] == "service_unavailable"
 
     assert fresh_stack.tollway.wait(timeout=15) == 0
     r = post(stack, "/v1/chat/completions", alice)

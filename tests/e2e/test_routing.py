@@ -4,6 +4,7 @@ a model past its allowlist."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import anthropic
@@ -32,11 +33,16 @@ def provider_request(stack: Stack, path: str) -> dict[str, Any]:
     return found
 
 
-def routed(stack: Stack, path: str) -> dict[str, Any]:
-    """The access-log line of the last request to ``path``: route and upstream cluster."""
+def tagged() -> dict[str, str]:
+    """A request id of our own: Envoy keeps it for a loopback client and logs it."""
+    return {"x-request-id": str(uuid.uuid4())}
+
+
+def routed(stack: Stack, tag: dict[str, str]) -> dict[str, Any]:
+    """The access-log line of the request sent with ``tag`` (flushed within a second)."""
 
     def find() -> dict[str, Any] | None:
-        lines = [e for e in stack.access_log() if e["path"] == path]
+        lines = [e for e in stack.access_log() if e["request_id"] == tag["x-request-id"]]
         return lines[-1] if lines else None
 
     line = eventually(find)
@@ -47,8 +53,9 @@ def routed(stack: Stack, path: str) -> dict[str, Any]:
 def test_google_genai_sdk_default_api_version_reaches_gemini(stack: Stack) -> None:
     """google-genai with a base URL calls /v1/models/{m}:generateContent: Gemini's, not OpenAI's."""
     stack.clear_upstream_requests()
+    tag = tagged()
     for version in (None, "v1", "v1beta"):
-        options: dict[str, Any] = {"base_url": stack.url}
+        options: dict[str, Any] = {"base_url": stack.url, "headers": tag}
         if version is not None:
             options["api_version"] = version
         client = genai.Client(api_key=stack.keys["alice"], http_options=options)
@@ -59,20 +66,25 @@ def test_google_genai_sdk_default_api_version_reaches_gemini(stack: Stack) -> No
     for request in received:
         assert request["headers"]["x-goog-api-key"] == PROVIDER_KEY
         assert "authorization" not in request["headers"]
-    line = routed(stack, "/v1/models/gemini-2.0-flash:generateContent")
+    line = routed(stack, tag)
     assert (line["route"], line["upstream"]) == ("gemini", "upstream_gemini")
 
 
 def test_anthropic_sdk_beyond_messages_reaches_anthropic(stack: Stack) -> None:
+    tag = tagged()
     client = anthropic.Anthropic(
-        base_url=stack.url, api_key=stack.keys["alice"], max_retries=0, timeout=10
+        base_url=stack.url,
+        api_key=stack.keys["alice"],
+        max_retries=0,
+        timeout=10,
+        default_headers=tag,
     )
     stack.clear_upstream_requests()
     client.models.list()
     request = provider_request(stack, "/v1/models")
     assert request["headers"]["x-api-key"] == PROVIDER_KEY
     assert "authorization" not in request["headers"]
-    line = routed(stack, "/v1/models")
+    line = routed(stack, tag)
     assert (line["route"], line["upstream"]) == ("anthropic", "upstream_anthropic")
 
 
@@ -87,9 +99,14 @@ def test_openai_sdk_models_list_stays_with_openai(stack: Stack) -> None:
 
 def test_each_provider_has_an_unambiguous_base_url(stack: Stack) -> None:
     key = stack.keys["alice"]
-    gpt = openai.OpenAI(base_url=f"{stack.url}/openai/v1", api_key=key, max_retries=0)
+    tags = tagged(), tagged()
+    gpt = openai.OpenAI(
+        base_url=f"{stack.url}/openai/v1", api_key=key, max_retries=0, default_headers=tags[0]
+    )
     assert gpt.chat.completions.create(model="gpt-4o-mini", messages=HELLO).choices  # type: ignore[arg-type]
-    claude = anthropic.Anthropic(base_url=f"{stack.url}/anthropic", api_key=key, max_retries=0)
+    claude = anthropic.Anthropic(
+        base_url=f"{stack.url}/anthropic", api_key=key, max_retries=0, default_headers=tags[1]
+    )
     assert claude.messages.create(
         model="claude-haiku-4-5",
         max_tokens=8,
@@ -97,11 +114,8 @@ def test_each_provider_has_an_unambiguous_base_url(stack: Stack) -> None:
     ).content
     gemini = genai.Client(api_key=key, http_options={"base_url": f"{stack.url}/gemini"})
     assert gemini.models.generate_content(model="gemini-2.0-flash", contents="hi").text
-    for mounted, route in (
-        ("/openai/v1/chat/completions", "openai"),
-        ("/anthropic/v1/messages", "anthropic"),
-    ):
-        line = routed(stack, mounted)
+    for tag, route in zip(tags, ("openai", "anthropic"), strict=True):
+        line = routed(stack, tag)
         assert (line["route"], line["upstream"], line["status"]) == (
             route,
             f"upstream_{route}",
@@ -271,9 +285,38 @@ def test_a_gemini_key_in_the_query_routes_to_gemini_and_stays_there(
     stack.clear_upstream_requests()
     key = stack.keys["alice"]
     method = "GET" if "countTokens" not in path else "POST"
-    httpx.request(method, f"{stack.url}{path.format(key=key)}", json={}, timeout=10)
+    tag = tagged()
+    httpx.request(method, f"{stack.url}{path.format(key=key)}", json={}, headers=tag, timeout=10)
     request = provider_request(stack, path.partition("?")[0])
     assert request["headers"]["x-goog-api-key"] == PROVIDER_KEY
     assert key not in request["query"]
-    line = routed(stack, path.partition("?")[0])
+    line = routed(stack, tag)
     assert (line["route"], line["upstream"]) == ("gemini", "upstream_gemini")
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/anthropic/v1/messages", {}),
+        ("/v1/messages", {"anthropic-version": "2023-06-01"}),
+        ("/v1beta/models/gemini-2.0-flash:generateContent", {}),
+        ("/v1/chat/completions", {}),
+    ],
+)
+def test_envoys_own_refusals_come_in_the_routes_shape(
+    stack: Stack, path: str, headers: dict[str, str]
+) -> None:
+    """A 413 is Envoy's answer, not Tollway's: still in the provider's shape."""
+    too_big = b"x" * (stack.gateway.config.max_body_bytes + 1)
+    response = httpx.post(f"{stack.url}{path}", headers=headers, content=too_big, timeout=30)
+    assert response.status_code == 413
+    body = response.json()
+    if "anthropic" in path or headers:
+        assert body == {
+            "type": "error",
+            "error": {"type": "request_too_large", "message": "Request body too large."},
+        }
+    elif "gemini" in path:
+        assert (body["error"]["code"], body["error"]["status"]) == (413, "INVALID_ARGUMENT")
+    else:
+        assert body["error"]["code"] == "request_too_large"
