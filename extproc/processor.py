@@ -41,13 +41,12 @@ _RESPONSE_KINDS = frozenset({"response_headers", "response_body"})
 class StreamProcessor:
     """The state of one stream (one HTTP request through Envoy)."""
 
-    __slots__ = ("_body", "_ex", "_metrics", "_pipeline", "failed")
+    __slots__ = ("_ex", "_metrics", "_pipeline", "failed")
 
     def __init__(self, runtime: Runtime) -> None:
         self._pipeline = runtime.pipeline
         self._metrics = runtime.metrics
         self._ex: Exchange | None = None
-        self._body = bytearray()
         # After a fault the stream has answered with a 500 and should end.
         self.failed = False
 
@@ -68,13 +67,10 @@ class StreamProcessor:
             elif kind == "response_headers":
                 return self._response_headers(ex, request)
             elif kind == "request_body":
-                chunk = request.request_body
-                if not chunk.end_of_stream:
-                    self._body += chunk.body
-                    return codec.CONTINUE_REQUEST_BODY
-                # BUFFERED: usually the whole body in one chunk, not copied
-                whole = bytes(self._body + chunk.body) if self._body else chunk.body
-                return self._request_body(ex, whole)
+                # Tollway asks for the request body only BUFFERED: this one message is the
+                # whole body. It lacks end_of_stream when trailers follow (HTTP/2), and
+                # request trailers are not asked for, so nothing else would mark its end.
+                return self._request_body(ex, request.request_body.body)
         except Exception:
             log.exception("fault while processing a %s message", kind)
             self._metrics.internal_errors.inc()

@@ -129,17 +129,23 @@ async def test_every_message_kind_gets_an_answer_of_its_own_kind(harness: Fixtur
     assert h.metric("tollway_requests_total", {"route": "openai", "outcome": "allowed"}) == 1
 
 
-async def test_body_in_chunks_is_decided_at_its_end(harness: Fixture) -> None:
+async def test_the_buffered_body_is_decided_without_end_of_stream(harness: Fixture) -> None:
+    """BUFFERED sends the whole body in one message; before trailers it lacks end_of_stream."""
     h, made = harness
     answers = await h.exchange(
         request_headers(made["narrow"]),
-        pb.ProcessingRequest(request_body=pb.HttpBody(body=b'{"model": "gp', end_of_stream=False)),
-        pb.ProcessingRequest(request_body=pb.HttpBody(body=b't-4o"}', end_of_stream=True)),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=b'{"model": "gpt-4o"}')),
     )
     assert answers[0].mode_override.request_body_mode == ProcessingMode.BUFFERED
-    assert answers[1].WhichOneof("response") == "request_body"  # the first chunk just continues
-    denial = answers[2].immediate_response
+    assert answers[0].mode_override.request_trailer_mode == ProcessingMode.SKIP  # not needed
+    denial = answers[1].immediate_response
     assert denial.status.code == 403 and b"model_not_allowed" in denial.body
+    allowed = await h.exchange(
+        request_headers(made["narrow"]),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=b'{"model": "gpt-4o-mini"}')),
+    )
+    assert allowed[1].WhichOneof("response") == "request_body"
+    assert h.metric("tollway_requests_total", {"route": "openai", "outcome": "allowed"}) == 1
 
 
 async def test_a_fault_is_a_500_for_that_request_only(

@@ -1,0 +1,150 @@
+"""Requests at the edges of what Envoy hands ext_proc: trailers, empty bodies, refused bodies.
+
+Each of these once slipped past a decision (a restricted key got a model it may not
+use) or was counted for a request that never reached a provider.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import pytest
+
+from .conftest import Stack, eventually
+
+pytestmark = pytest.mark.e2e
+
+CHAT = "/v1/chat/completions"
+
+
+def chat_body(model: str, **extra: Any) -> bytes:
+    doc = {"model": model, "messages": [{"role": "user", "content": "Hello there"}], **extra}
+    return json.dumps(doc).encode()
+
+
+def h2_request(
+    stack: Stack,
+    path: str,
+    headers: dict[str, str],
+    body: bytes = b"",
+    trailers: dict[str, str] | None = None,
+    *,
+    declare_length: bool = True,
+) -> tuple[int, bytes]:
+    """One HTTP/2 (prior knowledge) request, optionally with trailers: (status, body)."""
+    parts = urlsplit(stack.url)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        conn.initiate_connection()
+        request = [
+            (":method", "POST"),
+            (":path", path),
+            (":scheme", "http"),
+            (":authority", parts.netloc),
+            *headers.items(),
+        ]
+        if declare_length:
+            request.append(("content-length", str(len(body))))
+        conn.send_headers(1, request, end_stream=not body and not trailers)
+        if body:
+            conn.send_data(1, body, end_stream=not trailers)  # small bodies: one window
+        if trailers:
+            conn.send_headers(1, list(trailers.items()), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status, received, done = 0, bytearray(), False
+        while not done:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    received += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    done = True
+            with contextlib.suppress(OSError, h2.exceptions.ProtocolError):
+                sock.sendall(conn.data_to_send())
+    return status, bytes(received)
+
+
+def error_code(body: bytes) -> str:
+    return str(json.loads(body)["error"]["code"])
+
+
+def bearer(stack: Stack, name: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {stack.keys[name]}", "content-type": "application/json"}
+
+
+def sse_docs(body: bytes) -> list[Any]:
+    lines = body.decode().splitlines()
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+# ---- HTTP/2 request trailers ------------------------------------------------------
+
+
+@pytest.mark.parametrize("declare_length", [True, False], ids=["content-length", "no-length"])
+def test_trailers_do_not_bypass_the_model_allowlist(stack: Stack, declare_length: bool) -> None:
+    stack.clear_upstream_requests()
+    status, body = h2_request(
+        stack,
+        CHAT,
+        bearer(stack, "restricted"),
+        chat_body("gpt-4o"),
+        {"x-checksum": "abc"},
+        declare_length=declare_length,
+    )
+    assert (status, error_code(body)) == (403, "model_not_allowed")
+    assert stack.upstream_requests() == []  # nothing reached the provider
+
+    status, body = h2_request(
+        stack,
+        CHAT,
+        bearer(stack, "restricted"),
+        chat_body("gpt-4o-mini"),
+        {"x-checksum": "abc"},
+        declare_length=declare_length,
+    )
+    assert status == 200 and json.loads(body)["model"] == "gpt-4o-mini"
+    assert len(stack.upstream_requests()) == 1
+
+
+@pytest.mark.parametrize("declare_length", [True, False], ids=["content-length", "no-length"])
+def test_a_stream_with_trailers_is_still_rewritten_and_metered(
+    stack: Stack, declare_length: bool
+) -> None:
+    """Metering's body edit (include_usage, and the new content-length) survives trailers."""
+    labels = {"tenant": "acme", "model": "gpt-4o-mini", "provider": "openai", "api": "chat"}
+    before = stack.metric("tollway_gen_ai_tokens_total", **labels, type="output", source="reported")
+    stack.clear_upstream_requests()
+    sent = chat_body("gpt-4o-mini", stream=True)
+    status, body = h2_request(
+        stack,
+        CHAT,
+        bearer(stack, "alice"),
+        sent,
+        {"x-checksum": "abc"},
+        declare_length=declare_length,
+    )
+    assert status == 200
+    docs = sse_docs(body)
+    assert docs and all(doc["choices"] for doc in docs)  # the usage chunk Tollway asked for is gone
+    (seen,) = stack.upstream_requests()
+    if "content-length" in seen["headers"]:  # the upstream got the longer body, correctly sized
+        assert int(seen["headers"]["content-length"]) > len(sent)
+    eventually(
+        lambda: (
+            stack.metric("tollway_gen_ai_tokens_total", **labels, type="output", source="reported")
+            > before
+        )
+    )
