@@ -133,7 +133,11 @@ def _new_metadata(ex: Exchange) -> dict[str, MetadataValue]:
 
 
 def request_headers_response(ex: Exchange, wants: Phase) -> ProcessingResponse:
-    """Continue with the exchange's header edits and ask only for the phases wanted."""
+    """Continue with the exchange's header edits and ask only for the phases wanted.
+
+    Also the answer when the body was decided here (headers with end_of_stream: an
+    empty body); a body edit cannot be made then, and no stage makes one of nothing.
+    """
     response = ProcessingResponse(
         request_headers=HeadersResponse(
             response=CommonResponse(header_mutation=_header_mutation(ex))

@@ -93,8 +93,15 @@ class StreamProcessor:
         decision = pipeline.request_headers(ex)
         if isinstance(decision, Deny):
             return self._deny(ex, decision)
-        if Phase.REQUEST_BODY not in decision:
-            self._count(ex, "allowed")
+        if Phase.REQUEST_BODY in decision:
+            if not request.request_headers.end_of_stream:
+                return codec.request_headers_response(ex, decision)  # decided at the body
+            # No body will follow (content-length: 0, or none at all), whatever the mode
+            # asks for: decide on the empty body now, in the answer to the headers.
+            denial = pipeline.request_body(ex, b"")
+            if denial is not None:
+                return self._deny(ex, denial)
+        self._count(ex, "allowed")
         return codec.request_headers_response(ex, decision)
 
     def _response_headers(self, ex: Exchange, request: ProcessingRequest) -> ProcessingResponse:

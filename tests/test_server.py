@@ -148,6 +148,27 @@ async def test_the_buffered_body_is_decided_without_end_of_stream(harness: Fixtu
     assert h.metric("tollway_requests_total", {"route": "openai", "outcome": "allowed"}) == 1
 
 
+def ended(message: pb.ProcessingRequest) -> pb.ProcessingRequest:
+    message.request_headers.end_of_stream = True
+    return message
+
+
+async def test_headers_that_end_the_request_are_decided_on_an_empty_body(harness: Fixture) -> None:
+    """content-length: 0, or no body at all: no body message will come."""
+    h, made = harness
+    (denial,) = await h.exchange(ended(request_headers(made["narrow"])))
+    assert denial.immediate_response.status.code == 400
+    assert b"invalid_body" in denial.immediate_response.body
+    assert h.metric("tollway_requests_total", {"route": "openai", "outcome": "invalid_body"}) == 1
+    # A key without an allowlist: metering wanted the body, the request goes on as it is.
+    (answer,) = await h.exchange(ended(request_headers(made["open"])))
+    assert answer.WhichOneof("response") == "request_headers"
+    sets = {o.header.key for o in answer.request_headers.response.header_mutation.set_headers}
+    assert "x-tollway-tenant" in sets
+    assert answer.mode_override.response_header_mode == ProcessingMode.SEND  # still metered
+    assert h.metric("tollway_requests_total", {"route": "openai", "outcome": "allowed"}) == 1
+
+
 async def test_a_fault_is_a_500_for_that_request_only(
     harness: Fixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import httpx
 import pytest
 
 from .conftest import Stack, eventually
@@ -148,3 +149,40 @@ def test_a_stream_with_trailers_is_still_rewritten_and_metered(
             > before
         )
     )
+
+
+# ---- empty bodies -----------------------------------------------------------------
+
+
+def test_an_empty_http1_body_is_checked_not_forwarded(stack: Stack) -> None:
+    stack.clear_upstream_requests()
+    r = httpx.post(
+        f"{stack.url}{CHAT}",
+        headers={**bearer(stack, "restricted"), "content-length": "0"},
+        content=b"",
+        timeout=10,
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_body"
+    assert stack.upstream_requests() == []
+
+
+def test_an_http2_request_without_a_body_is_checked_not_forwarded(stack: Stack) -> None:
+    stack.clear_upstream_requests()
+    status, body = h2_request(stack, CHAT, bearer(stack, "restricted"), declare_length=False)
+    assert (status, error_code(body)) == (400, "invalid_body")
+    assert stack.upstream_requests() == []
+
+
+def test_an_empty_body_on_an_unrestricted_key_still_reaches_the_upstream(stack: Stack) -> None:
+    """Decided at the headers, with the header edits (the provider key) applied."""
+    stack.clear_upstream_requests()
+    r = httpx.post(
+        f"{stack.url}{CHAT}",
+        headers={**bearer(stack, "alice"), "content-length": "0"},
+        content=b"",
+        timeout=10,
+    )
+    assert r.status_code == 400  # the upstream's own complaint about the body
+    (seen,) = stack.upstream_requests()
+    assert seen["headers"]["x-tollway-tenant"] == "acme"
+    assert stack.keys["alice"] not in json.dumps(seen)
