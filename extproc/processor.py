@@ -47,6 +47,7 @@ class StreamProcessor:
         self._pipeline = runtime.pipeline
         self._metrics = runtime.metrics
         self._ex: Exchange | None = None
+        self._metrics.streams.inc()
         # After a fault the stream has answered with a 500 and should end.
         self.failed = False
 

@@ -16,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import extproc
 from extproc import keys, server
 from extproc.config import Config, MetricsConfig, ServerConfig
 from extproc.runtime import Runtime
@@ -167,6 +168,20 @@ async def test_headers_that_end_the_request_are_decided_on_an_empty_body(harness
     assert "x-tollway-tenant" in sets
     assert answer.mode_override.response_header_mode == ProcessingMode.SEND  # still metered
     assert h.metric("tollway_requests_total", {"route": "openai", "outcome": "allowed"}) == 1
+
+
+async def test_every_stream_is_counted_once(harness: Fixture) -> None:
+    h, made = harness
+    assert h.metric("tollway_extproc_streams_total") == 0
+    for _ in range(3):
+        await h.exchange(
+            request_headers(made["open"], path="/v1/models"),
+            pb.ProcessingRequest(response_headers=headers(__status="200")),
+        )
+    assert h.metric("tollway_extproc_streams_total") == 3
+    assert h.metric("tollway_extproc_messages_total", {"kind": "request_headers"}) == 3
+    version = {"version": extproc.__version__}
+    assert h.metric("tollway_info", version) == 1
 
 
 async def test_a_fault_is_a_500_for_that_request_only(
