@@ -40,7 +40,8 @@ class Metering:
     api: Api
     started: float  # monotonic seconds, at request headers
     request_model: str | None = None
-    prompt_chars: int = 0  # the request body's size, for an estimate
+    # The request body's size, for an estimate; None until Tollway saw the whole body.
+    prompt_chars: int | None = None
     strip_usage_chunk: bool = False  # Tollway asked for usage; the client did not
     meter: ResponseMeter | None = None
     buffered: bool = False
@@ -142,7 +143,7 @@ class MeteringStage:
             return BodyMode.NONE
         sse = headers.get("content-type", "").startswith("text/event-stream")
         m.meter = ResponseMeter(
-            m.api, sse=sse, max_json_bytes=self.max_json_bytes, prompt_chars=m.prompt_chars
+            m.api, sse=sse, max_json_bytes=self.max_json_bytes, prompt_chars=m.prompt_chars or 0
         )
         length = headers.get("content-length", "")
         if not sse and self.cost_header and length.isdigit() and int(length) <= self.max_json_bytes:
@@ -180,7 +181,14 @@ class MeteringStage:
         m = ex.metering
         if m is None or m.done or ex.denied:
             return
-        if m.meter is None:  # no response yet: the prompt was sent, nothing came back
+        if m.meter is None:  # no response
+            if m.prompt_chars is None:
+                # Nothing shows it was sent: Envoy may have refused it (a chunked body over
+                # body_size_limit's 413) after its headers. What never reached a provider
+                # costs nothing and counts nowhere.
+                self._finish(ex, m, None)
+                return
+            # Tollway saw the whole request, so Envoy sent it on; nothing came back.
             estimate = Usage(input_tokens=-(-m.prompt_chars // 4))
             self._finish(ex, m, Reading(None, estimate, estimated=True))
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import selectors
 import socket
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,7 +20,7 @@ import h2.exceptions
 import httpx
 import pytest
 
-from .conftest import Stack, eventually
+from .conftest import PROVIDER_KEY, Stack, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -89,6 +90,20 @@ def bearer(stack: Stack, name: str) -> dict[str, str]:
 def sse_docs(body: bytes) -> list[Any]:
     lines = body.decode().splitlines()
     return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+def gen_ai_samples(stack: Stack) -> dict[Any, float]:
+    return {k: v for k, v in stack.scrape().items() if k[0].startswith("tollway_gen_ai_")}
+
+
+def settled(stack: Stack) -> None:
+    """Tollway has seen every earlier ext_proc stream end.
+
+    Envoy resets a finished request's ext_proc stream before it opens the next on
+    the same connection: once a later request is answered, earlier ends are counted.
+    """
+    r = httpx.get(f"{stack.url}/v1/models", headers=bearer(stack, "alice"), timeout=10)
+    assert r.status_code == 200
 
 
 # ---- HTTP/2 request trailers ------------------------------------------------------
@@ -186,3 +201,94 @@ def test_an_empty_body_on_an_unrestricted_key_still_reaches_the_upstream(stack: 
     (seen,) = stack.upstream_requests()
     assert seen["headers"]["x-tollway-tenant"] == "acme"
     assert stack.keys["alice"] not in json.dumps(seen)
+
+
+# ---- bodies refused before they are sent --------------------------------------------
+
+
+def start_chunked(stack: Stack, path: str, headers: dict[str, str]) -> socket.socket:
+    """An HTTP/1.1 POST with a chunked body, sent up to its first chunk."""
+    parts = urlsplit(stack.url)
+    head = [f"POST {path} HTTP/1.1", f"host: {parts.netloc}", "transfer-encoding: chunked"]
+    head += [f"{name}: {value}" for name, value in headers.items()]
+    start = b'{"model": "gpt-4o", "input": "'
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + b"%x\r\n%s\r\n" % (len(start), start))
+    return sock
+
+
+def send_until_answered(sock: socket.socket, size: int) -> int:
+    """Send ``size`` more bytes of body, stopping once Envoy answers; the status."""
+    chunk = b"x" * 65536
+    piece = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    out, queued, received = bytearray(), 0, b""
+    sock.setblocking(False)
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        while b"\r\n\r\n" not in received:
+            ready = selector.select(timeout=10)
+            assert ready, "no answer in time"
+            for _, events in ready:
+                if events & selectors.EVENT_READ:
+                    data = sock.recv(65536)
+                    assert data, "closed without an answer"
+                    received += data
+                elif out or queued < size:
+                    if not out:
+                        out += piece
+                        queued += len(chunk)
+                    with contextlib.suppress(
+                        BlockingIOError, BrokenPipeError, ConnectionResetError
+                    ):
+                        del out[: sock.send(out)]
+                else:
+                    selector.modify(sock, selectors.EVENT_READ)
+    return int(received.split(b" ", 2)[1])
+
+
+def chunked_headers(stack: Stack, key: str | None) -> dict[str, str]:
+    secret = PROVIDER_KEY if key is None else stack.keys[key]
+    return {"content-type": "application/json", "authorization": f"Bearer {secret}"}
+
+
+def request_headers_seen(stack: Stack) -> float:
+    return stack.metric("tollway_extproc_messages_total", kind="request_headers")
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [(CHAT, "alice"), ("/v1/embeddings", None)],
+    ids=["chat", "embeddings"],
+)
+def test_a_chunked_body_over_the_limit_costs_nothing_and_counts_nowhere(
+    stack: Stack, path: str, key: str | None
+) -> None:
+    """Chat: metering waits for the body; embeddings (auth off here): it does not ask.
+
+    Envoy's body_size_limit answers 413 once the body passes max_body_bytes, often
+    while Tollway's answer to the headers is still on its way: Tollway then sees the
+    stream end with neither a body nor a response.
+    """
+    settled(stack)
+    before = gen_ai_samples(stack)
+    with start_chunked(stack, path, chunked_headers(stack, key)) as sock:
+        assert send_until_answered(sock, stack.gateway.config.max_body_bytes + (1 << 20)) == 413
+    settled(stack)
+    assert gen_ai_samples(stack) == before  # no tokens, no cost, no unpriced request
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [(CHAT, "alice"), ("/v1/embeddings", None)],
+    ids=["chat", "embeddings"],
+)
+def test_a_request_abandoned_before_its_body_ended_costs_nothing(
+    stack: Stack, path: str, key: str | None
+) -> None:
+    """The same end, made certain: Tollway has the headers, then the client hangs up."""
+    settled(stack)
+    before, seen = gen_ai_samples(stack), request_headers_seen(stack)
+    with start_chunked(stack, path, chunked_headers(stack, key)):
+        eventually(lambda: request_headers_seen(stack) > seen)
+    settled(stack)
+    assert gen_ai_samples(stack) == before

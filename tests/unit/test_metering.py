@@ -94,6 +94,16 @@ class World:
     def sample(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
+    def moved(self) -> list[str]:
+        """Metering samples that are not zero (tokens, cost, unpriced, durations...)."""
+        return [
+            sample.name
+            for family in self.metrics.registry.collect()
+            if family.name.startswith("tollway_gen_ai")
+            for sample in family.samples
+            if sample.value and not sample.name.endswith("_created")
+        ]
+
 
 def test_not_metered_requests_ask_for_nothing_more() -> None:
     w = World()
@@ -362,3 +372,22 @@ def test_a_request_denied_at_its_body_is_never_metered() -> None:
     assert denial is not None and denial.code == "model_not_allowed"
     pipeline.stream_end(ex)  # Envoy ends the stream after the 403
     assert w.store.records == []
+
+
+def test_a_request_whose_body_never_arrived_costs_nothing_and_counts_nowhere() -> None:
+    """Envoy's body_size_limit refused a chunked body (413) after Tollway saw the headers."""
+    w = World()
+    ex = request(w.pipeline, "/v1/chat/completions", bearer(ALICE))
+    assert Phase.REQUEST_BODY in w.pipeline.request_headers(ex)  # type: ignore[operator]
+    w.pipeline.stream_end(ex)  # no body, no response: the 413 came from Envoy
+    assert w.store.records == []
+    assert w.moved() == []
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/messages", "/v1/responses"])
+def test_an_api_whose_body_is_not_read_is_not_estimated_without_a_response(path: str) -> None:
+    w = World()
+    ex = w.start(path)
+    w.pipeline.stream_end(ex)  # client gone before any response: no sign it was sent
+    assert w.store.records == []
+    assert w.moved() == []
