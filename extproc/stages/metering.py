@@ -123,8 +123,9 @@ class MeteringStage:
         if m.api in _ASK_FOR_USAGE and doc.get("stream") is True:
             options = doc.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
-                ex.new_body = _with_include_usage(ex.body, doc)
-                m.strip_usage_chunk = True
+                new_body = _with_include_usage(ex.body, doc)
+                if new_body is not None:  # else forwarded as sent, and estimated
+                    ex.new_body, m.strip_usage_chunk = new_body, True
         return None
 
     # response
@@ -257,13 +258,20 @@ class MeteringStage:
         )
 
 
-def _with_include_usage(body: bytes, doc: dict[str, Any]) -> bytes:
-    """The body with stream_options.include_usage set, spliced in when that is safe."""
+def _with_include_usage(body: bytes, doc: dict[str, Any]) -> bytes | None:
+    """The body with stream_options.include_usage set, spliced in when that is safe.
+
+    None when the document cannot be written out again (orjson stops at 255 levels of
+    nesting; parsing allows 1024): the request then goes on unchanged.
+    """
     if "stream_options" not in doc:  # no key to collide with: the bytes stay as sent
         start = body.index(b"{") + 1
         return body[:start] + _INCLUDE_USAGE + body[start:]
     options = doc["stream_options"] if isinstance(doc["stream_options"], dict) else {}
-    return orjson.dumps({**doc, "stream_options": {**options, "include_usage": True}})
+    try:
+        return orjson.dumps({**doc, "stream_options": {**options, "include_usage": True}})
+    except orjson.JSONEncodeError:
+        return None
 
 
 def _is_usage_chunk(doc: Any) -> bool:

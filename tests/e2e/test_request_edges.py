@@ -292,3 +292,38 @@ def test_a_request_abandoned_before_its_body_ended_costs_nothing(
         eventually(lambda: request_headers_seen(stack) > seen)
     settled(stack)
     assert gen_ai_samples(stack) == before
+
+
+# ---- bodies metering cannot rewrite, values too long to log -------------------------
+
+
+def deep_tool(levels: int) -> dict[str, Any]:
+    """A tool whose JSON schema nests ``levels`` objects deep (arrays of arrays of ...)."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "array", "items": schema}
+    return {"type": "function", "function": {"name": "f", "parameters": schema}}
+
+
+def test_a_stream_too_deep_to_rewrite_goes_on_unchanged_and_is_estimated(stack: Stack) -> None:
+    labels = {"tenant": "acme", "model": "gpt-4o-mini", "provider": "openai", "api": "chat"}
+
+    def estimated() -> float:
+        return stack.metric(
+            "tollway_gen_ai_tokens_total", **labels, type="output", source="estimated"
+        )
+
+    settled(stack)
+    before, faults = estimated(), stack.metric("tollway_internal_errors_total")
+    stack.clear_upstream_requests()
+    body = chat_body(
+        "gpt-4o-mini", stream=True, stream_options={"include_usage": False}, tools=[deep_tool(300)]
+    )
+    r = httpx.post(f"{stack.url}{CHAT}", headers=bearer(stack, "alice"), content=body, timeout=10)
+    assert r.status_code == 200, r.text
+    assert "".join(doc["choices"][0]["delta"].get("content") or "" for doc in sse_docs(r.content))
+    (seen,) = stack.upstream_requests()
+    assert int(seen["headers"]["content-length"]) == len(body)  # forwarded as it was sent
+    settled(stack)
+    assert estimated() > before  # no usage came back: counted from the text delivered
+    assert stack.metric("tollway_internal_errors_total") == faults

@@ -391,3 +391,23 @@ def test_an_api_whose_body_is_not_read_is_not_estimated_without_a_response(path:
     w.pipeline.stream_end(ex)  # client gone before any response: no sign it was sent
     assert w.store.records == []
     assert w.moved() == []
+
+
+def deep(levels: int) -> bytes:
+    return b'{"model": "gpt-4o", "stream": true, "stream_options": {}, "metadata": %s}' % (
+        b"[" * levels + b"]" * levels
+    )
+
+
+@pytest.mark.parametrize("levels", [254, 300, 1000])
+def test_a_body_too_deep_to_rewrite_goes_on_unchanged_and_is_estimated(levels: int) -> None:
+    w = World()
+    ex = w.start(body=deep(levels))
+    assert ex.new_body is None  # forwarded as sent
+    assert ex.metering is not None and not ex.metering.strip_usage_chunk
+    w.pipeline.response_headers(ex, 200, {"content-type": "text/event-stream"})
+    chunk = b'data: {"model":"gpt-4o","choices":[{"delta":{"content":"abcdefgh"}}]}\n\n'
+    assert w.pipeline.response_body(ex, chunk + b"data: [DONE]\n\n", end=True) is None
+    (record,) = w.store.records
+    assert record.estimated and record.usage.output_tokens == 2
+    assert record.usage.input_tokens == -(-len(deep(levels)) // 4)
