@@ -235,7 +235,7 @@ class MeteringStage:
                 "cached_input_tokens": usage.cached_input_tokens,
                 "cache_creation_tokens": usage.cache_creation_tokens,
                 "reasoning_tokens": usage.reasoning_tokens,
-                "cost_usd": cost_usd,
+                "cost_usd": f"{cost_usd:.9f}",  # a decimal, like the cost header
                 "usage_estimated": reading.estimated,
             }
         )

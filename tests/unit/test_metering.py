@@ -202,7 +202,8 @@ def test_json_is_buffered_priced_and_gets_a_cost_header() -> None:
     )
     assert not record.estimated and record.priced
     assert ex.set_response_headers[COST_HEADER] == f"{expected:.9f}"
-    assert ex.metadata["input_tokens"] == 2306 and ex.metadata["cost_usd"] == record.cost_usd
+    assert ex.metadata["input_tokens"] == 2306
+    assert ex.metadata["cost_usd"] == f"{record.cost_usd:.9f}"  # a decimal, like the header
     assert ex.metadata["request_model"] == "o4-mini"
     labels = {"tenant": "acme", "model": "o4-mini", "provider": "openai", "api": "chat"}
     assert (
@@ -372,6 +373,17 @@ def test_a_request_denied_at_its_body_is_never_metered() -> None:
     assert denial is not None and denial.code == "model_not_allowed"
     pipeline.stream_end(ex)  # Envoy ends the stream after the 403
     assert w.store.records == []
+
+
+def test_the_logged_cost_is_a_decimal_without_float_noise() -> None:
+    w = World()
+    ex = w.start(body=b'{"model": "gpt-4o", "stream": true}')
+    w.pipeline.response_headers(ex, 200, {"content-type": "text/event-stream"})
+    usage = b'{"model":"gpt-4o","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+    w.pipeline.response_body(ex, b"data: " + usage + b"\n\n", end=True)
+    (record,) = w.store.records
+    assert record.cost_usd == 2.5e-6 + 10e-6  # 1.2499999999999999e-05 as a float
+    assert ex.metadata["cost_usd"] == "0.000012500"
 
 
 def test_a_request_whose_body_never_arrived_costs_nothing_and_counts_nowhere() -> None:
