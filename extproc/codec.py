@@ -24,6 +24,10 @@ from .decisions import BodyMode, Deny, Phase
 from .exchange import Exchange, MetadataValue
 
 METADATA_NAMESPACE = "tollway"
+# Metadata strings may come from clients (a model name): each is cut to this many
+# characters and marked, so that one request cannot write a megabyte into the access log.
+METADATA_MAX_CHARS = 256
+TRUNCATED = "...[truncated]"
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = HeaderValueOption(
@@ -109,7 +113,8 @@ def _header_mutation(ex: Exchange) -> HeaderMutation | None:
 def _with_metadata(response: ProcessingResponse, metadata: dict[str, MetadataValue]) -> None:
     """Under Tollway's namespace; Envoy merges it into what earlier messages set.
 
-    Written field by field: Struct.update() is several times slower.
+    Written field by field: Struct.update() is several times slower. Strings are
+    bounded here, the one place every value passes on its way to Envoy.
     """
     if not metadata:
         return
@@ -117,6 +122,8 @@ def _with_metadata(response: ProcessingResponse, metadata: dict[str, MetadataVal
     for name, value in metadata.items():
         field = fields[name]
         if isinstance(value, str):
+            if len(value) > METADATA_MAX_CHARS:
+                value = value[:METADATA_MAX_CHARS] + TRUNCATED
             field.string_value = value
         elif isinstance(value, bool):
             field.bool_value = value

@@ -327,3 +327,25 @@ def test_a_stream_too_deep_to_rewrite_goes_on_unchanged_and_is_estimated(stack: 
     settled(stack)
     assert estimated() > before  # no usage came back: counted from the text delivered
     assert stack.metric("tollway_internal_errors_total") == faults
+
+
+def test_a_huge_model_name_is_cut_short_in_the_access_log(stack: Stack) -> None:
+    model = "m" * (1 << 20)
+    body = chat_body(model)
+    headers = {**bearer(stack, "alice"), "user-agent": "huge-model-name"}
+    r = httpx.post(f"{stack.url}{CHAT}", headers=headers, content=body, timeout=10)
+    assert r.status_code == 200
+
+    def entry() -> dict[str, Any] | None:
+        found = [e for e in stack.access_log() if e["user_agent"] == "huge-model-name"]
+        return found[-1] if found else None
+
+    logged = eventually(entry)
+    cut = "m" * 256 + "...[truncated]"
+    assert (logged["request_model"], logged["model"]) == (cut, cut)
+    line = next(
+        line
+        for line in (stack.gateway.workdir / "envoy.log").read_text().splitlines()
+        if "huge-model-name" in line
+    )
+    assert len(line) < 4096
