@@ -423,3 +423,12 @@ def test_a_body_too_deep_to_rewrite_goes_on_unchanged_and_is_estimated(levels: i
     (record,) = w.store.records
     assert record.estimated and record.usage.output_tokens == 2
     assert record.usage.input_tokens == -(-len(deep(levels)) // 4)
+
+
+def test_a_json_body_over_the_bound_is_counted_as_unmetered() -> None:
+    w = World()
+    w.stage.max_json_bytes = 100
+    ex = w.start(body=b'{"model": "o4-mini"}')
+    mode, _ = w.respond(ex, "openai_chat.json", chunk=64)
+    assert mode is BodyMode.STREAMED  # too large to buffer for a cost header
+    assert w.sample("tollway_gen_ai_unmetered_responses_total", reason="body_too_large") == 1
