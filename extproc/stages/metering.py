@@ -261,8 +261,8 @@ class MeteringStage:
 def _with_include_usage(body: bytes, doc: dict[str, Any]) -> bytes | None:
     """The body with stream_options.include_usage set, spliced in when that is safe.
 
-    None when the document cannot be written out again (orjson stops at 255 levels of
-    nesting; parsing allows 1024): the request then goes on unchanged.
+    None when the document cannot be written out again (orjson writes at most 254
+    levels of nesting but parses 1024): the request then goes on unchanged.
     """
     if "stream_options" not in doc:  # no key to collide with: the bytes stay as sent
         start = body.index(b"{") + 1
