@@ -25,6 +25,9 @@ from .conftest import PROVIDER_KEY, Stack, eventually
 pytestmark = pytest.mark.e2e
 
 CHAT = "/v1/chat/completions"
+# What the auth stage answers a restricted key's empty body on a model endpoint (its
+# wording is the auth stage's: invalid_body, or missing_model since the classifier).
+REFUSED_EMPTY = {"invalid_body", "missing_model"}
 
 
 def chat_body(model: str, **extra: Any) -> bytes:
@@ -179,14 +182,14 @@ def test_an_empty_http1_body_is_checked_not_forwarded(stack: Stack) -> None:
         content=b"",
         timeout=10,
     )
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_body"
+    assert r.status_code == 400 and r.json()["error"]["code"] in REFUSED_EMPTY
     assert stack.upstream_requests() == []
 
 
 def test_an_http2_request_without_a_body_is_checked_not_forwarded(stack: Stack) -> None:
     stack.clear_upstream_requests()
     status, body = h2_request(stack, CHAT, bearer(stack, "restricted"), declare_length=False)
-    assert (status, error_code(body)) == (400, "invalid_body")
+    assert status == 400 and error_code(body) in REFUSED_EMPTY
     assert stack.upstream_requests() == []
 
 
