@@ -26,6 +26,10 @@ from .exchange import Exchange, MetadataValue
 from .routes import Dialect
 
 METADATA_NAMESPACE = "tollway"
+# Metadata strings may come from clients (a model name): each is cut to this many
+# characters and marked, so that one request cannot write a megabyte into the access log.
+METADATA_MAX_CHARS = 256
+TRUNCATED = "...[truncated]"
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = HeaderValueOption(
@@ -111,7 +115,8 @@ def _header_mutation(ex: Exchange) -> HeaderMutation | None:
 def _with_metadata(response: ProcessingResponse, metadata: dict[str, MetadataValue]) -> None:
     """Under Tollway's namespace; Envoy merges it into what earlier messages set.
 
-    Written field by field: Struct.update() is several times slower.
+    Written field by field: Struct.update() is several times slower. Strings are
+    bounded here, the one place every value passes on its way to Envoy.
     """
     if not metadata:
         return
@@ -119,6 +124,8 @@ def _with_metadata(response: ProcessingResponse, metadata: dict[str, MetadataVal
     for name, value in metadata.items():
         field = fields[name]
         if isinstance(value, str):
+            if len(value) > METADATA_MAX_CHARS:
+                value = value[:METADATA_MAX_CHARS] + TRUNCATED
             field.string_value = value
         elif isinstance(value, bool):
             field.bool_value = value
@@ -135,7 +142,11 @@ def _new_metadata(ex: Exchange) -> dict[str, MetadataValue]:
 
 
 def request_headers_response(ex: Exchange, wants: Phase) -> ProcessingResponse:
-    """Continue with the exchange's header edits and ask only for the phases wanted."""
+    """Continue with the exchange's header edits and ask only for the phases wanted.
+
+    Also the answer when the body was decided here (headers with end_of_stream: an
+    empty body); a body edit cannot be made then, and no stage makes one of nothing.
+    """
     response = ProcessingResponse(
         request_headers=HeadersResponse(
             response=CommonResponse(header_mutation=_header_mutation(ex))

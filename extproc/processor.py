@@ -41,13 +41,13 @@ _RESPONSE_KINDS = frozenset({"response_headers", "response_body"})
 class StreamProcessor:
     """The state of one stream (one HTTP request through Envoy)."""
 
-    __slots__ = ("_body", "_ex", "_metrics", "_pipeline", "failed")
+    __slots__ = ("_ex", "_metrics", "_pipeline", "failed")
 
     def __init__(self, runtime: Runtime) -> None:
         self._pipeline = runtime.pipeline
         self._metrics = runtime.metrics
         self._ex: Exchange | None = None
-        self._body = bytearray()
+        self._metrics.streams.inc()
         # After a fault the stream has answered with a 500 and should end.
         self.failed = False
 
@@ -68,13 +68,10 @@ class StreamProcessor:
             elif kind == "response_headers":
                 return self._response_headers(ex, request)
             elif kind == "request_body":
-                chunk = request.request_body
-                if not chunk.end_of_stream:
-                    self._body += chunk.body
-                    return codec.CONTINUE_REQUEST_BODY
-                # BUFFERED: usually the whole body in one chunk, not copied
-                whole = bytes(self._body + chunk.body) if self._body else chunk.body
-                return self._request_body(ex, whole)
+                # Tollway asks for the request body only BUFFERED: this one message is the
+                # whole body. It lacks end_of_stream when trailers follow (HTTP/2), and
+                # request trailers are not asked for, so nothing else would mark its end.
+                return self._request_body(ex, request.request_body.body)
         except Exception:
             log.exception("fault while processing a %s message", kind)
             self._metrics.internal_errors.inc()
@@ -98,8 +95,15 @@ class StreamProcessor:
         decision = pipeline.request_headers(ex)
         if isinstance(decision, Deny):
             return self._deny(ex, decision)
-        if Phase.REQUEST_BODY not in decision:
-            self._count(ex, "allowed")
+        if Phase.REQUEST_BODY in decision:
+            if not request.request_headers.end_of_stream:
+                return codec.request_headers_response(ex, decision)  # decided at the body
+            # No body will follow (content-length: 0, or none at all), whatever the mode
+            # asks for: decide on the empty body now, in the answer to the headers.
+            denial = pipeline.request_body(ex, b"")
+            if denial is not None:
+                return self._deny(ex, denial)
+        self._count(ex, "allowed")
         return codec.request_headers_response(ex, decision)
 
     def _response_headers(self, ex: Exchange, request: ProcessingRequest) -> ProcessingResponse:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import orjson
 import pytest
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -16,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import extproc
 from extproc import keys, server
 from extproc.config import Config, MetricsConfig, ServerConfig
 from extproc.runtime import Runtime
@@ -129,17 +131,59 @@ async def test_every_message_kind_gets_an_answer_of_its_own_kind(harness: Fixtur
     assert h.metric("tollway_requests_total", {"route": "openai", "outcome": "allowed"}) == 1
 
 
-async def test_body_in_chunks_is_decided_at_its_end(harness: Fixture) -> None:
+async def test_the_buffered_body_is_decided_without_end_of_stream(harness: Fixture) -> None:
+    """BUFFERED sends the whole body in one message; before trailers it lacks end_of_stream."""
     h, made = harness
     answers = await h.exchange(
         request_headers(made["narrow"]),
-        pb.ProcessingRequest(request_body=pb.HttpBody(body=b'{"model": "gp', end_of_stream=False)),
-        pb.ProcessingRequest(request_body=pb.HttpBody(body=b't-4o"}', end_of_stream=True)),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=b'{"model": "gpt-4o"}')),
     )
     assert answers[0].mode_override.request_body_mode == ProcessingMode.BUFFERED
-    assert answers[1].WhichOneof("response") == "request_body"  # the first chunk just continues
-    denial = answers[2].immediate_response
+    assert answers[0].mode_override.request_trailer_mode == ProcessingMode.SKIP  # not needed
+    denial = answers[1].immediate_response
     assert denial.status.code == 403 and b"model_not_allowed" in denial.body
+    allowed = await h.exchange(
+        request_headers(made["narrow"]),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=b'{"model": "gpt-4o-mini"}')),
+    )
+    assert allowed[1].WhichOneof("response") == "request_body"
+    assert h.metric("tollway_requests_total", {"route": "openai", "outcome": "allowed"}) == 1
+
+
+def ended(message: pb.ProcessingRequest) -> pb.ProcessingRequest:
+    message.request_headers.end_of_stream = True
+    return message
+
+
+async def test_headers_that_end_the_request_are_decided_on_an_empty_body(harness: Fixture) -> None:
+    """content-length: 0, or no body at all: no body message will come."""
+    h, made = harness
+    (denial,) = await h.exchange(ended(request_headers(made["narrow"])))
+    assert denial.immediate_response.status.code == 400
+    code = orjson.loads(denial.immediate_response.body)["error"]["code"]
+    assert code in {"invalid_body", "missing_model"}  # the auth stage's wording
+    assert h.metric("tollway_requests_total", {"route": "openai", "outcome": code}) == 1
+    # A key without an allowlist: metering wanted the body, the request goes on as it is.
+    (answer,) = await h.exchange(ended(request_headers(made["open"])))
+    assert answer.WhichOneof("response") == "request_headers"
+    sets = {o.header.key for o in answer.request_headers.response.header_mutation.set_headers}
+    assert "x-tollway-tenant" in sets
+    assert answer.mode_override.response_header_mode == ProcessingMode.SEND  # still metered
+    assert h.metric("tollway_requests_total", {"route": "openai", "outcome": "allowed"}) == 1
+
+
+async def test_every_stream_is_counted_once(harness: Fixture) -> None:
+    h, made = harness
+    assert h.metric("tollway_extproc_streams_total") == 0
+    for _ in range(3):
+        await h.exchange(
+            request_headers(made["open"], path="/v1/models"),
+            pb.ProcessingRequest(response_headers=headers(__status="200")),
+        )
+    assert h.metric("tollway_extproc_streams_total") == 3
+    assert h.metric("tollway_extproc_messages_total", {"kind": "request_headers"}) == 3
+    version = {"version": extproc.__version__}
+    assert h.metric("tollway_info", version) == 1
 
 
 async def test_a_fault_is_a_500_for_that_request_only(

@@ -40,7 +40,8 @@ class Metering:
     api: Api
     started: float  # monotonic seconds, at request headers
     request_model: str | None = None
-    prompt_chars: int = 0  # the request body's size, for an estimate
+    # The request body's size, for an estimate; None until Tollway saw the whole body.
+    prompt_chars: int | None = None
     strip_usage_chunk: bool = False  # Tollway asked for usage; the client did not
     meter: ResponseMeter | None = None
     buffered: bool = False
@@ -121,8 +122,9 @@ class MeteringStage:
         if m.api in _ASK_FOR_USAGE and doc.get("stream") is True:
             options = doc.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
-                ex.new_body = _with_include_usage(ex.body, doc)
-                m.strip_usage_chunk = True
+                new_body = _with_include_usage(ex.body, doc)
+                if new_body is not None:  # else forwarded as sent, and estimated
+                    ex.new_body, m.strip_usage_chunk = new_body, True
         return None
 
     # response
@@ -141,7 +143,7 @@ class MeteringStage:
             return BodyMode.NONE
         sse = headers.get("content-type", "").startswith("text/event-stream")
         m.meter = ResponseMeter(
-            m.api, sse=sse, max_json_bytes=self.max_json_bytes, prompt_chars=m.prompt_chars
+            m.api, sse=sse, max_json_bytes=self.max_json_bytes, prompt_chars=m.prompt_chars or 0
         )
         length = headers.get("content-length", "")
         if not sse and self.cost_header and length.isdigit() and int(length) <= self.max_json_bytes:
@@ -179,7 +181,14 @@ class MeteringStage:
         m = ex.metering
         if m is None or m.done or ex.denied:
             return
-        if m.meter is None:  # no response yet: the prompt was sent, nothing came back
+        if m.meter is None:  # no response
+            if m.prompt_chars is None:
+                # Nothing shows it was sent: Envoy may have refused it (a chunked body over
+                # body_size_limit's 413) after its headers. What never reached a provider
+                # costs nothing and counts nowhere.
+                self._finish(ex, m, None)
+                return
+            # Tollway saw the whole request, so Envoy sent it on; nothing came back.
             estimate = Usage(input_tokens=-(-m.prompt_chars // 4))
             self._finish(ex, m, Reading(None, estimate, estimated=True))
             return
@@ -225,7 +234,7 @@ class MeteringStage:
                 "cached_input_tokens": usage.cached_input_tokens,
                 "cache_creation_tokens": usage.cache_creation_tokens,
                 "reasoning_tokens": usage.reasoning_tokens,
-                "cost_usd": cost_usd,
+                "cost_usd": f"{cost_usd:.9f}",  # a decimal, like the cost header
                 "usage_estimated": reading.estimated,
             }
         )
@@ -248,13 +257,20 @@ class MeteringStage:
         )
 
 
-def _with_include_usage(body: bytes, doc: dict[str, Any]) -> bytes:
-    """The body with stream_options.include_usage set, spliced in when that is safe."""
+def _with_include_usage(body: bytes, doc: dict[str, Any]) -> bytes | None:
+    """The body with stream_options.include_usage set, spliced in when that is safe.
+
+    None when the document cannot be written out again (orjson writes at most 254
+    levels of nesting but parses 1024): the request then goes on unchanged.
+    """
     if "stream_options" not in doc:  # no key to collide with: the bytes stay as sent
         start = body.index(b"{") + 1
         return body[:start] + _INCLUDE_USAGE + body[start:]
     options = doc["stream_options"] if isinstance(doc["stream_options"], dict) else {}
-    return orjson.dumps({**doc, "stream_options": {**options, "include_usage": True}})
+    try:
+        return orjson.dumps({**doc, "stream_options": {**options, "include_usage": True}})
+    except orjson.JSONEncodeError:
+        return None
 
 
 def _is_usage_chunk(doc: Any) -> bool:

@@ -128,8 +128,8 @@ def scrape(url: str) -> dict[str, dict[str, set[str]]]:
     return seen
 
 
-def send_traffic(stack: Stack) -> None:
-    """Requests that touch every panel: priced, unpriced, streamed, denied."""
+def send_traffic(stack: Stack) -> int:
+    """Requests that touch every panel: priced, unpriced, streamed, denied. How many."""
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.keys["alice"], max_retries=0)
     for model in ("gpt-4o-mini", "my-own-finetune"):
         message = [{"role": "user", "content": "hello"}]
@@ -142,6 +142,14 @@ def send_traffic(stack: Stack) -> None:
     assert list(stream)
     with pytest.raises(openai.AuthenticationError):
         client.with_options(api_key="tw_wrong").models.list()
+    return 4
+
+
+def test_each_request_opens_one_ext_proc_stream(stack: Stack) -> None:
+    """The messages-per-stream panel divides by this counter: it must count every stream."""
+    before = stack.metric("tollway_extproc_streams_total")
+    sent = send_traffic(stack)
+    assert stack.metric("tollway_extproc_streams_total") - before == sent
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +306,14 @@ def firing(prometheus: str) -> set[tuple[str, str]]:
 def test_every_dashboard_query_returns_data_in_prometheus(prometheus: str) -> None:
     empty = [f"{q.where}: {q.expr}" for q in dashboard_queries() if not instant(prometheus, q.expr)]
     assert empty == []
+    # A panel that divides by a counter nothing increments shows NaN or +Inf, not data.
+    not_numbers = [
+        f"{q.where}: {sample['value'][1]}"
+        for q in dashboard_queries()
+        for sample in instant(prometheus, q.expr)
+        if sample["value"][1] in ("NaN", "+Inf", "-Inf")
+    ]
+    assert not_numbers == []
 
 
 def test_the_alert_rules_load_evaluate_and_fire_for_an_unpriced_model(prometheus: str) -> None:

@@ -124,7 +124,7 @@ def logged_as(entries: list[dict[str, Any]], usage: Usage, spent: float) -> bool
             usage.cache_creation_tokens,
             usage.reasoning_tokens,
         )
-        and abs(e["cost_usd"] - spent) < 1e-9
+        and abs(float(e["cost_usd"]) - spent) < 1e-9
         and e["usage_estimated"] is False
         for e in entries
     )
@@ -379,7 +379,8 @@ def test_access_log_carries_model_tokens_and_cost(stack: Stack) -> None:
         0,
         usage.reasoning_tokens,
     )
-    assert logged["cost_usd"] == pytest.approx(expected_cost(stack, "o4-mini", usage), abs=1e-9)
+    # A decimal string with 9 places, like the cost header: no float noise.
+    assert logged["cost_usd"] == f"{expected_cost(stack, 'o4-mini', usage):.9f}"
     assert logged["usage_estimated"] is False
 
 

@@ -162,6 +162,26 @@ def test_metadata_goes_under_the_tollway_namespace() -> None:
     }
 
 
+def test_metadata_strings_are_bounded_and_marked_when_cut() -> None:
+    """A client-chosen model name cannot make a megabyte access-log line."""
+    huge = "m" * (1 << 20)
+    exact = "e" * codec.METADATA_MAX_CHARS
+    ex = exchange(metadata={"request_model": huge, "model": exact, "input_tokens": 7})
+    for response in (
+        codec.request_headers_response(ex, Phase.NONE),
+        codec.immediate_response(forbidden("model_not_allowed", "no"), {"request_model": huge}),
+    ):
+        logged = tollway_metadata(roundtrip(response))
+        assert logged["request_model"] == "m" * codec.METADATA_MAX_CHARS + codec.TRUNCATED
+        assert len(response.SerializeToString()) < 2 * codec.METADATA_MAX_CHARS + 200
+    assert logged["denied"] == "model_not_allowed"
+    again = exchange(metadata={"model": exact, "input_tokens": 7})
+    assert tollway_metadata(roundtrip(codec.request_headers_response(again, Phase.NONE))) == {
+        "model": exact,  # at the bound: kept whole
+        "input_tokens": 7,
+    }
+
+
 def test_pipeline_result_encodes_end_to_end() -> None:
     key, record = new_key("alice", tenant="acme")
     ex, decision = decide(build_pipeline([record]), headers=bearer(key))

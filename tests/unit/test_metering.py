@@ -94,6 +94,16 @@ class World:
     def sample(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
+    def moved(self) -> list[str]:
+        """Metering samples that are not zero (tokens, cost, unpriced, durations...)."""
+        return [
+            sample.name
+            for family in self.metrics.registry.collect()
+            if family.name.startswith("tollway_gen_ai")
+            for sample in family.samples
+            if sample.value and not sample.name.endswith("_created")
+        ]
+
 
 def test_not_metered_requests_ask_for_nothing_more() -> None:
     w = World()
@@ -192,7 +202,8 @@ def test_json_is_buffered_priced_and_gets_a_cost_header() -> None:
     )
     assert not record.estimated and record.priced
     assert ex.set_response_headers[COST_HEADER] == f"{expected:.9f}"
-    assert ex.metadata["input_tokens"] == 2306 and ex.metadata["cost_usd"] == record.cost_usd
+    assert ex.metadata["input_tokens"] == 2306
+    assert ex.metadata["cost_usd"] == f"{record.cost_usd:.9f}"  # a decimal, like the header
     assert ex.metadata["request_model"] == "o4-mini"
     labels = {"tenant": "acme", "model": "o4-mini", "provider": "openai", "api": "chat"}
     assert (
@@ -362,3 +373,62 @@ def test_a_request_denied_at_its_body_is_never_metered() -> None:
     assert denial is not None and denial.code == "model_not_allowed"
     pipeline.stream_end(ex)  # Envoy ends the stream after the 403
     assert w.store.records == []
+
+
+def test_the_logged_cost_is_a_decimal_without_float_noise() -> None:
+    w = World()
+    ex = w.start(body=b'{"model": "gpt-4o", "stream": true}')
+    w.pipeline.response_headers(ex, 200, {"content-type": "text/event-stream"})
+    usage = b'{"model":"gpt-4o","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+    w.pipeline.response_body(ex, b"data: " + usage + b"\n\n", end=True)
+    (record,) = w.store.records
+    assert record.cost_usd == 2.5e-6 + 10e-6  # 1.2499999999999999e-05 as a float
+    assert ex.metadata["cost_usd"] == "0.000012500"
+
+
+def test_a_request_whose_body_never_arrived_costs_nothing_and_counts_nowhere() -> None:
+    """Envoy's body_size_limit refused a chunked body (413) after Tollway saw the headers."""
+    w = World()
+    ex = request(w.pipeline, "/v1/chat/completions", bearer(ALICE))
+    assert Phase.REQUEST_BODY in w.pipeline.request_headers(ex)  # type: ignore[operator]
+    w.pipeline.stream_end(ex)  # no body, no response: the 413 came from Envoy
+    assert w.store.records == []
+    assert w.moved() == []
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/messages", "/v1/responses"])
+def test_an_api_whose_body_is_not_read_is_not_estimated_without_a_response(path: str) -> None:
+    w = World()
+    ex = w.start(path)
+    w.pipeline.stream_end(ex)  # client gone before any response: no sign it was sent
+    assert w.store.records == []
+    assert w.moved() == []
+
+
+def deep(levels: int) -> bytes:
+    return b'{"model": "gpt-4o", "stream": true, "stream_options": {}, "metadata": %s}' % (
+        b"[" * levels + b"]" * levels
+    )
+
+
+@pytest.mark.parametrize("levels", [254, 300, 1000])
+def test_a_body_too_deep_to_rewrite_goes_on_unchanged_and_is_estimated(levels: int) -> None:
+    w = World()
+    ex = w.start(body=deep(levels))
+    assert ex.new_body is None  # forwarded as sent
+    assert ex.metering is not None and not ex.metering.strip_usage_chunk
+    w.pipeline.response_headers(ex, 200, {"content-type": "text/event-stream"})
+    chunk = b'data: {"model":"gpt-4o","choices":[{"delta":{"content":"abcdefgh"}}]}\n\n'
+    assert w.pipeline.response_body(ex, chunk + b"data: [DONE]\n\n", end=True) is None
+    (record,) = w.store.records
+    assert record.estimated and record.usage.output_tokens == 2
+    assert record.usage.input_tokens == -(-len(deep(levels)) // 4)
+
+
+def test_a_json_body_over_the_bound_is_counted_as_unmetered() -> None:
+    w = World()
+    w.stage.max_json_bytes = 100
+    ex = w.start(body=b'{"model": "o4-mini"}')
+    mode, _ = w.respond(ex, "openai_chat.json", chunk=64)
+    assert mode is BodyMode.STREAMED  # too large to buffer for a cost header
+    assert w.sample("tollway_gen_ai_unmetered_responses_total", reason="body_too_large") == 1
