@@ -34,15 +34,15 @@ def provider_request(stack: Stack, path: str) -> dict[str, Any]:
 
 
 def tagged() -> dict[str, str]:
-    """A request id of our own: Envoy keeps it for a loopback client and logs it."""
-    return {"x-request-id": str(uuid.uuid4())}
+    """A user agent of our own, to find the request in Envoy's access log."""
+    return {"user-agent": f"routing-test/{uuid.uuid4()}"}
 
 
 def routed(stack: Stack, tag: dict[str, str]) -> dict[str, Any]:
     """The access-log line of the request sent with ``tag`` (flushed within a second)."""
 
     def find() -> dict[str, Any] | None:
-        lines = [e for e in stack.access_log() if e["request_id"] == tag["x-request-id"]]
+        lines = [e for e in stack.access_log() if e["user_agent"] == tag["user-agent"]]
         return lines[-1] if lines else None
 
     line = eventually(find)
