@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from . import yamltext
+
 PREFIX = "tw_"
 _KEY_RE = re.compile(r"tw_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -226,7 +228,7 @@ def read_records(path: Path) -> list[KeyRecord]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise KeysFileError(f"{path}: not valid YAML: {exc}") from None
+        raise KeysFileError(f"{path}: not valid YAML: {yamltext.describe(exc)}") from None
     if data is None:
         return []
     if not isinstance(data, dict) or not isinstance(data.get("keys", ()), list | None):

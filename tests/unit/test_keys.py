@@ -128,6 +128,9 @@ def test_malformed_file_names_the_file_and_entry(tmp_path: Path, text: str, wher
     message = str(info.value)
     assert message.startswith(f"{path}: ")
     assert where in message
+    assert "<unicode string>" not in message
+    if where == "not valid YAML":
+        assert "line 2, column 1: " in message, message
 
 
 @pytest.mark.parametrize("text", ["{}\n", "users: []\n"])
