@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc import envoyconf, up
 
+from ..tollway_up import UpRun, children, gone
 from .conftest import Stack
 from .test_front_door import CHAT, eventually, post
 
@@ -139,3 +140,89 @@ def test_a_child_whose_supervisor_died_before_it_started_never_runs() -> None:
         assert child.wait(timeout=10) == 1
     finally:
         child.kill()
+
+
+def _up(tmp_path: Path, *extra: str) -> UpRun:
+    argv = [sys.executable, "-m", "extproc", "up", "--demo", "--port", "0", *extra]
+    return UpRun(argv, cwd=tmp_path)
+
+
+def _status(url: str, key: str) -> int:
+    try:
+        return httpx.post(
+            f"{url}/v1/chat/completions",
+            json=CHAT,
+            headers={"authorization": f"Bearer {key}"},
+            timeout=5,
+        ).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def test_keys_created_while_the_demo_runs_reach_it(tmp_path: Path) -> None:
+    """The demo uses ./tollway-keys.yaml, printed in the banner, so `tollway keys create`
+    in the same folder reaches it; a second demo revokes the first demo key."""
+    (tmp_path / "tollway-keys.yaml").write_text("keys: []\n")  # an operator's file, kept
+    run = _up(tmp_path)
+    try:
+        run.wait_banner()
+        assert Path(run.keys_file) == tmp_path / "tollway-keys.yaml"
+        created = subprocess.run(
+            [sys.executable, "-m", "extproc", "keys", "create", "--name", "me"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert created.returncode == 0, created.stderr
+        mine = created.stdout.strip()
+        eventually(lambda: _status(run.url, mine) == 200, timeout=5)
+        assert _status(run.url, run.key) == 200
+        first_demo_key = run.key
+        assert run.interrupt() == 0
+        run = _up(tmp_path)
+        run.wait_banner()
+        assert run.key != first_demo_key
+        assert _status(run.url, run.key) == 200 and _status(run.url, mine) == 200
+        assert _status(run.url, first_demo_key) == 401  # revoked by id, not by name
+    finally:
+        run.kill()
+
+
+def _serve_child(pid: int) -> int:
+    for child in children(pid):
+        if b"serve" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+            return child
+    return 0  # between a crash and the restart
+
+
+def test_a_crashed_tollway_serve_is_restarted(tmp_path: Path) -> None:
+    run = _up(tmp_path)
+    try:
+        run.wait_banner()
+        assert _status(run.url, run.key) == 200
+        serve = _serve_child(run.proc.pid)
+        os.kill(serve, signal.SIGKILL)
+        eventually(lambda: _serve_child(run.proc.pid) not in (0, serve), timeout=5)
+        eventually(lambda: _status(run.url, run.key) == 200, timeout=10)
+        log = run.stderr()
+        assert "tollway up: tollway serve exited with code -9; restart 1 in 0.5s" in log, log
+        assert "tollway up: tollway serve restarted (restart 1)" in log
+        assert len(children(run.proc.pid)) == 3
+        assert run.interrupt() == 0
+    finally:
+        run.kill()
+
+
+def test_envoy_exiting_stops_everything_and_says_so(tmp_path: Path) -> None:
+    run = _up(tmp_path)
+    try:
+        run.wait_banner()
+        kids = children(run.proc.pid)
+        envoy = next(c for c in kids if b"envoy" in Path(f"/proc/{c}/cmdline").read_bytes())
+        os.kill(envoy, signal.SIGKILL)
+        assert run.proc.wait(timeout=30) == 1
+        eventually(lambda: "envoy exited with code -9; stopping" in run.stderr(), timeout=5)
+        eventually(lambda: all(gone(pid) for pid in kids), timeout=15)
+    finally:
+        run.kill()
