@@ -164,6 +164,7 @@ class Server:
         self._max_body = max_body_bytes
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: a free port); returns the bound port."""
@@ -176,19 +177,29 @@ class Server:
         if self._server is not None:
             self._server.close()
         for writer in list(self._writers):
-            writer.close()
+            writer.close()  # each connection's read ends, and so does its task
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
         if self._server is not None:
             await self._server.wait_closed()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
         self._writers.add(writer)
+        self._tasks.add(task)
         try:
             while await self._one_exchange(reader, writer):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away, possibly mid-stream
+        except asyncio.CancelledError:
+            # Shutting down. Ending quietly: asyncio (3.11) logs a traceback for a
+            # cancelled connection task.
+            pass
         finally:
             self._writers.discard(writer)
+            self._tasks.discard(task)
             writer.close()
 
     async def _one_exchange(
