@@ -38,6 +38,14 @@ class KeysFileError(Exception):
     """The keys file cannot be read or is malformed."""
 
 
+class AmbiguousName(Exception):
+    """Several active keys have the name given: the caller must pick one by id."""
+
+    def __init__(self, name: str, ids: Sequence[str]) -> None:
+        super().__init__(f"{len(ids)} active keys are named {name!r}: {', '.join(ids)}")
+        self.ids = tuple(ids)
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     id: str
@@ -56,6 +64,11 @@ class KeyRecord:
     @property
     def restricts_models(self) -> bool:
         return self._model_re is not None
+
+    def active(self, now: datetime | None = None) -> bool:
+        """Neither revoked nor expired."""
+        moment = now or datetime.now(UTC)
+        return self.revoked is None and (self.expires is None or self.expires > moment)
 
 
 def _compile_models(models: Sequence[str]) -> re.Pattern[str] | None:
@@ -242,8 +255,9 @@ def read_records(path: Path) -> list[KeyRecord]:
 
 
 def write_records(path: Path, records: Sequence[KeyRecord]) -> None:
-    """Replace the file atomically (readers see the old or the new file), mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace the file atomically (readers see the old or the new file), mode 0600.
+    The folder must exist: a mistyped path is an error, not a new tree of folders."""
+    _folder_exists(path)
     body = yaml.safe_dump(
         {"keys": [_to_yaml(r) for r in records]}, sort_keys=False, default_flow_style=False
     )
@@ -263,14 +277,20 @@ def write_records(path: Path, records: Sequence[KeyRecord]) -> None:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Serialise concurrent `tollway keys` commands on the same file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    """Serialise concurrent `tollway keys` commands on the same file (lock file 0600)."""
+    _folder_exists(path)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _folder_exists(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise KeysFileError(f"{path}: the folder {path.parent} does not exist")
 
 
 def add(path: Path, record: KeyRecord) -> None:
@@ -279,10 +299,16 @@ def add(path: Path, record: KeyRecord) -> None:
 
 
 def revoke(path: Path, key_id_or_name: str, now: datetime | None = None) -> list[KeyRecord]:
-    """Mark matching keys (by id, or by name) revoked; returns those changed."""
+    """Revoke the key with this id, or the one active key with this name; returns those
+    changed. Several active keys of that name raise :class:`AmbiguousName` (rotation
+    creates a key with the same name, then revokes the old one by id)."""
     moment = now or datetime.now(UTC)
     with locked(path):
         records = read_records(path)
+        if not any(r.id == key_id_or_name for r in records):
+            named = [r.id for r in records if r.name == key_id_or_name and r.revoked is None]
+            if len(named) > 1:
+                raise AmbiguousName(key_id_or_name, named)
         changed: list[KeyRecord] = []
         updated: list[KeyRecord] = []
         for record in records:
