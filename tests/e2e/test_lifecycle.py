@@ -14,6 +14,7 @@ import grpc
 import httpx
 import openai
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc import envoyconf, up
@@ -226,3 +227,37 @@ def test_envoy_exiting_stops_everything_and_says_so(tmp_path: Path) -> None:
         eventually(lambda: all(gone(pid) for pid in kids), timeout=15)
     finally:
         run.kill()
+
+
+def test_up_with_a_relative_config_uses_the_files_beside_it(tmp_path: Path) -> None:
+    """`cd mydir; tollway keys create --name me; tollway up -c cfg.yaml`: the key works
+    (the config is rewritten into a temporary folder; its paths must not move with it)."""
+    mydir = tmp_path / "mydir"
+    mydir.mkdir()
+    port = up.free_port()
+    argv = [sys.executable, "-m", "extproc", "demo-upstream", "--port", str(port)]
+    demo = up.spawn([*argv, "--provider-key", "sk-relative"])
+    upstream = {"url": f"http://127.0.0.1:{port}", "credential": {"env": "RELATIVE_TEST_KEY"}}
+    config = {"auth": {"keys_file": "tollway-keys.yaml"}, "upstreams": {"openai": upstream}}
+    (mydir / "cfg.yaml").write_text(yaml.safe_dump(config))
+    created = subprocess.run(
+        [sys.executable, "-m", "extproc", "keys", "create", "--name", "me"],
+        cwd=mydir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert created.returncode == 0, created.stderr
+    env = {**os.environ, "RELATIVE_TEST_KEY": "sk-relative"}
+    run = UpRun(
+        [sys.executable, "-m", "extproc", "up", "-c", "cfg.yaml", "--port", "0"], mydir, env
+    )
+    try:
+        run.wait_banner()
+        assert Path(run.keys_file) == mydir / "tollway-keys.yaml"
+        eventually(lambda: _status(run.url, created.stdout.strip()) == 200, timeout=10)
+        assert "no API keys" not in run.stderr()
+        assert run.interrupt() == 0
+    finally:
+        run.kill()
+        up.stop_all([demo])
