@@ -4,15 +4,16 @@ Lets a newcomer watch the gateway work with no provider account or network acces
 
     python -m extproc.demo_upstream --port 8081 [--provider-key sk-demo]
 
-Routes (real providers' wire formats; ``"stream": true`` switches to SSE), dispatched the way
-the gateway routes (:func:`route`): a request with ``anthropic-version`` speaks Anthropic
-(``POST /v1/messages``, ``GET /v1/models`` in Anthropic's list shape); a
-``models/{model}:{method}`` path on ``/v1/`` or ``/v1beta/`` speaks Gemini
-(``:generateContent``, ``:streamGenerateContent``: SSE with ``?alt=sse``, else a JSON array),
-as does ``GET /v1beta/models[/{model}]``; ``/v1/messages`` is Anthropic's; everything else on
-``/v1/`` is OpenAI (``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
-``/v1/responses``, ``GET /v1/models``). An unknown endpoint is a 404 in that API's format.
-Standard library only (:mod:`extproc.demo_http`): serving needs nothing extra for it.
+Routes (real providers' wire formats; ``"stream": true`` switches to SSE), dispatched by the
+gateway's own classifier (:func:`route`, :func:`extproc.routes.dialect_of`): a request with
+``anthropic-version`` speaks Anthropic (``POST /v1/messages``, ``GET /v1/models`` in
+Anthropic's list shape); one with a ``models/{model}:{method}`` path (on ``/v1/`` or
+``/v1beta/``), an ``x-goog-api-key`` header or a ``key`` parameter speaks Gemini
+(``:generateContent``, ``:streamGenerateContent``: SSE with ``?alt=sse``, else a JSON array;
+``GET .../models[/{model}]``); everything else is OpenAI (``POST /v1/chat/completions``,
+``/v1/completions``, ``/v1/embeddings``, ``/v1/responses``, ``GET /v1/models``). ``/v1beta/``
+is always Gemini's and ``/v1/messages`` Anthropic's. An unknown endpoint is a 404 in that
+API's format. Standard library only (:mod:`extproc.demo_http`).
 A request header ``x-demo-chunk-bytes: N`` makes SSE go out N bytes a write;
 ``x-demo-sse-whole`` sends it in one piece with a content-length.
 ``GET /__demo/requests`` lists the last 100 requests (method, path, query, lowercased headers);
@@ -67,6 +68,7 @@ from typing import Any, Literal
 
 import orjson
 
+from . import routes
 from .demo_http import Reply, Request, Response, Server, Stream
 
 __all__ = ["REPLY", "App", "route", "run", "start"]
@@ -473,7 +475,7 @@ def _gemini_chunk(t: _Turn, text: str, candidates: int, final: bool, rid: str) -
     return {"candidates": [candidate], **info}
 
 
-_GEMINI_PATH = re.compile(r"/(?:v1|v1beta)/models/([^/:]+)(?::([A-Za-z]+))?")
+_GEMINI_PATH = re.compile(r"/(?:v1|v1beta|v1alpha)/models/([^/:]+)(?::([A-Za-z]+))?")
 _GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.0-flash")
 
 
@@ -551,26 +553,32 @@ _ANTHROPIC_ROUTES: dict[tuple[str, str], Callable[[Request], Reply]] = {
 _GEMINI_METHODS = ("generateContent", "streamGenerateContent")
 
 
-def route(method: str, path: str, headers: Mapping[str, str]) -> Route:
+def route(method: str, path: str, headers: Mapping[str, str], query: str = "") -> Route:
     """Which API a request speaks, and its handler (None: no such endpoint there).
 
-    The way the gateway routes: ``anthropic-version`` means Anthropic; a
-    ``models/{model}:{method}`` path (on ``/v1/`` or ``/v1beta/``) or anything
-    on ``/v1beta/`` means Gemini; ``/v1/messages`` is Anthropic's; the rest OpenAI.
+    The gateway's own classifier decides (:func:`extproc.routes.dialect_of`:
+    ``anthropic-version`` is Anthropic; a ``models/{model}:{method}`` path, an
+    ``x-goog-api-key`` header or a ``key`` parameter is Gemini; the rest OpenAI).
+    As no OpenAI API lives there, ``/v1beta/`` is also Gemini's and ``/v1/messages``
+    Anthropic's.
     """
-    if "anthropic-version" in headers:
-        return "anthropic", _ANTHROPIC_ROUTES.get((method, path))
-    gemini = _GEMINI_PATH.fullmatch(path)
-    if gemini is not None and (gemini[2] is not None or path.startswith("/v1beta/")):
-        if gemini[2] is None:
-            return "gemini", _gemini_get_model if method == "GET" else None
-        ok = method == "POST" and gemini[2] in _GEMINI_METHODS
-        return "gemini", _gemini if ok else None
-    if path.startswith("/v1beta/"):
-        return "gemini", _gemini_models if (method, path) == ("GET", "/v1beta/models") else None
-    if path.startswith("/v1/messages"):
+    dialect = routes.dialect_of(path, headers, query)
+    if dialect == "gemini" or path.startswith(("/v1beta/", "/v1alpha/")):
+        return "gemini", _gemini_handler(method, path)
+    if dialect == "anthropic" or path.startswith("/v1/messages"):
         return "anthropic", _ANTHROPIC_ROUTES.get((method, path))
     return "openai", _OPENAI_ROUTES.get((method, path))
+
+
+def _gemini_handler(method: str, path: str) -> Callable[[Request], Reply] | None:
+    if method == "GET" and path in ("/v1/models", "/v1beta/models", "/v1alpha/models"):
+        return _gemini_models
+    match = _GEMINI_PATH.fullmatch(path)
+    if match is None:
+        return None
+    if match[2] is None:
+        return _gemini_get_model if method == "GET" else None
+    return _gemini if method == "POST" and match[2] in _GEMINI_METHODS else None
 
 
 def _error(style: Style, err: _ApiError) -> Response:
@@ -612,7 +620,7 @@ class App:
             return _json(list(self.records))
         record = {"method": request.method, "path": request.path, "query": request.query}
         self.records.append({**record, "headers": dict(request.headers)})
-        style, handler = route(request.method, request.path, request.headers)
+        style, handler = route(request.method, request.path, request.headers, request.query)
         if handler is None:
             message = f"Invalid URL ({request.method} {request.path})"
             return _error(style, _ApiError(404, message, "unknown_url"))

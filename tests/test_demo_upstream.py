@@ -437,11 +437,12 @@ def test_gemini_model_list(port: int, http: httpx.Client) -> None:
     models = raw.json()["models"]
     assert all(m["name"].startswith("models/") for m in models)
     assert all("generateContent" in m["supportedGenerationMethods"] for m in models)
-    options = genai_types.HttpOptions(base_url=f"http://127.0.0.1:{port}", api_version="v1beta")
-    client = genai.Client(api_key=KEY, http_options=options)
-    names = [m.name for m in client.models.list()]
-    assert "models/gemini-2.5-flash" in names
-    assert client.models.get(model="gemini-2.5-pro").name == "models/gemini-2.5-pro"
+    for version in ("v1", "v1beta"):  # GET /v1/models with a Gemini key is Gemini's, too
+        options = genai_types.HttpOptions(base_url=f"http://127.0.0.1:{port}", api_version=version)
+        client = genai.Client(api_key=KEY, http_options=options)
+        names = [m.name for m in client.models.list()]
+        assert "models/gemini-2.5-flash" in names
+        assert client.models.get(model="gemini-2.5-pro").name == "models/gemini-2.5-pro"
 
 
 def test_anthropic_version_selects_anthropic_shapes(
@@ -588,7 +589,13 @@ def test_malformed_json_is_400_in_each_provider_format(http: httpx.Client) -> No
     ],
 )
 def test_invalid_requests_are_400_not_500(http: httpx.Client, path: str, body: Any) -> None:
-    headers = {"authorization": f"Bearer {KEY}", "x-api-key": KEY, "x-goog-api-key": KEY}
+    # Each API's own key header (an x-goog-api-key would make any request Gemini's).
+    if path.startswith("/v1beta/"):
+        headers = {"x-goog-api-key": KEY}
+    elif path == "/v1/messages":
+        headers = {"x-api-key": KEY}
+    else:
+        headers = {"authorization": f"Bearer {KEY}"}
     resp = http.post(path, json=body, headers=headers)
     assert resp.status_code == 400, resp.text
     assert "error" in resp.json()
