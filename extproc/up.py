@@ -355,8 +355,17 @@ def _demo_key(keys_file: Path) -> str:
     return demo_key
 
 
+def _tollway_command() -> str:
+    """How to call this same `tollway` from a shell: its name if PATH finds it, else its path."""
+    beside = Path(sys.executable).parent / "tollway"
+    if not beside.exists() or shutil.which("tollway") == str(beside):
+        return "tollway"
+    return str(beside)
+
+
 def _banner(gateway: Gateway, keys_file: Path, demo_key: str | None) -> str:
     url, cfg = gateway.url, gateway.config
+    tollway = _tollway_command()
     key = demo_key or "<your tollway key>"
     shown = f'"{key}"'
     demo_line = f"  demo key    {demo_key}\n" if demo_key else ""
@@ -364,7 +373,7 @@ def _banner(gateway: Gateway, keys_file: Path, demo_key: str | None) -> str:
 Tollway is up.
   front door  {url}
 {demo_line}  keys file   {keys_file}
-              (tollway keys create --name NAME --keys-file {keys_file})
+              ({tollway} keys create --name NAME --keys-file {keys_file})
   metrics     http://{cfg.metrics.address}:{cfg.metrics.port}/metrics
   envoy admin http://{cfg.envoy.admin_address}:{cfg.envoy.admin_port}
 
