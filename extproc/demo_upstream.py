@@ -528,7 +528,6 @@ def _gemini_get_model(request: Request) -> Reply:
 _ANTHROPIC_ERRORS = {
     401: "authentication_error",
     404: "not_found_error",
-    405: "not_found_error",
     413: "request_too_large",
 }
 _GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND"}
@@ -538,7 +537,7 @@ _AUTH_MESSAGES = {
     "gemini": "API key not valid. Please pass a valid API key.",
 }
 
-Route = tuple[Style, "Callable[[Request], Reply] | None"]
+Dispatch = tuple[Style, "Callable[[Request], Reply] | None"]
 _OPENAI_ROUTES: dict[tuple[str, str], Callable[[Request], Reply]] = {
     ("POST", "/v1/chat/completions"): _chat_completions,
     ("POST", "/v1/completions"): _completions,
@@ -553,7 +552,7 @@ _ANTHROPIC_ROUTES: dict[tuple[str, str], Callable[[Request], Reply]] = {
 _GEMINI_METHODS = ("generateContent", "streamGenerateContent")
 
 
-def route(method: str, path: str, headers: Mapping[str, str], query: str = "") -> Route:
+def route(method: str, path: str, headers: Mapping[str, str], query: str = "") -> Dispatch:
     """Which API a request speaks, and its handler (None: no such endpoint there).
 
     The gateway's own classifier decides (:func:`extproc.routes.dialect_of`:

@@ -60,11 +60,6 @@ def test_sigterm_drains_then_envoy_fails_closed(fresh_stack: Stack) -> None:
     assert r.json()["error"]["code"] == "service_unavailable"
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
 def test_tollway_up_demo_serves_and_stops_cleanly(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc", "up", "--demo", "--port", "0"],
@@ -96,11 +91,11 @@ def test_tollway_up_demo_serves_and_stops_cleanly(tmp_path: Path) -> None:
         )
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
 
-        children = _children(proc.pid)
-        assert len(children) == 3  # demo upstream, tollway serve, envoy
+        kids = children(proc.pid)
+        assert len(kids) == 3  # demo upstream, tollway serve, envoy
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-        for pid in children:
+        for pid in kids:
             assert (
                 not Path(f"/proc/{pid}").exists()
                 or "zombie" in Path(f"/proc/{pid}/status").read_text()
@@ -120,14 +115,12 @@ def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     try:
-        children = eventually(
-            lambda: len(_children(proc.pid)) == 3 and _children(proc.pid), timeout=30
-        )
+        kids = eventually(lambda: len(children(proc.pid)) == 3 and children(proc.pid), timeout=30)
     finally:
         proc.kill()
         proc.wait()
-    eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), timeout=15)
-    for pid in children:
+    eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in kids), timeout=15)
+    for pid in kids:
         assert not Path(f"/proc/{pid}").exists()
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
