@@ -306,7 +306,7 @@ def revoke(path: Path, key_id_or_name: str, now: datetime | None = None) -> list
     with locked(path):
         records = read_records(path)
         if not any(r.id == key_id_or_name for r in records):
-            named = [r.id for r in records if r.name == key_id_or_name and r.revoked is None]
+            named = [r.id for r in records if r.name == key_id_or_name and r.active(moment)]
             if len(named) > 1:
                 raise AmbiguousName(key_id_or_name, named)
         changed: list[KeyRecord] = []

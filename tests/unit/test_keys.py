@@ -209,6 +209,15 @@ def test_revoke_by_id_and_by_name(tmp_path: Path) -> None:
     }
 
 
+def test_an_expired_key_of_the_same_name_does_not_make_revoke_ambiguous(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    _, old = new_key("svc", expires=NOW - timedelta(days=1))
+    _, current = new_key("svc")
+    keys.write_records(path, [old, current])
+    changed = keys.revoke(path, "svc", now=NOW)
+    assert current.id in [r.id for r in changed]
+
+
 def test_revoke_again_or_unknown_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "keys.yaml"
     _, a = new_key("alice")
