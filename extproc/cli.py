@@ -22,9 +22,11 @@ def _load(path: Path | None) -> config.Config:
 
 
 def _keys_file(args: argparse.Namespace) -> Path:
-    if args.keys_file is not None:
-        return Path(args.keys_file)
-    return _load(args.config).auth.keys_file
+    path = Path(args.keys_file).absolute() if args.keys_file is not None else None
+    path = path or _load(args.config).auth.keys_file
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: the folder {path.parent} does not exist")
+    return path
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -50,11 +52,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Everything `tollway serve` checks at start-up (the same code): refusals are errors
+    (exit 2, through main), a missing provider key is a warning."""
+    from .server import preflight
+
     cfg = config.load(Path(args.file))
-    records = keys.read_records(cfg.auth.keys_file)
+    ready = preflight(cfg)
+    # The Runtime has logged each missing provider key as a warning, as serve does.
+    keys_loaded = len(ready.runtime.auth.keys)
+    warnings = len(ready.missing_provider_keys)
     print(
-        f"{args.file}: ok ({len(cfg.upstreams)} upstreams, {len(records)} keys "
-        f"in {cfg.auth.keys_file})"
+        f"{args.file}: ok ({len(cfg.upstreams)} upstreams, {keys_loaded} keys "
+        f"in {cfg.auth.keys_file}, {warnings} warning{'s' if warnings != 1 else ''})"
     )
     return 0
 
@@ -74,9 +83,16 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     expires = keys.parse_expiry(args.expires) if args.expires else None
     if expires is not None and expires <= datetime.now(UTC):
         raise ValueError("--expires is in the past")
-    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
-    key, record = keys.generate(name=args.name, tenant=args.tenant, models=models, expires=expires)
+    models = None
+    if args.models is not None:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not models:
+            raise ValueError("--models names no model; leave it out for a key that may use any")
+    key, record = keys.generate(
+        name=args.name, tenant=args.tenant, models=models or (), expires=expires
+    )
     path = _keys_file(args)
+    same_name = [r.id for r in keys.read_records(path) if r.name == args.name and r.active()]
     keys.add(path, record)
     print(key)
     print(
@@ -84,24 +100,38 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         "the key is shown only now",
         file=sys.stderr,
     )
+    if same_name:
+        print(
+            f"warning: {len(same_name)} other active key(s) named {args.name!r} "
+            f"({', '.join(same_name)}): revoke by id (tollway keys revoke ID)",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
-    print(f"{'ID':<12}  {'NAME':<20}  {'TENANT':<12}  {'STATE':<8}  {'EXPIRES':<10}  MODELS")
-    for r in keys.read_records(_keys_file(args)):
-        state = (
-            "revoked" if r.revoked else "expired" if r.expires and r.expires <= now else "active"
-        )
-        expires = r.expires.date().isoformat() if r.expires else "-"
+    records = keys.read_records(_keys_file(args))
+    header = f"{'ID':<12}  {'NAME':<20}  {'TENANT':<12}  {'STATE':<8}  {'EXPIRES (UTC)':<16}"
+    print(f"{header}  MODELS")
+    for r in records:
+        state = "revoked" if r.revoked else "active" if r.active(now) else "expired"
+        expires = r.expires.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if r.expires else "-"
         models = ",".join(r.models) or "*"
-        print(f"{r.id:<12}  {r.name:<20}  {r.tenant:<12}  {state:<8}  {expires:<10}  {models}")
+        print(f"{r.id:<12}  {r.name:<20}  {r.tenant:<12}  {state:<8}  {expires:<16}  {models}")
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    changed = keys.revoke(_keys_file(args), args.key)
+    try:
+        changed = keys.revoke(_keys_file(args), args.key)
+    except keys.AmbiguousName as exc:
+        print(
+            f"tollway: {len(exc.ids)} active keys are named {args.key!r}: "
+            f"{', '.join(exc.ids)}; revoke one by id (tollway keys revoke ID)",
+            file=sys.stderr,
+        )
+        return 2
     if not changed:
         print(f"no active key with id or name {args.key!r}", file=sys.stderr)
         return 1
@@ -183,7 +213,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="front door port (default: envoy.port, 8080)")
     s.set_defaults(func=cmd_up)
 
-    s = add("check-config", "validate a config file and its keys file")
+    s = add(
+        "check-config",
+        "check a config as serve does at start-up: keys, prices, TLS and provider key files",
+    )
     s.add_argument("file")
     s.set_defaults(func=cmd_check_config)
 
@@ -234,7 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a broken pipe shows here, not in the flush at exit
+        return code
+    except BrokenPipeError:  # `tollway prices | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not fail again
+        return 0
     except (config.ConfigError, keys.KeysFileError, ValueError, OSError) as exc:
         print(f"tollway: {exc}", file=sys.stderr)
         return 2

@@ -12,13 +12,16 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import yamltext
+
 ENV_PREFIX = "TOLLWAY__"
+_M = TypeVar("_M", bound=BaseModel)
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 
 ApiKind = Literal["openai", "azure", "anthropic", "gemini"]
@@ -374,7 +377,10 @@ def _describe(error: ValidationError, source: str) -> str:
 def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
     """Read ``path`` (or only defaults when None), apply env overrides, validate.
 
-    Relative paths inside the file are resolved against the file's directory.
+    Every path comes out absolute, resolved once here: paths written in the file
+    against the file's folder; defaults and ``TOLLWAY__*`` overrides against the
+    working directory. A config written out again (as `tollway up` does) means
+    the same files wherever it is read from.
     """
     source = str(path) if path else "defaults"
     data: dict[str, Any] = {}
@@ -384,71 +390,72 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {yamltext.describe(exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-        data = loaded or {}
-    overrides = _env_overrides(os.environ if environ is None else environ)
+        data = _absolute_paths(loaded or {}, Config, path.parent)
+    cwd = Path.cwd()
+    overrides = _absolute_paths(
+        _env_overrides(os.environ if environ is None else environ), Config, cwd
+    )
     if overrides:
         source += " + TOLLWAY__* environment"
     try:
         config = Config.model_validate(_merge(data, overrides))
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
-    if path is not None:
-        config = _resolve_paths(config, path.parent)
-    return config
+    return _resolve_paths(config, cwd)  # what is still relative is a default
 
 
-def _resolve_paths(config: Config, base: Path) -> Config:
-    def resolve(p: Path) -> Path:
-        return p if p.is_absolute() else (base / p)
+def _absolute(path: Path, base: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else Path(os.path.abspath(base / path))
 
-    def resolve_tls(tls: TLSFiles | None) -> TLSFiles | None:
-        if tls is None:
-            return None
-        return tls.model_copy(
-            update={
-                "cert_file": resolve(tls.cert_file),
-                "key_file": resolve(tls.key_file),
-                "client_ca_file": resolve(tls.client_ca_file) if tls.client_ca_file else None,
+
+def _field_types(annotation: Any) -> tuple[Any, ...]:
+    """``X | None`` -> (X,); ``dict[str, X]`` -> (dict, X); anything else -> (annotation,)."""
+    if get_origin(annotation) is dict:
+        return (dict, get_args(annotation)[1])
+    return tuple(a for a in get_args(annotation) if a is not type(None)) or (annotation,)
+
+
+def _absolute_paths(data: dict[str, Any], model: type[BaseModel], base: Path) -> dict[str, Any]:
+    """Raw (unvalidated) config data with every string in a Path field made absolute."""
+    out = dict(data)
+    for name, value in data.items():
+        info = model.model_fields.get(name)
+        if info is None:
+            continue  # validation will name it
+        kinds = _field_types(info.annotation)
+        if Path in kinds and isinstance(value, str) and value:
+            out[name] = str(_absolute(Path(value), base))
+        elif kinds[0] is dict and isinstance(value, dict) and _is_model(kinds[1]):
+            out[name] = {
+                k: _absolute_paths(v, kinds[1], base) if isinstance(v, dict) else v
+                for k, v in value.items()
             }
-        )
+        elif isinstance(value, dict) and _is_model(kinds[0]):
+            out[name] = _absolute_paths(value, kinds[0], base)
+    return out
 
-    def resolve_client(tls: ExtprocClientTLS | None) -> ExtprocClientTLS | None:
-        if tls is None:
-            return None
-        return tls.model_copy(
-            update={
-                "ca_file": resolve(tls.ca_file),
-                "cert_file": resolve(tls.cert_file) if tls.cert_file else None,
-                "key_file": resolve(tls.key_file) if tls.key_file else None,
-            }
-        )
 
-    upstreams = {}
-    for name, upstream in config.upstreams.items():
-        cred = upstream.credential
-        if cred is not None and cred.file is not None:
-            cred = cred.model_copy(update={"file": resolve(cred.file)})
-        upstreams[name] = upstream.model_copy(update={"credential": cred})
-    return config.model_copy(
-        update={
-            "auth": config.auth.model_copy(update={"keys_file": resolve(config.auth.keys_file)}),
-            "server": config.server.model_copy(update={"tls": resolve_tls(config.server.tls)}),
-            "envoy": config.envoy.model_copy(
-                update={
-                    "tls": resolve_tls(config.envoy.tls),
-                    "extproc_client_tls": resolve_client(config.envoy.extproc_client_tls),
-                }
-            ),
-            "upstreams": upstreams,
-            "pricing": config.pricing.model_copy(
-                update={
-                    "litellm_file": resolve(config.pricing.litellm_file)
-                    if config.pricing.litellm_file
-                    else None
-                }
-            ),
-        }
-    )
+def _is_model(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, BaseModel)
+
+
+def _resolve_paths(model: _M, base: Path) -> _M:
+    """``model`` with every relative Path field, at any depth, resolved against ``base``."""
+    update: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path):
+            new: Any = _absolute(value, base)
+        elif isinstance(value, BaseModel):
+            new = _resolve_paths(value, base)
+        elif isinstance(value, dict) and all(isinstance(v, BaseModel) for v in value.values()):
+            new = {k: _resolve_paths(v, base) for k, v in value.items()}
+        else:
+            continue
+        if new != value:
+            update[name] = new
+    return model.model_copy(update=update) if update else model

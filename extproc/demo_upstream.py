@@ -4,10 +4,16 @@ Lets a newcomer watch the gateway work with no provider account or network acces
 
     python -m extproc.demo_upstream --port 8081 [--provider-key sk-demo]
 
-Routes (real providers' wire formats; ``"stream": true`` switches to SSE):
-OpenAI ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/responses``,
-``GET /v1/models``; Anthropic ``POST /v1/messages``; Gemini ``POST /v1beta/models/{model}:
-generateContent`` and ``:streamGenerateContent`` (SSE with ``?alt=sse``, else a JSON array).
+Routes (real providers' wire formats; ``"stream": true`` switches to SSE), dispatched by the
+gateway's own classifier (:func:`route`, :func:`extproc.routes.dialect_of`): a request with
+``anthropic-version`` speaks Anthropic (``POST /v1/messages``, ``GET /v1/models`` in
+Anthropic's list shape); one with a ``models/{model}:{method}`` path (on ``/v1/`` or
+``/v1beta/``), an ``x-goog-api-key`` header or a ``key`` parameter speaks Gemini
+(``:generateContent``, ``:streamGenerateContent``: SSE with ``?alt=sse``, else a JSON array;
+``GET .../models[/{model}]``); everything else is OpenAI (``POST /v1/chat/completions``,
+``/v1/completions``, ``/v1/embeddings``, ``/v1/responses``, ``GET /v1/models``). ``/v1beta/``
+is always Gemini's and ``/v1/messages`` Anthropic's. An unknown endpoint is a 404 in that
+API's format. Standard library only (:mod:`extproc.demo_http`).
 A request header ``x-demo-chunk-bytes: N`` makes SSE go out N bytes a write;
 ``x-demo-sse-whole`` sends it in one piece with a content-length.
 ``GET /__demo/requests`` lists the last 100 requests (method, path, query, lowercased headers);
@@ -49,21 +55,23 @@ import hashlib
 import hmac
 import itertools
 import math
+import re
 import signal
 import struct
 import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
-from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
-__all__ = ["REPLY", "make_app", "run", "start"]
+from . import routes
+from .demo_http import Reply, Request, Response, Server, Stream
+
+__all__ = ["REPLY", "App", "route", "run", "start"]
 
 REPLY = "Hello from Tollway's demo upstream. This reply is canned, deterministic and free."
 _WORDS = REPLY.split(" ")
@@ -73,7 +81,6 @@ _FINGERPRINT = "fp_tollway_demo"
 _MODELS = ("gpt-4o-mini", "gpt-5-mini", "o3-mini", "text-embedding-3-small", "demo-cached")
 
 Style = Literal["openai", "anthropic", "gemini"]
-_RECORDS: web.AppKey[deque[dict[str, Any]]] = web.AppKey("demo_records")
 
 
 class _ApiError(Exception):
@@ -144,8 +151,8 @@ def _id(prefix: str) -> str:
     return prefix + uuid.uuid4().hex[:24]
 
 
-def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(status, orjson.dumps(obj))
 
 
 def _data(obj: Any, sep: bytes = b"\n\n") -> bytes:
@@ -158,40 +165,29 @@ def _event(name: str, obj: Any) -> bytes:
 
 CHUNK_HEADER = "x-demo-chunk-bytes"
 WHOLE_HEADER = "x-demo-sse-whole"
-_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+_SSE_TYPE = "text/event-stream; charset=utf-8"
+_SSE_HEADERS = {"cache-control": "no-cache"}
+MAX_BODY_BYTES = 32 * 1024**2
 
 
-async def _sse(request: web.Request, events: Iterable[bytes]) -> web.StreamResponse:
+def _sse(request: Request, events: Iterable[bytes]) -> Reply:
     """Each event as its own write; with ``x-demo-chunk-bytes: N``, N bytes a write, paced
     so that each reaches the client on its own (to test readers against any split). With
     ``x-demo-sse-whole``, the whole stream at once with a content-length, as some servers do."""
     if WHOLE_HEADER in request.headers:
-        return web.Response(body=b"".join(events), headers=_SSE_HEADERS)
-    resp = web.StreamResponse(headers=_SSE_HEADERS)
-    await resp.prepare(request)
+        return Response(200, b"".join(events), _SSE_TYPE, _SSE_HEADERS)
     size = request.headers.get(CHUNK_HEADER, "")
     step = int(size) if size.isdigit() and int(size) > 0 else 0
-    with contextlib.suppress(ConnectionResetError):  # the client went away mid-stream
-        for chunk in events:
-            if not step:
-                await resp.write(chunk)
-                continue
-            for i in range(0, len(chunk), step):
-                await resp.write(chunk[i : i + step])
-                await asyncio.sleep(0.0005)
-        await resp.write_eof()
-    return resp
+    return Stream(events, _SSE_TYPE, _SSE_HEADERS, step)
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+def _json_body(request: Request) -> dict[str, Any]:
+    if request.body is None:
+        raise _ApiError(413, "Request body too large")
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise _ApiError(413, "Request body too large") from exc
-    try:
-        body = orjson.loads(raw)
+        body = orjson.loads(request.body)
     except orjson.JSONDecodeError as exc:
-        raise _ApiError(400, f"Could not parse the JSON body of your request: {exc}") from exc
+        raise _ApiError(400, f"Could not parse the JSON body of your request: {exc}") from None
     if not isinstance(body, dict):
         raise _ApiError(400, "The request body must be a JSON object")
     return body
@@ -233,8 +229,8 @@ def _openai_stream(t: _Turn, base: dict[str, Any], choices: list[Any], body: Any
     return [*out, b"data: [DONE]\n\n"]
 
 
-async def _chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
+def _chat_completions(request: Request) -> Reply:
+    body = _json_body(request)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _ApiError(400, "'messages' must be a non-empty array")
@@ -254,11 +250,11 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         {"index": 0, "delta": d, "logprobs": None, "finish_reason": None if d else finish}
         for d in deltas
     ]
-    return await _sse(request, _openai_stream(t, base, choices, body))
+    return _sse(request, _openai_stream(t, base, choices, body))
 
 
-async def _completions(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
+def _completions(request: Request) -> Reply:
+    body = _json_body(request)
     prompt = body.get("prompt")
     if not isinstance(prompt, str | list):
         raise _ApiError(400, "'prompt' must be a string or an array")
@@ -274,7 +270,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         {"text": x, "index": 0, "logprobs": None, "finish_reason": None if x else finish}
         for x in texts
     ]
-    return await _sse(request, _openai_stream(t, base, choices, body))
+    return _sse(request, _openai_stream(t, base, choices, body))
 
 
 def _embedding(item: Any, as_base64: bool) -> list[float] | str:
@@ -287,8 +283,8 @@ def _embedding(item: Any, as_base64: bool) -> list[float] | str:
     return vector
 
 
-async def _embeddings(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
+def _embeddings(request: Request) -> Reply:
+    body = _json_body(request)
     model, raw = _model(body), body.get("input")
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
@@ -375,26 +371,43 @@ def _responses_events(t: _Turn, body: dict[str, Any], ids: dict[str, Any]) -> li
     return out
 
 
-async def _responses(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
+def _responses(request: Request) -> Reply:
+    body = _json_body(request)
     chars = _chars(body.get("instructions")) + _chars(body.get("input"))
     t = _turn(_model(body), chars, _limit(body.get("max_output_tokens"), "max_output_tokens"))
     ids = {"resp": _id("resp_"), "msg": _id("msg_"), "rs": _id("rs_"), "created": int(time.time())}
     if body.get("stream") is True:
-        return await _sse(request, _responses_events(t, body, ids))
+        return _sse(request, _responses_events(t, body, ids))
     return _json(_response_obj(t, body, ids, done=True))
 
 
-async def _models(request: web.Request) -> web.StreamResponse:
+def _models(request: Request) -> Reply:
     info = {"object": "model", "created": 1_700_000_000, "owned_by": "tollway-demo"}
     return _json({"object": "list", "data": [{"id": m, **info} for m in _MODELS]})
 
 
 # ------------------------------------------------------------------------- Anthropic
 
+_ANTHROPIC_MODELS = {
+    "claude-sonnet-4-5": "Claude Sonnet 4.5",
+    "claude-haiku-4-5": "Claude Haiku 4.5",
+    "claude-opus-4-1": "Claude Opus 4.1",
+}
 
-async def _messages(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
+
+def _anthropic_models(request: Request) -> Reply:
+    """Anthropic's list shape, so that ``anthropic.Anthropic(...).models.list()`` works."""
+    created = "2025-09-29T00:00:00Z"
+    data = [
+        {"type": "model", "id": m, "display_name": name, "created_at": created}
+        for m, name in _ANTHROPIC_MODELS.items()
+    ]
+    page = {"has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+    return _json({"data": data, **page})
+
+
+def _messages(request: Request) -> Reply:
+    body = _json_body(request)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _ApiError(400, "messages: Field required (a non-empty array)")
@@ -437,7 +450,7 @@ async def _messages(request: web.Request) -> web.StreamResponse:
                            "usage": {"output_tokens": t.completion}}),
         ("message_stop", {}),
     ]  # fmt: skip
-    return await _sse(request, (_event(name, {"type": name, **data}) for name, data in events))
+    return _sse(request, (_event(name, {"type": name, **data}) for name, data in events))
 
 
 # ---------------------------------------------------------------------------- Gemini
@@ -462,11 +475,15 @@ def _gemini_chunk(t: _Turn, text: str, candidates: int, final: bool, rid: str) -
     return {"candidates": [candidate], **info}
 
 
-async def _gemini(request: web.Request) -> web.StreamResponse:
-    model, _, method = request.match_info["target"].rpartition(":")
-    if not model or method not in ("generateContent", "streamGenerateContent"):
-        raise _ApiError(404, f"'{method}' is not a supported method (use :generateContent)")
-    body = await _json_body(request)
+_GEMINI_PATH = re.compile(r"/(?:v1|v1beta|v1alpha)/models/([^/:]+)(?::([A-Za-z]+))?")
+_GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.0-flash")
+
+
+def _gemini(request: Request) -> Reply:
+    match = _GEMINI_PATH.fullmatch(request.path)
+    assert match is not None and match[2] is not None  # dispatched here only then
+    model, method = match[1], match[2]
+    body = _json_body(request)
     config, contents = body.get("generationConfig", {}), body.get("contents")
     if not isinstance(config, dict):
         raise _ApiError(400, "Invalid value at 'generation_config'")
@@ -479,14 +496,40 @@ async def _gemini(request: web.Request) -> web.StreamResponse:
         return _json(_gemini_chunk(t, t.text, t.completion, True, rid))
     pieces = t.pieces
     chunks = [_gemini_chunk(t, p, i + 1, i + 1 == len(pieces), rid) for i, p in enumerate(pieces)]
-    if request.query.get("alt") == "sse":
-        return await _sse(request, (_data(c, b"\r\n\r\n") for c in chunks))
+    if request.query_param("alt") == "sse":
+        return _sse(request, (_data(c, b"\r\n\r\n") for c in chunks))
     return _json(chunks)
+
+
+def _gemini_model(name: str) -> dict[str, Any]:
+    return {
+        "name": f"models/{name}",
+        "version": "001",
+        "displayName": name.replace("-", " ").title(),
+        "description": "Tollway demo model",
+        "inputTokenLimit": 1_048_576,
+        "outputTokenLimit": 65_536,
+        "supportedGenerationMethods": ["generateContent", "streamGenerateContent"],
+    }
+
+
+def _gemini_models(request: Request) -> Reply:
+    return _json({"models": [_gemini_model(m) for m in _GEMINI_MODELS]})
+
+
+def _gemini_get_model(request: Request) -> Reply:
+    match = _GEMINI_PATH.fullmatch(request.path)
+    assert match is not None
+    return _json(_gemini_model(match[1]))
 
 
 # ------------------------------------------------------------------ errors, auth, app
 
-_ANTHROPIC_ERRORS = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}
+_ANTHROPIC_ERRORS = {
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "request_too_large",
+}
 _GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND"}
 _AUTH_MESSAGES = {
     "openai": "Incorrect API key provided.",
@@ -494,14 +537,50 @@ _AUTH_MESSAGES = {
     "gemini": "API key not valid. Please pass a valid API key.",
 }
 
+Dispatch = tuple[Style, "Callable[[Request], Reply] | None"]
+_OPENAI_ROUTES: dict[tuple[str, str], Callable[[Request], Reply]] = {
+    ("POST", "/v1/chat/completions"): _chat_completions,
+    ("POST", "/v1/completions"): _completions,
+    ("POST", "/v1/embeddings"): _embeddings,
+    ("POST", "/v1/responses"): _responses,
+    ("GET", "/v1/models"): _models,
+}
+_ANTHROPIC_ROUTES: dict[tuple[str, str], Callable[[Request], Reply]] = {
+    ("POST", "/v1/messages"): _messages,
+    ("GET", "/v1/models"): _anthropic_models,
+}
+_GEMINI_METHODS = ("generateContent", "streamGenerateContent")
 
-def _style(path: str) -> Style:
-    if path.startswith("/v1beta/"):
-        return "gemini"
-    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+def route(method: str, path: str, headers: Mapping[str, str], query: str = "") -> Dispatch:
+    """Which API a request speaks, and its handler (None: no such endpoint there).
+
+    The gateway's own classifier decides (:func:`extproc.routes.dialect_of`:
+    ``anthropic-version`` is Anthropic; a ``models/{model}:{method}`` path, an
+    ``x-goog-api-key`` header or a ``key`` parameter is Gemini; the rest OpenAI).
+    As no OpenAI API lives there, ``/v1beta/`` is also Gemini's and ``/v1/messages``
+    Anthropic's.
+    """
+    dialect = routes.dialect_of(path, headers, query)
+    if dialect == "gemini" or path.startswith(("/v1beta/", "/v1alpha/")):
+        return "gemini", _gemini_handler(method, path)
+    if dialect == "anthropic" or path.startswith("/v1/messages"):
+        return "anthropic", _ANTHROPIC_ROUTES.get((method, path))
+    return "openai", _OPENAI_ROUTES.get((method, path))
 
 
-def _error(style: Style, err: _ApiError) -> web.Response:
+def _gemini_handler(method: str, path: str) -> Callable[[Request], Reply] | None:
+    if method == "GET" and path in ("/v1/models", "/v1beta/models", "/v1alpha/models"):
+        return _gemini_models
+    match = _GEMINI_PATH.fullmatch(path)
+    if match is None:
+        return None
+    if match[2] is None:
+        return _gemini_get_model if method == "GET" else None
+    return _gemini if method == "POST" and match[2] in _GEMINI_METHODS else None
+
+
+def _error(style: Style, err: _ApiError) -> Response:
     if style == "anthropic":
         kind = _ANTHROPIC_ERRORS.get(err.status, "invalid_request_error")
         return _json({"type": "error", "error": {"type": kind, "message": err.message}}, err.status)
@@ -513,7 +592,7 @@ def _error(style: Style, err: _ApiError) -> web.Response:
     return _json({"error": {**error, "code": err.code}}, err.status)
 
 
-def _presented_key(request: web.Request, style: Style) -> str:
+def _presented_key(request: Request, style: Style) -> str:
     if style == "gemini":
         return request.headers.get("x-goog-api-key", "")
     if style == "anthropic" and "x-api-key" in request.headers:
@@ -523,72 +602,46 @@ def _presented_key(request: web.Request, style: Style) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def _middleware(provider_key: str | None) -> Middleware:
-    expected = None if provider_key is None else provider_key.encode("utf-8", "surrogatepass")
+class App:
+    """The demo upstream as a handler: records, routes, checks the provider key, answers."""
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        debug = request.path.startswith("/__demo/")
-        if not debug:
-            headers = {k.lower(): v for k, v in request.headers.items()}
-            record = {"method": request.method, "path": request.path, "query": request.query_string}
-            request.app[_RECORDS].append({**record, "headers": headers})
-        routing_error = request.match_info.http_exception
-        if routing_error is not None:
+    def __init__(self, provider_key: str | None = None) -> None:
+        self._expected = (
+            None if provider_key is None else provider_key.encode("utf-8", "surrogatepass")
+        )
+        self.records: deque[dict[str, Any]] = deque(maxlen=_MAX_RECORDS)
+
+    def __call__(self, request: Request) -> Reply:
+        if request.path == "/__demo/requests" and request.method in ("GET", "DELETE"):
+            if request.method == "DELETE":
+                self.records.clear()
+                return Response(204)
+            return _json(list(self.records))
+        record = {"method": request.method, "path": request.path, "query": request.query}
+        self.records.append({**record, "headers": dict(request.headers)})
+        style, handler = route(request.method, request.path, request.headers, request.query)
+        if handler is None:
             message = f"Invalid URL ({request.method} {request.path})"
-            return _error("openai", _ApiError(routing_error.status, message, "unknown_url"))
-        style = _style(request.path)
-        if expected is not None and not debug:
+            return _error(style, _ApiError(404, message, "unknown_url"))
+        if self._expected is not None:
             presented = _presented_key(request, style).encode("utf-8", "surrogatepass")
-            if not hmac.compare_digest(presented, expected):
+            if not hmac.compare_digest(presented, self._expected):
                 return _error(style, _ApiError(401, _AUTH_MESSAGES[style], "invalid_api_key"))
         try:
-            return await handler(request)
+            return handler(request)
         except _ApiError as err:
             return _error(style, err)
 
-    return middleware
 
-
-async def _records(request: web.Request) -> web.StreamResponse:
-    records = request.app[_RECORDS]
-    if request.method == "DELETE":
-        records.clear()
-        return web.Response(status=204)
-    return _json(list(records))
-
-
-def make_app(provider_key: str | None = None) -> web.Application:
-    """Build the demo upstream application (not yet serving)."""
-    app = web.Application(middlewares=[_middleware(provider_key)], client_max_size=32 * 1024**2)
-    records: deque[dict[str, Any]] = deque(maxlen=_MAX_RECORDS)
-    app[_RECORDS] = records
-    app.router.add_post("/v1/chat/completions", _chat_completions)
-    app.router.add_post("/v1/completions", _completions)
-    app.router.add_post("/v1/embeddings", _embeddings)
-    app.router.add_post("/v1/responses", _responses)
-    app.router.add_get("/v1/models", _models)
-    app.router.add_post("/v1/messages", _messages)
-    app.router.add_post("/v1beta/models/{target}", _gemini)
-    app.router.add_get("/__demo/requests", _records)
-    app.router.add_delete("/__demo/requests", _records)
-    return app
-
-
-async def start(host: str, port: int, provider_key: str | None = None) -> tuple[web.AppRunner, int]:
-    """Start serving on ``host:port`` (0 picks a free port); returns the runner and bound port."""
-    runner = web.AppRunner(make_app(provider_key), access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner, int(runner.addresses[0][1])
+async def start(host: str, port: int, provider_key: str | None = None) -> tuple[Server, int]:
+    """Start serving on ``host:port`` (0 picks a free port); returns the server and bound port.
+    Stop it with ``await server.close()``."""
+    server = Server(App(provider_key), MAX_BODY_BYTES)
+    return server, await server.start(host, port)
 
 
 async def _serve(host: str, port: int, provider_key: str | None) -> None:
-    runner, bound = await start(host, port, provider_key)
+    server, bound = await start(host, port, provider_key)
     shown = f"[{host}]" if ":" in host else host
     print(f"demo upstream listening on http://{shown}:{bound}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
@@ -599,7 +652,7 @@ async def _serve(host: str, port: int, provider_key: str | None) -> None:
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 def run(host: str, port: int, provider_key: str | None = None) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from . import yamltext
+
 PREFIX = "tw_"
 _KEY_RE = re.compile(r"tw_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -34,6 +36,14 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 class KeysFileError(Exception):
     """The keys file cannot be read or is malformed."""
+
+
+class AmbiguousName(Exception):
+    """Several active keys have the name given: the caller must pick one by id."""
+
+    def __init__(self, name: str, ids: Sequence[str]) -> None:
+        super().__init__(f"{len(ids)} active keys are named {name!r}: {', '.join(ids)}")
+        self.ids = tuple(ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +64,11 @@ class KeyRecord:
     @property
     def restricts_models(self) -> bool:
         return self._model_re is not None
+
+    def active(self, now: datetime | None = None) -> bool:
+        """Neither revoked nor expired."""
+        moment = now or datetime.now(UTC)
+        return self.revoked is None and (self.expires is None or self.expires > moment)
 
 
 def _compile_models(models: Sequence[str]) -> re.Pattern[str] | None:
@@ -226,7 +241,7 @@ def read_records(path: Path) -> list[KeyRecord]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise KeysFileError(f"{path}: not valid YAML: {exc}") from None
+        raise KeysFileError(f"{path}: not valid YAML: {yamltext.describe(exc)}") from None
     if data is None:
         return []
     if not isinstance(data, dict) or not isinstance(data.get("keys", ()), list | None):
@@ -240,8 +255,9 @@ def read_records(path: Path) -> list[KeyRecord]:
 
 
 def write_records(path: Path, records: Sequence[KeyRecord]) -> None:
-    """Replace the file atomically (readers see the old or the new file), mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace the file atomically (readers see the old or the new file), mode 0600.
+    The folder must exist: a mistyped path is an error, not a new tree of folders."""
+    _folder_exists(path)
     body = yaml.safe_dump(
         {"keys": [_to_yaml(r) for r in records]}, sort_keys=False, default_flow_style=False
     )
@@ -261,14 +277,20 @@ def write_records(path: Path, records: Sequence[KeyRecord]) -> None:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Serialise concurrent `tollway keys` commands on the same file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    """Serialise concurrent `tollway keys` commands on the same file (lock file 0600)."""
+    _folder_exists(path)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _folder_exists(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise KeysFileError(f"{path}: the folder {path.parent} does not exist")
 
 
 def add(path: Path, record: KeyRecord) -> None:
@@ -277,10 +299,16 @@ def add(path: Path, record: KeyRecord) -> None:
 
 
 def revoke(path: Path, key_id_or_name: str, now: datetime | None = None) -> list[KeyRecord]:
-    """Mark matching keys (by id, or by name) revoked; returns those changed."""
+    """Revoke the key with this id, or the one active key with this name; returns those
+    changed. Several active keys of that name raise :class:`AmbiguousName` (rotation
+    creates a key with the same name, then revokes the old one by id)."""
     moment = now or datetime.now(UTC)
     with locked(path):
         records = read_records(path)
+        if not any(r.id == key_id_or_name for r in records):
+            named = [r.id for r in records if r.name == key_id_or_name and r.active(moment)]
+            if len(named) > 1:
+                raise AmbiguousName(key_id_or_name, named)
         changed: list[KeyRecord] = []
         updated: list[KeyRecord] = []
         for record in records:

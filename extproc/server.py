@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 from prometheus_client import start_http_server
 
-from .config import Config
+from .config import Config, ConfigError
 from .grpcio_server import GrpcioServer
 from .h2server import H2Server, server_ssl_context
 from .processor import StreamProcessor
@@ -34,26 +36,55 @@ class Transport(Protocol):
     async def stop(self, grace: float) -> None: ...
 
 
-def _transport(config: Config, runtime: Runtime) -> Transport:
+@dataclass(frozen=True)
+class Preflight:
+    """What `tollway serve` builds before it listens, each file read and checked."""
+
+    runtime: Runtime
+    ssl_context: ssl.SSLContext | None = None  # server.tls for the h2 transport
+    grpc_credentials: Any = None  # grpc.ServerCredentials: server.tls for grpcio
+
+    @property
+    def missing_provider_keys(self) -> list[str]:
+        """Upstreams with a configured credential that is missing or empty (a warning:
+        their requests are refused until it appears)."""
+        keys = self.runtime.credentials.provider_keys
+        upstreams = self.runtime.config.upstreams
+        return [n for n, u in upstreams.items() if u.credential is not None and not keys.get(n)]
+
+
+def preflight(config: Config, runtime: Runtime | None = None) -> Preflight:
+    """Everything serve checks at start-up: the keys file, prices (with ``litellm_file``),
+    provider credentials (the Runtime) and the TLS files. ``tollway check-config`` runs
+    exactly this; it raises what serve would refuse to start with."""
+    runtime = runtime or Runtime(config)
+    tls = config.server.tls
+    if tls is None:
+        return Preflight(runtime)
+    for name in ("cert_file", "key_file", "client_ca_file"):
+        file = getattr(tls, name)
+        if file is not None and not file.is_file():
+            raise ConfigError(f"server.tls.{name}: {file}: no such file")
+    if config.server.transport == "grpcio":
+        ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+        return Preflight(runtime, grpc_credentials=credentials)
+    context = server_ssl_context(tls.cert_file, tls.key_file, tls.client_ca_file)
+    return Preflight(runtime, ssl_context=context)
+
+
+def _transport(config: Config, ready: Preflight) -> Transport:
     def new_processor() -> StreamProcessor:
-        return StreamProcessor(runtime)
+        return StreamProcessor(ready.runtime)
 
     limit = config.max_body_bytes + 1024 * 1024  # the body plus headers and framing
-    tls = config.server.tls
     if config.server.transport == "grpcio":
-        credentials = None
-        if tls is not None:
-            ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
-            credentials = grpc.ssl_server_credentials(
-                [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-                root_certificates=ca,
-                require_client_auth=ca is not None,
-            )
-        return GrpcioServer(new_processor, _HEALTH_SERVICES, limit, credentials)
-    context = None
-    if tls is not None:
-        context = server_ssl_context(tls.cert_file, tls.key_file, tls.client_ca_file)
-    return H2Server(new_processor, _HEALTH_SERVICES, limit, context)
+        return GrpcioServer(new_processor, _HEALTH_SERVICES, limit, ready.grpc_credentials)
+    return H2Server(new_processor, _HEALTH_SERVICES, limit, ready.ssl_context)
 
 
 async def _watch_files(runtime: Runtime, interval: float) -> None:
@@ -73,8 +104,9 @@ async def serve(
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain."""
-    runtime = runtime or Runtime(config)
-    server = _transport(config, runtime)
+    ready = preflight(config, runtime)
+    runtime = ready.runtime
+    server = _transport(config, ready)
     port = await server.start(config.server.address, config.server.port)
     if config.metrics.enabled:
         start_http_server(config.metrics.port, config.metrics.address, runtime.metrics.registry)

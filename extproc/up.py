@@ -160,6 +160,20 @@ def write_config(config: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
+SERVE, DEMO, ENVOY = "tollway serve", "demo upstream", "envoy"
+
+
+@dataclass
+class Child:
+    """A process of the gateway, with what it takes to start it again."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path | None
+    proc: subprocess.Popen[bytes]
+
+
 @dataclass
 class Gateway:
     """A running front door: Envoy + Tollway (+ the demo upstream)."""
@@ -167,10 +181,22 @@ class Gateway:
     config: Config
     workdir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    children: dict[str, Child] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         return f"http://{self.config.envoy.address}:{self.config.envoy.port}"
+
+    def launch(self, name: str, argv: list[str], env: dict[str, str], log: Path | None) -> None:
+        proc = spawn(argv, env=env, log=log)
+        self.children[name] = Child(name, argv, env, log, proc)
+        self.procs.append(proc)
+
+    def restart(self, name: str) -> None:
+        """Start ``name`` again with the same command, in the same place in ``procs``."""
+        child = self.children[name]
+        old, child.proc = child.proc, spawn(child.argv, env=child.env, log=child.log)
+        self.procs[self.procs.index(old)] = child.proc
 
     def stop(self) -> None:
         # Envoy first, so no new request reaches a stopping Tollway.
@@ -222,21 +248,9 @@ def start(
         if demo:
             demo_port = free_port()
             child_env[DEMO_KEY_ENV] = DEMO_PROVIDER_KEY
-            gateway.procs.append(
-                spawn(
-                    [
-                        sys.executable,
-                        "-m",
-                        "extproc",
-                        "demo-upstream",
-                        "--port",
-                        str(demo_port),
-                        "--provider-key",
-                        DEMO_PROVIDER_KEY,
-                    ],
-                    env=child_env,
-                    log=log("demo"),
-                )
+            argv = [sys.executable, "-m", "extproc", "demo-upstream", "--port", str(demo_port)]
+            gateway.launch(
+                DEMO, [*argv, "--provider-key", DEMO_PROVIDER_KEY], child_env, log("demo")
             )
             config = config.model_copy(
                 update={"upstreams": demo_upstreams(f"http://127.0.0.1:{demo_port}")}
@@ -247,18 +261,10 @@ def start(
         write_config(config, config_file)
         envoy_file = workdir / "envoy.yaml"
         envoy_file.write_text(envoyconf.render_yaml(config))
-        gateway.procs.append(
-            spawn(
-                [sys.executable, "-m", "extproc", "serve", "--config", str(config_file)],
-                env=child_env,
-                log=log("tollway"),
-            )
-        )
-        gateway.procs.append(
-            spawn(
-                envoy_command(envoy_file, config.envoy.concurrency), env=child_env, log=log("envoy")
-            )
-        )
+        serve = [sys.executable, "-m", "extproc", "serve", "--config", str(config_file)]
+        gateway.launch(SERVE, serve, child_env, log("tollway"))
+        envoy = envoy_command(envoy_file, config.envoy.concurrency)
+        gateway.launch(ENVOY, envoy, child_env, log("envoy"))
         wait_until(
             lambda: extproc_healthy(config.envoy.admin_port),
             timeout,
@@ -277,9 +283,117 @@ def start(
     return gateway
 
 
+@dataclass
+class Backoff:
+    """Restart delays: ``initial`` doubling up to ``maximum``; back to ``initial`` once a
+    child has run ``reset_after`` seconds."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    reset_after: float = 60.0
+    _next: float = 0.0
+
+    def delay(self, ran_for: float) -> float:
+        if ran_for >= self.reset_after or not self._next:
+            self._next = self.initial
+        delay, self._next = self._next, min(self._next * 2, self.maximum)
+        return delay
+
+
+@dataclass
+class Supervisor:
+    """Watches the gateway's children: restarts `tollway serve` and the demo upstream with
+    backoff; Envoy exiting stops everything."""
+
+    gateway: Gateway
+    clock: Callable[[], float] = time.monotonic
+    restarts: dict[str, int] = field(default_factory=dict)
+    _backoff: dict[str, Backoff] = field(default_factory=dict)
+    _started: dict[str, float] = field(default_factory=dict)
+    _due: dict[str, float] = field(default_factory=dict)
+
+    def check(self) -> str | None:
+        """One look at the children; a reason to stop everything, or None."""
+        now = self.clock()
+        for name, child in self.gateway.children.items():
+            code = child.proc.poll()
+            if code is None:
+                self._started.setdefault(name, now)
+                continue
+            if name == ENVOY:
+                return f"envoy exited with code {code}; stopping"
+            if name not in self._due:
+                ran = now - self._started.pop(name, now)
+                delay = self._backoff.setdefault(name, Backoff()).delay(ran)
+                self._due[name] = now + delay
+                count = self.restarts.get(name, 0) + 1
+                print(
+                    f"tollway up: {name} exited with code {code}; restart {count} in {delay:g}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            elif now >= self._due[name]:
+                del self._due[name]
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                self.gateway.restart(name)
+                self._started[name] = now
+                print(
+                    f"tollway up: {name} restarted (restart {self.restarts[name]})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return None
+
+
+def _demo_key(keys_file: Path) -> str:
+    """A fresh key named ``demo`` in ``keys_file``; earlier demo keys are revoked by id."""
+    old = [r.id for r in keys.read_records(keys_file) if r.name == "demo" and r.revoked is None]
+    demo_key, record = keys.generate(name="demo", tenant="demo")
+    keys.add(keys_file, record)
+    for key_id in old:
+        keys.revoke(keys_file, key_id)
+    return demo_key
+
+
+def _tollway_command() -> str:
+    """How to call this same `tollway` from a shell: its name if PATH finds it, else its path."""
+    beside = Path(sys.executable).parent / "tollway"
+    if not beside.exists() or shutil.which("tollway") == str(beside):
+        return "tollway"
+    return str(beside)
+
+
+def _banner(gateway: Gateway, keys_file: Path, demo_key: str | None) -> str:
+    url, cfg = gateway.url, gateway.config
+    tollway = _tollway_command()
+    key = demo_key or "<your tollway key>"
+    shown = f'"{key}"'
+    demo_line = f"  demo key    {demo_key}\n" if demo_key else ""
+    return f"""
+Tollway is up.
+  front door  {url}
+{demo_line}  keys file   {keys_file}
+              ({tollway} keys create --name NAME --keys-file {keys_file})
+  metrics     http://{cfg.metrics.address}:{cfg.metrics.port}/metrics
+  envoy admin http://{cfg.envoy.admin_address}:{cfg.envoy.admin_port}
+
+Clients (url = "{url}", KEY = {shown}):
+  openai      openai.OpenAI(base_url=f"{{url}}/v1", api_key=KEY)
+  anthropic   anthropic.Anthropic(base_url=url, api_key=KEY)
+  google-genai genai.Client(api_key=KEY, http_options={{"base_url": url}})
+  One provider per base URL, never ambiguous: {{url}}/openai/v1, {{url}}/anthropic, {{url}}/gemini
+
+Try it:
+  curl -s {url}/v1/chat/completions -H 'authorization: Bearer {key}' \\
+    -H 'content-type: application/json' \\
+    -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+Ctrl-C stops everything.
+"""
+
+
 def run(config: Config, *, demo: bool) -> int:
-    """The `tollway up` command: start, print how to use it, wait for a signal."""
-    workdir = Path(tempfile.mkdtemp(prefix="tollway-up-"))
+    """The `tollway up` command: start, print how to use it, supervise until a signal."""
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -292,43 +406,28 @@ def run(config: Config, *, demo: bool) -> int:
     config = config.model_copy(
         update={"server": config.server.model_copy(update={"drain_delay_s": 0.0})}
     )
-    demo_key = None
-    if demo:
-        keys_file = workdir / "keys.yaml"
-        demo_key, record = keys.generate(name="demo", tenant="demo")
-        keys.add(keys_file, record)
-        config = config.model_copy(
-            update={"auth": config.auth.model_copy(update={"keys_file": keys_file})}
+    keys_file = config.auth.keys_file
+    if not keys_file.parent.is_dir():
+        print(
+            f"tollway up: the keys file's folder {keys_file.parent} does not exist", file=sys.stderr
         )
+        return 2
+    demo_key = _demo_key(keys_file) if demo else None
+    workdir = Path(tempfile.mkdtemp(prefix="tollway-up-"))
     try:
         gateway = start(config, workdir, demo=demo)
     except RuntimeError as exc:
         print(f"tollway up: {exc}", file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)
         return 1
-    url = gateway.url
-    key = demo_key or "<your tollway key: tollway keys create --name NAME>"
-    print(
-        f"""
-Tollway is up.
-  front door  {url}   (OpenAI: {url}/v1, Anthropic: {url}, Gemini: {url}/v1beta)
-  metrics     http://{gateway.config.metrics.address}:{gateway.config.metrics.port}/metrics
-  envoy admin http://{gateway.config.envoy.admin_address}:{gateway.config.envoy.admin_port}
-{"  demo key    " + demo_key if demo_key else ""}
-Try it:
-  curl -s {url}/v1/chat/completions -H 'authorization: Bearer {key}' \\
-    -H 'content-type: application/json' \\
-    -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
-
-Ctrl-C stops everything.
-""",
-        flush=True,
-    )
+    print(_banner(gateway, keys_file, demo_key), flush=True)
+    supervisor = Supervisor(gateway)
     code = 0
     try:
         while not stopping:
-            if any(p.poll() is not None for p in gateway.procs):
-                print("tollway up: a component exited; stopping", file=sys.stderr)
+            reason = supervisor.check()
+            if reason is not None:
+                print(f"tollway up: {reason}", file=sys.stderr, flush=True)
                 code = 1
                 break
             time.sleep(0.2)

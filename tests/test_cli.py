@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from extproc import keys
@@ -61,7 +63,8 @@ def test_key_lifecycle(tmp_path: Path) -> None:
 
     listed = tollway("keys", "list", "--keys-file", str(file)).stdout
     assert re.search(
-        rf"{record.id}\s+ci-bot\s+platform\s+active\s+2099-01-31\s+gpt-4o-mini,claude-\*", listed
+        rf"{record.id}\s+ci-bot\s+platform\s+active\s+2099-01-31 23:59\s+gpt-4o-mini,claude-\*",
+        listed,
     )
     assert key.split("_", 2)[2] not in listed
 
@@ -119,3 +122,93 @@ def test_prices_lists_the_table_and_resolves_names(tmp_path: Path) -> None:
     assert "house-llm: house-llm (input 1, output 0)" in found.stdout
     missing = tollway("prices", "no-such-model", cwd=tmp_path)
     assert missing.returncode == 1 and "not priced" in missing.stdout
+
+
+def test_revoke_by_name_refuses_when_several_active_keys_share_it(tmp_path: Path) -> None:
+    """Rotation: a new key with the same name, then the old one revoked by id."""
+    file = str(tmp_path / "keys.yaml")
+    old = tollway("keys", "create", "--keys-file", file, "--name", "svc")
+    assert old.returncode == 0 and "warning" not in old.stderr
+    new = tollway("keys", "create", "--keys-file", file, "--name", "svc")
+    assert new.returncode == 0
+    old_id, new_id = (r.id for r in keys.read_records(Path(file)))
+    assert f"other active key(s) named 'svc' ({old_id})" in new.stderr
+    assert "revoke by id" in new.stderr
+
+    ambiguous = tollway("keys", "revoke", "--keys-file", file, "svc")
+    assert ambiguous.returncode == 2
+    assert old_id in ambiguous.stderr and new_id in ambiguous.stderr
+    assert "by id" in ambiguous.stderr
+    assert all(r.revoked is None for r in keys.read_records(Path(file)))  # nothing revoked
+
+    assert tollway("keys", "revoke", "--keys-file", file, old_id).returncode == 0
+    states = {r.id: r.revoked for r in keys.read_records(Path(file))}
+    assert states[old_id] is not None and states[new_id] is None
+    assert tollway("keys", "revoke", "--keys-file", file, "svc").returncode == 0  # one left
+
+
+@pytest.mark.parametrize("models", ["", " , ,", ","])
+def test_an_empty_model_list_is_refused_not_unrestricted(tmp_path: Path, models: str) -> None:
+    file = tmp_path / "keys.yaml"
+    result = tollway("keys", "create", "--keys-file", str(file), "--name", "x", "--models", models)
+    assert result.returncode == 2 and "--models names no model" in result.stderr
+    assert not file.exists()
+
+
+def test_keys_file_folder_must_exist_and_lock_is_private(tmp_path: Path) -> None:
+    missing = tmp_path / "nonexistent" / "k.yaml"
+    result = tollway("keys", "create", "--keys-file", str(missing), "--name", "x")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert not missing.parent.exists()
+    file = tmp_path / "k.yaml"
+    assert tollway("keys", "create", "--keys-file", str(file), "--name", "x").returncode == 0
+    assert (tmp_path / "k.yaml.lock").stat().st_mode & 0o777 == 0o600
+
+
+def test_prices_into_a_closed_pipe_exits_quietly() -> None:
+    """`tollway prices | head -n 1`: head has gone when the rest is written; no traceback.
+    (The read end is closed before prices starts, so the broken pipe is certain.)"""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        prices = subprocess.run(
+            [sys.executable, "-m", "extproc", "prices"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+    finally:
+        os.close(write_end)
+    assert prices.stderr == ""
+    assert prices.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("pricing: {litellm_file: nope.json}\n", "nope.json: cannot read"),
+        ("server:\n  tls: {cert_file: nope.pem, key_file: nope.key}\n", "server.tls.cert_file"),
+        ("auth: {keys_file: bad-keys.yaml}\n", "bad-keys.yaml: not valid YAML"),
+    ],
+)
+def test_check_config_refuses_what_serve_refuses(tmp_path: Path, text: str, problem: str) -> None:
+    (tmp_path / "bad-keys.yaml").write_text("keys: [\n")
+    path = tmp_path / "tollway.yaml"
+    path.write_text(text)
+    checked = tollway("check-config", str(path))
+    assert checked.returncode == 2 and problem in checked.stderr, checked.stderr
+    served = tollway("serve", "--config", str(path))  # the same refusal, from the same code
+    assert served.returncode == 2 and problem in served.stderr, served.stderr
+
+
+def test_check_config_warns_of_missing_provider_keys(tmp_path: Path) -> None:
+    path = tmp_path / "tollway.yaml"
+    path.write_text("{}\n")
+    result = tollway("check-config", str(path))
+    assert result.returncode == 0
+    assert "upstream openai: no provider key in environment variable OPENAI_API_KEY" in (
+        result.stderr
+    )
+    assert "3 warnings" in result.stdout

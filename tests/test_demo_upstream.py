@@ -18,6 +18,8 @@ import httpx
 import openai
 import orjson
 import pytest
+from google import genai
+from google.genai import types as genai_types
 
 from extproc import demo_upstream
 from extproc.demo_upstream import REPLY
@@ -36,13 +38,13 @@ def port() -> Iterator[int]:
     def serve() -> None:
         asyncio.set_event_loop(loop)
         try:
-            state["runner"], state["port"] = loop.run_until_complete(
+            state["server"], state["port"] = loop.run_until_complete(
                 demo_upstream.start("127.0.0.1", 0, provider_key=KEY)
             )
         finally:
             ready.set()
         loop.run_forever()
-        loop.run_until_complete(state["runner"].cleanup())
+        loop.run_until_complete(state["server"].close())
         loop.close()
 
     thread = threading.Thread(target=serve, name="demo-upstream", daemon=True)
@@ -407,6 +409,94 @@ def test_gemini_stream_generate_content_sse(http: httpx.Client) -> None:
     assert usage["totalTokenCount"] == 20 + 12 + 6
 
 
+def test_gemini_sdk_on_v1_and_v1beta(port: int, http: httpx.Client) -> None:
+    """google-genai as users configure it: the same answers on /v1/ and /v1beta/ paths."""
+    http.delete("/__demo/requests")
+    answers = {}
+    for version in ("v1", "v1beta"):
+        options = genai_types.HttpOptions(
+            base_url=f"http://127.0.0.1:{port}", api_version=version, timeout=int(TIMEOUT * 1000)
+        )
+        client = genai.Client(api_key=KEY, http_options=options)
+        resp = client.models.generate_content(model="gemini-2.5-flash", contents="hello world!")
+        streamed = client.models.generate_content_stream(model="gemini-2.5-flash", contents="hi")
+        answers[version] = (resp.text, "".join(c.text or "" for c in streamed))
+        assert resp.usage_metadata is not None
+        assert resp.usage_metadata.prompt_token_count == prompt_tokens("hello world!") == 3
+        assert resp.usage_metadata.candidates_token_count == 12
+    assert answers["v1"] == answers["v1beta"] == (REPLY, REPLY)
+    paths = [r["path"] for r in http.get("/__demo/requests").json()]
+    assert "/v1/models/gemini-2.5-flash:generateContent" in paths
+    assert "/v1/models/gemini-2.5-flash:streamGenerateContent" in paths
+    assert "/v1beta/models/gemini-2.5-flash:generateContent" in paths
+
+
+def test_gemini_model_list(port: int, http: httpx.Client) -> None:
+    raw = http.get("/v1beta/models", headers={"x-goog-api-key": KEY})
+    assert raw.status_code == 200, raw.text
+    models = raw.json()["models"]
+    assert all(m["name"].startswith("models/") for m in models)
+    assert all("generateContent" in m["supportedGenerationMethods"] for m in models)
+    for version in ("v1", "v1beta"):  # GET /v1/models with a Gemini key is Gemini's, too
+        options = genai_types.HttpOptions(base_url=f"http://127.0.0.1:{port}", api_version=version)
+        client = genai.Client(api_key=KEY, http_options=options)
+        names = [m.name for m in client.models.list()]
+        assert "models/gemini-2.5-flash" in names
+        assert client.models.get(model="gemini-2.5-pro").name == "models/gemini-2.5-pro"
+
+
+def test_anthropic_version_selects_anthropic_shapes(
+    claude: anthropic.Anthropic, oai: openai.OpenAI, http: httpx.Client
+) -> None:
+    """`GET /v1/models` with `anthropic-version` is Anthropic's list; without it, OpenAI's."""
+    listed = list(claude.models.list())
+    assert [m.type for m in listed] == ["model"] * len(listed) and listed
+    assert all(m.id.startswith("claude-") and m.display_name for m in listed)
+    raw = http.get("/v1/models", headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"})
+    body = raw.json()
+    assert set(body) == {"data", "has_more", "first_id", "last_id"}
+    assert body["has_more"] is False
+    assert (body["first_id"], body["last_id"]) == (body["data"][0]["id"], body["data"][-1]["id"])
+    assert set(body["data"][0]) == {"type", "id", "display_name", "created_at"}
+    assert "gpt-4o-mini" in [m.id for m in oai.models.list()]  # no anthropic-version: OpenAI
+    # An Anthropic request for an endpoint the demo lacks is Anthropic's 404, not OpenAI's.
+    missing = http.get("/v1/files", headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"})
+    assert missing.status_code == 404 and missing.json()["type"] == "error"
+
+
+def test_sse_paced_whole_and_chunked_request_body(http: httpx.Client) -> None:
+    auth = {"authorization": f"Bearer {KEY}"}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    plain = http.post("/v1/chat/completions", json=body, headers=auth)
+    paced = http.post(
+        "/v1/chat/completions", json=body, headers={**auth, demo_upstream.CHUNK_HEADER: "7"}
+    )
+    whole = http.post(
+        "/v1/chat/completions", json=body, headers={**auth, demo_upstream.WHOLE_HEADER: "1"}
+    )
+    strip = [ln for ln in plain.text.split("\n") if '"id"' not in ln]
+    assert len(strip) == len([ln for ln in paced.text.split("\n") if '"id"' not in ln])
+    assert paced.headers["transfer-encoding"] == "chunked"
+    assert int(whole.headers["content-length"]) == len(whole.content)
+    assert whole.text.endswith("data: [DONE]\n\n") and paced.text.endswith("data: [DONE]\n\n")
+
+    def pieces() -> Iterator[bytes]:  # no content-length: httpx sends it chunked
+        yield b'{"model": "m", "messages": [{"role": "user",'
+        yield b' "content": "abcdefgh"}]}'
+
+    chunked = http.post("/v1/chat/completions", content=pieces(), headers=auth)
+    assert chunked.status_code == 200, chunked.text
+    assert chunked.json()["usage"]["prompt_tokens"] == 2
+
+
+def test_body_over_the_limit_is_413_in_the_provider_format(http: httpx.Client) -> None:
+    big = b"x" * (demo_upstream.MAX_BODY_BYTES + 1)
+    resp = http.post("/v1/messages", content=big, headers={"x-api-key": KEY})
+    assert resp.status_code == 413
+    assert resp.json()["error"]["type"] == "request_too_large"
+    assert http.get("/v1/models", headers={"authorization": f"Bearer {KEY}"}).status_code == 200
+
+
 # ------------------------------------------------------------------------ errors, auth
 
 
@@ -499,7 +589,13 @@ def test_malformed_json_is_400_in_each_provider_format(http: httpx.Client) -> No
     ],
 )
 def test_invalid_requests_are_400_not_500(http: httpx.Client, path: str, body: Any) -> None:
-    headers = {"authorization": f"Bearer {KEY}", "x-api-key": KEY, "x-goog-api-key": KEY}
+    # Each API's own key header (an x-goog-api-key would make any request Gemini's).
+    if path.startswith("/v1beta/"):
+        headers = {"x-goog-api-key": KEY}
+    elif path == "/v1/messages":
+        headers = {"x-api-key": KEY}
+    else:
+        headers = {"authorization": f"Bearer {KEY}"}
     resp = http.post(path, json=body, headers=headers)
     assert resp.status_code == 400, resp.text
     assert "error" in resp.json()

@@ -14,10 +14,12 @@ import grpc
 import httpx
 import openai
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc import envoyconf, up
 
+from ..tollway_up import UpRun, children, gone
 from .conftest import Stack
 from .test_front_door import CHAT, eventually, post
 
@@ -58,11 +60,6 @@ def test_sigterm_drains_then_envoy_fails_closed(fresh_stack: Stack) -> None:
     assert r.json()["error"]["code"] == "service_unavailable"
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
 def test_tollway_up_demo_serves_and_stops_cleanly(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "extproc", "up", "--demo", "--port", "0"],
@@ -94,11 +91,11 @@ def test_tollway_up_demo_serves_and_stops_cleanly(tmp_path: Path) -> None:
         )
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
 
-        children = _children(proc.pid)
-        assert len(children) == 3  # demo upstream, tollway serve, envoy
+        kids = children(proc.pid)
+        assert len(kids) == 3  # demo upstream, tollway serve, envoy
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-        for pid in children:
+        for pid in kids:
             assert (
                 not Path(f"/proc/{pid}").exists()
                 or "zombie" in Path(f"/proc/{pid}/status").read_text()
@@ -118,14 +115,12 @@ def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     try:
-        children = eventually(
-            lambda: len(_children(proc.pid)) == 3 and _children(proc.pid), timeout=30
-        )
+        kids = eventually(lambda: len(children(proc.pid)) == 3 and children(proc.pid), timeout=30)
     finally:
         proc.kill()
         proc.wait()
-    eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), timeout=15)
-    for pid in children:
+    eventually(lambda: not any(Path(f"/proc/{pid}").exists() for pid in kids), timeout=15)
+    for pid in kids:
         assert not Path(f"/proc/{pid}").exists()
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -139,3 +134,123 @@ def test_a_child_whose_supervisor_died_before_it_started_never_runs() -> None:
         assert child.wait(timeout=10) == 1
     finally:
         child.kill()
+
+
+def _up(tmp_path: Path, *extra: str) -> UpRun:
+    argv = [sys.executable, "-m", "extproc", "up", "--demo", "--port", "0", *extra]
+    return UpRun(argv, cwd=tmp_path)
+
+
+def _status(url: str, key: str) -> int:
+    try:
+        return httpx.post(
+            f"{url}/v1/chat/completions",
+            json=CHAT,
+            headers={"authorization": f"Bearer {key}"},
+            timeout=5,
+        ).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def test_keys_created_while_the_demo_runs_reach_it(tmp_path: Path) -> None:
+    """The demo uses ./tollway-keys.yaml, printed in the banner, so `tollway keys create`
+    in the same folder reaches it; a second demo revokes the first demo key."""
+    (tmp_path / "tollway-keys.yaml").write_text("keys: []\n")  # an operator's file, kept
+    run = _up(tmp_path)
+    try:
+        run.wait_banner()
+        assert Path(run.keys_file) == tmp_path / "tollway-keys.yaml"
+        created = subprocess.run(
+            [sys.executable, "-m", "extproc", "keys", "create", "--name", "me"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert created.returncode == 0, created.stderr
+        mine = created.stdout.strip()
+        eventually(lambda: _status(run.url, mine) == 200, timeout=5)
+        assert _status(run.url, run.key) == 200
+        first_demo_key = run.key
+        assert run.interrupt() == 0
+        run = _up(tmp_path)
+        run.wait_banner()
+        assert run.key != first_demo_key
+        assert _status(run.url, run.key) == 200 and _status(run.url, mine) == 200
+        assert _status(run.url, first_demo_key) == 401  # revoked by id, not by name
+    finally:
+        run.kill()
+
+
+def _serve_child(pid: int) -> int:
+    for child in children(pid):
+        if b"serve" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+            return child
+    return 0  # between a crash and the restart
+
+
+def test_a_crashed_tollway_serve_is_restarted(tmp_path: Path) -> None:
+    run = _up(tmp_path)
+    try:
+        run.wait_banner()
+        assert _status(run.url, run.key) == 200
+        serve = _serve_child(run.proc.pid)
+        os.kill(serve, signal.SIGKILL)
+        eventually(lambda: _serve_child(run.proc.pid) not in (0, serve), timeout=5)
+        eventually(lambda: _status(run.url, run.key) == 200, timeout=10)
+        log = run.stderr()
+        assert "tollway up: tollway serve exited with code -9; restart 1 in 0.5s" in log, log
+        assert "tollway up: tollway serve restarted (restart 1)" in log
+        assert len(children(run.proc.pid)) == 3
+        assert run.interrupt() == 0
+    finally:
+        run.kill()
+
+
+def test_envoy_exiting_stops_everything_and_says_so(tmp_path: Path) -> None:
+    run = _up(tmp_path)
+    try:
+        run.wait_banner()
+        kids = children(run.proc.pid)
+        envoy = next(c for c in kids if b"envoy" in Path(f"/proc/{c}/cmdline").read_bytes())
+        os.kill(envoy, signal.SIGKILL)
+        assert run.proc.wait(timeout=30) == 1
+        eventually(lambda: "envoy exited with code -9; stopping" in run.stderr(), timeout=5)
+        eventually(lambda: all(gone(pid) for pid in kids), timeout=15)
+    finally:
+        run.kill()
+
+
+def test_up_with_a_relative_config_uses_the_files_beside_it(tmp_path: Path) -> None:
+    """`cd mydir; tollway keys create --name me; tollway up -c cfg.yaml`: the key works
+    (the config is rewritten into a temporary folder; its paths must not move with it)."""
+    mydir = tmp_path / "mydir"
+    mydir.mkdir()
+    port = up.free_port()
+    argv = [sys.executable, "-m", "extproc", "demo-upstream", "--port", str(port)]
+    demo = up.spawn([*argv, "--provider-key", "sk-relative"])
+    upstream = {"url": f"http://127.0.0.1:{port}", "credential": {"env": "RELATIVE_TEST_KEY"}}
+    config = {"auth": {"keys_file": "tollway-keys.yaml"}, "upstreams": {"openai": upstream}}
+    (mydir / "cfg.yaml").write_text(yaml.safe_dump(config))
+    created = subprocess.run(
+        [sys.executable, "-m", "extproc", "keys", "create", "--name", "me"],
+        cwd=mydir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert created.returncode == 0, created.stderr
+    env = {**os.environ, "RELATIVE_TEST_KEY": "sk-relative"}
+    run = UpRun(
+        [sys.executable, "-m", "extproc", "up", "-c", "cfg.yaml", "--port", "0"], mydir, env
+    )
+    try:
+        run.wait_banner()
+        assert Path(run.keys_file) == mydir / "tollway-keys.yaml"
+        eventually(lambda: _status(run.url, created.stdout.strip()) == 200, timeout=10)
+        assert "no API keys" not in run.stderr()
+        assert run.interrupt() == 0
+    finally:
+        run.kill()
+        up.stop_all([demo])

@@ -42,7 +42,9 @@ def routed(stack: Stack, tag: dict[str, str]) -> dict[str, Any]:
     """The access-log line of the request sent with ``tag`` (flushed within a second)."""
 
     def find() -> dict[str, Any] | None:
-        lines = [e for e in stack.access_log() if e["user_agent"] == tag["user-agent"]]
+        # google-genai puts its own version before the user agent it is given.
+        ua = tag["user-agent"]
+        lines = [e for e in stack.access_log() if (e["user_agent"] or "").endswith(ua)]
         return lines[-1] if lines else None
 
     line = eventually(find)

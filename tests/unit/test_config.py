@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from extproc import config
@@ -148,6 +150,9 @@ def test_unparseable_file_names_the_file(tmp_path: Path, text: str, what: str) -
     message = load_error(path)
     assert message.startswith(f"{path}: ")
     assert what in message
+    assert "<unicode string>" not in message
+    if what == "not valid YAML":
+        assert re.search(r"line \d+, column \d+: ", message), message
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
@@ -270,8 +275,47 @@ def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path) -> 
     assert other is not None and other.file == Path("/run/secrets/other.key")
 
 
-def test_defaults_without_a_file_keep_relative_paths() -> None:
-    assert config.load(None, environ={}).auth.keys_file == Path("tollway-keys.yaml")
+def test_relative_paths_come_out_absolute_wherever_the_process_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tollway up` rewrites the config into a temporary folder: it must still mean the same
+    files (it used to read `<temp>/tollway-keys.yaml`, and every key got 401)."""
+    path = write(
+        tmp_path,
+        """\
+        pricing: {litellm_file: prices/litellm.json}
+        envoy:
+          extproc_client_tls: {ca_file: ca.pem, cert_file: envoy.pem, key_file: envoy.key}
+        """,
+        name="conf/tollway.yaml",
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = config.load(path, environ={})
+    here = tmp_path / "conf"
+    assert cfg.pricing.litellm_file == here / "prices/litellm.json"
+    client = cfg.envoy.extproc_client_tls
+    assert client is not None and client.ca_file == here / "ca.pem"
+    assert (client.cert_file, client.key_file) == (here / "envoy.pem", here / "envoy.key")
+    # Not in the file: the default keys file and an env override are the working directory's.
+    assert cfg.auth.keys_file == elsewhere / "tollway-keys.yaml"
+    env = {"TOLLWAY__AUTH__KEYS_FILE": "keys/k.yaml"}
+    assert config.load(path, environ=env).auth.keys_file == elsewhere / "keys/k.yaml"
+
+    rewritten = tmp_path / "tmp" / "tollway.yaml"
+    rewritten.parent.mkdir()
+    rewritten.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert config.load(rewritten, environ={}) == cfg
+
+
+def test_defaults_resolve_against_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert config.load(None, environ={}).auth.keys_file == tmp_path / "tollway-keys.yaml"
+    env = {"TOLLWAY__AUTH__KEYS_FILE": "~/k.yaml"}
+    assert config.load(None, environ=env).auth.keys_file == Path.home() / "k.yaml"
 
 
 # ---- models ----------------------------------------------------------------------

@@ -73,6 +73,9 @@ def test_file_stores_only_the_hash_with_mode_0600(tmp_path: Path) -> None:
 
 def test_file_round_trips_every_field(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "dir" / "keys.yaml"
+    with pytest.raises(KeysFileError, match="does not exist"):  # no folders made on a typo
+        keys.write_records(path, [])
+    path.parent.mkdir(parents=True)
     _, plain = new_key("plain")
     _, full = new_key(
         "full",
@@ -128,6 +131,9 @@ def test_malformed_file_names_the_file_and_entry(tmp_path: Path, text: str, wher
     message = str(info.value)
     assert message.startswith(f"{path}: ")
     assert where in message
+    assert "<unicode string>" not in message
+    if where == "not valid YAML":
+        assert "line 2, column 1: " in message, message
 
 
 @pytest.mark.parametrize("text", ["{}\n", "users: []\n"])
@@ -190,13 +196,26 @@ def test_revoke_by_id_and_by_name(tmp_path: Path) -> None:
 
     changed = keys.revoke(path, a.id, now=later)
     assert [r.id for r in changed] == [a.id]
-    changed = keys.revoke(path, "ci", now=later)
-    assert sorted(r.id for r in changed) == sorted([ci1.id, ci2.id])
+    with pytest.raises(keys.AmbiguousName) as ambiguous:  # rotation: two keys named ci
+        keys.revoke(path, "ci", now=later)
+    assert sorted(ambiguous.value.ids) == sorted([ci1.id, ci2.id])
+    assert [r.revoked for r in keys.read_records(path)] == [later, None, None]
+    assert [r.id for r in keys.revoke(path, ci1.id, now=later)] == [ci1.id]
+    assert [r.id for r in keys.revoke(path, "ci", now=later)] == [ci2.id]  # one left: by name
     assert {r.id: r.revoked for r in keys.read_records(path)} == {
         a.id: later,
         ci1.id: later,
         ci2.id: later,
     }
+
+
+def test_an_expired_key_of_the_same_name_does_not_make_revoke_ambiguous(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    _, old = new_key("svc", expires=NOW - timedelta(days=1))
+    _, current = new_key("svc")
+    keys.write_records(path, [old, current])
+    changed = keys.revoke(path, "svc", now=NOW)
+    assert current.id in [r.id for r in changed]
 
 
 def test_revoke_again_or_unknown_changes_nothing(tmp_path: Path) -> None:
