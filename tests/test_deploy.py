@@ -55,7 +55,9 @@ def test_default_envoy_config_is_safe() -> None:
     assert extproc["failure_mode_allow"] is False
     assert hcm["http_filters"][0]["typed_config"]["max_request_bytes"] == 10 * 1024 * 1024
     log_fields = hcm["access_log"][0]["typed_config"]["log_format"]["json_format"]
-    assert log_fields["path"] == "%REQ_WITHOUT_QUERY(:PATH)%"  # no ?key= in logs
+    assert (
+        log_fields["path"] == "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%"
+    )  # no ?key= in logs
     assert not any(
         "AUTHORIZATION" in v.upper() or "API-KEY" in v.upper() for v in log_fields.values()
     )

@@ -116,12 +116,19 @@ def test_each_provider_has_an_unambiguous_base_url(stack: Stack) -> None:
     ).content
     gemini = genai.Client(api_key=key, http_options={"base_url": f"{stack.url}/gemini"})
     assert gemini.models.generate_content(model="gemini-2.0-flash", contents="hi").text
-    for tag, route in zip(tags, ("openai", "anthropic"), strict=True):
+    for tag, route, path in zip(
+        tags,
+        ("openai", "anthropic"),
+        ("/openai/v1/chat/completions", "/anthropic/v1/messages"),
+        strict=True,
+    ):
         line = routed(stack, tag)
-        assert (line["route"], line["upstream"], line["status"]) == (
+        # The access log shows the path the client used, mount included.
+        assert (line["route"], line["upstream"], line["status"], line["path"]) == (
             route,
             f"upstream_{route}",
             200,
+            path,
         )
     # The provider sees its own path, the mount removed.
     assert provider_request(stack, "/v1/messages")["headers"]["x-api-key"] == PROVIDER_KEY
@@ -266,15 +273,19 @@ def test_restricted_key_named_model_in_a_form_passes(stack: Stack) -> None:
 def test_a_key_in_the_query_never_reaches_any_provider(stack: Stack) -> None:
     stack.clear_upstream_requests()
     key = stack.keys["alice"]
+    tag = tagged()
     response = httpx.post(
         f"{stack.url}/openai/v1/chat/completions?key={key}&x=1",
-        headers={"authorization": f"Bearer {key}"},
+        headers={"authorization": f"Bearer {key}", **tag},
         json={"model": "gpt-4o-mini", "messages": HELLO},
         timeout=10,
     )
     assert response.status_code == 200
     request = provider_request(stack, "/v1/chat/completions")
     assert key not in request["query"] and request["query"] == "x=1"
+    line = routed(stack, tag)  # the client's path, without its query
+    assert line["path"] == "/openai/v1/chat/completions"
+    assert key not in str(line)
 
 
 @pytest.mark.parametrize(
