@@ -9,6 +9,7 @@ cannot read is an error, never "no model".
 
 from __future__ import annotations
 
+import json
 import re
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -43,9 +44,40 @@ def in_json(doc: Any) -> list[object]:
     return found
 
 
-def json_may_name_a_model(body: bytes) -> bool:
-    """False only when no JSON member can be called "model" (escapes spell it otherwise)."""
-    return b'"model"' in body or b"\\u" in body
+# A JSON escape of a letter of "model" (\u006d...): the bytes alone then cannot tell.
+_ESCAPED_LETTER = re.compile(rb"\\u00(?:6[4-5cCdDfF])")
+
+
+def in_json_body(body: bytes, doc: Any) -> list[object]:
+    """Every ``model`` member of the JSON ``body`` (``doc`` is it parsed).
+
+    A parsed document keeps one value per repeated name, but another parser may
+    read the first where orjson kept the last: when the bytes hold more
+    ``"model"`` than the document shows, or escapes that may spell it, every
+    member is read again, repeats included (slow, and rare).
+    """
+    seen = body.count(b'"model"')
+    escaped = _ESCAPED_LETTER.search(body) is not None
+    if not seen and not escaped:
+        return []
+    found = in_json(doc)
+    if len(found) < seen or escaped:
+        found = _every_model_member(body)
+    return found
+
+
+def _every_model_member(body: bytes) -> list[object]:
+    found: list[object] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        found.extend(value for name, value in items if name == "model")
+        return {}
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        raise BodyError("the request body is not valid JSON") from None
+    return found
 
 
 def in_form(body: bytes) -> list[object]:

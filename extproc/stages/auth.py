@@ -158,7 +158,7 @@ def _models_in_body(ex: Exchange) -> list[object] | Deny:
     try:
         if kind == "application/json" or kind.endswith("+json"):
             doc = ex.json()  # parsed once; metering reads the same document
-            return named_models.in_json(doc) if named_models.json_may_name_a_model(body) else []
+            return named_models.in_json_body(body, doc)
         if kind == "multipart/form-data":
             return named_models.in_multipart(ex.headers["content-type"], body)
         if kind == "application/x-www-form-urlencoded":

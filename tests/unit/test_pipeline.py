@@ -357,6 +357,13 @@ def test_only_restricted_keys_buffer_the_body(
         # Models at any depth, and spelled with JSON escapes, are all checked.
         (b'{"model": "gpt-4o-mini", "tools": [{"model": "gpt-4o"}]}', 403, "model_not_allowed"),
         (b'{"mod\\u0065l": "gpt-4o"}', 403, "model_not_allowed"),
+        (b'{"model": "gpt-4o-mini", "mod\\u0065l": "gpt-4o"}', 403, "model_not_allowed"),
+        # A repeated name: whichever one a provider's parser keeps, both are checked.
+        (b'{"model": "gpt-4o", "model": "gpt-4o-mini"}', 403, "model_not_allowed"),
+        (b'{"model": "gpt-4o-mini", "model": "gpt-4o"}', 403, "model_not_allowed"),
+        # "model" as a value is not a model.
+        (b'{"model": "gpt-4o-mini", "messages": [{"role": "model"}]}', None, None),
+        (b'{"model": "gpt-4o-mini", "messages": [{"content": "caf\\u00e9"}]}', None, None),
     ],
 )
 def test_restricted_key_body_check(body: bytes, status: int | None, code: str | None) -> None:
