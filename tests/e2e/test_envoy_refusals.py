@@ -7,7 +7,6 @@ HTTP/2 — each driven through the real Envoy with raw sockets, h2 and httpx.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import signal
 import socket
@@ -15,15 +14,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
 import httpx
 import orjson
 import pytest
@@ -33,24 +27,12 @@ from extproc.config import Config, Upstream
 from extproc.stages import auth
 
 from .conftest import Stack, eventually, start_stack
+from .h2client import Answer, h2_request
 
 pytestmark = pytest.mark.e2e
 
 
 # ---- clients -------------------------------------------------------------------
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    reset: int | None = None  # HTTP/2 RST_STREAM error code, if the stream was reset
-    events: list[str] = field(default_factory=list)
-
-    def error_code(self) -> str:
-        assert self.headers.get("content-type") == "application/json", (self.headers, self.body)
-        return str(orjson.loads(self.body)["error"]["code"])
 
 
 def _address(stack: Stack) -> tuple[str, int]:
@@ -84,56 +66,6 @@ def http1(stack: Stack, request: bytes, timeout: float = 10) -> Answer:
 def _parse_headers(lines: list[bytes]) -> dict[str, str]:
     pairs = (line.decode("latin-1").split(":", 1) for line in lines if b":" in line)
     return {name.strip().lower(): value.strip() for name, value in pairs}
-
-
-def h2_request(
-    stack: Stack, headers: list[tuple[str, str]], body: bytes = b"", timeout: float = 10
-) -> Answer:
-    """One HTTP/2 (prior knowledge) request; records what Envoy sends, frame by frame."""
-    host, port = _address(stack)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    answer = Answer(0, {}, b"")
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        conn.initiate_connection()
-        base = [(":scheme", "http"), (":authority", f"{host}:{port}")]
-        conn.send_headers(1, headers[:2] + base + headers[2:], end_stream=not body)
-        offset, done = 0, False
-        deadline = time.monotonic() + timeout
-        while not done and time.monotonic() < deadline:
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
-                while offset < len(body) and conn.local_flow_control_window(1) > 0:
-                    size = min(
-                        conn.local_flow_control_window(1),
-                        conn.max_outbound_frame_size,
-                        len(body) - offset,
-                    )
-                    end = offset + size == len(body)
-                    conn.send_data(1, body[offset : offset + size], end_stream=end)
-                    offset += size
-            sock.sendall(conn.data_to_send())
-            data = sock.recv(65536)
-            if not data:
-                break
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    got = {k.decode(): v.decode() for k, v in event.headers}
-                    answer.status = int(got.pop(":status"))
-                    answer.headers = got
-                    answer.events.append("headers")
-                elif isinstance(event, h2.events.DataReceived):
-                    answer.body += event.data
-                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
-                elif isinstance(event, h2.events.StreamEnded):
-                    answer.events.append("end_stream")
-                elif isinstance(event, h2.events.StreamReset):
-                    answer.reset = int(event.error_code)
-                    answer.events.append(f"rst_stream({event.error_code.name})")
-                    done = True
-            if "end_stream" in answer.events and offset >= len(body):
-                done = True
-            with contextlib.suppress(OSError):
-                sock.sendall(conn.data_to_send())
-    return answer
 
 
 def _alice(stack: Stack) -> str:
@@ -208,7 +140,7 @@ def test_tollways_own_answers_pass_the_mappers_unchanged(stack: Stack) -> None:
     r = httpx.get(f"{stack.url}/v1/models", timeout=10)
     assert r.status_code == 401
     assert r.content == codec.error_body(auth._MISSING)  # byte for byte what Tollway sent
-    h2_answer = h2_request(stack, [(":method", "GET"), (":path", "/v1/models")])
+    h2_answer = h2_request(stack, "/v1/models", method="GET")
     assert (h2_answer.status, h2_answer.body) == (401, codec.error_body(auth._MISSING))
 
 
@@ -256,8 +188,8 @@ def test_many_request_headers_never_get_a_5xx_on_http1(stack: Stack, count: int)
 @pytest.mark.parametrize("count", [80, 94, 95, 100])
 def test_many_request_headers_never_get_a_5xx_on_http2(stack: Stack, count: int) -> None:
     # count header fields in all, pseudo-headers included, as Envoy's HTTP/2 codec counts them
-    headers = [(":method", "GET"), (":path", "/v1/models"), ("authorization", _alice(stack))]
-    answer = h2_request(stack, headers + _many_headers(count - 5))
+    headers = [("authorization", _alice(stack))]  # and :method, :path, :scheme, :authority
+    answer = h2_request(stack, "/v1/models", headers + _many_headers(count - 5), method="GET")
     assert answer.status in (200, 431), answer
     if answer.status == 431:
         assert answer.error_code() == "request_header_fields_too_large"
@@ -265,8 +197,8 @@ def test_many_request_headers_never_get_a_5xx_on_http2(stack: Stack, count: int)
 
 def test_over_the_header_count_on_http2_envoy_resets_the_stream(stack: Stack) -> None:
     """Envoy's HTTP/2 codec answers nothing over max_headers_count: RST_STREAM, documented."""
-    headers = [(":method", "GET"), (":path", "/v1/models"), ("authorization", _alice(stack))]
-    answer = h2_request(stack, headers + _many_headers(120))
+    headers = [("authorization", _alice(stack))]
+    answer = h2_request(stack, "/v1/models", headers + _many_headers(120), method="GET")
     assert answer.status == 0 and answer.reset is not None
 
 
@@ -428,13 +360,13 @@ OVER_LIMIT = 11 * 1024 * 1024
 
 def test_http2_413_is_a_complete_response_then_rst_stream_no_error(stack: Stack) -> None:
     """What is on the wire: Envoy answers early and tells the client to stop sending."""
-    headers = [
-        (":method", "POST"),
-        (":path", "/v1/chat/completions"),
-        ("authorization", _alice(stack)),
-        ("content-length", str(OVER_LIMIT)),
-    ]
-    answer = h2_request(stack, headers, b"x" * OVER_LIMIT)
+    answer = h2_request(
+        stack,
+        "/v1/chat/completions",
+        {"authorization": _alice(stack)},
+        b"x" * OVER_LIMIT,
+        declare_length=True,
+    )
     assert answer.status == 413 and answer.error_code() == "request_too_large"
     assert answer.events == ["headers", "end_stream", "rst_stream(NO_ERROR)"]
 

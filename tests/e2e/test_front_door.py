@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from .conftest import PROVIDER_KEY, Stack, eventually
-from .h2client import h2_post
+from .h2client import h2_request
 
 pytestmark = pytest.mark.e2e
 
@@ -233,13 +233,14 @@ def test_body_over_limit_is_413_on_http1(stack: Stack) -> None:
 
 @pytest.mark.parametrize("declare_length", [True, False], ids=["content-length", "streamed"])
 def test_body_over_limit_is_413_on_http2(stack: Stack, declare_length: bool) -> None:
-    status, body = h2_post(
+    answer = h2_request(
         stack,
         "/v1/chat/completions",
-        b"x" * OVER_LIMIT,
-        declare_length,
         {"authorization": f"Bearer {stack.keys['alice']}"},
+        b"x" * OVER_LIMIT,
+        declare_length=declare_length,
     )
+    status, body = answer.status, answer.body
     assert status == 413
     assert orjson.loads(body)["error"]["code"] == "request_too_large"
 

@@ -13,14 +13,11 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
 import httpx
 import pytest
 
 from .conftest import PROVIDER_KEY, Stack, eventually
+from .h2client import h2_request
 
 pytestmark = pytest.mark.e2e
 
@@ -33,53 +30,6 @@ REFUSED_EMPTY = {"invalid_body", "missing_model"}
 def chat_body(model: str, **extra: Any) -> bytes:
     doc = {"model": model, "messages": [{"role": "user", "content": "Hello there"}], **extra}
     return json.dumps(doc).encode()
-
-
-def h2_request(
-    stack: Stack,
-    path: str,
-    headers: dict[str, str],
-    body: bytes = b"",
-    trailers: dict[str, str] | None = None,
-    *,
-    declare_length: bool = True,
-) -> tuple[int, bytes]:
-    """One HTTP/2 (prior knowledge) request, optionally with trailers: (status, body)."""
-    parts = urlsplit(stack.url)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        conn.initiate_connection()
-        request = [
-            (":method", "POST"),
-            (":path", path),
-            (":scheme", "http"),
-            (":authority", parts.netloc),
-            *headers.items(),
-        ]
-        if declare_length:
-            request.append(("content-length", str(len(body))))
-        conn.send_headers(1, request, end_stream=not body and not trailers)
-        if body:
-            conn.send_data(1, body, end_stream=not trailers)  # small bodies: one window
-        if trailers:
-            conn.send_headers(1, list(trailers.items()), end_stream=True)
-        sock.sendall(conn.data_to_send())
-        status, received, done = 0, bytearray(), False
-        while not done:
-            data = sock.recv(65536)
-            if not data:
-                break
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    status = int(dict(event.headers)[b":status"])
-                elif isinstance(event, h2.events.DataReceived):
-                    received += event.data
-                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
-                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
-                    done = True
-            with contextlib.suppress(OSError, h2.exceptions.ProtocolError):
-                sock.sendall(conn.data_to_send())
-    return status, bytes(received)
 
 
 def error_code(body: bytes) -> str:
@@ -115,25 +65,27 @@ def settled(stack: Stack) -> None:
 @pytest.mark.parametrize("declare_length", [True, False], ids=["content-length", "no-length"])
 def test_trailers_do_not_bypass_the_model_allowlist(stack: Stack, declare_length: bool) -> None:
     stack.clear_upstream_requests()
-    status, body = h2_request(
+    answer = h2_request(
         stack,
         CHAT,
         bearer(stack, "restricted"),
         chat_body("gpt-4o"),
-        {"x-checksum": "abc"},
+        trailers={"x-checksum": "abc"},
         declare_length=declare_length,
     )
+    status, body = answer.status, answer.body
     assert (status, error_code(body)) == (403, "model_not_allowed")
     assert stack.upstream_requests() == []  # nothing reached the provider
 
-    status, body = h2_request(
+    answer = h2_request(
         stack,
         CHAT,
         bearer(stack, "restricted"),
         chat_body("gpt-4o-mini"),
-        {"x-checksum": "abc"},
+        trailers={"x-checksum": "abc"},
         declare_length=declare_length,
     )
+    status, body = answer.status, answer.body
     assert status == 200 and json.loads(body)["model"] == "gpt-4o-mini"
     assert len(stack.upstream_requests()) == 1
 
@@ -147,14 +99,15 @@ def test_a_stream_with_trailers_is_still_rewritten_and_metered(
     before = stack.metric("tollway_gen_ai_tokens_total", **labels, type="output", source="reported")
     stack.clear_upstream_requests()
     sent = chat_body("gpt-4o-mini", stream=True)
-    status, body = h2_request(
+    answer = h2_request(
         stack,
         CHAT,
         bearer(stack, "alice"),
         sent,
-        {"x-checksum": "abc"},
+        trailers={"x-checksum": "abc"},
         declare_length=declare_length,
     )
+    status, body = answer.status, answer.body
     assert status == 200
     docs = sse_docs(body)
     assert docs and all(doc["choices"] for doc in docs)  # the usage chunk Tollway asked for is gone
@@ -188,7 +141,8 @@ def test_an_empty_http1_body_is_checked_not_forwarded(stack: Stack) -> None:
 
 def test_an_http2_request_without_a_body_is_checked_not_forwarded(stack: Stack) -> None:
     stack.clear_upstream_requests()
-    status, body = h2_request(stack, CHAT, bearer(stack, "restricted"), declare_length=False)
+    answer = h2_request(stack, CHAT, bearer(stack, "restricted"), declare_length=False)
+    status, body = answer.status, answer.body
     assert status == 400 and error_code(body) in REFUSED_EMPTY
     assert stack.upstream_requests() == []
 
