@@ -44,7 +44,8 @@ _SIGNATURE_OF: dict[ApiKind, Signature | None] = {
     "azure": None,
 }
 
-_OPENAI_API = re.compile(r"/(chat/completions|completions|embeddings|responses)/?$")
+_OPENAI_ENDPOINT = r"/(chat/completions|completions|embeddings|responses)/?$"
+_OPENAI_API = re.compile(_OPENAI_ENDPOINT)
 _OPENAI_APIS: dict[str, Api] = {
     "chat/completions": "chat",
     "completions": "completions",
@@ -57,7 +58,7 @@ _GEMINI_MODEL = re.compile(r"/(?:tunedModels|models)/([^/:]+):([A-Za-z]+)$")
 _GEMINI_GENERATE = frozenset({"generateContent", "streamGenerateContent"})
 # Azure accepts any casing of its path segments.
 _AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/", re.IGNORECASE)
-_AZURE_API = re.compile(r"/(chat/completions|completions|embeddings|responses)/?$", re.IGNORECASE)
+_AZURE_API = re.compile(_OPENAI_ENDPOINT, re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)

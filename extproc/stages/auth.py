@@ -126,7 +126,7 @@ _REQUIRES_MODEL = re.compile(
     r"|complete)/?$"
 )
 # Endpoints whose models Tollway cannot see (a batch names them in an uploaded file).
-_OPAQUE = re.compile(r"/v1/batches/?$")
+_OPAQUE = re.compile(r"/(?:v1|openai)/batches/?$")  # OpenAI and Azure
 
 
 def _check_path_models(ex: Exchange, record: KeyRecord) -> Deny | Phase:

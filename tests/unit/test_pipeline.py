@@ -560,6 +560,7 @@ def test_restricted_key_cannot_bypass_the_allowlist(
     [
         # A batch names its models inside an uploaded file: nothing to check them on.
         ("/v1/batches", 403, "endpoint_not_allowed"),
+        ("/azure/openai/batches", 403, "endpoint_not_allowed"),
         # A Gemini path whose model cannot be read is refused, not passed to the body check.
         ("/v1beta/models/gemini-2.5-pro:x:generateContent", 400, "invalid_model"),
         ("/v1/models/gemini-2.0-flash:x:generateContent", 400, "invalid_model"),
