@@ -42,6 +42,7 @@ def exchange(
         (exchange({"a": "1"}, remove={"a"}, set_headers={"a": "4444"}), (1, 5)),
         # Repeats arrive joined: "a: 1" and "a: 22" are two entries of 1 + 1 and 1 + 2 bytes.
         (exchange({"a": "1,22"}, frozenset({"a"})), (2, 5)),
+        (exchange({"a": "1,22", "b": "2"}, frozenset({"a"}), remove={"a"}), (1, 2)),
         # A value's own comma is only counted as a line of its own when the name repeats.
         (exchange({"accept": "x, y"}), (1, 10)),
     ],
