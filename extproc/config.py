@@ -33,6 +33,8 @@ PROVIDER_KEY_HEADER: dict[str, str] = {
     "anthropic": "x-api-key",
     "gemini": "x-goog-api-key",
 }
+# Every header a client SDK may carry its key in (OpenAI, Anthropic, Azure, Gemini).
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 
 
 class ConfigError(Exception):

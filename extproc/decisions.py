@@ -23,6 +23,15 @@ class BodyMode(enum.Enum):
     BUFFERED = "buffered"  # whole; the only mode where a response header can still be set
 
 
+class Outcome(enum.Enum):
+    """How a request ended for Tollway, set by the one place that answers Envoy."""
+
+    FORWARDED = "forwarded"  # sent upstream; every phase Tollway asked for arrived
+    DENIED = "denied"  # Tollway answered the client itself
+    FAILED = "failed"  # a fault inside Tollway (the client got a 500, or an unmetered response)
+    ABANDONED = "abandoned"  # the stream ended first: client gone, upstream cut, Envoy refused
+
+
 @dataclass(frozen=True, slots=True)
 class Deny:
     """Answer the client directly with an OpenAI-style JSON error.

@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .decisions import Outcome
+from .providers.usage import Usage
 from .routes import Call, Dialect, Route, dialect_of, route_dialect
 
 if TYPE_CHECKING:
     from .keys import KeyRecord
-    from .stages.metering import Metering
 
 MetadataValue = str | int | float | bool
 
@@ -44,8 +45,10 @@ class Exchange:
     response_headers: dict[str, str] = field(default_factory=dict)
     set_response_headers: dict[str, str] = field(default_factory=dict)
     remove_response_headers: set[str] = field(default_factory=set)
-    metering: Metering | None = None  # the metering stage's state for this request
-    denied: bool = False  # answered by Tollway: it never reaches an upstream
+    # The usage metering read from the response, published at finish (budgets read it).
+    usage: Usage | None = None
+    usage_estimated: bool = False
+    outcome: Outcome | None = None  # set once, when the request is over for Tollway
     _json: dict[str, Any] | None = None
 
     @property

@@ -11,9 +11,9 @@ import logging
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
 from . import codec
-from .decisions import Deny, Phase
-from .exchange import Exchange
-from .runtime import Runtime
+from .decisions import Deny, Outcome, Phase
+from .metrics import Metrics
+from .pipeline import Pipeline, Run
 
 log = logging.getLogger("tollway")
 
@@ -39,15 +39,20 @@ _RESPONSE_KINDS = frozenset({"response_headers", "response_body"})
 
 
 class StreamProcessor:
-    """The state of one stream (one HTTP request through Envoy)."""
+    """The state of one stream (one HTTP request through Envoy).
 
-    __slots__ = ("_ex", "_metrics", "_pipeline", "failed")
+    The request's Run sets its outcome as its phases go (denied, forwarded);
+    this, the one place that answers Envoy, adds the two the Run cannot see:
+    failed (a fault in Tollway) and abandoned (the stream ended first).
+    """
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._pipeline = runtime.pipeline
-        self._metrics = runtime.metrics
-        self._ex: Exchange | None = None
-        self._metrics.streams.inc()
+    __slots__ = ("_metrics", "_pipeline", "_run", "failed")
+
+    def __init__(self, pipeline: Pipeline, metrics: Metrics) -> None:
+        self._pipeline = pipeline
+        self._metrics = metrics
+        self._run: Run | None = None
+        metrics.streams.inc()
         # After a fault the stream has answered with a 500 and should end.
         self.failed = False
 
@@ -58,85 +63,68 @@ class StreamProcessor:
         try:
             if kind == "request_headers":
                 return self._request_headers(request)
-            ex = self._ex
-            if ex is None:
-                pass  # no request headers seen: nothing to decide on
+            run = self._run
+            if run is None or run.finished:
+                pass  # nothing (more) to decide on
             elif kind == "response_body":
                 body = request.response_body
-                replacement = self._pipeline.response_body(ex, body.body, body.end_of_stream)
-                return codec.response_body_response(ex, replacement, body.end_of_stream)
+                replacement = run.response_body(body.body, body.end_of_stream)
+                return codec.response_body_response(run.ex, replacement, body.end_of_stream)
             elif kind == "response_headers":
-                return self._response_headers(ex, request)
+                message = request.response_headers
+                headers, _ = codec.decode_headers(message)
+                status = headers.get(":status", "")
+                code = int(status) if status.isdigit() else 0
+                mode = run.response_headers(code, headers, message.end_of_stream)
+                return codec.response_headers_response(run.ex, mode)
             elif kind == "request_body":
                 # Tollway asks for the request body only BUFFERED: this one message is the
                 # whole body. It lacks end_of_stream when trailers follow (HTTP/2), and
                 # request trailers are not asked for, so nothing else would mark its end.
-                return self._request_body(ex, request.request_body.body)
+                decision = run.request_body(request.request_body.body)
+                if decision is not None:
+                    return self._deny(run, decision)
+                self._count(run, "allowed")
+                return codec.request_body_response(run.ex)
         except Exception:
             log.exception("fault while processing a %s message", kind)
             self._metrics.internal_errors.inc()
+            run = self._run
+            if run is not None:
+                run.finish(Outcome.FAILED)
             if kind in _RESPONSE_KINDS:  # the response is on its way: let it through unmetered
-                self._ex = None
                 return _CONTINUE[kind]
             self.failed = True
-            dialect = self._ex.dialect if self._ex is not None else "openai"
+            dialect = run.ex.dialect if run is not None else "openai"
             return codec.immediate_response(INTERNAL_ERROR, {}, dialect)
         if kind in _CONTINUE:
             return _CONTINUE[kind]
         log.warning("ext_proc message of unknown kind ignored")
         return None
 
+    def close(self) -> None:
+        """The stream is over (ended or reset): a request not yet finished was abandoned."""
+        run, self._run = self._run, None
+        if run is not None:
+            run.finish(Outcome.ABANDONED)
+
     def _request_headers(self, request: ProcessingRequest) -> ProcessingResponse:
-        headers, repeated = codec.decode_headers(request.request_headers)
-        pipeline = self._pipeline
-        ex = self._ex = pipeline.exchange(
+        message = request.request_headers
+        headers, repeated = codec.decode_headers(message)
+        run = self._run = self._pipeline.start(
             headers.get(":method", ""), headers.get(":path", ""), headers, repeated
         )
-        decision = pipeline.request_headers(ex)
+        decision = run.request_headers(message.end_of_stream)
         if isinstance(decision, Deny):
-            return self._deny(ex, decision)
-        if Phase.REQUEST_BODY in decision:
-            if not request.request_headers.end_of_stream:
-                return codec.request_headers_response(ex, decision)  # decided at the body
-            # No body will follow (content-length: 0, or none at all), whatever the mode
-            # asks for: decide on the empty body now, in the answer to the headers.
-            denial = pipeline.request_body(ex, b"")
-            if denial is not None:
-                return self._deny(ex, denial)
-        self._count(ex, "allowed")
-        return codec.request_headers_response(ex, decision)
+            return self._deny(run, decision)
+        if Phase.REQUEST_BODY not in decision or message.end_of_stream:
+            self._count(run, "allowed")  # else decided at the body
+        return codec.request_headers_response(run.ex, decision)
 
-    def _response_headers(self, ex: Exchange, request: ProcessingRequest) -> ProcessingResponse:
-        message = request.response_headers
-        headers, _ = codec.decode_headers(message)
-        status = headers.get(":status", "")
-        mode = self._pipeline.response_headers(ex, int(status) if status.isdigit() else 0, headers)
-        if message.end_of_stream:  # no body will follow
-            self._pipeline.stream_end(ex)
-        return codec.response_headers_response(ex, mode)
+    def _deny(self, run: Run, deny: Deny) -> ProcessingResponse:
+        self._count(run, deny.code)
+        return codec.immediate_response(deny, run.ex.metadata, run.ex.dialect)
 
-    def close(self) -> None:
-        """The stream is over (ended or reset): let stages account for what happened."""
-        if self._ex is None:
-            return
-        try:
-            self._pipeline.stream_end(self._ex)
-        except Exception:
-            log.exception("fault while ending a stream")
-            self._metrics.internal_errors.inc()
-        self._ex = None
-
-    def _request_body(self, ex: Exchange, body: bytes) -> ProcessingResponse:
-        decision = self._pipeline.request_body(ex, body)
-        if decision is not None:
-            return self._deny(ex, decision)
-        self._count(ex, "allowed")
-        return codec.request_body_response(ex)
-
-    def _deny(self, ex: Exchange, deny: Deny) -> ProcessingResponse:
-        self._count(ex, deny.code)
-        return codec.immediate_response(deny, ex.metadata, ex.dialect)
-
-    def _count(self, ex: Exchange, outcome: str) -> None:
-        route = ex.route.name if ex.route is not None else "none"
-        self._metrics.requests.labels(route, outcome).inc()
+    def _count(self, run: Run, outcome: str) -> None:
+        route = run.ex.route
+        self._metrics.requests.labels(route.name if route is not None else "none", outcome).inc()

@@ -76,10 +76,10 @@ class Runtime:
             self.routes,
             stages,
             clock,
-            response_stages=[self.metering],
             header_limits=HeaderLimits(
                 config.envoy.max_request_headers, config.envoy.max_request_headers_kb
             ),
+            on_fault=self.metrics.internal_errors.inc,
         )
 
     def _credential_files(self) -> list[Path]:

@@ -79,7 +79,7 @@ def preflight(config: Config, runtime: Runtime | None = None) -> Preflight:
 
 def _transport(config: Config, ready: Preflight) -> Transport:
     def new_processor() -> StreamProcessor:
-        return StreamProcessor(ready.runtime)
+        return StreamProcessor(ready.runtime.pipeline, ready.runtime.metrics)
 
     limit = config.max_body_bytes + 1024 * 1024  # the body plus headers and framing
     if config.server.transport == "grpcio":

@@ -136,7 +136,11 @@ def runtime(tmp_path: Path) -> Runtime:
 
 @pytest.fixture
 def server(runtime: Runtime) -> H2Server:
-    h2server = H2Server(lambda: StreamProcessor(runtime), ("", SERVICE), max_message_bytes=4096)
+    h2server = H2Server(
+        lambda: StreamProcessor(runtime.pipeline, runtime.metrics),
+        ("", SERVICE),
+        max_message_bytes=4096,
+    )
     h2server.serving = True
     return h2server
 

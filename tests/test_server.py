@@ -21,6 +21,8 @@ import extproc
 from extproc import keys, server
 from extproc.config import Config, MetricsConfig, ServerConfig
 from extproc.runtime import Runtime
+from extproc.stages.auth import _AllowlistFlow
+from extproc.stages.metering import MeteringFlow
 
 pytestmark = pytest.mark.usefixtures("provider_keys_in_env")
 
@@ -54,7 +56,8 @@ class Harness:
             if answer is grpc.aio.EOF:
                 break
             answers.append(answer)
-        await call.done_writing()
+        with contextlib.suppress(asyncio.InvalidStateError):  # a 500 may have ended it
+            await call.done_writing()
         return answers
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
@@ -194,7 +197,7 @@ async def test_a_fault_is_a_500_for_that_request_only(
     def broken(ex: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(h.runtime.auth, "on_request_headers", broken)
+    monkeypatch.setattr(h.runtime.auth, "start", broken)
     (answer,) = await h.exchange(request_headers(made["open"]))
     assert answer.immediate_response.status.code == 500
     assert b"internal_error" in answer.immediate_response.body
@@ -292,10 +295,10 @@ async def test_a_fault_while_metering_lets_the_response_through(
     def broken(*args: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(h.runtime.metering, "on_response_body", broken)
+    monkeypatch.setattr(MeteringFlow, "on_response_body", broken)
     body = pb.HttpBody(body=b'{"usage": {}}', end_of_stream=True)
     answers = await h.exchange(
-        request_headers(made["open"], path="/v1/messages"),
+        request_headers(made["open"], path="/anthropic/v1/messages"),
         pb.ProcessingRequest(
             response_headers=headers(__status="200", content_type="application/json")
         ),
@@ -305,3 +308,34 @@ async def test_a_fault_while_metering_lets_the_response_through(
     assert kinds == ["request_headers", "response_headers", "response_body"]
     assert not answers[2].response_body.response.HasField("body_mutation")  # unchanged
     assert h.metric("tollway_internal_errors_total") == 1
+
+
+@pytest.mark.parametrize("phase", ["request_body", "response_headers"])
+async def test_a_request_tollway_failed_is_never_metered(
+    harness: Fixture, monkeypatch: pytest.MonkeyPatch, phase: str
+) -> None:
+    """A fault after metering started: the client got a 500 (or an unmetered response)."""
+    h, made = harness
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("bug")
+
+    if phase == "request_body":  # the allowlist check of a restricted key, after metering began
+        monkeypatch.setattr(_AllowlistFlow, "on_request_body", broken)
+    else:
+        monkeypatch.setattr(MeteringFlow, "on_response_headers", broken)
+    body = pb.HttpBody(body=b'{"model": "gpt-4o-mini", "messages": []}', end_of_stream=True)
+    messages = [
+        request_headers(made["narrow"] if phase == "request_body" else made["open"]),
+        pb.ProcessingRequest(request_body=body),
+    ]
+    if phase == "response_headers":
+        status = headers(__status="200", content_type="application/json")
+        messages.append(pb.ProcessingRequest(response_headers=status))
+    answers = await h.exchange(*messages)
+    if phase == "request_body":  # the stream ends with Tollway's 500
+        assert answers[-1].immediate_response.status.code == 500
+    assert h.metric("tollway_internal_errors_total") == 1
+    assert h.runtime.store.records == 0  # type: ignore[attr-defined]
+    unpriced = {"provider": "openai", "api": "chat"}
+    assert h.metric("tollway_gen_ai_unpriced_requests_total", unpriced) == 0

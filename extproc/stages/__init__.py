@@ -1,32 +1,46 @@
-"""Sans-IO stages: each looks at an Exchange and returns a decision value."""
+"""The stage contract: a stage (one per process) starts a flow per request.
+
+A stage holds what it compiled from config and its backends. For each request
+its ``start`` looks at the request headers and returns a denial, nothing (it
+is done with this request), or a ``Flow``: that request's state, private to
+the stage. The pipeline calls a flow only for the phases it declared in
+``wants`` (the response body: only if it asked for a body mode), and calls its
+``finish`` exactly once, in reverse order of start, with the request's
+``Outcome``. Stages are sans-IO: plain values in, decision values out.
+"""
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from ..decisions import BodyMode, Deny, Phase
+from ..decisions import BodyMode, Deny, Outcome, Phase
 from ..exchange import Exchange
 
 
-class Stage(Protocol):
-    def on_request_headers(self, ex: Exchange) -> Deny | Phase:
-        """Decide at request headers; return the later phases this stage needs."""
-        ...
+class Flow:
+    """One request's state for one stage. Override what the stage needs."""
+
+    __slots__ = ()
+    wants: Phase = Phase.NONE  # later phases this flow must see
 
     def on_request_body(self, ex: Exchange) -> Deny | None:
-        """Decide on the buffered request body (only if some stage asked for it)."""
-        ...
+        """The whole request body is in ``ex.body`` (empty when the request has none)."""
+        return None
 
-
-class ResponseStage(Protocol):
     def on_response_headers(self, ex: Exchange) -> BodyMode:
         """``ex.status`` and ``ex.response_headers`` are set; how should the body come?"""
-        ...
+        return BodyMode.NONE
 
     def on_response_body(self, ex: Exchange, chunk: bytes, end: bool) -> bytes | None:
-        """Each chunk as asked for; return a replacement or None."""
-        ...
+        """Each chunk, in the mode asked for; a replacement or None to pass it on."""
+        return None
 
-    def on_stream_end(self, ex: Exchange) -> None:
-        """The ext_proc stream is over, finished or not (client gone, upstream cut)."""
+    def finish(self, ex: Exchange, outcome: Outcome) -> None:
+        """The request is over for Tollway: called exactly once."""
+        return None
+
+
+class Stage(Protocol):
+    def start(self, ex: Exchange) -> Flow | Deny | None:
+        """Decide at request headers; a flow if this request needs more of this stage."""
         ...

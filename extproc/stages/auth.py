@@ -6,12 +6,12 @@ import re
 from urllib.parse import parse_qsl
 
 from .. import named_models
+from ..config import CREDENTIAL_HEADERS
 from ..decisions import Deny, Phase, bad_request, forbidden, unauthorized
 from ..exchange import BodyError, Exchange
 from ..keys import KeyRecord, KeyRing
+from . import Flow
 
-# Every header a client SDK may carry its key in (OpenAI, Anthropic, Azure, Gemini).
-CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -75,10 +75,10 @@ class AuthStage:
     def __init__(self, keys: KeyRing) -> None:
         self.keys = keys  # replaced whole when the keys file changes
 
-    def on_request_headers(self, ex: Exchange) -> Deny | Phase:
+    def start(self, ex: Exchange) -> Flow | Deny | None:
         if ex.route is not None and not ex.route.upstream.auth:
             ex.metadata["auth"] = "disabled"
-            return Phase.NONE
+            return None
         key = presented_key(ex)
         if key is None:
             return _MISSING
@@ -99,13 +99,21 @@ class AuthStage:
         ex.set_headers["x-tollway-key-id"] = record.id
         ex.set_headers["x-tollway-tenant"] = record.tenant
         if not record.restricts_models or ex.call is None:
-            return Phase.NONE
+            return None
         return _check_path_models(ex, record)
 
+
+class _AllowlistFlow(Flow):
+    """A restricted key's request with a body: every model it names must be allowed."""
+
+    __slots__ = ("record",)
+    wants = Phase.REQUEST_BODY
+
+    def __init__(self, record: KeyRecord) -> None:
+        self.record = record
+
     def on_request_body(self, ex: Exchange) -> Deny | None:
-        record = ex.identity
-        if record is None or not record.restricts_models or ex.call is None:
-            return None
+        assert ex.call is not None  # a flow is only started on a route
         found = _models_in_body(ex)
         if isinstance(found, Deny):
             return found
@@ -113,7 +121,7 @@ class AuthStage:
             return bad_request(
                 "missing_model", "This API key is restricted to certain models: name the 'model'."
             )
-        return _check_models(ex, record, found)
+        return _check_models(ex, self.record, found)
 
 
 # Endpoints that fall back to a default model when none is named: a restricted
@@ -129,7 +137,7 @@ _REQUIRES_MODEL = re.compile(
 _OPAQUE = re.compile(r"/(?:v1|openai)/batches/?$")  # OpenAI and Azure
 
 
-def _check_path_models(ex: Exchange, record: KeyRecord) -> Deny | Phase:
+def _check_path_models(ex: Exchange, record: KeyRecord) -> Flow | Deny | None:
     call = ex.call
     assert call is not None
     if call.path_model_unreadable:
@@ -145,9 +153,9 @@ def _check_path_models(ex: Exchange, record: KeyRecord) -> Deny | Phase:
     if denied is not None:
         return denied
     if call.path_model is not None or ex.method not in _BODY_METHODS:
-        return Phase.NONE
+        return None
     # Only a restricted key pays for the body: any body may name a model.
-    return Phase.REQUEST_BODY
+    return _AllowlistFlow(record)
 
 
 def _models_in_body(ex: Exchange) -> list[object] | Deny:

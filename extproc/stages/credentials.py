@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from urllib.parse import parse_qsl, urlencode
 
-from ..decisions import Deny, Phase
+from ..config import CREDENTIAL_HEADERS
+from ..decisions import Deny
 from ..exchange import Exchange
-from .auth import CREDENTIAL_HEADERS
 
 # Sent keyless, the request would come back as the provider's 401, which the
 # client would take for a problem with its own (valid) Tollway key.
@@ -24,10 +24,10 @@ class CredentialStage:
     def __init__(self, provider_keys: Mapping[str, str | None]) -> None:
         self.provider_keys = provider_keys  # upstream name -> key; replaced on reload
 
-    def on_request_headers(self, ex: Exchange) -> Deny | Phase:
+    def start(self, ex: Exchange) -> Deny | None:
         route = ex.route
         if route is None:
-            return Phase.NONE
+            return None
         key = self.provider_keys.get(route.name)
         if key is None and route.upstream.credential is not None:
             return CREDENTIAL_MISSING  # configured, but the variable or file is empty
@@ -44,7 +44,4 @@ class CredentialStage:
         if key is not None:
             header = route.upstream.key_header
             ex.set_headers[header] = f"Bearer {key}" if header == "authorization" else key
-        return Phase.NONE
-
-    def on_request_body(self, ex: Exchange) -> None:
         return None

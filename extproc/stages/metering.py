@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from ..decisions import BodyMode, Deny, Phase
+from ..decisions import BodyMode, Deny, Outcome, Phase
 from ..exchange import BodyError, Exchange
 from ..metrics import Metrics
 from ..pricing import OTHER, PriceTable, cost
@@ -25,28 +24,13 @@ from ..providers import Api
 from ..providers.meter import Parsed, Reading, ResponseMeter
 from ..providers.usage import Usage
 from ..store import Store, UsageRecord
+from . import Flow
 
 COST_HEADER = "x-tollway-cost-usd"
 # Streams of these APIs report usage only when asked (stream_options.include_usage).
 _ASK_FOR_USAGE: frozenset[Api] = frozenset({"chat", "completions"})
 _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
 TOKEN_TYPES = ("input", "output", "cached_input", "cache_creation", "reasoning")
-
-
-@dataclass(slots=True)
-class Metering:
-    """One request's metering state, kept on its Exchange."""
-
-    api: Api
-    started: float  # monotonic seconds, at request headers
-    request_model: str | None = None
-    # The request body's size, for an estimate; None until Tollway saw the whole body.
-    prompt_chars: int | None = None
-    strip_usage_chunk: bool = False  # Tollway asked for usage; the client did not
-    meter: ResponseMeter | None = None
-    buffered: bool = False
-    first_byte: float | None = None
-    done: bool = False
 
 
 class MeteringStage:
@@ -93,113 +77,20 @@ class MeteringStage:
             )
         return found
 
-    # request
-
-    def on_request_headers(self, ex: Exchange) -> Deny | Phase:
+    def start(self, ex: Exchange) -> MeteringFlow | None:
         call = ex.call
         if call is None or call.api is None:
-            return Phase.NONE
-        m = ex.metering = Metering(call.api, self.clock(), request_model=call.path_model)
-        if m.request_model is not None:
-            ex.metadata["request_model"] = m.request_model
-        if call.api in _ASK_FOR_USAGE:
-            return Phase.RESPONSE_HEADERS | Phase.REQUEST_BODY
-        return Phase.RESPONSE_HEADERS
-
-    def on_request_body(self, ex: Exchange) -> Deny | None:
-        m = ex.metering
-        if m is None or ex.body is None:
             return None
-        m.prompt_chars = len(ex.body)
-        try:
-            doc = ex.json()
-        except BodyError:
-            return None  # the upstream will say what is wrong with it
-        model = doc.get("model")
-        if isinstance(model, str) and model:
-            m.request_model = model
-            ex.metadata["request_model"] = model
-        if m.api in _ASK_FOR_USAGE and doc.get("stream") is True:
-            options = doc.get("stream_options")
-            if not (isinstance(options, dict) and options.get("include_usage") is True):
-                new_body = _with_include_usage(ex.body, doc)
-                if new_body is not None:  # else forwarded as sent, and estimated
-                    ex.new_body, m.strip_usage_chunk = new_body, True
-        return None
+        if call.path_model is not None:
+            ex.metadata["request_model"] = call.path_model
+        return MeteringFlow(self, call.api, call.path_model)
 
-    # response
-
-    def on_response_headers(self, ex: Exchange) -> BodyMode:
-        m = ex.metering
-        if m is None or m.done:
-            return BodyMode.NONE
-        headers = ex.response_headers
-        if not 200 <= ex.status < 300:
-            self._finish(ex, m, None)  # an error response bills nothing
-            return BodyMode.NONE
-        if headers.get("content-encoding", "identity").lower() not in ("identity", ""):
-            self.metrics.unmetered["content_encoding"].inc()
-            self._finish(ex, m, None)
-            return BodyMode.NONE
-        sse = headers.get("content-type", "").startswith("text/event-stream")
-        m.meter = ResponseMeter(
-            m.api, sse=sse, max_json_bytes=self.max_json_bytes, prompt_chars=m.prompt_chars or 0
-        )
-        length = headers.get("content-length", "")
-        if not sse and self.cost_header and length.isdigit() and int(length) <= self.max_json_bytes:
-            m.buffered = True
-            return BodyMode.BUFFERED
-        if m.strip_usage_chunk and length:
-            # The body will shrink; Envoy would refuse a length that no longer matches.
-            ex.remove_response_headers.add("content-length")
-        return BodyMode.STREAMED
-
-    def on_response_body(self, ex: Exchange, chunk: bytes, end: bool) -> bytes | None:
-        """Read the chunk; return its replacement when the usage chunk must go."""
-        m = ex.metering
-        if m is None or m.meter is None or m.done:
-            return None
-        if m.first_byte is None and chunk:
-            m.first_byte = self.clock()
-        sse = m.meter.sse
-        whole_before = sse is None or sse.at_boundary
-        events = m.meter.feed(chunk)
-        whole_after = sse is None or sse.at_boundary
-        if end:
-            events += m.meter.close()
-            if m.meter.overflow:
-                self.metrics.unmetered["body_too_large"].inc()
-            self._finish(ex, m, m.meter.reading())
-        if not m.strip_usage_chunk:
-            return None
-        if whole_before and whole_after and not any(_is_usage_chunk(doc) for _, doc in events):
-            return None  # whole events, none to remove: the chunk goes on as it came
-        return _without_usage_chunks(events)
-
-    def on_stream_end(self, ex: Exchange) -> None:
-        """The ext_proc stream ended: meter what arrived if the response did not finish."""
-        m = ex.metering
-        if m is None or m.done or ex.denied:
-            return
-        if m.meter is None:  # no response
-            if m.prompt_chars is None:
-                # Nothing shows it was sent: Envoy may have refused it (a chunked body over
-                # body_size_limit's 413) after its headers. What never reached a provider
-                # costs nothing and counts nowhere.
-                self._finish(ex, m, None)
-                return
-            # Tollway saw the whole request, so Envoy sent it on; nothing came back.
-            estimate = Usage(input_tokens=-(-m.prompt_chars // 4))
-            self._finish(ex, m, Reading(None, estimate, estimated=True))
-            return
-        m.meter.close()
-        self._finish(ex, m, m.meter.reading())
-
-    def _finish(self, ex: Exchange, m: Metering, reading: Reading | None) -> None:
-        m.done = True
+    def record(self, ex: Exchange, m: MeteringFlow, reading: Reading) -> None:
+        """One metered request: metrics, access-log metadata, cost header, usage record."""
         route = ex.route
-        if reading is None or route is None:
+        if route is None:
             return
+        ex.usage, ex.usage_estimated = reading.usage, reading.estimated
         usage = reading.usage
         model = reading.model or m.request_model
         found = self.prices.lookup(model)
@@ -255,6 +146,125 @@ class MeteringStage:
                 priced=found is not None,
             )
         )
+
+
+class MeteringFlow(Flow):
+    """One request's metering: what it asked for, and the response as it arrives."""
+
+    __slots__ = (
+        "api",
+        "billable",
+        "buffered",
+        "first_byte",
+        "meter",
+        "prompt_chars",
+        "request_model",
+        "stage",
+        "started",
+        "strip_usage_chunk",
+        "wants",
+    )
+
+    def __init__(self, stage: MeteringStage, api: Api, request_model: str | None) -> None:
+        self.stage = stage
+        self.api = api
+        self.started = stage.clock()  # monotonic seconds, at request headers
+        self.request_model = request_model
+        # Streams of chat and completions report usage only when asked: read the body.
+        self.wants = Phase.RESPONSE_HEADERS
+        if api in _ASK_FOR_USAGE:
+            self.wants |= Phase.REQUEST_BODY
+        # The request body's size, for an estimate; None until Tollway saw the whole body.
+        self.prompt_chars: int | None = None
+        self.strip_usage_chunk = False  # Tollway asked for usage; the client did not
+        self.meter: ResponseMeter | None = None
+        self.billable = True  # False once the response says it bills nothing
+        self.buffered = False
+        self.first_byte: float | None = None
+
+    def on_request_body(self, ex: Exchange) -> Deny | None:
+        body = ex.body or b""
+        self.prompt_chars = len(body)
+        try:
+            doc = ex.json()
+        except BodyError:
+            return None  # the upstream will say what is wrong with it
+        model = doc.get("model")
+        if isinstance(model, str) and model:
+            self.request_model = model
+            ex.metadata["request_model"] = model
+        if doc.get("stream") is True:
+            options = doc.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                new_body = _with_include_usage(body, doc)
+                if new_body is not None:  # else forwarded as sent, and estimated
+                    ex.new_body, self.strip_usage_chunk = new_body, True
+        return None
+
+    def on_response_headers(self, ex: Exchange) -> BodyMode:
+        stage, headers = self.stage, ex.response_headers
+        if not 200 <= ex.status < 300:
+            self.billable = False  # an error response bills nothing
+            return BodyMode.NONE
+        if headers.get("content-encoding", "identity").lower() not in ("identity", ""):
+            stage.metrics.unmetered["content_encoding"].inc()
+            self.billable = False
+            return BodyMode.NONE
+        sse = headers.get("content-type", "").startswith("text/event-stream")
+        self.meter = ResponseMeter(
+            self.api,
+            sse=sse,
+            max_json_bytes=stage.max_json_bytes,
+            prompt_chars=self.prompt_chars or 0,
+        )
+        length = headers.get("content-length", "")
+        if (
+            not sse
+            and stage.cost_header
+            and length.isdigit()
+            and int(length) <= stage.max_json_bytes
+        ):
+            self.buffered = True
+            return BodyMode.BUFFERED
+        if self.strip_usage_chunk and length:
+            # The body will shrink; Envoy would refuse a length that no longer matches.
+            ex.remove_response_headers.add("content-length")
+        return BodyMode.STREAMED
+
+    def on_response_body(self, ex: Exchange, chunk: bytes, end: bool) -> bytes | None:
+        """Read the chunk; return its replacement when the usage chunk must go."""
+        meter = self.meter
+        assert meter is not None  # set when this flow asked for the body
+        if self.first_byte is None and chunk:
+            self.first_byte = self.stage.clock()
+        sse = meter.sse
+        whole_before = sse is None or sse.at_boundary
+        events = meter.feed(chunk)
+        whole_after = sse is None or sse.at_boundary
+        if end:
+            events += meter.close()
+            if meter.overflow:
+                self.stage.metrics.unmetered["body_too_large"].inc()
+        if not self.strip_usage_chunk:
+            return None
+        if whole_before and whole_after and not any(_is_usage_chunk(doc) for _, doc in events):
+            return None  # whole events, none to remove: the chunk goes on as it came
+        return _without_usage_chunks(events)
+
+    def finish(self, ex: Exchange, outcome: Outcome) -> None:
+        """Meter what reached a provider: the response's usage, or an estimate."""
+        if outcome in (Outcome.DENIED, Outcome.FAILED) or not self.billable:
+            return
+        if self.meter is not None:
+            self.meter.close()  # a stream cut short: any event left unterminated
+            self.stage.record(ex, self, self.meter.reading())
+        elif self.prompt_chars is not None:
+            # Tollway saw the whole request, so Envoy sent it on; nothing came back.
+            estimate = Usage(input_tokens=-(-self.prompt_chars // 4))
+            self.stage.record(ex, self, Reading(None, estimate, estimated=True))
+        # Otherwise nothing shows it was sent: Envoy may have refused it (a chunked
+        # body over body_size_limit's 413) after its headers. What never reached a
+        # provider costs nothing and counts nowhere.
 
 
 def _with_include_usage(body: bytes, doc: dict[str, Any]) -> bytes | None:

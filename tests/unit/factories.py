@@ -17,7 +17,7 @@ from extproc.config import AuthConfig, Config, Credential, Upstream
 from extproc.decisions import Deny, Phase
 from extproc.exchange import Exchange
 from extproc.keys import KeyRecord, KeyRing
-from extproc.pipeline import Pipeline
+from extproc.pipeline import Pipeline, Run
 from extproc.routes import RouteTable
 from extproc.stages import Stage
 from extproc.stages.auth import AuthStage
@@ -105,12 +105,7 @@ def build_pipeline(
     ]
     if metering is not None:
         stages.append(metering)
-    return Pipeline(
-        RouteTable(upstreams()),
-        stages,
-        clock or Clock(),
-        response_stages=[metering] if metering is not None else [],
-    )
+    return Pipeline(RouteTable(upstreams()), stages, clock or Clock())
 
 
 def request(
@@ -120,9 +115,20 @@ def request(
     *,
     method: str = "POST",
     repeated: Iterable[str] = (),
-) -> Exchange:
-    """An Exchange as the codec would hand it over (lower-case header names)."""
-    return pipeline.exchange(method, path, dict(headers or {}), frozenset(repeated))
+) -> Run:
+    """A request's run as the codec would start it (lower-case header names)."""
+    return pipeline.start(method, path, dict(headers or {}), frozenset(repeated))
+
+
+def decide_run(
+    pipeline: Pipeline,
+    path: str = "/v1/chat/completions",
+    headers: Mapping[str, str] | None = None,
+    **kwargs: object,
+) -> tuple[Run, Deny | Phase]:
+    """Request headers decided; the body phase (if any) still to come."""
+    run = request(pipeline, path, headers, **kwargs)  # type: ignore[arg-type]
+    return run, run.request_headers()
 
 
 def decide(
@@ -131,8 +137,8 @@ def decide(
     headers: Mapping[str, str] | None = None,
     **kwargs: object,
 ) -> tuple[Exchange, Deny | Phase]:
-    ex = request(pipeline, path, headers, **kwargs)  # type: ignore[arg-type]
-    return ex, pipeline.request_headers(ex)
+    run, decision = decide_run(pipeline, path, headers, **kwargs)
+    return run.ex, decision
 
 
 def bearer(key: str) -> dict[str, str]:

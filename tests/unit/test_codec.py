@@ -92,7 +92,7 @@ def test_decoded_repeated_header_is_denied_by_the_pipeline() -> None:
         http_headers(("authorization", f"Bearer {key}".encode()), ("authorization", b"Bearer x"))
     )
     p = build_pipeline([record])
-    decision = p.request_headers(p.exchange("POST", "/v1/chat/completions", headers, repeated))
+    decision = p.start("POST", "/v1/chat/completions", headers, repeated).request_headers()
     assert isinstance(decision, Deny) and decision.code == "ambiguous_credentials"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from extproc.decisions import Outcome
 from extproc.exchange import Exchange
 from extproc.headroom import (
     BODY_PHASE_SLACK_BYTES,
@@ -69,18 +70,19 @@ def _pipeline(limits: HeaderLimits) -> Pipeline:
 def test_the_headers_tollway_adds_can_tip_a_request_over_and_it_answers_431() -> None:
     headers = {":method": "GET", ":path": "/v1/models", **bearer(ALICE)}
     fits = _pipeline(HeaderLimits(count=len(headers) + 2))  # + x-tollway-key-id, -tenant
-    ex = request(fits, "/v1/models", headers, method="GET")
-    assert fits.request_headers(ex) is not TOO_LARGE and not ex.denied
+    run = request(fits, "/v1/models", headers, method="GET")
+    assert run.request_headers() is not TOO_LARGE and run.ex.outcome is Outcome.FORWARDED
 
     tight = _pipeline(HeaderLimits(count=len(headers) + 1))
-    ex = request(tight, "/v1/models", headers, method="GET")
-    decision = tight.request_headers(ex)
-    assert decision is TOO_LARGE and decision.status == 431 and ex.denied
+    run = request(tight, "/v1/models", headers, method="GET")
+    decision = run.request_headers()
+    assert decision is TOO_LARGE and decision.status == 431
+    assert run.ex.outcome is Outcome.DENIED
 
 
 def test_a_denial_before_any_edit_is_not_turned_into_a_431() -> None:
     pipeline = _pipeline(HeaderLimits(count=1))
-    decision = pipeline.request_headers(request(pipeline, "/v1/models", {}, method="GET"))
+    decision = request(pipeline, "/v1/models", {}, method="GET").request_headers()
     assert decision is not TOO_LARGE and getattr(decision, "code", "") == "missing_api_key"
 
 

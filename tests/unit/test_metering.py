@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.config import ModelPrice
-from extproc.decisions import BodyMode, Phase
+from extproc.decisions import BodyMode, Outcome, Phase
 from extproc.exchange import Exchange
 from extproc.metrics import Metrics
-from extproc.pipeline import Pipeline
+from extproc.pipeline import Pipeline, Run
 from extproc.pricing import PriceTable
 from extproc.providers import Usage
 from extproc.stages.metering import COST_HEADER, MeteringStage
@@ -59,14 +59,29 @@ class World:
         )
         self.pipeline: Pipeline = build_pipeline([ALICE_RECORD], metering=self.stage)
 
+        self.runs: dict[int, Run] = {}
+
     def start(self, path: str = "/v1/chat/completions", body: bytes | None = None) -> Exchange:
-        ex = request(self.pipeline, path, {**bearer(ALICE), "content-length": "1"})
-        wants = self.pipeline.request_headers(ex)
+        run = request(self.pipeline, path, {**bearer(ALICE), "content-length": "1"})
+        wants = run.request_headers()
         assert isinstance(wants, Phase)
         if body is not None:
             assert Phase.REQUEST_BODY in wants
-            assert self.pipeline.request_body(ex, body) is None
-        return ex
+            assert run.request_body(body) is None
+        self.runs[id(run.ex)] = run
+        return run.ex
+
+    def run(self, ex: Exchange) -> Run:
+        """The run of a request this world started."""
+        return self.runs[id(ex)]
+
+    def client_sees_usage_chunk(self, ex: Exchange) -> bool:
+        """Stream a usage-only chunk back: does it reach the client?"""
+        run = self.run(ex)
+        run.response_headers(200, {"content-type": "text/event-stream"})
+        usage = b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+        replaced = run.response_body(usage, end=True)
+        return b'"usage"' in (usage if replaced is None else replaced)
 
     def respond(
         self, ex: Exchange, fixture: str, status: int = 200, *, chunk: int = 0
@@ -80,14 +95,14 @@ class World:
         }
         if not sse:
             headers["content-length"] = str(len(body))
-        mode = self.pipeline.response_headers(ex, status, headers)
+        mode = self.run(ex).response_headers(status, headers)
         if mode is BodyMode.NONE:
             return mode, body
         pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] if chunk else [body]
         out = b""
         for i, piece in enumerate(pieces):
             self.ticks.now += 0.01
-            replaced = self.pipeline.response_body(ex, piece, end=i == len(pieces) - 1)
+            replaced = self.run(ex).response_body(piece, end=i == len(pieces) - 1)
             out += piece if replaced is None else replaced
         return mode, out
 
@@ -107,9 +122,9 @@ class World:
 
 def test_not_metered_requests_ask_for_nothing_more() -> None:
     w = World()
-    ex = request(w.pipeline, "/v1/models", bearer(ALICE), method="GET")
-    assert w.pipeline.request_headers(ex) == Phase.NONE
-    assert ex.metering is None
+    run = request(w.pipeline, "/v1/models", bearer(ALICE), method="GET")
+    assert run.request_headers() == Phase.NONE
+    assert run.ex.outcome is Outcome.FORWARDED  # nothing more to see: finished at once
 
 
 @pytest.mark.parametrize(
@@ -125,8 +140,7 @@ def test_not_metered_requests_ask_for_nothing_more() -> None:
 )
 def test_only_openai_chat_and_completions_read_the_request_body(path: str, wants: Phase) -> None:
     w = World()
-    ex = request(w.pipeline, path, bearer(ALICE))
-    assert w.pipeline.request_headers(ex) == wants
+    assert request(w.pipeline, path, bearer(ALICE)).request_headers() == wants
 
 
 def test_gemini_names_its_model_in_the_path() -> None:
@@ -145,7 +159,7 @@ def test_a_stream_without_include_usage_gets_it_spliced_in() -> None:
         **orjson.loads(body),
         "stream_options": {"include_usage": True},
     }
-    assert ex.metering is not None and ex.metering.strip_usage_chunk
+    assert not w.client_sees_usage_chunk(ex)  # the one Tollway asked for is taken out
 
 
 @pytest.mark.parametrize(
@@ -177,7 +191,7 @@ def test_the_body_is_left_alone_when_usage_will_come_anyway(doc: dict[str, objec
     w = World()
     ex = w.start(body=orjson.dumps(doc))
     assert ex.new_body is None
-    assert ex.metering is not None and not ex.metering.strip_usage_chunk
+    assert w.client_sees_usage_chunk(ex)  # a client that asked for usage gets it
 
 
 def test_a_body_that_is_not_json_is_left_for_the_upstream_to_refuse() -> None:
@@ -247,14 +261,14 @@ def test_sse_streams_and_the_usage_chunk_tollway_asked_for_is_removed() -> None:
 def test_whole_events_without_the_usage_chunk_pass_unchanged() -> None:
     w = World()
     ex = w.start(body=b'{"model": "gpt-4o", "stream": true}')
-    w.pipeline.response_headers(ex, 200, {"content-type": "text/event-stream"})
+    w.run(ex).response_headers(200, {"content-type": "text/event-stream"})
     comment_and_event = (
         b': keep-alive\r\n\r\ndata: {"choices":[{"delta":{"content":"hi"}}]}\r\n\r\n'
     )
-    assert w.pipeline.response_body(ex, comment_and_event, end=False) is None  # no copy made
-    split = w.pipeline.response_body(ex, b'data: {"choices":[{"delta":', end=False)
+    assert w.run(ex).response_body(comment_and_event, end=False) is None  # no copy made
+    split = w.run(ex).response_body(b'data: {"choices":[{"delta":', end=False)
     assert split == b""  # held back until the event is whole
-    rest = w.pipeline.response_body(ex, b'{"content":"yo"}}]}\n\n', end=False)
+    rest = w.run(ex).response_body(b'{"content":"yo"}}]}\n\n', end=False)
     assert rest == b'data: {"choices":[{"delta":{"content":"yo"}}]}\n\n'
 
 
@@ -273,7 +287,7 @@ def test_error_responses_bill_nothing_and_skip_the_body() -> None:
     mode, _ = w.respond(ex, "openai_chat.json", status=429)
     assert mode is BodyMode.NONE
     assert w.store.records == []
-    w.pipeline.stream_end(ex)  # the stream ends later: still nothing
+    w.run(ex).finish(Outcome.ABANDONED)  # the stream ends later: still nothing
     assert w.store.records == []
 
 
@@ -281,21 +295,21 @@ def test_compressed_responses_are_counted_as_unmetered() -> None:
     w = World()
     ex = w.start(body=b'{"model": "gpt-4o"}')
     headers = {"content-type": "application/json", "content-encoding": "gzip"}
-    assert w.pipeline.response_headers(ex, 200, headers) is BodyMode.NONE
+    assert w.run(ex).response_headers(200, headers) is BodyMode.NONE
     assert w.sample("tollway_gen_ai_unmetered_responses_total", reason="content_encoding") == 1
 
 
 def test_a_stream_cut_short_is_estimated_when_the_stream_ends() -> None:
     w = World()
     ex = w.start(body=b'{"model": "gpt-4o", "stream": true}')
-    w.pipeline.response_headers(ex, 200, {"content-type": "text/event-stream"})
-    w.pipeline.response_body(
-        ex, b'data: {"model":"gpt-4o","choices":[{"delta":{"content":"abcdefgh"}}]}\n\n', end=False
+    w.run(ex).response_headers(200, {"content-type": "text/event-stream"})
+    w.run(ex).response_body(
+        b'data: {"model":"gpt-4o","choices":[{"delta":{"content":"abcdefgh"}}]}\n\n', end=False
     )
-    w.pipeline.stream_end(ex)  # Envoy reset the stream: client gone
+    w.run(ex).finish(Outcome.ABANDONED)  # Envoy reset the stream: client gone
     (record,) = w.store.records
     assert record.estimated and record.usage.output_tokens == 2 and record.usage.input_tokens > 0
-    w.pipeline.stream_end(ex)
+    w.run(ex).finish(Outcome.ABANDONED)
     assert len(w.store.records) == 1  # finished once
 
 
@@ -306,7 +320,7 @@ def test_a_request_that_never_got_a_response_is_estimated_from_its_prompt() -> N
         + b"x" * 396
         + b'"}]}'
     )
-    w.pipeline.stream_end(ex)
+    w.run(ex).finish(Outcome.ABANDONED)
     (record,) = w.store.records
     assert record.estimated and record.usage.output_tokens == 0
     assert record.usage.input_tokens == -(-len(ex.body or b"") // 4)
@@ -341,7 +355,7 @@ def test_a_stream_with_a_content_length_loses_it_when_it_will_shrink() -> None:
     w = World()
     ex = w.start(body=b'{"model": "gpt-4o", "stream": true}')
     headers = {"content-type": "text/event-stream", "content-length": "1234"}
-    assert w.pipeline.response_headers(ex, 200, headers) is BodyMode.STREAMED
+    assert w.run(ex).response_headers(200, headers) is BodyMode.STREAMED
     assert ex.remove_response_headers == {"content-length"}
 
 
@@ -350,13 +364,13 @@ def test_a_stream_with_a_content_length_loses_it_when_it_will_shrink() -> None:
 def test_stripping_survives_any_split_and_delivers_everything_else(cuts: list[int]) -> None:
     w = World()
     ex = w.start(body=b'{"model": "gpt-4o", "stream": true}')
-    w.pipeline.response_headers(ex, 200, {"content-type": "text/event-stream"})
+    w.run(ex).response_headers(200, {"content-type": "text/event-stream"})
     original = (FIXTURES / "openai_chat_stream.sse").read_bytes()
     points = sorted({c % (len(original) + 1) for c in cuts})
     pieces = [original[a:b] for a, b in zip([0, *points], [*points, len(original)], strict=True)]
     delivered = b""
     for i, piece in enumerate(pieces):
-        out = w.pipeline.response_body(ex, piece, end=i == len(pieces) - 1)
+        out = w.run(ex).response_body(piece, end=i == len(pieces) - 1)
         delivered += piece if out is None else out
     usage_event = next(e for e in original.split(b"\n\n") if b'"choices":[]' in e)
     assert delivered == original.replace(usage_event + b"\n\n", b"")
@@ -367,20 +381,21 @@ def test_a_request_denied_at_its_body_is_never_metered() -> None:
     w = World()
     narrow_key, narrow = new_key("narrow", models=["gpt-4o-mini"])
     pipeline = build_pipeline([narrow], metering=w.stage)
-    ex = request(pipeline, "/v1/chat/completions", bearer(narrow_key))
-    assert Phase.REQUEST_BODY in pipeline.request_headers(ex)  # type: ignore[operator]
-    denial = pipeline.request_body(ex, b'{"model": "gpt-4o", "stream": true}')
+    run = request(pipeline, "/v1/chat/completions", bearer(narrow_key))
+    assert Phase.REQUEST_BODY in run.request_headers()  # type: ignore[operator]
+    denial = run.request_body(b'{"model": "gpt-4o", "stream": true}')
     assert denial is not None and denial.code == "model_not_allowed"
-    pipeline.stream_end(ex)  # Envoy ends the stream after the 403
+    assert run.ex.outcome is Outcome.DENIED
+    run.finish(Outcome.ABANDONED)  # Envoy ends the stream after the 403: already finished
     assert w.store.records == []
 
 
 def test_the_logged_cost_is_a_decimal_without_float_noise() -> None:
     w = World()
     ex = w.start(body=b'{"model": "gpt-4o", "stream": true}')
-    w.pipeline.response_headers(ex, 200, {"content-type": "text/event-stream"})
+    w.run(ex).response_headers(200, {"content-type": "text/event-stream"})
     usage = b'{"model":"gpt-4o","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
-    w.pipeline.response_body(ex, b"data: " + usage + b"\n\n", end=True)
+    w.run(ex).response_body(b"data: " + usage + b"\n\n", end=True)
     (record,) = w.store.records
     assert record.cost_usd == 2.5e-6 + 10e-6  # 1.2499999999999999e-05 as a float
     assert ex.metadata["cost_usd"] == "0.000012500"
@@ -389,9 +404,9 @@ def test_the_logged_cost_is_a_decimal_without_float_noise() -> None:
 def test_a_request_whose_body_never_arrived_costs_nothing_and_counts_nowhere() -> None:
     """Envoy's body_size_limit refused a chunked body (413) after Tollway saw the headers."""
     w = World()
-    ex = request(w.pipeline, "/v1/chat/completions", bearer(ALICE))
-    assert Phase.REQUEST_BODY in w.pipeline.request_headers(ex)  # type: ignore[operator]
-    w.pipeline.stream_end(ex)  # no body, no response: the 413 came from Envoy
+    run = request(w.pipeline, "/v1/chat/completions", bearer(ALICE))
+    assert Phase.REQUEST_BODY in run.request_headers()  # type: ignore[operator]
+    run.finish(Outcome.ABANDONED)  # no body, no response: the 413 came from Envoy
     assert w.store.records == []
     assert w.moved() == []
 
@@ -400,7 +415,7 @@ def test_a_request_whose_body_never_arrived_costs_nothing_and_counts_nowhere() -
 def test_an_api_whose_body_is_not_read_is_not_estimated_without_a_response(path: str) -> None:
     w = World()
     ex = w.start(path)
-    w.pipeline.stream_end(ex)  # client gone before any response: no sign it was sent
+    w.run(ex).finish(Outcome.ABANDONED)  # client gone before any response: no sign it was sent
     assert w.store.records == []
     assert w.moved() == []
 
@@ -416,10 +431,9 @@ def test_a_body_too_deep_to_rewrite_goes_on_unchanged_and_is_estimated(levels: i
     w = World()
     ex = w.start(body=deep(levels))
     assert ex.new_body is None  # forwarded as sent
-    assert ex.metering is not None and not ex.metering.strip_usage_chunk
-    w.pipeline.response_headers(ex, 200, {"content-type": "text/event-stream"})
+    w.run(ex).response_headers(200, {"content-type": "text/event-stream"})
     chunk = b'data: {"model":"gpt-4o","choices":[{"delta":{"content":"abcdefgh"}}]}\n\n'
-    assert w.pipeline.response_body(ex, chunk + b"data: [DONE]\n\n", end=True) is None
+    assert w.run(ex).response_body(chunk + b"data: [DONE]\n\n", end=True) is None
     (record,) = w.store.records
     assert record.estimated and record.usage.output_tokens == 2
     assert record.usage.input_tokens == -(-len(deep(levels)) // 4)
@@ -432,3 +446,15 @@ def test_a_json_body_over_the_bound_is_counted_as_unmetered() -> None:
     mode, _ = w.respond(ex, "openai_chat.json", chunk=64)
     assert mode is BodyMode.STREAMED  # too large to buffer for a cost header
     assert w.sample("tollway_gen_ai_unmetered_responses_total", reason="body_too_large") == 1
+
+
+@pytest.mark.parametrize("outcome", [Outcome.FAILED, Outcome.DENIED])
+def test_a_request_tollway_answered_itself_is_never_metered(outcome: Outcome) -> None:
+    """Metering saw the prompt; then a fault (a 500) or a later stage's denial."""
+    w = World()
+    ex = w.start(body=b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}')
+    w.run(ex).finish(outcome)
+    assert w.store.records == []
+    assert w.moved() == []
+    w.run(ex).finish(Outcome.ABANDONED)  # the stream closes later: finished already
+    assert w.store.records == []

@@ -6,10 +6,10 @@ from datetime import timedelta
 
 import pytest
 
+from extproc.config import CREDENTIAL_HEADERS
 from extproc.decisions import Deny, Phase
 from extproc.exchange import Exchange
 from extproc.pipeline import Pipeline
-from extproc.stages.auth import CREDENTIAL_HEADERS
 
 from .factories import (
     NOW,
@@ -18,6 +18,7 @@ from .factories import (
     bearer,
     build_pipeline,
     decide,
+    decide_run,
     new_key,
     unknown_key,
 )
@@ -368,12 +369,12 @@ def test_only_restricted_keys_buffer_the_body(
 )
 def test_restricted_key_body_check(body: bytes, status: int | None, code: str | None) -> None:
     p = pipeline()
-    ex, decision = decide(p, headers=bearer(RESTRICTED))
+    run, decision = decide_run(p, headers=bearer(RESTRICTED))
     assert decision == Phase.REQUEST_BODY
-    result = p.request_body(ex, body)
+    result = run.request_body(body)
     if status is None:
         assert result is None
-        assert str(ex.metadata["request_model"]) in body.decode()
+        assert str(run.ex.metadata["request_model"]) in body.decode()
     else:
         assert code is not None
         deny = assert_denied(result, status, code)
@@ -385,8 +386,9 @@ def test_restricted_key_body_check(body: bytes, status: int | None, code: str | 
 
 def test_unrestricted_key_ignores_the_body() -> None:
     p = pipeline()
-    ex, _ = decide(p, headers=bearer(ALICE))
-    assert p.request_body(ex, b"not even json") is None
+    run, decision = decide_run(p, headers=bearer(ALICE))
+    assert decision == Phase.NONE  # no flow asked for the body
+    assert run.request_body(b"not even json") is None
 
 
 @pytest.mark.parametrize(
@@ -446,8 +448,9 @@ def test_metadata_names_the_key_and_never_holds_it(
 
 def test_restricted_key_metadata_after_body_holds_model_not_key() -> None:
     p = pipeline()
-    ex, _ = decide(p, headers={"x-api-key": RESTRICTED})
-    assert p.request_body(ex, b'{"model": "gpt-4o-mini"}') is None
+    run, _ = decide_run(p, headers={"x-api-key": RESTRICTED})
+    ex = run.ex
+    assert run.request_body(b'{"model": "gpt-4o-mini"}') is None
     assert ex.metadata["request_model"] == "gpt-4o-mini"
     assert_no_key_material(ex, RESTRICTED)
 
@@ -546,9 +549,9 @@ def test_restricted_key_cannot_bypass_the_allowlist(
     path: str, content_type: str, body: bytes, status: int | None, code: str | None
 ) -> None:
     p = pipeline()
-    ex, decision = decide(p, path, {**bearer(RESTRICTED), "content-type": content_type})
+    run, decision = decide_run(p, path, {**bearer(RESTRICTED), "content-type": content_type})
     assert decision == Phase.REQUEST_BODY
-    result = p.request_body(ex, body)
+    result = run.request_body(body)
     if code is None:
         assert result is None
     else:

@@ -28,8 +28,8 @@ class Env:
 
     def decide(self, key: str) -> tuple[dict[str, str], Deny | Phase]:
         p = self.runtime.pipeline
-        ex = p.exchange("GET", "/v1/models", bearer(key), frozenset())
-        return ex.set_headers, p.request_headers(ex)
+        run = p.start("GET", "/v1/models", bearer(key), frozenset())
+        return run.ex.set_headers, run.request_headers()
 
     def code(self, key: str) -> str:
         decision = self.decide(key)[1]
@@ -147,13 +147,13 @@ def test_emptied_provider_key_file_refuses_requests_until_it_is_refilled(
     p = env.runtime.pipeline
     env.credential_file.write_text("")
     env.runtime.reload_if_changed()
-    ex = p.exchange("GET", "/v1/models", bearer(alice[0]), frozenset())
-    assert p.request_headers(ex) == CREDENTIAL_MISSING  # not sent upstream keyless
+    run = p.start("GET", "/v1/models", bearer(alice[0]), frozenset())
+    assert run.request_headers() == CREDENTIAL_MISSING  # not sent upstream keyless
     env.credential_file.write_text("sk-new")
     env.runtime.reload_if_changed()
-    ex = p.exchange("GET", "/v1/models", bearer(alice[0]), frozenset())
-    assert p.request_headers(ex) == Phase.NONE
-    assert ex.set_headers["authorization"] == "Bearer sk-new"
+    run = p.start("GET", "/v1/models", bearer(alice[0]), frozenset())
+    assert run.request_headers() == Phase.NONE
+    assert run.ex.set_headers["authorization"] == "Bearer sk-new"
 
 
 def test_missing_provider_key_file_at_start(tmp_path: Path) -> None:
@@ -161,13 +161,13 @@ def test_missing_provider_key_file_at_start(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.yaml"
     keys.write_records(keys_file, [record])
     runtime = Runtime(runtime_config(keys_file, tmp_path / "absent.key"))
-    ex = runtime.pipeline.exchange("GET", "/v1/models", bearer(key), frozenset())
-    assert runtime.pipeline.request_headers(ex) == CREDENTIAL_MISSING
+    run = runtime.pipeline.start("GET", "/v1/models", bearer(key), frozenset())
+    assert run.request_headers() == CREDENTIAL_MISSING
     (tmp_path / "absent.key").write_text("sk-late")
     runtime.reload_if_changed()
-    ex = runtime.pipeline.exchange("GET", "/v1/models", bearer(key), frozenset())
-    runtime.pipeline.request_headers(ex)
-    assert ex.set_headers["authorization"] == "Bearer sk-late"
+    run = runtime.pipeline.start("GET", "/v1/models", bearer(key), frozenset())
+    run.request_headers()
+    assert run.ex.set_headers["authorization"] == "Bearer sk-late"
 
 
 def test_key_gauge_counts_keys_by_state(tmp_path: Path) -> None:
@@ -203,7 +203,7 @@ def test_runtime_clock_decides_expiry(tmp_path: Path) -> None:
 
     def decide() -> Deny | Phase:
         p = runtime.pipeline
-        return p.request_headers(p.exchange("GET", "/v1/models", bearer(key), frozenset()))
+        return p.start("GET", "/v1/models", bearer(key), frozenset()).request_headers()
 
     assert decide() == Phase.NONE
     clock.advance(5 * 60)

@@ -1,0 +1,207 @@
+"""The stage contract: flows see only the phases they asked for and finish exactly once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from extproc.decisions import BodyMode, Deny, Outcome, Phase, forbidden
+from extproc.exchange import Exchange
+from extproc.pipeline import Pipeline, Run
+from extproc.routes import RouteTable
+from extproc.stages import Flow
+
+from .factories import Clock, upstreams
+
+
+@dataclass
+class Journal:
+    """What every flow of a test saw, in order."""
+
+    calls: list[str] = field(default_factory=list)
+
+
+class Recording(Flow):
+    __slots__ = ("deny_at", "journal", "mode", "name", "wants")
+
+    def __init__(
+        self, name: str, journal: Journal, wants: Phase, mode: BodyMode, deny_at: str | None
+    ) -> None:
+        self.name, self.journal, self.wants = name, journal, wants
+        self.mode, self.deny_at = mode, deny_at
+
+    def _saw(self, phase: str) -> Deny | None:
+        self.journal.calls.append(f"{self.name}.{phase}")
+        return forbidden("no", "no") if self.deny_at == phase else None
+
+    def on_request_body(self, ex: Exchange) -> Deny | None:
+        return self._saw("request_body")
+
+    def on_response_headers(self, ex: Exchange) -> BodyMode:
+        self._saw("response_headers")
+        return self.mode
+
+    def on_response_body(self, ex: Exchange, chunk: bytes, end: bool) -> bytes | None:
+        self._saw("response_body")
+        return None
+
+    def finish(self, ex: Exchange, outcome: Outcome) -> None:
+        self.journal.calls.append(f"{self.name}.finish:{outcome.value}")
+
+
+@dataclass
+class Starts:
+    """A stage that starts a Recording flow (or denies, or declines)."""
+
+    name: str
+    journal: Journal
+    wants: Phase = Phase.NONE
+    mode: BodyMode = BodyMode.NONE
+    deny_at: str | None = None
+    declines: bool = False
+
+    def start(self, ex: Exchange) -> Flow | Deny | None:
+        self.journal.calls.append(f"{self.name}.start")
+        if self.deny_at == "start":
+            return forbidden("no", "no")
+        if self.declines:
+            return None
+        return Recording(self.name, self.journal, self.wants, self.mode, self.deny_at)
+
+
+def run_of(*stages: Starts) -> Run:
+    pipeline = Pipeline(RouteTable(upstreams()), stages, Clock())
+    return pipeline.start("POST", "/v1/chat/completions", {}, frozenset())
+
+
+ALL = Phase.REQUEST_BODY | Phase.RESPONSE_HEADERS
+
+
+def test_flows_see_only_the_phases_they_asked_for_and_finish_in_reverse() -> None:
+    j = Journal()
+    run = run_of(
+        Starts("a", j, Phase.REQUEST_BODY),
+        Starts("b", j, declines=True),
+        Starts("c", j, Phase.RESPONSE_HEADERS, BodyMode.STREAMED),
+        Starts("d", j, Phase.RESPONSE_HEADERS),
+    )
+    assert run.request_headers() == ALL
+    assert run.request_body(b"{}") is None
+    assert run.response_headers(200, {}) is BodyMode.STREAMED
+    run.response_body(b"x", end=False)
+    run.response_body(b"y", end=True)
+    assert j.calls == [
+        "a.start",
+        "b.start",
+        "c.start",
+        "d.start",
+        "a.request_body",
+        "c.response_headers",
+        "d.response_headers",
+        "c.response_body",  # d asked for no body: not called
+        "c.response_body",
+        "d.finish:forwarded",
+        "c.finish:forwarded",
+        "a.finish:forwarded",
+    ]
+    assert run.ex.outcome is Outcome.FORWARDED
+
+
+@pytest.mark.parametrize(
+    ("modes", "merged"),
+    [
+        ((BodyMode.NONE, BodyMode.STREAMED), BodyMode.STREAMED),
+        ((BodyMode.STREAMED, BodyMode.BUFFERED), BodyMode.BUFFERED),
+        ((BodyMode.BUFFERED, BodyMode.STREAMED), BodyMode.BUFFERED),
+        ((BodyMode.NONE, BodyMode.NONE), BodyMode.NONE),
+    ],
+)
+def test_the_strongest_body_mode_wins(modes: tuple[BodyMode, BodyMode], merged: BodyMode) -> None:
+    j = Journal()
+    run = run_of(*(Starts(f"s{i}", j, Phase.RESPONSE_HEADERS, m) for i, m in enumerate(modes)))
+    run.request_headers()
+    assert run.response_headers(200, {}) is merged
+
+
+def finishes(j: Journal) -> list[str]:
+    return [c for c in j.calls if ".finish:" in c]
+
+
+@pytest.mark.parametrize(
+    ("drive", "expected"),
+    [
+        # Denied at headers by the second stage: only the first flow started, and it finishes.
+        ("deny_at_start", ["a.finish:denied"]),
+        ("deny_at_body", ["b.finish:denied", "a.finish:denied"]),
+        ("forwarded", ["b.finish:forwarded", "a.finish:forwarded"]),
+        ("upstream_error", ["b.finish:forwarded", "a.finish:forwarded"]),
+        ("reset_mid_stream", ["b.finish:abandoned", "a.finish:abandoned"]),
+        ("no_body_arrives", ["b.finish:abandoned", "a.finish:abandoned"]),
+        ("empty_body_at_headers", ["b.finish:forwarded", "a.finish:forwarded"]),
+    ],
+)
+def test_every_path_finishes_each_flow_exactly_once(drive: str, expected: list[str]) -> None:
+    j = Journal()
+    second = "start" if drive == "deny_at_start" else "request_body"
+    # The flows want no body of an upstream's error: done at its headers.
+    mode = BodyMode.NONE if drive == "upstream_error" else BodyMode.STREAMED
+    a = Starts("a", j, ALL, mode)
+    b = Starts("b", j, ALL, mode, deny_at=second if "deny" in drive else None)
+    run = run_of(a, b)
+    decision = run.request_headers(end_of_stream=drive == "empty_body_at_headers")
+    if drive not in ("deny_at_start", "no_body_arrives", "empty_body_at_headers"):
+        assert isinstance(decision, Phase)
+        run.request_body(b"{}")
+    if drive in ("forwarded", "reset_mid_stream"):
+        run.response_headers(200, {})
+        run.response_body(b"part", end=False)
+    if drive == "forwarded":
+        run.response_body(b"rest", end=True)
+    if drive == "upstream_error":
+        run.response_headers(500, {})
+    if drive == "empty_body_at_headers":
+        run.response_headers(200, {}, end_of_stream=True)
+    # Whatever happened, the transport ends the stream (close) and may do so twice.
+    run.finish(Outcome.ABANDONED)
+    run.finish(Outcome.FAILED)
+    assert finishes(j) == expected
+
+
+def test_a_flow_that_faults_while_finishing_does_not_stop_the_others() -> None:
+    j = Journal()
+    faults: list[int] = []
+
+    class Broken(Recording):
+        __slots__ = ()
+
+        def finish(self, ex: Exchange, outcome: Outcome) -> None:
+            raise RuntimeError("bug")
+
+    class StartsBroken(Starts):
+        def start(self, ex: Exchange) -> Flow | Deny | None:
+            return Broken(self.name, self.journal, Phase.NONE, BodyMode.NONE, None)
+
+    pipeline = Pipeline(
+        RouteTable(upstreams()),
+        [Starts("a", j), StartsBroken("b", j)],
+        Clock(),
+        on_fault=lambda: faults.append(1),
+    )
+    run = pipeline.start("GET", "/v1/models", {}, frozenset())
+    run.request_headers()  # nothing more wanted: finished at once
+    assert finishes(j) == ["a.finish:forwarded"] and faults == [1]
+
+
+def test_a_stage_that_raises_still_finishes_the_flows_already_started() -> None:
+    j = Journal()
+
+    class Raises(Starts):
+        def start(self, ex: Exchange) -> Flow | Deny | None:
+            raise RuntimeError("bug")
+
+    run = run_of(Starts("a", j, ALL), Raises("b", j))
+    with pytest.raises(RuntimeError):
+        run.request_headers()
+    run.finish(Outcome.FAILED)  # what the processor does with a fault
+    assert finishes(j) == ["a.finish:failed"]
