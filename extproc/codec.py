@@ -23,7 +23,7 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from .decisions import BodyMode, Deny, Phase
 from .error_shapes import error_document
 from .exchange import Exchange, MetadataValue
-from .routes import Dialect
+from .kinds import Dialect
 
 METADATA_NAMESPACE = "tollway"
 # Metadata strings may come from clients (a model name): each is cut to this many

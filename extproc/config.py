@@ -19,12 +19,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import yamltext
+from .kinds import ApiKind
 
 ENV_PREFIX = "TOLLWAY__"
 _M = TypeVar("_M", bound=BaseModel)
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 
-ApiKind = Literal["openai", "azure", "anthropic", "gemini"]
 
 # The header each provider reads its key from; "authorization" gets "Bearer ".
 PROVIDER_KEY_HEADER: dict[str, str] = {

@@ -15,12 +15,12 @@ import yaml
 
 from .config import Config, ConfigError, TLSFiles, Upstream
 from .error_shapes import error_document
+from .kinds import Dialect
 from .routes import (
     ANTHROPIC_HEADER,
     GEMINI_KEY_HEADER,
     GEMINI_KEY_PARAM,
     GEMINI_PATH,
-    Dialect,
     RouteTable,
     Signature,
     route_dialect,

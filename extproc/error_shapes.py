@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .routes import Dialect
+from .kinds import Dialect
 
 _ANTHROPIC_TYPE = {
     400: "invalid_request_error",

@@ -5,20 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
+from .body import BodyError, RequestBody
 from .decisions import Outcome
-from .providers.usage import Usage
-from .routes import Call, Dialect, Route, dialect_of, route_dialect
+from .kinds import Dialect, Usage
+from .routes import Call, Route, dialect_of, route_dialect
 
 if TYPE_CHECKING:
     from .keys import KeyRecord
 
+__all__ = ["BodyError", "Exchange", "MetadataValue"]
+
 MetadataValue = str | int | float | bool
-
-
-class BodyError(ValueError):
-    """The request body is not the JSON object this request needs."""
 
 
 @dataclass(slots=True)
@@ -37,8 +34,10 @@ class Exchange:
     # Dynamic metadata for Envoy's access log (namespace "tollway").
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
     metadata_sent: dict[str, MetadataValue] = field(default_factory=dict)  # by the codec
-    body: bytes | None = None
-    # A replacement for the request body (the codec also sets its content-length).
+    body: bytes | None = None  # as the client sent it
+    # The body as one document that stages edit in order (see body.py), and what it
+    # became: written once after the body phase (the codec also sets content-length).
+    document: RequestBody | None = None
     new_body: bytes | None = None
     # The response, once its headers arrive, and headers to add for the client.
     status: int = 0
@@ -49,7 +48,6 @@ class Exchange:
     usage: Usage | None = None
     usage_estimated: bool = False
     outcome: Outcome | None = None  # set once, when the request is over for Tollway
-    _json: dict[str, Any] | None = None
 
     @property
     def route(self) -> Route | None:
@@ -64,14 +62,6 @@ class Exchange:
 
     def json(self) -> dict[str, Any]:
         """The request body parsed once as a JSON object (raises BodyError)."""
-        if self._json is None:
-            if not self.body:
-                raise BodyError("the request body is empty; a JSON object is required")
-            try:
-                parsed = orjson.loads(self.body)
-            except orjson.JSONDecodeError:
-                raise BodyError("the request body is not valid JSON") from None
-            if not isinstance(parsed, dict):
-                raise BodyError("the request body must be a JSON object")
-            self._json = parsed
-        return self._json
+        if self.document is None:
+            self.document = RequestBody(self.body or b"")
+        return self.document.json()

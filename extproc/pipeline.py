@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from .body import RequestBody
 from .decisions import BodyMode, Deny, Outcome, Phase
 from .exchange import Exchange
 from .headroom import HeaderLimits, over_limits, response_headers_fit
@@ -174,12 +175,15 @@ class Run:
         return too_large if too_large is not None else wants
 
     def _body(self, body: bytes) -> Deny | None:
-        self.ex.body = body
+        """Flows read and edit one document, in order; it is written out once."""
+        ex = self.ex
+        ex.body, ex.document = body, RequestBody(body)
         for flow in self._flows:
             if Phase.REQUEST_BODY in flow.wants:
-                decision = flow.on_request_body(self.ex)
+                decision = flow.on_request_body(ex)
                 if decision is not None:
                     return decision
+        ex.new_body = ex.document.written()
         return None
 
     def _sent(self) -> None:

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote
 
-from .config import ApiKind, Upstream
-from .providers import Api
+from .config import Upstream
+from .kinds import Api, ApiKind, Dialect
 
-Dialect = Literal["openai", "anthropic", "gemini"]  # the error shape a client understands
 Signature = Literal["anthropic", "gemini"]  # what a request must speak, on a shared prefix
 
 ANTHROPIC_HEADER = "anthropic-version"

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
+from ..kinds import Api
 from .anthropic import MessagesReader
 from .gemini import GenerateContentReader
 from .openai import ChatReader, EmbeddingsReader, ResponsesReader
@@ -12,7 +11,6 @@ from .usage import Usage, UsageReader
 __all__ = ["Api", "Usage", "UsageReader", "new_reader"]
 
 # Which API a request calls is decided once, by routes.RouteTable.
-Api = Literal["chat", "completions", "embeddings", "responses", "messages", "generate_content"]
 
 
 _READERS: dict[Api, type[UsageReader]] = {

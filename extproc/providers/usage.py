@@ -3,31 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
+from ..kinds import Usage
 from .sse import Event
 
-
-@dataclass(slots=True)
-class Usage:
-    """Tokens of one request, as OpenTelemetry GenAI counts them.
-
-    ``input_tokens`` is every prompt token, cached or not; ``cached_input_tokens``
-    (read from a prompt cache) and ``cache_creation_tokens`` (written to one) are
-    parts of it. ``output_tokens`` is every generated token; ``reasoning_tokens``
-    is the part spent thinking. Providers report these differently (see each
-    reader); this is what they all become.
-    """
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_input_tokens: int = 0
-    cache_creation_tokens: int = 0
-    reasoning_tokens: int = 0
-
-    def is_empty(self) -> bool:
-        return not (self.input_tokens or self.output_tokens)
+__all__ = ["Usage", "UsageReader", "count", "estimate_tokens", "text_length"]
 
 
 def count(value: Any) -> int:

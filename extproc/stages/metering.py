@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-
 from ..decisions import BodyMode, Deny, Outcome, Phase
 from ..exchange import BodyError, Exchange
 from ..metrics import Metrics
@@ -29,7 +27,6 @@ from . import Flow
 COST_HEADER = "x-tollway-cost-usd"
 # Streams of these APIs report usage only when asked (stream_options.include_usage).
 _ASK_FOR_USAGE: frozenset[Api] = frozenset({"chat", "completions"})
-_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
 TOKEN_TYPES = ("input", "output", "cached_input", "cache_creation", "reasoning")
 
 
@@ -193,12 +190,14 @@ class MeteringFlow(Flow):
         if isinstance(model, str) and model:
             self.request_model = model
             ex.metadata["request_model"] = model
-        if doc.get("stream") is True:
+        if doc.get("stream") is True and ex.document is not None:
             options = doc.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
-                new_body = _with_include_usage(body, doc)
-                if new_body is not None:  # else forwarded as sent, and estimated
-                    ex.new_body, self.strip_usage_chunk = new_body, True
+                # Added in front of the client's bytes when it sent no stream_options. A
+                # body too deep to write out again goes on as sent, and is estimated.
+                kept = options if isinstance(options, dict) else {}
+                ex.document.set("stream_options", {**kept, "include_usage": True})
+                self.strip_usage_chunk = True
         return None
 
     def on_response_headers(self, ex: Exchange) -> BodyMode:
@@ -265,22 +264,6 @@ class MeteringFlow(Flow):
         # Otherwise nothing shows it was sent: Envoy may have refused it (a chunked
         # body over body_size_limit's 413) after its headers. What never reached a
         # provider costs nothing and counts nowhere.
-
-
-def _with_include_usage(body: bytes, doc: dict[str, Any]) -> bytes | None:
-    """The body with stream_options.include_usage set, spliced in when that is safe.
-
-    None when the document cannot be written out again (orjson writes at most 254
-    levels of nesting but parses 1024): the request then goes on unchanged.
-    """
-    if "stream_options" not in doc:  # no key to collide with: the bytes stay as sent
-        start = body.index(b"{") + 1
-        return body[:start] + _INCLUDE_USAGE + body[start:]
-    options = doc["stream_options"] if isinstance(doc["stream_options"], dict) else {}
-    try:
-        return orjson.dumps({**doc, "stream_options": {**options, "include_usage": True}})
-    except orjson.JSONEncodeError:
-        return None
 
 
 def _is_usage_chunk(doc: Any) -> bool:

@@ -15,7 +15,7 @@ from extproc import codec
 from extproc.decisions import BodyMode, Deny, Phase, forbidden, unauthorized
 from extproc.error_shapes import error_document
 from extproc.exchange import Exchange
-from extproc.routes import Dialect
+from extproc.kinds import Dialect
 
 from .factories import bearer, build_pipeline, decide, new_key
 

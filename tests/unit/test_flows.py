@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import orjson
 import pytest
 
+from extproc.body import RequestBody
 from extproc.decisions import BodyMode, Deny, Outcome, Phase, forbidden
 from extproc.exchange import Exchange
+from extproc.metrics import Metrics
 from extproc.pipeline import Pipeline, Run
 from extproc.routes import RouteTable
 from extproc.stages import Flow
@@ -205,3 +208,73 @@ def test_a_stage_that_raises_still_finishes_the_flows_already_started() -> None:
         run.request_headers()
     run.finish(Outcome.FAILED)  # what the processor does with a fault
     assert finishes(j) == ["a.finish:failed"]
+
+
+# ---- one document for every stage's edits ----------------------------------------
+
+
+class Redacts(Flow):
+    """Edits the prompt in place, as a redaction stage will."""
+
+    __slots__ = ()
+    wants = Phase.REQUEST_BODY
+
+    def on_request_body(self, ex: Exchange) -> Deny | None:
+        doc = ex.json()
+        doc["messages"][0]["content"] = "[REDACTED]"
+        assert ex.document is not None
+        ex.document.edited()
+        return None
+
+
+class StartsRedaction:
+    def start(self, ex: Exchange) -> Flow | Deny | None:
+        return Redacts()
+
+
+def test_edits_of_two_stages_compose_and_are_written_once() -> None:
+    """Redaction's edit is not undone by metering's include_usage (both in one document)."""
+    from extproc.stages.metering import MeteringStage
+
+    from .test_metering import PRICES, Records
+
+    metering = MeteringStage(PRICES, Records(), Metrics())
+    pipeline = Pipeline(RouteTable(upstreams()), [StartsRedaction(), metering], Clock())
+    run = pipeline.start("POST", "/v1/chat/completions", {}, frozenset())
+    run.request_headers()
+    sent = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"my ssn"}]}'
+    assert run.request_body(sent) is None
+    assert orjson.loads(run.ex.new_body or b"") == {
+        "model": "gpt-4o",
+        "stream": True,
+        "messages": [{"role": "user", "content": "[REDACTED]"}],
+        "stream_options": {"include_usage": True},
+    }
+
+
+@pytest.mark.parametrize(
+    ("raw", "edits", "expected"),
+    [
+        # Nothing changed: the client's bytes go on untouched (no body mutation at all).
+        (b' {"a": 1} ', [], None),
+        # Only members the client did not send: spliced in, the client's bytes kept.
+        (b' {"a": 1} ', [("b", 2)], b' {"b":2,"a": 1} '),
+        (b"{}", [("b", 2)], b'{"b":2}'),
+        # A member the client sent is changed: written out again.
+        (b'{"a": 1}', [("a", 2)], b'{"a":2}'),
+    ],
+)
+def test_a_body_is_written_once_and_only_if_it_changed(
+    raw: bytes, edits: list[tuple[str, int]], expected: bytes | None
+) -> None:
+    body = RequestBody(raw)
+    for name, value in edits:
+        body.set(name, value)
+    assert body.written() == expected
+
+
+def test_a_body_too_deep_to_write_out_goes_on_as_sent() -> None:
+    body = RequestBody(b'{"a": ' + b"[" * 300 + b"]" * 300 + b"}")
+    body.edited()
+    body.json()
+    assert body.written() is None
