@@ -255,8 +255,9 @@ class _Connection(asyncio.Protocol):
         credit; the connection's credit goes back now, so that other streams keep flowing."""
         call.inbound += data
         if size:
-            self.h2.increment_flow_control_window(size)
             call.owed += size
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # a GOAWAY in the same read
+                self.h2.increment_flow_control_window(size)
 
     def _on_reply(self, call: _Call, future: asyncio.Future[ProcessingResponse | None]) -> None:
         """The pending reply is here: send it, then take the messages that waited."""
@@ -292,7 +293,7 @@ class _Connection(asyncio.Protocol):
             call.owed -= credit
         live = self.calls.get(call.stream_id) is call
         if credit and live and not call.ended:  # the client may still send on this stream
-            with contextlib.suppress(h2.exceptions.StreamClosedError):
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # StreamClosedError is one
                 self.h2.increment_flow_control_window(credit, call.stream_id)
         if live and call.ended and call.awaiting is None:
             self._on_end(call.stream_id)
@@ -395,6 +396,7 @@ class _Connection(asyncio.Protocol):
             self.transport.write(data)
 
     def _close(self) -> None:
+        self._drop_calls()  # now: a reply that comes later must not be sent after this
         if self.transport is not None:
             self.transport.close()
 

@@ -420,6 +420,26 @@ async def test_a_connection_lost_while_pending_closes_once_the_work_is_done(
     assert processor.closes == 1 and processor.completed == [b"hold"]
 
 
+async def test_a_goaway_from_envoy_while_pending_closes_once_the_work_is_done(
+    held_server: H2Server, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = Client(held_server)
+    sid = client.open()
+    client.send(sid, message(b"hold").SerializeToString())
+    (processor,) = backend.processors
+    ask = await backend.next_ask()
+    client.h2.send_data(sid, framed(b"queued"))  # in the same read as the GOAWAY
+    client.h2.close_connection()
+    client.server_side.data_received(client.h2.data_to_send())
+    assert client.transport.closed and processor.closes == 0
+    client.transport.out.clear()
+    ask.release()
+    await processor.wait_closed()
+    assert processor.closes == 1 and processor.completed == [b"hold"]
+    assert not client.transport.out  # nothing sent after the connection closed
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 async def test_a_pending_reply_that_raises_ends_that_stream_only(
     held_server: H2Server, backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
