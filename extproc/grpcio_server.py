@@ -1,35 +1,61 @@
-"""The ext_proc server on grpc.aio (``server.transport: grpcio``), the fallback transport."""
+"""The ext_proc server on grpc.aio (``server.transport: grpcio``), the fallback transport.
+
+A reply may come later (``handle`` returned an awaitable): the servicer awaits it
+before it reads the next message, so that stream's messages wait in order, in
+grpc's buffers, where grpc's own flow control bounds them; other streams are
+other coroutines.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as extproc_grpc
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from .processor import StreamProcessor
+from .replies import Abandoned, Processor
+
+log = logging.getLogger("tollway")
 
 
 class _Servicer(extproc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, new_processor: Callable[[], StreamProcessor]) -> None:
+    def __init__(self, new_processor: Callable[[], Processor], abandoned: Abandoned) -> None:
         self.new_processor = new_processor
+        self.abandoned = abandoned
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         processor = self.new_processor()
-        # Envoy resets the stream when the request ends: the read is then
-        # cancelled, which ends this coroutine quietly.
+        pending: asyncio.Future[ProcessingResponse | None] | None = None
+        # Envoy resets the stream when the request ends: the read (or the wait for a
+        # pending reply) is then cancelled, which ends this coroutine quietly.
         try:
             while (request := await context.read()) is not grpc.aio.EOF:
-                response = processor.handle(request)
-                if response is not None:
-                    await context.write(response)
+                try:
+                    reply = processor.handle(request)
+                    if not isinstance(reply, ProcessingResponse) and reply is not None:
+                        pending = asyncio.ensure_future(reply)
+                        reply = await asyncio.shield(pending)  # a reset must not cancel the I/O
+                        pending = None
+                except Exception:  # the processor should answer its faults itself
+                    log.exception("fault escaped the ext_proc stream processor")
+                    context.set_code(grpc.StatusCode.INTERNAL)
+                    context.set_details("internal error")
+                    return
+                if reply is not None:
+                    await context.write(reply)
                 if processor.failed:
                     return
         finally:
-            processor.close()
+            if pending is None or pending.done():
+                processor.close()
+            else:  # cancelled while a reply was pending: close once it is done
+                self.abandoned.add(pending, processor)
 
 
 class GrpcioServer:
@@ -37,7 +63,7 @@ class GrpcioServer:
 
     def __init__(
         self,
-        new_processor: Callable[[], StreamProcessor],
+        new_processor: Callable[[], Processor],
         services: tuple[str, ...],
         max_message_bytes: int,
         credentials: grpc.ServerCredentials | None = None,
@@ -53,7 +79,9 @@ class GrpcioServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        extproc_grpc.add_ExternalProcessorServicer_to_server(_Servicer(new_processor), self.server)
+        self.abandoned = Abandoned()  # reset while a reply was pending
+        servicer = _Servicer(new_processor, self.abandoned)
+        extproc_grpc.add_ExternalProcessorServicer_to_server(servicer, self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.services = services
@@ -76,4 +104,9 @@ class GrpcioServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float) -> None:
+        """Let in-flight streams (and replies pending for streams already reset) finish for
+        up to ``grace`` s, then cancel what is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         await self.server.stop(grace=grace)
+        await self.abandoned.settle(deadline - loop.time())

@@ -9,15 +9,22 @@ grpc.aio server stays available as ``server.transport: grpcio``.
 gRPC over HTTP/2, as used here: a call is an HTTP/2 stream; each message is a
 5-byte prefix (compressed flag, big-endian length) and the serialized protobuf;
 the reply is response headers, messages, then trailers carrying grpc-status.
+
+A reply may come later (``handle`` returned an awaitable): the stream's next
+messages wait in its inbound buffer, in order, until that reply has been sent;
+their stream-level flow-control credit is returned only as they are taken, so
+a stream that keeps sending meanwhile is held by its own window (16 MB) and
+the connection's credit is returned at once, so other streams keep flowing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from pathlib import Path
 from typing import cast
@@ -29,12 +36,12 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from hyperframe.frame import GoAwayFrame
 
-from .processor import StreamProcessor
+from .replies import Abandoned, Processor
 
 log = logging.getLogger("tollway")
 
@@ -69,15 +76,29 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class _Call:
     """One HTTP/2 stream: a gRPC call in progress."""
 
-    __slots__ = ("headers_sent", "inbound", "pending", "processor", "stream_id", "trailers")
+    __slots__ = (
+        "awaiting",
+        "ended",
+        "headers_sent",
+        "inbound",
+        "owed",
+        "pending",
+        "processor",
+        "stream_id",
+        "trailers",
+    )
 
-    def __init__(self, stream_id: int, processor: StreamProcessor | None) -> None:
+    def __init__(self, stream_id: int, processor: Processor | None) -> None:
         self.stream_id = stream_id
         self.processor = processor  # None: a health check
-        self.inbound = bytearray()  # bytes of a message not yet complete
+        self.inbound = bytearray()  # bytes of messages not yet taken
         self.headers_sent = False
         self.pending = bytearray()  # outbound bytes waiting for flow-control window
         self.trailers: list[tuple[bytes, bytes]] | None = None  # sent once pending is out
+        # A reply that comes later; until it is sent, the next messages wait in inbound.
+        self.awaiting: asyncio.Future[ProcessingResponse | None] | None = None
+        self.owed = 0  # stream credit of the bytes that waited, returned as they are taken
+        self.ended = False  # the client half-closed while a reply was pending
 
 
 class _Connection(asyncio.Protocol):
@@ -110,10 +131,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        for call in self.calls.values():
-            if call.processor is not None:
-                call.processor.close()
-        self.calls.clear()
+        self._drop_calls()
         self.server.notify_idle()
 
     def data_received(self, data: bytes) -> None:
@@ -159,13 +177,20 @@ class _Connection(asyncio.Protocol):
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         sid = event.stream_id
+        call = self.calls.get(sid)
+        if call is not None and call.awaiting is not None:
+            self._queue(call, event.data, event.flow_controlled_length)
+            return
         if event.flow_controlled_length:
             self.h2.acknowledge_received_data(event.flow_controlled_length, sid)
-        call = self.calls.get(sid)
         if call is None or not event.data:
             return
+        call.inbound += event.data
+        self._take_messages(call)
+
+    def _take_messages(self, call: _Call) -> None:
+        """Answer the complete messages in the inbound buffer, until one's reply is pending."""
         buffer = call.inbound
-        buffer += event.data
         while len(buffer) >= 5:
             length = int.from_bytes(buffer[1:5], "big")
             if length > self.server.max_message_bytes:
@@ -183,7 +208,7 @@ class _Connection(asyncio.Protocol):
                 return
 
     def _on_message(self, call: _Call, message: bytes) -> bool:
-        """Answer one message; False once the call is finished."""
+        """Answer one message; False once the call is finished or its reply is pending."""
         processor = call.processor
         if processor is None:
             self._health_check(call, message)
@@ -193,13 +218,85 @@ class _Connection(asyncio.Protocol):
         except DecodeError:
             self._finish(call, Status.INVALID_ARGUMENT, "not a ProcessingRequest")
             return False
-        response = processor.handle(request)
-        if response is not None:
-            self._send_message(call, response.SerializeToString())
+        try:
+            reply = processor.handle(request)
+        except Exception:
+            self._fault(call)
+            return False
+        if isinstance(reply, ProcessingResponse):  # the common case: answered at once
+            self._send_message(call, reply.SerializeToString())
+        elif reply is not None:
+            self._await(call, reply)
+            return False
         if processor.failed:
-            self._finish(call, Status.OK)
+            if self.calls.get(call.stream_id) is call:  # not reset as the 500 went out
+                self._finish(call, Status.OK)
             return False
         return True
+
+    def _fault(self, call: _Call) -> None:
+        """An exception escaped the processor (it should answer its faults itself)."""
+        log.exception("fault escaped the ext_proc stream processor")
+        self._finish(call, Status.INTERNAL, "internal error")
+
+    # a reply that comes later
+
+    def _await(self, call: _Call, reply: Awaitable[ProcessingResponse | None]) -> None:
+        try:
+            future = asyncio.ensure_future(reply)  # a Future as it is; a coroutine becomes a task
+        except TypeError:  # not awaitable after all
+            self._fault(call)
+            return
+        call.awaiting = future
+        future.add_done_callback(functools.partial(self._on_reply, call))
+
+    def _queue(self, call: _Call, data: bytes, size: int) -> None:
+        """Bytes for a stream whose reply is pending: they wait, and so does their stream
+        credit; the connection's credit goes back now, so that other streams keep flowing."""
+        call.inbound += data
+        if size:
+            call.owed += size
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # a GOAWAY in the same read
+                self.h2.increment_flow_control_window(size)
+
+    def _on_reply(self, call: _Call, future: asyncio.Future[ProcessingResponse | None]) -> None:
+        """The pending reply is here: send it, then take the messages that waited."""
+        sid = call.stream_id
+        if self.calls.get(sid) is not call:  # gone: self.server.abandoned closes it
+            return
+        call.awaiting = None
+        try:
+            reply = future.result()
+        except (Exception, asyncio.CancelledError):
+            self._fault(call)
+        else:
+            if isinstance(reply, ProcessingResponse):
+                self._send_message(call, reply.SerializeToString())
+            elif reply is not None:
+                log.error("a pending reply resolved to a %s", type(reply).__name__)
+                self._finish(call, Status.INTERNAL, "internal error")
+            if self.calls.get(sid) is call:  # not finished, nor reset as the reply went out
+                processor = call.processor
+                if processor is not None and processor.failed:
+                    self._finish(call, Status.OK)
+                else:
+                    self._resume(call)
+        self._flush()
+
+    def _resume(self, call: _Call) -> None:
+        before = len(call.inbound)
+        self._take_messages(call)
+        if call.awaiting is None:  # nothing pending any more: all the credit, as on the fast path
+            credit, call.owed = call.owed, 0
+        else:  # the credit of the messages taken; the rest waits with its bytes
+            credit = min(call.owed, before - len(call.inbound))
+            call.owed -= credit
+        live = self.calls.get(call.stream_id) is call
+        if credit and live and not call.ended:  # the client may still send on this stream
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # StreamClosedError is one
+                self.h2.increment_flow_control_window(credit, call.stream_id)
+        if live and call.ended and call.awaiting is None:
+            self._on_end(call.stream_id)
 
     def _health_check(self, call: _Call, message: bytes) -> None:
         try:
@@ -218,8 +315,12 @@ class _Connection(asyncio.Protocol):
     def _on_end(self, sid: int) -> None:
         """The client half-closed: a finished Process call ends with OK."""
         call = self.calls.get(sid)
-        if call is not None:
-            self._finish(call, Status.OK if call.processor else Status.INVALID_ARGUMENT)
+        if call is None:
+            return
+        if call.awaiting is not None:  # once the pending reply and the messages after it are out
+            call.ended = True
+            return
+        self._finish(call, Status.OK if call.processor else Status.INVALID_ARGUMENT)
 
     def _on_window(self, sid: int) -> None:
         calls = self.calls.values() if sid == 0 else filter(None, [self.calls.get(sid)])
@@ -270,10 +371,24 @@ class _Connection(asyncio.Protocol):
         call = self.calls.pop(sid, None)
         if call is None:
             return
-        if call.processor is not None:
-            call.processor.close()
+        self._release(call)
         if not self.calls:
             self.server.notify_idle()
+
+    def _release(self, call: _Call) -> None:
+        """The stream is over: close its processor now, or once its pending reply is done."""
+        if call.processor is None:
+            return
+        if call.awaiting is None:
+            call.processor.close()
+        else:  # not cancelled halfway: the reply is dropped when it comes
+            self.server.abandoned.add(call.awaiting, call.processor)
+
+    def _drop_calls(self) -> None:
+        calls = list(self.calls.values())
+        self.calls.clear()
+        for call in calls:
+            self._release(call)
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
@@ -281,6 +396,7 @@ class _Connection(asyncio.Protocol):
             self.transport.write(data)
 
     def _close(self) -> None:
+        self._drop_calls()  # now: a reply that comes later must not be sent after this
         if self.transport is not None:
             self.transport.close()
 
@@ -300,6 +416,7 @@ class _Connection(asyncio.Protocol):
         self.transport.write(GoAwayFrame(0, last_stream_id=last).serialize())
 
     def abort(self) -> None:
+        self._drop_calls()  # now, not at connection_lost: stop() settles what is pending
         if self.transport is not None:
             self.transport.abort()
 
@@ -309,7 +426,7 @@ class H2Server:
 
     def __init__(
         self,
-        new_processor: Callable[[], StreamProcessor],
+        new_processor: Callable[[], Processor],
         services: tuple[str, ...],
         max_message_bytes: int,
         ssl_context: ssl.SSLContext | None = None,
@@ -330,6 +447,7 @@ class H2Server:
             normalize_outbound_headers=False,
         )
         self.connections: set[_Connection] = set()
+        self.abandoned = Abandoned()  # reset while a reply was pending
         self.draining = False
         self._idle = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -350,7 +468,10 @@ class H2Server:
             self._idle.set()
 
     async def stop(self, grace: float) -> None:
-        """Refuse new streams, let in-flight ones finish for up to ``grace`` s, close."""
+        """Refuse new streams, let in-flight ones (and replies pending for streams already
+        reset) finish for up to ``grace`` s, close."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         self.draining = True
         if self._server is not None:
             self._server.close()
@@ -363,6 +484,7 @@ class H2Server:
             log.warning("drain timeout: cancelling streams still in flight")
         for connection in list(self.connections):
             connection.abort()
+        await self.abandoned.settle(deadline - loop.time())
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -1,11 +1,14 @@
 """The h2 gRPC server's edges, driven in memory by an h2 client: no sockets, no sleeps.
 
 Framing split anywhere, flow control with a tiny window, resets racing replies,
-unknown methods, oversized and malformed messages, GOAWAY on drain.
+unknown methods, oversized and malformed messages, GOAWAY on drain; replies that
+come later (an awaitable from handle): order, credit, resets, faults, drain.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,8 @@ from extproc.h2server import HEALTH_CHECK_PATH, PROCESS_PATH, H2Server, Status, 
 from extproc.processor import StreamProcessor
 from extproc.runtime import Runtime
 
+from .held_replies import TIMEOUT, Backend, label_of, message
+
 pytestmark = pytest.mark.usefixtures("provider_keys_in_env")
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -35,9 +40,11 @@ class MemoryTransport:
     def __init__(self) -> None:
         self.out = bytearray()
         self.closed = False
+        self.written = asyncio.Event()  # for a reply that the server sends later
 
     def write(self, data: bytes) -> None:
         self.out += data
+        self.written.set()
 
     def close(self) -> None:
         self.closed = True
@@ -279,3 +286,232 @@ def test_garbage_instead_of_http2_closes_the_connection(server: H2Server) -> Non
     connection.connection_made(transport)  # type: ignore[arg-type]
     connection.data_received(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
     assert transport.closed
+
+
+# Replies that come later: handle() returns an awaitable (tests/held_replies.py).
+
+
+@pytest.fixture(params=["future", "coroutine"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return Backend(request.param)
+
+
+@pytest.fixture
+def held_server(backend: Backend) -> H2Server:
+    return H2Server(backend.new_processor, ("", SERVICE), max_message_bytes=4096)
+
+
+async def written(client: Client) -> None:
+    """Wait until the server writes on its own (a pending reply came), then settle."""
+    await asyncio.wait_for(client.transport.written.wait(), TIMEOUT)
+    client.transport.written.clear()
+    client.pump()
+
+
+def labels(reply: Reply) -> list[bytes]:
+    return [label_of(a) for a in answers(reply)]
+
+
+def framed(*labels: bytes) -> bytes:
+    data = [message(label).SerializeToString() for label in labels]
+    return b"".join(b"\x00" + len(m).to_bytes(4, "big") + m for m in data)
+
+
+async def test_messages_behind_a_pending_reply_wait_and_replies_keep_order(
+    held_server: H2Server, backend: Backend
+) -> None:
+    client = Client(held_server)
+    sid = client.open()
+    client.h2.send_data(sid, framed(b"hold-1", b"two", b"hold-3", b"four"), end_stream=True)
+    client.pump()
+    (processor,) = backend.processors
+    first = await backend.next_ask()
+    assert processor.handled == [b"hold-1"]  # the rest waits, end of stream included
+    reply = client.replies[sid]
+    assert not reply.data and reply.status is None
+    first.release()
+    await written(client)
+    assert labels(reply) == [b"hold-1", b"two"]
+    assert processor.handled == [b"hold-1", b"two", b"hold-3"]
+    (await backend.next_ask()).release()
+    await written(client)
+    assert labels(reply) == [b"hold-1", b"two", b"hold-3", b"four"]
+    assert reply.status == Status.OK  # trailers only after the last reply
+    assert not processor.overlapped
+    assert processor.closes == 1 and not client.server_side.calls
+
+
+async def test_other_streams_are_answered_while_a_reply_is_pending(
+    held_server: H2Server, backend: Backend
+) -> None:
+    client = Client(held_server)
+    slow, fast = client.open(), client.open()
+    client.send(slow, message(b"hold").SerializeToString())
+    ask = await backend.next_ask()
+    client.h2.send_data(fast, framed(b"a", b"b"), end_stream=True)  # one frame, two messages
+    client.pump()
+    assert labels(client.replies[fast]) == [b"a", b"b"]
+    assert client.replies[fast].status == Status.OK
+    assert not client.replies[slow].data
+    ask.release()
+    await written(client)
+    assert labels(client.replies[slow]) == [b"hold"]
+
+
+def stream_window(client: Client, sid: int) -> int:
+    """What the client may still send on the stream (below the connection's window)."""
+    window: int = client.h2.local_flow_control_window(sid)
+    return window
+
+
+async def test_a_stream_that_floods_while_pending_gets_its_credit_as_messages_are_taken(
+    held_server: H2Server, backend: Backend
+) -> None:
+    client = Client(held_server)
+    sid = client.open()
+    client.send(sid, message(b"hold").SerializeToString())
+    ask = await backend.next_ask()
+    window, connection = stream_window(client, sid), client.h2.outbound_flow_control_window
+    flood = framed(*[b"x" * 1000] * 50)
+    for start in range(0, len(flood), 4096):
+        client.h2.send_data(sid, flood[start : start + 4096])
+        client.pump()
+    assert stream_window(client, sid) == window - len(flood)  # no credit while they wait
+    assert client.h2.outbound_flow_control_window == connection  # the connection's came back
+    other = client.open()
+    client.send(other, message(b"meanwhile").SerializeToString(), end=True)
+    assert labels(client.replies[other]) == [b"meanwhile"]
+    ask.release()
+    await written(client)
+    assert len(answers(client.replies[sid])) == 51
+    assert stream_window(client, sid) == window  # taken, so credited
+
+
+async def test_a_reset_while_pending_drops_the_reply_and_closes_once_the_work_is_done(
+    held_server: H2Server, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = Client(held_server)
+    sid = client.open()
+    client.h2.send_data(sid, framed(b"hold", b"after"))
+    client.pump()
+    (processor,) = backend.processors
+    ask = await backend.next_ask()
+    client.h2.reset_stream(sid)
+    client.pump()
+    assert client.server_side.calls == {}
+    assert processor.closes == 0  # the pending work is not cut short
+    ask.release()
+    await processor.wait_closed()
+    assert processor.closes == 1 and not processor.closed_while_pending
+    assert processor.completed == [b"hold"] and processor.handled == [b"hold"]
+    client.pump()
+    assert not client.replies[sid].data  # nothing written for the reset stream
+    assert not held_server.abandoned
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_connection_lost_while_pending_closes_once_the_work_is_done(
+    held_server: H2Server, backend: Backend
+) -> None:
+    client = Client(held_server)
+    client.send(client.open(), message(b"hold").SerializeToString())
+    (processor,) = backend.processors
+    ask = await backend.next_ask()
+    client.server_side.connection_lost(None)
+    assert processor.closes == 0
+    ask.release()
+    await processor.wait_closed()
+    assert processor.closes == 1 and processor.completed == [b"hold"]
+
+
+async def test_a_goaway_from_envoy_while_pending_closes_once_the_work_is_done(
+    held_server: H2Server, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = Client(held_server)
+    sid = client.open()
+    client.send(sid, message(b"hold").SerializeToString())
+    (processor,) = backend.processors
+    ask = await backend.next_ask()
+    client.h2.send_data(sid, framed(b"queued"))  # in the same read as the GOAWAY
+    client.h2.close_connection()
+    client.server_side.data_received(client.h2.data_to_send())
+    assert client.transport.closed and processor.closes == 0
+    client.transport.out.clear()
+    ask.release()
+    await processor.wait_closed()
+    assert processor.closes == 1 and processor.completed == [b"hold"]
+    assert not client.transport.out  # nothing sent after the connection closed
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_pending_reply_that_raises_ends_that_stream_only(
+    held_server: H2Server, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = Client(held_server)
+    broken, other = client.open(), client.open()
+    client.h2.send_data(broken, framed(b"hold", b"after"))
+    client.pump()
+    (processor, *_) = backend.processors
+    (await backend.next_ask()).fail()
+    await written(client)
+    assert client.replies[broken].status == Status.INTERNAL
+    assert not client.replies[broken].data
+    assert processor.handled == [b"hold"] and processor.closes == 1
+    assert "fault escaped the ext_proc stream processor" in caplog.text
+    client.send(other, message(b"fine").SerializeToString(), end=True)
+    assert labels(client.replies[other]) == [b"fine"]
+    assert not client.transport.closed
+
+
+async def test_a_fault_escaping_handle_ends_that_stream_only(
+    held_server: H2Server, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = Client(held_server)
+    broken, other = client.open(), client.open()
+    client.send(broken, message(b"raise").SerializeToString())  # handle() raises at once
+    assert client.replies[broken].status == Status.INTERNAL
+    assert "fault escaped the ext_proc stream processor" in caplog.text
+    client.send(other, message(b"fine").SerializeToString(), end=True)
+    assert labels(client.replies[other]) == [b"fine"]
+    assert [p.closes for p in backend.processors] == [1, 1]
+    assert not client.transport.closed
+
+
+async def test_drain_waits_for_the_pending_work_of_a_reset_stream(
+    held_server: H2Server, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = Client(held_server)
+    sid = client.open()
+    client.send(sid, message(b"hold").SerializeToString())
+    (processor,) = backend.processors
+    ask = await backend.next_ask()
+    client.h2.reset_stream(sid)
+    client.pump()
+    settling, settle = asyncio.Event(), held_server.abandoned.settle
+
+    async def spied(grace: float) -> None:
+        settling.set()
+        await settle(grace)
+
+    monkeypatch.setattr(held_server.abandoned, "settle", spied)
+    stopping = asyncio.create_task(held_server.stop(TIMEOUT))
+    await asyncio.wait_for(settling.wait(), TIMEOUT)
+    assert processor.closes == 0
+    ask.release()
+    await asyncio.wait_for(stopping, TIMEOUT)
+    assert processor.closes == 1 and not processor.closed_while_pending
+
+
+async def test_after_the_drain_timeout_pending_work_is_closed_without_waiting(
+    held_server: H2Server, backend: Backend
+) -> None:
+    client = Client(held_server)
+    client.send(client.open(), message(b"hold").SerializeToString())
+    (processor,) = backend.processors
+    ask = await backend.next_ask()
+    await asyncio.wait_for(held_server.stop(0.05), TIMEOUT)  # the stream never ends
+    assert processor.closes == 1 and processor.closed_while_pending
+    ask.release()
+    for _ in range(5):  # a few turns of the loop: the completion finds nothing left to close
+        await asyncio.sleep(0)
+    assert processor.completed == [b"hold"] and processor.closes == 1

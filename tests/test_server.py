@@ -1,11 +1,12 @@
-"""The gRPC server spoken to directly, as Envoy would: every message kind, faults, resets."""
+"""The gRPC server spoken to directly, as Envoy would: every message kind, faults, resets,
+and replies that come later (an awaitable from handle), on both transports."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -20,9 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import extproc
 from extproc import keys, server
 from extproc.config import Config, MetricsConfig, ServerConfig
+from extproc.grpcio_server import GrpcioServer
+from extproc.h2server import H2Server
 from extproc.runtime import Runtime
 from extproc.stages.auth import _AllowlistFlow
 from extproc.stages.metering import MeteringFlow
+
+from .held_replies import TIMEOUT, Backend, label_of, message
 
 pytestmark = pytest.mark.usefixtures("provider_keys_in_env")
 
@@ -339,3 +344,203 @@ async def test_a_request_tollway_failed_is_never_metered(
     assert h.runtime.store.records == 0  # type: ignore[attr-defined]
     unpriced = {"provider": "openai", "api": "chat"}
     assert h.metric("tollway_gen_ai_unpriced_requests_total", unpriced) == 0
+
+
+# Replies that come later: handle() returns an awaitable (tests/held_replies.py),
+# the processors injected through the transports' new_processor factory.
+
+HeldServer = H2Server | GrpcioServer
+
+
+@pytest.fixture(params=["future", "coroutine"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return Backend(request.param)
+
+
+@contextlib.asynccontextmanager
+async def holding(
+    transport: str, backend: Backend
+) -> AsyncIterator[tuple[HeldServer, ExternalProcessorStub]]:
+    """A transport serving the backend's processors on a free port, and a stub to call it."""
+    held: HeldServer
+    if transport == "h2":
+        held = H2Server(backend.new_processor, ("",), max_message_bytes=4096)
+    else:
+        held = GrpcioServer(backend.new_processor, ("",), max_message_bytes=4096)
+    port = await held.start("127.0.0.1", 0)
+    await held.set_serving(True)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield held, ExternalProcessorStub(channel)
+    finally:
+        await channel.close()
+        await held.stop(1)
+
+
+async def read_label(call: grpc.aio.StreamStreamCall) -> bytes:
+    return label_of(await asyncio.wait_for(call.read(), TIMEOUT))
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll a condition the test cannot await, with a deadline."""
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():  # noqa: ASYNC110 (no event to await: a server internal)
+            await asyncio.sleep(0.005)
+
+
+@TRANSPORTS
+async def test_messages_behind_a_pending_reply_wait_and_replies_keep_order(
+    transport: str, backend: Backend
+) -> None:
+    async with holding(transport, backend) as (_, stub):
+        call = stub.Process()
+        for label in (b"hold-1", b"two", b"hold-3", b"four"):
+            await call.write(message(label))
+        first = await backend.next_ask()
+        # Another stream on the same connection, answered meanwhile: by then the
+        # server has read the frames written before it.
+        other = stub.Process()
+        await other.write(message(b"other"))
+        assert await read_label(other) == b"other"
+        processor = backend.processors[0]
+        assert processor.handled == [b"hold-1"]
+        first.release()
+        assert [await read_label(call), await read_label(call)] == [b"hold-1", b"two"]
+        (await backend.next_ask()).release()
+        assert [await read_label(call), await read_label(call)] == [b"hold-3", b"four"]
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+        assert processor.handled == [b"hold-1", b"two", b"hold-3", b"four"]
+        assert not processor.overlapped  # each message handled only after the reply before it
+        await processor.wait_closed()
+        assert processor.closes == 1
+
+
+@TRANSPORTS
+async def test_other_streams_are_answered_while_a_reply_is_pending(
+    transport: str, backend: Backend
+) -> None:
+    async with holding(transport, backend) as (_, stub):
+        slow = stub.Process()
+        await slow.write(message(b"hold"))
+        ask = await backend.next_ask()
+        for _ in range(3):
+            fast = stub.Process()
+            for label in (b"a", b"b"):
+                await fast.write(message(label))
+                assert await read_label(fast) == label
+            await fast.done_writing()
+            assert await fast.code() == grpc.StatusCode.OK
+        assert not ask.answer.done()
+        ask.release()
+        assert await read_label(slow) == b"hold"
+        await slow.done_writing()
+        assert await slow.code() == grpc.StatusCode.OK
+
+
+@TRANSPORTS
+async def test_a_reset_while_pending_closes_once_the_work_is_done(
+    transport: str, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with holding(transport, backend) as (held, stub):
+        call = stub.Process()
+        await call.write(message(b"hold"))
+        await call.write(message(b"after"))
+        ask = await backend.next_ask()
+        processor = backend.processors[0]
+        call.cancel()  # what Envoy does when the request ends
+        await until(lambda: len(held.abandoned) == 1)
+        assert processor.closes == 0  # the pending work is not cut short
+        ask.release()
+        await processor.wait_closed()
+        assert processor.closes == 1 and not processor.closed_while_pending
+        assert processor.completed == [b"hold"]  # not cancelled halfway
+        assert processor.handled == [b"hold"]  # nothing after the reset
+        again = stub.Process()
+        await again.write(message(b"next"))
+        assert await read_label(again) == b"next"
+        await again.done_writing()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert processor.closes == 1
+
+
+@TRANSPORTS
+@pytest.mark.parametrize("fault", ["later", "now"])
+async def test_a_fault_that_escapes_the_processor_ends_that_stream_only(
+    transport: str, fault: str, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with holding(transport, backend) as (_, stub):
+        broken = stub.Process()
+        await broken.write(message(b"hold" if fault == "later" else b"raise"))
+        if fault == "later":
+            (await backend.next_ask()).fail()
+        assert await asyncio.wait_for(broken.code(), TIMEOUT) == grpc.StatusCode.INTERNAL
+        assert "fault escaped the ext_proc stream processor" in caplog.text
+        processor = backend.processors[0]
+        await processor.wait_closed()
+        assert processor.closes == 1
+        fine = stub.Process()
+        await fine.write(message(b"fine"))
+        assert await read_label(fine) == b"fine"
+        await fine.done_writing()
+        assert await fine.code() == grpc.StatusCode.OK
+
+
+@TRANSPORTS
+async def test_drain_lets_a_pending_reply_complete(transport: str, backend: Backend) -> None:
+    async with holding(transport, backend) as (held, stub):
+        call = stub.Process()
+        await call.write(message(b"hold"))
+        ask = await backend.next_ask()
+        stopping = asyncio.create_task(held.stop(TIMEOUT))
+        ask.release()
+        assert await read_label(call) == b"hold"
+        await call.write(message(b"after"))
+        assert await read_label(call) == b"after"
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+        await asyncio.wait_for(stopping, TIMEOUT)
+        assert backend.processors[0].closes == 1
+
+
+@TRANSPORTS
+async def test_drain_waits_for_the_pending_work_of_a_reset_stream(
+    transport: str, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with holding(transport, backend) as (held, stub):
+        call = stub.Process()
+        await call.write(message(b"hold"))
+        ask = await backend.next_ask()
+        call.cancel()
+        await until(lambda: len(held.abandoned) == 1)
+        settling, settle = asyncio.Event(), held.abandoned.settle
+
+        async def spied(grace: float) -> None:
+            settling.set()
+            await settle(grace)
+
+        monkeypatch.setattr(held.abandoned, "settle", spied)
+        stopping = asyncio.create_task(held.stop(TIMEOUT))
+        await asyncio.wait_for(settling.wait(), TIMEOUT)
+        processor = backend.processors[0]
+        assert processor.closes == 0
+        ask.release()
+        await asyncio.wait_for(stopping, TIMEOUT)
+        assert processor.closes == 1 and not processor.closed_while_pending
+
+
+@TRANSPORTS
+async def test_after_the_drain_timeout_a_pending_reply_is_closed_without_waiting(
+    transport: str, backend: Backend
+) -> None:
+    async with holding(transport, backend) as (held, stub):
+        call = stub.Process()
+        await call.write(message(b"hold"))
+        ask = await backend.next_ask()
+        await asyncio.wait_for(held.stop(0.2), TIMEOUT)  # the stream never ends
+        processor = backend.processors[0]
+        await processor.wait_closed()
+        assert processor.closes == 1 and processor.closed_while_pending
+        ask.release()
+        await until(lambda: processor.completed == [b"hold"])
+        assert processor.closes == 1
