@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 
 class Phase(enum.Flag):
@@ -58,3 +60,26 @@ def forbidden(code: str, message: str) -> Deny:
 
 def bad_request(code: str, message: str) -> Deny:
     return Deny(400, "invalid_request_error", code, message, f"tollway_{code}")
+
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class Ask(Generic[R]):
+    """A decision that needs I/O first: a plain query and a pure resume.
+
+    The pipeline performs ``call`` (a backend operation the stage prepared) and
+    hands its answer to ``resume``, which decides. A backend that can answer at
+    once returns a value: the flow resumes inline, no coroutine, no task. One
+    that really awaits returns an awaitable, waited for at most ``timeout_s``
+    (the I/O itself is not cancelled). If the backend fails or is late,
+    ``on_failure`` is the decision: a Deny fails closed, None fails open.
+    ``stage`` names the stage in metrics.
+    """
+
+    stage: str
+    call: Callable[[], Any]
+    resume: Callable[[Any], R]
+    on_failure: Deny | None
+    timeout_s: float = 0.05

@@ -38,6 +38,12 @@ class Metrics:
             ["route", "outcome"],
             registry=r,
         )
+        self.backend_failures = Counter(
+            "tollway_backend_failures",
+            "A stage's backend failed or missed its deadline; the stage's policy decided",
+            ["stage", "reason"],
+            registry=r,
+        )
         self.internal_errors = Counter(
             "tollway_internal_errors",
             "Requests answered 500 because of a fault inside Tollway",

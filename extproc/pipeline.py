@@ -12,12 +12,15 @@ abandoned (the stream ended first).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from typing import Any, TypeAlias, TypeVar
 
 from .body import RequestBody
-from .decisions import BodyMode, Deny, Outcome, Phase
+from .decisions import Ask, BodyMode, Deny, Outcome, Phase
 from .exchange import Exchange
 from .headroom import HeaderLimits, over_limits, response_headers_fit
 from .routes import RouteTable
@@ -32,6 +35,11 @@ _NO_ROUTE = Deny(
 )
 _STRENGTH = {BodyMode.NONE: 0, BodyMode.STREAMED: 1, BodyMode.BUFFERED: 2}
 
+T = TypeVar("T")
+# A request phase: yields what it asks, receives the decision, returns its result.
+Steps: TypeAlias = Generator[Ask[Any], Any, T]
+Later: TypeAlias = Awaitable[T]  # a decision that waits for a backend
+
 
 class Pipeline:
     def __init__(
@@ -41,12 +49,14 @@ class Pipeline:
         clock: Callable[[], float] = time.time,
         header_limits: HeaderLimits | None = None,
         on_fault: Callable[[], None] = lambda: None,
+        on_backend_failure: Callable[[str, str], None] = lambda stage, reason: None,
     ) -> None:
         self.routes = routes
         self.header_limits = header_limits or HeaderLimits()
         self.stages = tuple(stages)
         self.clock = clock
         self.on_fault = on_fault  # a flow faulted while finishing (logged; others go on)
+        self.on_backend_failure = on_backend_failure  # (stage, "error" | "timeout")
 
     def start(
         self, method: str, path: str, headers: dict[str, str], repeated: frozenset[str]
@@ -60,7 +70,7 @@ class Pipeline:
 class Run:
     """One request through the pipeline: its Exchange and its stages' flows."""
 
-    __slots__ = ("_body_flows", "_flows", "_pipeline", "_wants", "ex")
+    __slots__ = ("_body_flows", "_flows", "_gone", "_pipeline", "_wants", "ex")
 
     def __init__(self, pipeline: Pipeline, ex: Exchange) -> None:
         self._pipeline = pipeline
@@ -68,39 +78,23 @@ class Run:
         self._flows: tuple[Flow, ...] = ()
         self._body_flows: tuple[Flow, ...] = ()  # those that asked for the response body
         self._wants = Phase.NONE
+        self._gone = False  # the stream went away while a backend was pending
 
     @property
     def finished(self) -> bool:
         return self.ex.outcome is not None
 
-    def request_headers(self, end_of_stream: bool = False) -> Deny | Phase:
+    def request_headers(self, end_of_stream: bool = False) -> Deny | Phase | Later[Deny | Phase]:
         """Start every stage's flow: the later phases they want, or the first denial.
 
         With ``end_of_stream`` no body will follow, whatever the mode asks for:
-        what the body phase would decide is decided now, on an empty body.
+        what the body phase would decide is decided now, on an empty body. An
+        awaitable when a stage's backend must be awaited first.
         """
-        decision = self._start()
-        if isinstance(decision, Deny):
-            self.finish(Outcome.DENIED)
-            return decision
-        self._wants = decision
-        if Phase.REQUEST_BODY in decision:
-            if not end_of_stream:
-                return decision
-            denial = self._body(b"")
-            if denial is not None:
-                self.finish(Outcome.DENIED)
-                return denial
-        self._sent()
-        return decision
+        return self._drive(self._headers(end_of_stream))
 
-    def request_body(self, body: bytes) -> Deny | None:
-        denial = self._body(body)
-        if denial is not None:
-            self.finish(Outcome.DENIED)
-            return denial
-        self._sent()
-        return None
+    def request_body(self, body: bytes) -> Deny | Later[Deny | None] | None:
+        return self._drive(self._body_phase(body))
 
     def response_headers(
         self, status: int, headers: dict[str, str], end_of_stream: bool = False
@@ -134,11 +128,18 @@ class Run:
             self.finish(Outcome.FORWARDED)
         return replacement
 
+    def abandon(self) -> None:
+        """The stream went away while a backend was pending: whatever the pending
+        decision allows goes nowhere, so it finishes as abandoned, not forwarded."""
+        self._gone = True
+
     def finish(self, outcome: Outcome) -> None:
         """Finish every flow once, last started first; a second call does nothing."""
         ex = self.ex
         if ex.outcome is not None:
             return
+        if self._gone and outcome is Outcome.FORWARDED:
+            outcome = Outcome.ABANDONED
         ex.outcome = outcome
         for flow in reversed(self._flows):
             try:
@@ -149,7 +150,34 @@ class Run:
         if ex.set_response_headers and not response_headers_fit(ex):
             ex.set_response_headers.clear()  # Envoy would fail the whole response over them
 
-    def _start(self) -> Deny | Phase:
+    # The request phases are generators that yield an Ask when a stage needs I/O;
+    # _drive answers it inline when the backend can, and only otherwise awaits.
+
+    def _headers(self, end_of_stream: bool) -> Steps[Deny | Phase]:
+        decision = yield from self._start()
+        if isinstance(decision, Deny):
+            self.finish(Outcome.DENIED)
+            return decision
+        self._wants = decision
+        if Phase.REQUEST_BODY in decision:
+            if not end_of_stream:
+                return decision
+            denial = yield from self._body(b"")
+            if denial is not None:
+                self.finish(Outcome.DENIED)
+                return denial
+        self._sent()
+        return decision
+
+    def _body_phase(self, body: bytes) -> Steps[Deny | None]:
+        denial = yield from self._body(body)
+        if denial is not None:
+            self.finish(Outcome.DENIED)
+            return denial
+        self._sent()
+        return None
+
+    def _start(self) -> Steps[Deny | Phase]:
         ex = self.ex
         # Clients must not be able to forge headers that upstreams trust.
         for name in ex.headers:
@@ -163,6 +191,8 @@ class Run:
         try:
             for stage in self._pipeline.stages:
                 started = stage.start(ex)
+                if isinstance(started, Ask):
+                    started = yield started
                 if isinstance(started, Deny):
                     return started
                 if started is not None:
@@ -174,13 +204,15 @@ class Run:
         too_large = over_limits(ex, self._pipeline.header_limits)
         return too_large if too_large is not None else wants
 
-    def _body(self, body: bytes) -> Deny | None:
+    def _body(self, body: bytes) -> Steps[Deny | None]:
         """Flows read and edit one document, in order; it is written out once."""
         ex = self.ex
         ex.body, ex.document = body, RequestBody(body)
         for flow in self._flows:
             if Phase.REQUEST_BODY in flow.wants:
                 decision = flow.on_request_body(ex)
+                if isinstance(decision, Ask):
+                    decision = yield decision
                 if decision is not None:
                     return decision
         ex.new_body = ex.document.written()
@@ -190,3 +222,58 @@ class Run:
         """The request goes upstream: finished now if no flow wants the response."""
         if Phase.RESPONSE_HEADERS not in self._wants:
             self.finish(Outcome.FORWARDED)
+
+    def _drive(self, steps: Steps[T]) -> T | Later[T]:
+        """Run the steps; answer each Ask inline while its backend answers at once."""
+        answer: Any = None
+        while True:
+            try:
+                ask = steps.send(answer)
+            except StopIteration as done:
+                result: T = done.value
+                return result
+            try:
+                value = ask.call()
+            except Exception:
+                log.exception("backend of %s failed", ask.stage)
+                answer = self._failed(ask, "error")
+                continue
+            if inspect.isawaitable(value):
+                return self._drive_later(steps, ask, value)
+            answer = ask.resume(value)
+
+    async def _drive_later(self, steps: Steps[T], ask: Ask[Any], value: Awaitable[Any]) -> T:
+        """The same, once a backend really awaits: each wait bounded by its deadline."""
+        while True:
+            answer: Any
+            try:
+                # shield: a late answer is ignored, the I/O itself is not cut off halfway
+                got = await asyncio.wait_for(asyncio.shield(value), ask.timeout_s)
+            except TimeoutError:
+                answer = self._failed(ask, "timeout")
+            except Exception:
+                log.exception("backend of %s failed", ask.stage)
+                answer = self._failed(ask, "error")
+            else:
+                answer = ask.resume(got)
+            while True:  # later Asks whose backends answer at once go on inline
+                try:
+                    ask = steps.send(answer)
+                except StopIteration as done:
+                    result: T = done.value
+                    return result
+                try:
+                    called = ask.call()
+                except Exception:
+                    log.exception("backend of %s failed", ask.stage)
+                    answer = self._failed(ask, "error")
+                    continue
+                if inspect.isawaitable(called):
+                    value = called
+                    break
+                answer = ask.resume(called)
+
+    def _failed(self, ask: Ask[Any], reason: str) -> Deny | None:
+        """The stage's policy decides: its Deny fails closed, None fails open."""
+        self._pipeline.on_backend_failure(ask.stage, reason)
+        return ask.on_failure

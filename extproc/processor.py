@@ -6,7 +6,10 @@ message into a call to the pipeline and the pipeline's decision into a reply.
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
@@ -14,6 +17,7 @@ from . import codec
 from .decisions import Deny, Outcome, Phase
 from .metrics import Metrics
 from .pipeline import Pipeline, Run
+from .replies import Reply
 
 log = logging.getLogger("tollway")
 
@@ -37,6 +41,8 @@ _CONTINUE = {
 
 _RESPONSE_KINDS = frozenset({"response_headers", "response_body"})
 
+D = TypeVar("D")
+
 
 class StreamProcessor:
     """The state of one stream (one HTTP request through Envoy).
@@ -56,7 +62,7 @@ class StreamProcessor:
         # After a fault the stream has answered with a 500 and should end.
         self.failed = False
 
-    def handle(self, request: ProcessingRequest) -> ProcessingResponse | None:
+    def handle(self, request: ProcessingRequest) -> Reply:
         """The reply to one message; None for a message of a kind this Envoy API lacks."""
         kind = request.WhichOneof("request")
         self._metrics.messages[kind if kind in _CONTINUE else "unknown"].inc()
@@ -82,25 +88,20 @@ class StreamProcessor:
                 # whole body. It lacks end_of_stream when trailers follow (HTTP/2), and
                 # request trailers are not asked for, so nothing else would mark its end.
                 decision = run.request_body(request.request_body.body)
-                if decision is not None:
-                    return self._deny(run, decision)
-                self._count(run, "allowed")
-                return codec.request_body_response(run.ex)
+                if inspect.isawaitable(decision):
+                    return self._later(kind, decision, lambda d: self._body_reply(run, d))
+                return self._body_reply(run, decision)
         except Exception:
-            log.exception("fault while processing a %s message", kind)
-            self._metrics.internal_errors.inc()
-            run = self._run
-            if run is not None:
-                run.finish(Outcome.FAILED)
-            if kind in _RESPONSE_KINDS:  # the response is on its way: let it through unmetered
-                return _CONTINUE[kind]
-            self.failed = True
-            dialect = run.ex.dialect if run is not None else "openai"
-            return codec.immediate_response(INTERNAL_ERROR, {}, dialect)
+            return self._fault(kind)
         if kind in _CONTINUE:
             return _CONTINUE[kind]
         log.warning("ext_proc message of unknown kind ignored")
         return None
+
+    def abandon(self) -> None:
+        """Reset while a stage's backend was pending: what it decides now was abandoned."""
+        if self._run is not None:
+            self._run.abandon()
 
     def close(self) -> None:
         """The stream is over (ended or reset): a request not yet finished was abandoned."""
@@ -108,18 +109,53 @@ class StreamProcessor:
         if run is not None:
             run.finish(Outcome.ABANDONED)
 
-    def _request_headers(self, request: ProcessingRequest) -> ProcessingResponse:
+    def _request_headers(self, request: ProcessingRequest) -> Reply:
         message = request.request_headers
         headers, repeated = codec.decode_headers(message)
         run = self._run = self._pipeline.start(
             headers.get(":method", ""), headers.get(":path", ""), headers, repeated
         )
-        decision = run.request_headers(message.end_of_stream)
+        ended = message.end_of_stream
+        decision = run.request_headers(ended)
+        if inspect.isawaitable(decision):
+            reply = lambda d: self._headers_reply(run, d, ended)  # noqa: E731
+            return self._later("request_headers", decision, reply)
+        return self._headers_reply(run, decision, ended)
+
+    def _headers_reply(self, run: Run, decision: Deny | Phase, ended: bool) -> ProcessingResponse:
         if isinstance(decision, Deny):
             return self._deny(run, decision)
-        if Phase.REQUEST_BODY not in decision or message.end_of_stream:
+        if Phase.REQUEST_BODY not in decision or ended:
             self._count(run, "allowed")  # else decided at the body
         return codec.request_headers_response(run.ex, decision)
+
+    def _body_reply(self, run: Run, decision: Deny | None) -> ProcessingResponse:
+        if decision is not None:
+            return self._deny(run, decision)
+        self._count(run, "allowed")
+        return codec.request_body_response(run.ex)
+
+    async def _later(
+        self, kind: str, decision: Awaitable[D], reply: Callable[[D], ProcessingResponse]
+    ) -> ProcessingResponse | None:
+        """The reply once a stage's backend has answered (or missed its deadline)."""
+        try:
+            return reply(await decision)
+        except Exception:
+            return self._fault(kind)
+
+    def _fault(self, kind: str | None) -> ProcessingResponse | None:
+        """A fault inside Tollway: a 500, or the response let through unmetered."""
+        log.exception("fault while processing a %s message", kind)
+        self._metrics.internal_errors.inc()
+        run = self._run
+        if run is not None:
+            run.finish(Outcome.FAILED)
+        if kind in _RESPONSE_KINDS:  # the response is on its way: let it through unmetered
+            return _CONTINUE[kind]
+        self.failed = True
+        dialect = run.ex.dialect if run is not None else "openai"
+        return codec.immediate_response(INTERNAL_ERROR, {}, dialect)
 
     def _deny(self, run: Run, deny: Deny) -> ProcessingResponse:
         self._count(run, deny.code)

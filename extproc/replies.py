@@ -31,6 +31,11 @@ class Processor(Protocol):
 
     def handle(self, request: ProcessingRequest) -> Reply: ...
 
+    def abandon(self) -> None:
+        """The stream went away while a reply was pending: told at once, before the
+        pending work completes (whatever it decides then was abandoned)."""
+        ...
+
     def close(self) -> None:
         """The stream is over (ended or reset); called exactly once."""
         ...
@@ -53,6 +58,7 @@ class Abandoned:
         return len(self._processors)
 
     def add(self, pending: asyncio.Future[Any], processor: Processor) -> None:
+        processor.abandon()
         if self._settled:
             processor.close()
             return

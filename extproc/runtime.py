@@ -80,7 +80,11 @@ class Runtime:
                 config.envoy.max_request_headers, config.envoy.max_request_headers_kb
             ),
             on_fault=self.metrics.internal_errors.inc,
+            on_backend_failure=self._backend_failed,
         )
+
+    def _backend_failed(self, stage: str, reason: str) -> None:
+        self.metrics.backend_failures.labels(stage, reason).inc()
 
     def _credential_files(self) -> list[Path]:
         return [

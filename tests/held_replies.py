@@ -89,6 +89,7 @@ class HeldProcessor:
         self.completed: list[bytes] = []  # held messages whose pending work ran to its end
         self.unfinished = 0  # awaitables returned and not yet done
         self.closes = 0
+        self.abandoned = False  # told the stream went away while a reply was pending
         self.closed_while_pending = False
         self.closed = asyncio.Event()
 
@@ -133,6 +134,9 @@ class HeldProcessor:
             return echo(ask.label)
 
         return later()
+
+    def abandon(self) -> None:
+        self.abandoned = True
 
     def close(self) -> None:
         self.closes += 1

@@ -21,9 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import extproc
 from extproc import keys, server
 from extproc.config import Config, MetricsConfig, ServerConfig
+from extproc.decisions import Ask, Deny, Outcome, forbidden
+from extproc.exchange import Exchange
 from extproc.grpcio_server import GrpcioServer
 from extproc.h2server import H2Server
+from extproc.processor import StreamProcessor
 from extproc.runtime import Runtime
+from extproc.stages import Flow
 from extproc.stages.auth import _AllowlistFlow
 from extproc.stages.metering import MeteringFlow
 
@@ -544,3 +548,106 @@ async def test_after_the_drain_timeout_a_pending_reply_is_closed_without_waiting
         ask.release()
         await until(lambda: processor.completed == [b"hold"])
         assert processor.closes == 1
+
+
+# ---- a stage whose decision awaits a backend ------------------------------------------
+
+
+class Gate:
+    """A backend that answers when the test says so; a stage that asks it first."""
+
+    def __init__(self, timeout_s: float = 5.0) -> None:
+        self.arrived: asyncio.Queue[asyncio.Future[bool]] = asyncio.Queue()
+        self.finished: list[Outcome] = []
+        self.done = asyncio.Event()
+        self.timeout_s = timeout_s
+
+    def start(self, ex: Exchange) -> Ask[Flow | Deny | None]:
+        gate = self
+
+        class Held(Flow):
+            __slots__ = ()
+
+            def finish(self, ex: Exchange, outcome: Outcome) -> None:
+                gate.finished.append(outcome)
+                gate.done.set()
+
+        def call() -> asyncio.Future[bool]:
+            answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self.arrived.put_nowait(answer)
+            return answer
+
+        def resume(open_: bool) -> Flow | Deny | None:
+            return Held() if open_ else forbidden("gate_closed", "The gate is closed.")
+
+        closed = Deny(503, "api_error", "gate_unavailable", "No gate.", "tollway_gate")
+        return Ask("gate", call, resume, closed, self.timeout_s)
+
+    async def next(self) -> asyncio.Future[bool]:
+        """The next request that waits at the gate (bounded wait)."""
+        return await asyncio.wait_for(self.arrived.get(), 5)
+
+
+def gated(h: Harness, gate: Gate) -> None:
+    pipeline = h.runtime.pipeline
+    pipeline.stages = (gate, *pipeline.stages)
+
+
+async def test_a_reply_that_waits_for_a_backend_keeps_order_and_holds_no_other_stream(
+    harness: Fixture,
+) -> None:
+    h, made = harness
+    gate = Gate()
+    gated(h, gate)
+    call = h.stub.Process()
+    await call.write(request_headers(made["open"], path="/v1/models"))
+    await call.write(pb.ProcessingRequest(response_headers=headers(__status="200")))
+    waiting = await gate.next()
+    # Another stream is answered while the first one waits (its own gate opens at once).
+    other = asyncio.create_task(h.exchange(request_headers(made["open"], path="/v1/models")))
+    (await gate.next()).set_result(True)
+    (answer,) = await asyncio.wait_for(other, 5)
+    assert answer.WhichOneof("response") == "request_headers"
+    # The first stream's replies come in order once its backend answers.
+    waiting.set_result(True)
+    first = await asyncio.wait_for(call.read(), 5)
+    assert first.WhichOneof("response") == "request_headers"
+    assert first.request_headers.response.header_mutation.set_headers  # auth ran after the gate
+    then = await asyncio.wait_for(call.read(), 5)
+    assert then.WhichOneof("response") == "response_headers"
+    await call.done_writing()
+
+
+async def test_a_stream_reset_while_its_backend_is_pending_finishes_once(
+    harness: Fixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, made = harness
+    gate = Gate()
+    gated(h, gate)
+    told = asyncio.Event()  # the transport has seen the reset (grpc.aio sees it a little later)
+    abandon = StreamProcessor.abandon
+
+    def spied(processor: StreamProcessor) -> None:
+        abandon(processor)
+        told.set()
+
+    monkeypatch.setattr(StreamProcessor, "abandon", spied)
+    call = h.stub.Process()
+    await call.write(request_headers(made["open"], path="/v1/models"))
+    waiting = await gate.next()
+    call.cancel()  # Envoy resets the stream: the client went away
+    await asyncio.wait_for(told.wait(), 5)
+    assert not waiting.cancelled()  # the backend call is not cut off halfway
+    waiting.set_result(True)
+    await asyncio.wait_for(gate.done.wait(), 5)
+    assert gate.finished == [Outcome.ABANDONED]
+
+
+async def test_a_backend_past_its_deadline_fails_closed_and_is_counted(harness: Fixture) -> None:
+    h, made = harness
+    gate = Gate(timeout_s=0.05)
+    gated(h, gate)
+    (answer,) = await h.exchange(request_headers(made["open"], path="/v1/models"))
+    assert answer.immediate_response.status.code == 503
+    assert orjson.loads(answer.immediate_response.body)["error"]["code"] == "gate_unavailable"
+    assert h.metric("tollway_backend_failures_total", {"stage": "gate", "reason": "timeout"}) == 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ..decisions import BodyMode, Deny, Outcome, Phase
+from ..decisions import Ask, BodyMode, Deny, Outcome, Phase
 from ..exchange import Exchange
 
 
@@ -23,8 +23,9 @@ class Flow:
     __slots__ = ()
     wants: Phase = Phase.NONE  # later phases this flow must see
 
-    def on_request_body(self, ex: Exchange) -> Deny | None:
-        """The whole request body is in ``ex.body`` (empty when the request has none)."""
+    def on_request_body(self, ex: Exchange) -> Deny | Ask[Deny | None] | None:
+        """The whole request body is in ``ex.body`` (empty when the request has none);
+        an Ask when the decision needs a backend first."""
         return None
 
     def on_response_headers(self, ex: Exchange) -> BodyMode:
@@ -41,6 +42,7 @@ class Flow:
 
 
 class Stage(Protocol):
-    def start(self, ex: Exchange) -> Flow | Deny | None:
-        """Decide at request headers; a flow if this request needs more of this stage."""
+    def start(self, ex: Exchange) -> Flow | Deny | Ask[Flow | Deny | None] | None:
+        """Decide at request headers; a flow if this request needs more of this stage;
+        an Ask when the decision needs a backend first (see decisions.Ask)."""
         ...

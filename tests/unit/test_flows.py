@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from dataclasses import dataclass, field
 
 import orjson
 import pytest
 
 from extproc.body import RequestBody
-from extproc.decisions import BodyMode, Deny, Outcome, Phase, forbidden
+from extproc.decisions import Ask, BodyMode, Deny, Outcome, Phase, forbidden
 from extproc.exchange import Exchange
 from extproc.metrics import Metrics
 from extproc.pipeline import Pipeline, Run
@@ -278,3 +280,98 @@ def test_a_body_too_deep_to_write_out_goes_on_as_sent() -> None:
     body.edited()
     body.json()
     assert body.written() is None
+
+
+# ---- a decision that needs a backend ------------------------------------------------
+
+
+TOO_MANY = Deny(429, "rate_limit_error", "rate_limited", "Slow down.", "tollway_rate_limited")
+UNAVAILABLE = Deny(503, "api_error", "limits_unavailable", "Try later.", "tollway_unavailable")
+
+
+@dataclass
+class Limits:
+    """A stage whose start asks a backend (as rate limits will): allowed while ``left``."""
+
+    journal: Journal
+    answer: object  # what the backend's call returns: a value, or an awaitable
+    on_failure: Deny | None = UNAVAILABLE
+    timeout_s: float = 0.05
+
+    def start(self, ex: Exchange) -> Ask[Flow | Deny | None]:
+        def call() -> object:
+            self.journal.calls.append("limits.call")
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+        def resume(left: object) -> Flow | Deny | None:
+            self.journal.calls.append(f"limits.resume:{left}")
+            return (
+                Recording("limits", self.journal, Phase.NONE, BodyMode.NONE, None)
+                if left
+                else TOO_MANY
+            )
+
+        return Ask("limits", call, resume, self.on_failure, self.timeout_s)
+
+
+def limited(stage: Limits, failures: list[tuple[str, str]] | None = None) -> Run:
+    pipeline = Pipeline(
+        RouteTable(upstreams()),
+        [stage, Starts("after", stage.journal)],
+        Clock(),
+        on_backend_failure=lambda s, reason: (failures if failures is not None else []).append(
+            (s, reason)
+        ),
+    )
+    return pipeline.start("GET", "/v1/models", {}, frozenset())
+
+
+def test_a_backend_that_answers_at_once_resumes_inline() -> None:
+    j = Journal()
+    run = limited(Limits(j, answer=3))
+    assert run.request_headers() == Phase.NONE  # a value, not an awaitable
+    assert j.calls[:3] == ["limits.call", "limits.resume:3", "after.start"]
+    assert finishes(j) == ["after.finish:forwarded", "limits.finish:forwarded"]
+    j2 = Journal()
+    assert limited(Limits(j2, answer=0)).request_headers() is TOO_MANY
+    assert "after.start" not in j2.calls  # the first denial wins
+
+
+async def test_a_backend_that_awaits_makes_the_decision_later() -> None:
+    j = Journal()
+    answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    run = limited(Limits(j, answer=answer))
+    decision = run.request_headers()
+    assert inspect.isawaitable(decision)
+    assert j.calls == ["limits.call"] and not run.finished
+    answer.set_result(2)
+    assert await decision == Phase.NONE
+    assert j.calls[1:3] == ["limits.resume:2", "after.start"] and run.finished
+
+
+@pytest.mark.parametrize(("policy", "expected"), [(UNAVAILABLE, UNAVAILABLE), (None, Phase.NONE)])
+async def test_a_late_backend_follows_the_stages_policy(
+    policy: Deny | None, expected: Deny | Phase
+) -> None:
+    j, failures = Journal(), []
+    never: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    run = limited(Limits(j, answer=never, on_failure=policy, timeout_s=0.01), failures)
+    decision = run.request_headers()
+    assert inspect.isawaitable(decision)
+    assert await decision == expected
+    assert failures == [("limits", "timeout")]
+    assert not never.cancelled()  # the I/O is not cut off halfway; its answer is ignored
+    never.set_result(1)
+
+
+@pytest.mark.parametrize(("policy", "expected"), [(UNAVAILABLE, UNAVAILABLE), (None, Phase.NONE)])
+def test_a_failing_backend_follows_the_stages_policy(
+    policy: Deny | None, expected: Deny | Phase
+) -> None:
+    j, failures = Journal(), []
+    run = limited(Limits(j, answer=ConnectionError("down"), on_failure=policy), failures)
+    assert run.request_headers() == expected
+    assert failures == [("limits", "error")]
+    assert "limits.resume" not in " ".join(j.calls)
