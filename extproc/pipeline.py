@@ -17,7 +17,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar, cast
 
 from .body import RequestBody
 from .decisions import Ask, BodyMode, Deny, Outcome, Phase
@@ -224,14 +224,20 @@ class Run:
             self.finish(Outcome.FORWARDED)
 
     def _drive(self, steps: Steps[T]) -> T | Later[T]:
-        """Run the steps; answer each Ask inline while its backend answers at once."""
-        answer: Any = None
+        """Run the steps; an awaitable only if a backend really has to be awaited."""
+        done, ask, pending = self._inline(steps, None)
+        if ask is None:
+            return cast(T, done)
+        return self._drive_later(steps, ask, pending)
+
+    def _inline(self, steps: Steps[T], answer: Any) -> tuple[T | None, Ask[Any] | None, Any]:
+        """Advance the steps, answering each Ask whose backend answers at once: the
+        result, or the Ask and the awaitable its backend returned."""
         while True:
             try:
                 ask = steps.send(answer)
             except StopIteration as done:
-                result: T = done.value
-                return result
+                return done.value, None, None
             try:
                 value = ask.call()
             except Exception:
@@ -239,16 +245,16 @@ class Run:
                 answer = self._failed(ask, "error")
                 continue
             if inspect.isawaitable(value):
-                return self._drive_later(steps, ask, value)
+                return None, ask, value
             answer = ask.resume(value)
 
-    async def _drive_later(self, steps: Steps[T], ask: Ask[Any], value: Awaitable[Any]) -> T:
-        """The same, once a backend really awaits: each wait bounded by its deadline."""
+    async def _drive_later(self, steps: Steps[T], ask: Ask[Any], pending: Awaitable[Any]) -> T:
+        """Each wait bounded by its Ask's deadline; a late answer is ignored, but the
+        I/O itself is shielded, never cut off halfway."""
         while True:
             answer: Any
             try:
-                # shield: a late answer is ignored, the I/O itself is not cut off halfway
-                got = await asyncio.wait_for(asyncio.shield(value), ask.timeout_s)
+                got = await asyncio.wait_for(asyncio.shield(pending), ask.timeout_s)
             except TimeoutError:
                 answer = self._failed(ask, "timeout")
             except Exception:
@@ -256,22 +262,10 @@ class Run:
                 answer = self._failed(ask, "error")
             else:
                 answer = ask.resume(got)
-            while True:  # later Asks whose backends answer at once go on inline
-                try:
-                    ask = steps.send(answer)
-                except StopIteration as done:
-                    result: T = done.value
-                    return result
-                try:
-                    called = ask.call()
-                except Exception:
-                    log.exception("backend of %s failed", ask.stage)
-                    answer = self._failed(ask, "error")
-                    continue
-                if inspect.isawaitable(called):
-                    value = called
-                    break
-                answer = ask.resume(called)
+            done, next_ask, pending = self._inline(steps, answer)
+            if next_ask is None:
+                return cast(T, done)
+            ask = next_ask
 
     def _failed(self, ask: Ask[Any], reason: str) -> Deny | None:
         """The stage's policy decides: its Deny fails closed, None fails open."""
