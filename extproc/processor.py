@@ -6,7 +6,6 @@ message into a call to the pipeline and the pipeline's decision into a reply.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -88,9 +87,9 @@ class StreamProcessor:
                 # whole body. It lacks end_of_stream when trailers follow (HTTP/2), and
                 # request trailers are not asked for, so nothing else would mark its end.
                 decision = run.request_body(request.request_body.body)
-                if inspect.isawaitable(decision):
-                    return self._later(kind, decision, lambda d: self._body_reply(run, d))
-                return self._body_reply(run, decision)
+                if decision is None or isinstance(decision, Deny):  # decided now (checked
+                    return self._body_reply(run, decision)  # first: an ABC check is slow)
+                return self._later(kind, decision, lambda d: self._body_reply(run, d))
         except Exception:
             return self._fault(kind)
         if kind in _CONTINUE:
@@ -117,10 +116,10 @@ class StreamProcessor:
         )
         ended = message.end_of_stream
         decision = run.request_headers(ended)
-        if inspect.isawaitable(decision):
-            reply = lambda d: self._headers_reply(run, d, ended)  # noqa: E731
-            return self._later("request_headers", decision, reply)
-        return self._headers_reply(run, decision, ended)
+        if isinstance(decision, Phase | Deny):  # decided now (checked first: an ABC check is slow)
+            return self._headers_reply(run, decision, ended)
+        reply = lambda d: self._headers_reply(run, d, ended)  # noqa: E731
+        return self._later("request_headers", decision, reply)
 
     def _headers_reply(self, run: Run, decision: Deny | Phase, ended: bool) -> ProcessingResponse:
         if isinstance(decision, Deny):
