@@ -29,6 +29,3 @@ class Usage:
     cached_input_tokens: int = 0
     cache_creation_tokens: int = 0
     reasoning_tokens: int = 0
-
-    def is_empty(self) -> bool:
-        return not (self.input_tokens or self.output_tokens)
