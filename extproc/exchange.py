@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from .body import BodyError, RequestBody
 from .decisions import Outcome
+from .events import ResponseEvents
 from .kinds import Dialect, Usage
 from .routes import Call, Route, dialect_of, route_dialect
 
@@ -44,6 +45,8 @@ class Exchange:
     response_headers: dict[str, str] = field(default_factory=dict)
     set_response_headers: dict[str, str] = field(default_factory=dict)
     remove_response_headers: set[str] = field(default_factory=set)
+    # An SSE response's events, parsed once for every flow (see events.py).
+    events: ResponseEvents | None = None
     # The usage metering read from the response, published at finish (budgets read it).
     usage: Usage | None = None
     usage_estimated: bool = False

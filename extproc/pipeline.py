@@ -4,7 +4,8 @@ The pipeline (one per process) holds the stages. For each request it makes a
 ``Run``: the request's Exchange and the flows its stages started (see
 stages/__init__.py). A run calls each flow only for the phases it declared,
 merges the response body modes (the strongest wins: BUFFERED also serves a
-flow that asked for STREAMED), and finishes the flows once, in reverse order,
+flow that asked for STREAMED), parses an SSE body once for all of them
+(events.py), and finishes the flows once, in reverse order,
 with the request's outcome: denied when a flow denies, forwarded when the last
 phase the flows asked for has arrived; the processor adds failed (a fault) and
 abandoned (the stream ended first).
@@ -21,6 +22,7 @@ from typing import Any, TypeAlias, TypeVar, cast
 
 from .body import RequestBody
 from .decisions import Ask, BodyMode, Deny, Outcome, Phase
+from .events import ResponseEvents
 from .exchange import Exchange
 from .headroom import HeaderLimits, over_limits, response_headers_fit
 from .routes import RouteTable
@@ -50,8 +52,10 @@ class Pipeline:
         header_limits: HeaderLimits | None = None,
         on_fault: Callable[[], None] = lambda: None,
         on_backend_failure: Callable[[str, str], None] = lambda stage, reason: None,
+        max_event_bytes: int = 16 << 20,
     ) -> None:
         self.routes = routes
+        self.max_event_bytes = max_event_bytes  # one SSE event kept whole at most
         self.header_limits = header_limits or HeaderLimits()
         self.stages = tuple(stages)
         self.clock = clock
@@ -102,6 +106,10 @@ class Run:
         """How the response body should come: the strongest mode any flow asks for."""
         ex = self.ex
         ex.status, ex.response_headers = status, headers
+        if headers.get("content-type", "").startswith("text/event-stream") and headers.get(
+            "content-encoding", "identity"
+        ).lower() in ("identity", ""):
+            ex.events = ResponseEvents(self._pipeline.max_event_bytes)
         mode = BodyMode.NONE
         readers: list[Flow] = []
         for flow in self._flows:
@@ -114,16 +122,26 @@ class Run:
                     mode = wanted
         self._body_flows = tuple(readers)
         if end_of_stream or mode is BodyMode.NONE:  # no body will be read
+            ex.events = None
             self.finish(Outcome.FORWARDED)
+        elif ex.events is not None:
+            ex.events.editable = any(flow.edits_events for flow in readers)
         return mode
 
     def response_body(self, chunk: bytes, end: bool) -> bytes | None:
         """A replacement for the chunk, or None to pass it on as it is."""
-        replacement = None
-        for flow in self._body_flows:
-            out = flow.on_response_body(self.ex, chunk if replacement is None else replacement, end)
-            if out is not None:
-                replacement = out
+        ex, events = self.ex, self.ex.events
+        if events is not None:
+            events.feed(chunk, end)
+            for flow in self._body_flows:
+                flow.on_response_events(ex, events, end)
+            replacement = events.write()
+        else:
+            replacement = None
+            for flow in self._body_flows:
+                out = flow.on_response_body(ex, chunk if replacement is None else replacement, end)
+                if out is not None:
+                    replacement = out
         if end:
             self.finish(Outcome.FORWARDED)
         return replacement
@@ -141,14 +159,27 @@ class Run:
         if self._gone and outcome is Outcome.FORWARDED:
             outcome = Outcome.ABANDONED
         ex.outcome = outcome
+        events = ex.events
+        if events is not None and not events.closed:
+            # Cut short: an event left unterminated still counts (it may carry usage).
+            self._guarded(self._last_events, events)
         for flow in reversed(self._flows):
-            try:
-                flow.finish(ex, outcome)
-            except Exception:
-                log.exception("fault while finishing a request (%s)", outcome.value)
-                self._pipeline.on_fault()
+            self._guarded(flow.finish, ex, outcome)
         if ex.set_response_headers and not response_headers_fit(ex):
             ex.set_response_headers.clear()  # Envoy would fail the whole response over them
+
+    def _last_events(self, events: ResponseEvents) -> None:
+        events.feed(b"", True)
+        for flow in self._body_flows:
+            flow.on_response_events(self.ex, events, True)
+
+    def _guarded(self, call: Callable[..., None], *args: Any) -> None:
+        """A fault while finishing is logged and counted; the other flows still finish."""
+        try:
+            call(*args)
+        except Exception:
+            log.exception("fault while finishing a request")
+            self._pipeline.on_fault()
 
     # The request phases are generators that yield an Ask when a stage needs I/O;
     # _drive answers it inline when the backend can, and only otherwise awaits.

@@ -81,6 +81,7 @@ class Runtime:
             ),
             on_fault=self.metrics.internal_errors.inc,
             on_backend_failure=self._backend_failed,
+            max_event_bytes=config.max_body_bytes,
         )
 
     def _backend_failed(self, stage: str, reason: str) -> None:

@@ -1,17 +1,16 @@
-"""One response body, JSON or SSE, fed in chunks of any size, read into a Reading."""
+"""One response body read into a Reading: JSON fed in chunks of any size, or SSE events."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from . import Api, new_reader
-from .sse import Event, SSEParser
+from .sse import Parsed
 from .usage import Usage, estimate_tokens
-
-Parsed = tuple[Event, Any]  # an SSE event and its data as JSON (None if not JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,44 +23,39 @@ class Reading:
 
 
 class ResponseMeter:
-    """Feed it the response body as Envoy hands it over; ask for the Reading at the end.
+    """Feed it the response as it arrives; ask for the Reading at the end.
 
-    JSON is kept (up to ``max_json_bytes``) and parsed once at the end; SSE is
-    parsed event by event and never kept. ``prompt_chars`` (the request body's
-    length, when Tollway read it) feeds the input estimate if usage never comes.
+    JSON is kept (up to ``max_json_bytes``) and parsed once at the end; SSE
+    comes as events parsed once by the pipeline (events.ResponseEvents) and is
+    never kept. ``prompt_chars`` (the request body's length, when Tollway read
+    it) feeds the input estimate if usage never comes.
     """
 
-    def __init__(
-        self, api: Api, *, sse: bool, max_json_bytes: int = 16 << 20, prompt_chars: int = 0
-    ) -> None:
+    def __init__(self, api: Api, *, max_json_bytes: int = 16 << 20, prompt_chars: int = 0) -> None:
         self.reader = new_reader(api)
-        # An event is kept whole until it ends (it may have to be passed on again):
-        # the same bound as a JSON body.
-        self.sse = SSEParser(max_event_bytes=max_json_bytes) if sse else None
         self._json = bytearray()
         self._max_json = max_json_bytes
         self._prompt_chars = prompt_chars
         self.overflow = False  # a JSON body larger than max_json_bytes was not read
 
-    def feed(self, chunk: bytes) -> list[Parsed]:
-        """Take the next chunk; for SSE, return the events it completed."""
-        if self.sse is None:
-            if not self.overflow:
-                if len(self._json) + len(chunk) > self._max_json:
-                    self.overflow, self._json = True, bytearray()
-                else:
-                    self._json += chunk
-            return []
-        return self._events(self.sse.feed(chunk))
+    def feed(self, chunk: bytes) -> None:
+        """The next chunk of a JSON body."""
+        if not self.overflow:
+            if len(self._json) + len(chunk) > self._max_json:
+                self.overflow, self._json = True, bytearray()
+            else:
+                self._json += chunk
 
-    def close(self) -> list[Parsed]:
-        """End of body: for SSE, any event left unterminated."""
-        if self.sse is None:
-            if self._json:
-                self.reader.on_json(_loads(self._json))
-                self._json = bytearray()
-            return []
-        return self._events(self.sse.close())
+    def close(self) -> None:
+        """End of a JSON body: read it."""
+        if self._json:
+            self.reader.on_json(_loads(self._json))
+            self._json = bytearray()
+
+    def on_events(self, events: Iterable[Parsed]) -> None:
+        on_event = self.reader.on_event
+        for event, doc in events:
+            on_event(event, doc)
 
     def reading(self) -> Reading:
         reader = self.reader
@@ -73,17 +67,8 @@ class ResponseMeter:
         )
         return Reading(reader.model, estimate, estimated=True)
 
-    def _events(self, events: list[Event]) -> list[Parsed]:
-        parsed = []
-        on_event = self.reader.on_event
-        for event in events:
-            doc = _loads(event.data) if event.data[:1] in ("{", "[") else None
-            on_event(event, doc)
-            parsed.append((event, doc))
-        return parsed
 
-
-def _loads(data: bytes | bytearray | str) -> Any:
+def _loads(data: bytes | bytearray) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:

@@ -11,6 +11,7 @@ the unfinished line and the unfinished event's data are kept, each at most
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -19,6 +20,9 @@ _BOM = b"\xef\xbb\xbf"
 class Event:
     type: str  # "message" unless the event set one
     data: str
+
+
+Parsed = tuple[Event, Any]  # an event and its data as JSON (None if it is not JSON)
 
 
 class SSEParser:

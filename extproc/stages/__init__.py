@@ -4,7 +4,8 @@ A stage holds what it compiled from config and its backends. For each request
 its ``start`` looks at the request headers and returns a denial, nothing (it
 is done with this request), or a ``Flow``: that request's state, private to
 the stage. The pipeline calls a flow only for the phases it declared in
-``wants`` (the response body: only if it asked for a body mode), and calls its
+``wants`` (the response body: only if it asked for a body mode; an SSE body
+as events parsed once, see events.py), and calls its
 ``finish`` exactly once, in reverse order of start, with the request's
 ``Outcome``. Stages are sans-IO: plain values in, decision values out.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..decisions import Ask, BodyMode, Deny, Outcome, Phase
+from ..events import ResponseEvents
 from ..exchange import Exchange
 
 
@@ -22,6 +24,7 @@ class Flow:
 
     __slots__ = ()
     wants: Phase = Phase.NONE  # later phases this flow must see
+    edits_events: bool = False  # may drop or replace response events (known at response headers)
 
     def on_request_body(self, ex: Exchange) -> Deny | Ask[Deny | None] | None:
         """The whole request body is in ``ex.body`` (empty when the request has none);
@@ -33,7 +36,13 @@ class Flow:
         return BodyMode.NONE
 
     def on_response_body(self, ex: Exchange, chunk: bytes, end: bool) -> bytes | None:
-        """Each chunk, in the mode asked for; a replacement or None to pass it on."""
+        """Each chunk of a body that is not SSE, in the mode asked for; a replacement or
+        None to pass it on."""
+        return None
+
+    def on_response_events(self, ex: Exchange, events: ResponseEvents, end: bool) -> None:
+        """Each chunk of an SSE body: ``events.new`` are the events it completed (maybe
+        none). A flow with ``edits_events`` may drop or replace them."""
         return None
 
     def finish(self, ex: Exchange, outcome: Outcome) -> None:

@@ -3,9 +3,10 @@
 Phases: request headers (which API, so which reader); the request body only for
 OpenAI chat and completions, to make streams report usage; response headers
 (JSON or SSE, and whether it succeeded); the response body, STREAMED for SSE so
-every chunk goes on at once, BUFFERED for JSON of known size so a cost header
-can still be added. A stream that ends without its usage (client gone,
-upstream cut) is counted from the text delivered, flagged as estimated.
+every chunk goes on at once (read as the events the pipeline parsed),
+BUFFERED for JSON of known size so a cost header can still be added. A stream
+that ends without its usage (client gone, upstream cut) is counted from the
+text delivered, flagged as estimated.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..decisions import BodyMode, Deny, Outcome, Phase
+from ..events import ResponseEvents
 from ..exchange import BodyError, Exchange
 from ..metrics import Metrics
 from ..pricing import OTHER, PriceTable, cost
 from ..providers import Api
-from ..providers.meter import Parsed, Reading, ResponseMeter
+from ..providers.meter import Reading, ResponseMeter
 from ..providers.usage import Usage
 from ..store import Store, UsageRecord
 from . import Flow
@@ -112,7 +114,7 @@ class MeteringStage:
             self.metrics.unpriced.labels(provider, m.api).inc()
         duration, first_token = self._timing_children((provider, m.api, label))
         duration.observe(self.clock() - m.started)
-        if m.first_byte is not None and m.meter is not None and m.meter.sse is not None:
+        if m.first_byte is not None and m.sse:
             first_token.observe(m.first_byte - m.started)
         ex.metadata.update(
             {
@@ -152,10 +154,12 @@ class MeteringFlow(Flow):
         "api",
         "billable",
         "buffered",
+        "edits_events",
         "first_byte",
         "meter",
         "prompt_chars",
         "request_model",
+        "sse",
         "stage",
         "started",
         "strip_usage_chunk",
@@ -177,6 +181,8 @@ class MeteringFlow(Flow):
         self.meter: ResponseMeter | None = None
         self.billable = True  # False once the response says it bills nothing
         self.buffered = False
+        self.sse = False
+        self.edits_events = False
         self.first_byte: float | None = None
 
     def on_request_body(self, ex: Exchange) -> Deny | None:
@@ -209,53 +215,51 @@ class MeteringFlow(Flow):
             stage.metrics.unmetered["content_encoding"].inc()
             self.billable = False
             return BodyMode.NONE
-        sse = headers.get("content-type", "").startswith("text/event-stream")
         self.meter = ResponseMeter(
-            self.api,
-            sse=sse,
-            max_json_bytes=stage.max_json_bytes,
-            prompt_chars=self.prompt_chars or 0,
+            self.api, max_json_bytes=stage.max_json_bytes, prompt_chars=self.prompt_chars or 0
         )
         length = headers.get("content-length", "")
-        if (
-            not sse
-            and stage.cost_header
-            and length.isdigit()
-            and int(length) <= stage.max_json_bytes
-        ):
-            self.buffered = True
-            return BodyMode.BUFFERED
+        if ex.events is None:
+            if stage.cost_header and length.isdigit() and int(length) <= stage.max_json_bytes:
+                self.buffered = True
+                return BodyMode.BUFFERED
+            return BodyMode.STREAMED
+        self.sse = True
+        self.edits_events = self.strip_usage_chunk
         if self.strip_usage_chunk and length:
             # The body will shrink; Envoy would refuse a length that no longer matches.
             ex.remove_response_headers.add("content-length")
         return BodyMode.STREAMED
 
     def on_response_body(self, ex: Exchange, chunk: bytes, end: bool) -> bytes | None:
-        """Read the chunk; return its replacement when the usage chunk must go."""
         meter = self.meter
         assert meter is not None  # set when this flow asked for the body
-        if self.first_byte is None and chunk:
-            self.first_byte = self.stage.clock()
-        sse = meter.sse
-        whole_before = sse is None or sse.at_boundary
-        events = meter.feed(chunk)
-        whole_after = sse is None or sse.at_boundary
+        meter.feed(chunk)
         if end:
-            events += meter.close()
+            meter.close()
             if meter.overflow:
                 self.stage.metrics.unmetered["body_too_large"].inc()
-        if not self.strip_usage_chunk:
-            return None
-        if whole_before and whole_after and not any(_is_usage_chunk(doc) for _, doc in events):
-            return None  # whole events, none to remove: the chunk goes on as it came
-        return _without_usage_chunks(events)
+        return None
+
+    def on_response_events(self, ex: Exchange, events: ResponseEvents, end: bool) -> None:
+        """Read the events; drop the usage chunk the client did not ask for."""
+        meter = self.meter
+        assert meter is not None  # set when this flow asked for the body
+        new = events.new
+        if self.first_byte is None and new:
+            self.first_byte = self.stage.clock()
+        meter.on_events(new)
+        if self.strip_usage_chunk:
+            for event, doc in new:
+                if _is_usage_chunk(doc):
+                    events.drop(event)
 
     def finish(self, ex: Exchange, outcome: Outcome) -> None:
         """Meter what reached a provider: the response's usage, or an estimate."""
         if outcome in (Outcome.DENIED, Outcome.FAILED) or not self.billable:
             return
         if self.meter is not None:
-            self.meter.close()  # a stream cut short: any event left unterminated
+            self.meter.close()  # a JSON body cut short: what arrived
             self.stage.record(ex, self, self.meter.reading())
         elif self.prompt_chars is not None:
             # Tollway saw the whole request, so Envoy sent it on; nothing came back.
@@ -268,16 +272,3 @@ class MeteringFlow(Flow):
 
 def _is_usage_chunk(doc: Any) -> bool:
     return isinstance(doc, dict) and doc.get("choices") == [] and doc.get("usage") is not None
-
-
-def _without_usage_chunks(events: list[Parsed]) -> bytes:
-    """The complete events as SSE again, minus the usage-only chunk Tollway asked for."""
-    out = []
-    for event, doc in events:
-        if _is_usage_chunk(doc):
-            continue
-        if event.type != "message":
-            out.append(f"event: {event.type}\n")
-        out.extend(f"data: {line}\n" for line in event.data.split("\n"))
-        out.append("\n")
-    return "".join(out).encode()

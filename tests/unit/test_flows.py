@@ -11,6 +11,7 @@ import pytest
 
 from extproc.body import RequestBody
 from extproc.decisions import Ask, BodyMode, Deny, Outcome, Phase, forbidden
+from extproc.events import ResponseEvents
 from extproc.exchange import Exchange
 from extproc.metrics import Metrics
 from extproc.pipeline import Pipeline, Run
@@ -375,3 +376,85 @@ def test_a_failing_backend_follows_the_stages_policy(
     assert run.request_headers() == expected
     assert failures == [("limits", "error")]
     assert "limits.resume" not in " ".join(j.calls)
+
+
+class Editor(Flow):
+    """Reads an SSE body's events; drops or rewrites those whose JSON says so."""
+
+    __slots__ = ("docs", "edits_events", "rewrite", "wants")
+
+    def __init__(self, edits: bool, rewrite: dict[str, str | None]) -> None:
+        self.wants = Phase.RESPONSE_HEADERS
+        self.edits_events, self.rewrite = edits, rewrite
+        self.docs: list[object] = []
+
+    def on_response_headers(self, ex: Exchange) -> BodyMode:
+        return BodyMode.STREAMED
+
+    def on_response_events(self, ex: Exchange, events: ResponseEvents, end: bool) -> None:
+        for event, doc in events.new:
+            self.docs.append(doc)
+            if isinstance(doc, dict) and doc.get("id") in self.rewrite:
+                data = self.rewrite[doc["id"]]
+                events.drop(event) if data is None else events.replace(event, data)
+
+
+@dataclass
+class Hands:
+    flow: Flow
+
+    def start(self, ex: Exchange) -> Flow:
+        return self.flow
+
+
+SSE = {"content-type": "text/event-stream"}
+
+
+def sse_run(*flows: Flow) -> Run:
+    run = Pipeline(RouteTable(upstreams()), [Hands(f) for f in flows], Clock()).start(
+        "POST", "/v1/chat/completions", {}, frozenset()
+    )
+    assert run.request_headers() == Phase.RESPONSE_HEADERS
+    assert run.response_headers(200, dict(SSE)) is BodyMode.STREAMED
+    return run
+
+
+def test_events_are_parsed_once_for_every_flow_and_chunks_pass_as_they_came() -> None:
+    first, second = Editor(False, {}), Editor(False, {})
+    run = sse_run(first, second)
+    chunk = b'data: {"id": "a"}\n\ndata: {"id"'
+    assert run.response_body(chunk, False) is None  # nobody edits: bytes untouched
+    assert run.response_body(b': "b"}\n\n', True) is None
+    assert first.docs == [{"id": "a"}, {"id": "b"}]
+    assert all(x is y for x, y in zip(first.docs, second.docs, strict=True))  # one parse
+
+
+def test_two_flows_edit_the_same_events_and_one_writer_emits_them() -> None:
+    dropper, rewriter = Editor(True, {"a": None}), Editor(True, {"b": '{"id": "B"}'})
+    run = sse_run(dropper, rewriter)
+    chunk = b'data: {"id": "a"}\n\nevent: x\ndata: {"id": "b"}\n\ndata: {"id"'
+    out = run.response_body(chunk, False)
+    assert out == b'event: x\ndata: {"id": "B"}\n\n'  # the unfinished event is held back
+    assert run.response_body(b': "c"}\n\n', False) == b'data: {"id": "c"}\n\n'
+    assert run.response_body(b'data: {"id": "d"}\n\n', True) is None  # whole, unedited
+
+
+def test_an_event_left_unterminated_reaches_the_flows_when_the_stream_is_cut() -> None:
+    reader = Editor(False, {})
+    run = sse_run(reader)
+    run.response_body(b'data: {"id": "a"}\n\ndata: {"id": "last"}', False)
+    run.finish(Outcome.ABANDONED)
+    assert reader.docs == [{"id": "a"}, {"id": "last"}]
+
+
+def test_a_flow_must_declare_that_it_edits_events() -> None:
+    class Sneaky(Editor):
+        __slots__ = ()
+
+        def on_response_headers(self, ex: Exchange) -> BodyMode:
+            self.edits_events = False
+            return BodyMode.STREAMED
+
+    run = sse_run(Sneaky(True, {"a": None}))
+    with pytest.raises(RuntimeError):
+        run.response_body(b'data: {"id": "a"}\n\n', False)

@@ -9,19 +9,30 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extproc.events import ResponseEvents
 from extproc.providers import Api, Usage
 from extproc.providers.meter import Reading, ResponseMeter
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "usage"
 
 
-def read(api: Api, name: str, chunks: list[bytes] | None = None) -> Reading:
-    body = (FIXTURES / name).read_bytes()
-    meter = ResponseMeter(api, sse=name.endswith(".sse"), prompt_chars=400)
-    for chunk in chunks if chunks is not None else [body]:
-        meter.feed(chunk)
+def meter_body(api: Api, chunks: list[bytes], *, sse: bool, prompt_chars: int = 0) -> Reading:
+    """The reading of a body fed as the pipeline feeds it: JSON chunks, or parsed events."""
+    meter = ResponseMeter(api, prompt_chars=prompt_chars)
+    events = ResponseEvents(1 << 20)
+    for i, chunk in enumerate(chunks):
+        if sse:
+            meter.on_events(events.feed(chunk, i == len(chunks) - 1))
+        else:
+            meter.feed(chunk)
     meter.close()
     return meter.reading()
+
+
+def read(api: Api, name: str, chunks: list[bytes] | None = None) -> Reading:
+    body = (FIXTURES / name).read_bytes()
+    sse = name.endswith(".sse")
+    return meter_body(api, chunks if chunks is not None else [body], sse=sse, prompt_chars=400)
 
 
 # (api, fixture, model, usage) — each usage follows from the fixture's own numbers, with
@@ -104,10 +115,7 @@ def test_a_stream_without_usage_is_estimated_from_what_was_delivered() -> None:
 def test_a_stream_cut_before_its_usage_chunk_is_estimated() -> None:
     body = (FIXTURES / "openai_chat_stream.sse").read_bytes()
     cut = body[: body.index(b'"choices":[]')]  # the upstream went away before the usage
-    meter = ResponseMeter("chat", sse=True)
-    meter.feed(cut)
-    meter.close()
-    reading = meter.reading()
+    reading = meter_body("chat", [cut], sse=True)
     assert reading.estimated
     assert reading.usage.output_tokens == -(-len("Bonjour ! Comment ça va ? 👋") // 4)
 
@@ -127,22 +135,17 @@ def test_a_stream_cut_before_its_usage_chunk_is_estimated() -> None:
 )
 @pytest.mark.parametrize("api", ["chat", "responses", "messages", "generate_content"])
 def test_odd_bodies_never_raise(api: Api, body: bytes) -> None:
-    meter = ResponseMeter(api, sse=False)
-    meter.feed(body)
-    meter.close()
-    reading = meter.reading()
+    reading = meter_body(api, [body], sse=False)
     assert reading.usage.input_tokens >= 0 and reading.usage.output_tokens >= 0
 
 
 def test_bad_counts_are_zero_not_errors() -> None:
-    meter = ResponseMeter("chat", sse=False)
-    meter.feed(b'{"usage": {"prompt_tokens": "12", "completion_tokens": 3, "total_tokens": 15}}')
-    meter.close()
-    assert meter.reading() == Reading(None, Usage(0, 3), estimated=False)
+    body = b'{"usage": {"prompt_tokens": "12", "completion_tokens": 3, "total_tokens": 15}}'
+    assert meter_body("chat", [body], sse=False) == Reading(None, Usage(0, 3), estimated=False)
 
 
 def test_a_json_body_over_the_limit_is_not_kept() -> None:
-    meter = ResponseMeter("embeddings", sse=False, max_json_bytes=64)
+    meter = ResponseMeter("embeddings", max_json_bytes=64)
     body = orjson.dumps({"data": [0.1] * 100, "usage": {"prompt_tokens": 3}})
     meter.feed(body[:50])
     meter.feed(body[50:])
