@@ -102,13 +102,14 @@ def _set(headers: dict[str, str]) -> list[HeaderValueOption]:
     ]
 
 
-def _header_mutation(ex: Exchange) -> HeaderMutation | None:
-    if not ex.set_headers and not ex.remove_headers:
+def _header_mutation(ex: Exchange, also: dict[str, str] | None = None) -> HeaderMutation | None:
+    set_headers = {**ex.set_headers, **also} if also else ex.set_headers
+    if not set_headers and not ex.remove_headers:
         return None
     return HeaderMutation(
-        set_headers=_set(ex.set_headers),
+        set_headers=_set(set_headers),
         # A header that is set is overwritten; removing it too would drop it.
-        remove_headers=sorted(ex.remove_headers.difference(ex.set_headers)),
+        remove_headers=sorted(ex.remove_headers.difference(set_headers)),
     )
 
 
@@ -133,15 +134,21 @@ def _with_metadata(response: ProcessingResponse, metadata: dict[str, MetadataVal
             field.number_value = value
 
 
-def _new_metadata(ex: Exchange) -> dict[str, MetadataValue]:
-    """What changed since the last message sent it: Envoy keeps the rest."""
-    sent = ex.metadata_sent
+Sent = dict[str, MetadataValue]  # per stream: the metadata earlier messages carried
+
+
+def _new_metadata(ex: Exchange, sent: Sent | None) -> dict[str, MetadataValue]:
+    """What changed since an earlier message of the stream sent it: Envoy keeps the rest."""
+    if sent is None:
+        return ex.metadata
     changed = {k: v for k, v in ex.metadata.items() if k not in sent or sent[k] != v}
     sent.update(changed)
     return changed
 
 
-def request_headers_response(ex: Exchange, wants: Phase) -> ProcessingResponse:
+def request_headers_response(
+    ex: Exchange, wants: Phase, sent: Sent | None = None
+) -> ProcessingResponse:
     """Continue with the exchange's header edits and ask only for the phases wanted.
 
     Also the answer when the body was decided here (headers with end_of_stream: an
@@ -153,42 +160,44 @@ def request_headers_response(ex: Exchange, wants: Phase) -> ProcessingResponse:
         ),
         mode_override=_mode(wants),
     )
-    _with_metadata(response, _new_metadata(ex))
+    _with_metadata(response, _new_metadata(ex, sent))
     return response
 
 
-def request_body_response(ex: Exchange) -> ProcessingResponse:
+def request_body_response(ex: Exchange, sent: Sent | None = None) -> ProcessingResponse:
     """Continue after the body phase; header edits made there still reach the upstream.
 
     A replaced body gets its new content-length: Envoy does not recompute it.
     """
-    body = None
+    body, length = None, None
     if ex.new_body is not None:
         body = BodyMutation(body=ex.new_body)
         if "content-length" in ex.headers:
-            ex.set_headers["content-length"] = str(len(ex.new_body))
-    mutation = _header_mutation(ex)
+            length = {"content-length": str(len(ex.new_body))}
+    mutation = _header_mutation(ex, length)
     if mutation is None and body is None:
         response = ProcessingResponse(request_body=BodyResponse())
     else:
         common = CommonResponse(header_mutation=mutation, body_mutation=body)
         response = ProcessingResponse(request_body=BodyResponse(response=common))
-    _with_metadata(response, _new_metadata(ex))
+    _with_metadata(response, _new_metadata(ex, sent))
     return response
 
 
-def response_headers_response(ex: Exchange, mode: BodyMode) -> ProcessingResponse:
+def response_headers_response(
+    ex: Exchange, mode: BodyMode, sent: Sent | None = None
+) -> ProcessingResponse:
     """Continue, asking for the response body only as the stages want it."""
     headers = HeadersResponse()
     if ex.remove_response_headers:
         headers.response.header_mutation.remove_headers.extend(sorted(ex.remove_response_headers))
     response = ProcessingResponse(response_headers=headers, mode_override=_response_mode(mode))
-    _with_metadata(response, _new_metadata(ex))
+    _with_metadata(response, _new_metadata(ex, sent))
     return response
 
 
 def response_body_response(
-    ex: Exchange, replacement: bytes | None, end: bool
+    ex: Exchange, replacement: bytes | None, end: bool, sent: Sent | None = None
 ) -> ProcessingResponse:
     """Pass the chunk on (or its replacement); the last one carries metadata and headers.
 
@@ -206,7 +215,7 @@ def response_body_response(
         common.header_mutation.set_headers.extend(_set(ex.set_response_headers))
     response = ProcessingResponse(response_body=BodyResponse(response=common))
     if end:
-        _with_metadata(response, _new_metadata(ex))
+        _with_metadata(response, _new_metadata(ex, sent))
     return response
 
 

@@ -34,10 +34,9 @@ class Exchange:
     remove_headers: set[str] = field(default_factory=set)
     # Dynamic metadata for Envoy's access log (namespace "tollway").
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
-    metadata_sent: dict[str, MetadataValue] = field(default_factory=dict)  # by the codec
     body: bytes | None = None  # as the client sent it
     # The body as one document that stages edit in order (see body.py), and what it
-    # became: written once after the body phase (the codec also sets content-length).
+    # became: written once after the body phase (the codec sets its content-length).
     document: RequestBody | None = None
     new_body: bytes | None = None
     # The response, once its headers arrive, and headers to add for the client.

@@ -51,12 +51,13 @@ class StreamProcessor:
     failed (a fault in Tollway) and abandoned (the stream ended first).
     """
 
-    __slots__ = ("_metrics", "_pipeline", "_run", "failed")
+    __slots__ = ("_metrics", "_pipeline", "_run", "_sent", "failed")
 
     def __init__(self, pipeline: Pipeline, metrics: Metrics) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
         self._run: Run | None = None
+        self._sent: codec.Sent = {}  # the access-log metadata Envoy already has
         metrics.streams.inc()
         # After a fault the stream has answered with a 500 and should end.
         self.failed = False
@@ -74,14 +75,16 @@ class StreamProcessor:
             elif kind == "response_body":
                 body = request.response_body
                 replacement = run.response_body(body.body, body.end_of_stream)
-                return codec.response_body_response(run.ex, replacement, body.end_of_stream)
+                return codec.response_body_response(
+                    run.ex, replacement, body.end_of_stream, self._sent
+                )
             elif kind == "response_headers":
                 message = request.response_headers
                 headers, _ = codec.decode_headers(message)
                 status = headers.get(":status", "")
                 code = int(status) if status.isdigit() else 0
                 mode = run.response_headers(code, headers, message.end_of_stream)
-                return codec.response_headers_response(run.ex, mode)
+                return codec.response_headers_response(run.ex, mode, self._sent)
             elif kind == "request_body":
                 # Tollway asks for the request body only BUFFERED: this one message is the
                 # whole body. It lacks end_of_stream when trailers follow (HTTP/2), and
@@ -126,13 +129,13 @@ class StreamProcessor:
             return self._deny(run, decision)
         if Phase.REQUEST_BODY not in decision or ended:
             self._count(run, "allowed")  # else decided at the body
-        return codec.request_headers_response(run.ex, decision)
+        return codec.request_headers_response(run.ex, decision, self._sent)
 
     def _body_reply(self, run: Run, decision: Deny | None) -> ProcessingResponse:
         if decision is not None:
             return self._deny(run, decision)
         self._count(run, "allowed")
-        return codec.request_body_response(run.ex)
+        return codec.request_body_response(run.ex, self._sent)
 
     async def _later(
         self, kind: str, decision: Awaitable[D], reply: Callable[[D], ProcessingResponse]

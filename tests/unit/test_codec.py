@@ -402,3 +402,23 @@ def test_error_types_follow_the_status(
 ) -> None:
     assert error_document("anthropic", status, "t", "c", "m")["error"]["type"] == anthropic_type
     assert error_document("gemini", status, "t", "c", "m")["error"]["status"] == google_status
+
+
+def test_each_message_of_a_stream_carries_only_the_metadata_that_changed() -> None:
+    ex, sent = exchange(metadata={"route": "openai", "key_id": "k1"}), {}
+    first = roundtrip(codec.request_headers_response(ex, Phase.RESPONSE_HEADERS, sent))
+    assert tollway_metadata(first) == {"route": "openai", "key_id": "k1"}
+    ex.metadata["model"] = "gpt-4o"
+    later = roundtrip(codec.response_headers_response(ex, BodyMode.NONE, sent))
+    assert tollway_metadata(later) == {"model": "gpt-4o"}  # Envoy keeps what it had
+
+
+def test_a_rewritten_body_gets_its_length_without_touching_the_exchange() -> None:
+    ex = exchange()
+    ex.headers["content-length"] = "2"
+    ex.new_body = b'{"a": 1}'
+    common = roundtrip(codec.request_body_response(ex)).request_body.response
+    assert [(h.header.key, h.header.raw_value) for h in common.header_mutation.set_headers] == [
+        ("content-length", b"8")
+    ]
+    assert ex.set_headers == {}
