@@ -84,6 +84,10 @@ class Runtime:
             max_event_bytes=config.max_body_bytes,
         )
 
+    async def aclose(self) -> None:
+        """Shutdown: the backends write what they queued (settlements, usage records)."""
+        await self.store.aclose()
+
     def _backend_failed(self, stage: str, reason: str) -> None:
         self.metrics.backend_failures.labels(stage, reason).inc()
 

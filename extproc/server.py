@@ -142,4 +142,9 @@ async def serve(
         )
         await asyncio.sleep(config.server.drain_delay_s)
         await server.stop(config.server.drain_timeout_s)
+        # Every stream has finished its flows: what they queued is written before exit.
+        try:
+            await asyncio.wait_for(runtime.aclose(), config.server.drain_timeout_s)
+        except TimeoutError:
+            log.error("queued writes not finished within %.1fs", config.server.drain_timeout_s)
         log.info("stopped")

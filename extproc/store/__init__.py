@@ -31,4 +31,10 @@ class UsageRecord:
 
 
 class Store(Protocol):
-    def record_usage(self, record: UsageRecord) -> None: ...
+    def record_usage(self, record: UsageRecord) -> None:
+        """Never blocks: a store that does I/O queues the record for its writer task."""
+        ...
+
+    async def aclose(self) -> None:
+        """Write what is queued (``serve`` awaits this on shutdown)."""
+        ...

@@ -19,3 +19,6 @@ class MemoryStore:
             self.spend_by_key[record.key_id] += record.cost_usd
         if record.tenant is not None:
             self.spend_by_tenant[record.tenant] += record.cost_usd
+
+    async def aclose(self) -> None:
+        pass  # nothing queued: records are applied as they come
