@@ -74,12 +74,13 @@ class Ask(Generic[R]):
     once returns a value: the flow resumes inline, no coroutine, no task. One
     that really awaits returns an awaitable, waited for at most ``timeout_s``
     (the I/O itself is not cancelled). If the backend fails or is late,
-    ``on_failure`` is the decision: a Deny fails closed, None fails open.
-    ``stage`` names the stage in metrics.
+    ``on_failure(reason)`` decides instead ("error" or "timeout"): the stage's
+    policy, a Deny to fail closed or None to fail open. ``stage`` names the
+    stage in metrics.
     """
 
     stage: str
     call: Callable[[], Any]
     resume: Callable[[Any], R]
-    on_failure: Deny | None
+    on_failure: Callable[[str], R]
     timeout_s: float = 0.05

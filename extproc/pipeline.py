@@ -298,7 +298,7 @@ class Run:
                 return cast(T, done)
             ask = next_ask
 
-    def _failed(self, ask: Ask[Any], reason: str) -> Deny | None:
-        """The stage's policy decides: its Deny fails closed, None fails open."""
+    def _failed(self, ask: Ask[Any], reason: str) -> Any:
+        """The stage's policy decides: a Deny fails closed, None fails open."""
         self._pipeline.on_backend_failure(ask.stage, reason)
-        return ask.on_failure
+        return ask.on_failure(reason)

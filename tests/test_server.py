@@ -581,7 +581,7 @@ class Gate:
             return Held() if open_ else forbidden("gate_closed", "The gate is closed.")
 
         closed = Deny(503, "api_error", "gate_unavailable", "No gate.", "tollway_gate")
-        return Ask("gate", call, resume, closed, self.timeout_s)
+        return Ask("gate", call, resume, lambda reason: closed, self.timeout_s)
 
     async def next(self) -> asyncio.Future[bool]:
         """The next request that waits at the gate (bounded wait)."""

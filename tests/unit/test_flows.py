@@ -314,7 +314,11 @@ class Limits:
                 else TOO_MANY
             )
 
-        return Ask("limits", call, resume, self.on_failure, self.timeout_s)
+        def failed(reason: str) -> Deny | None:
+            self.journal.calls.append(f"limits.failed:{reason}")
+            return self.on_failure
+
+        return Ask("limits", call, resume, failed, self.timeout_s)
 
 
 def limited(stage: Limits, failures: list[tuple[str, str]] | None = None) -> Run:
@@ -362,7 +366,7 @@ async def test_a_late_backend_follows_the_stages_policy(
     decision = run.request_headers()
     assert inspect.isawaitable(decision)
     assert await decision == expected
-    assert failures == [("limits", "timeout")]
+    assert failures == [("limits", "timeout")] and "limits.failed:timeout" in j.calls
     assert not never.cancelled()  # the I/O is not cut off halfway; its answer is ignored
     never.set_result(1)
 
@@ -374,7 +378,7 @@ def test_a_failing_backend_follows_the_stages_policy(
     j, failures = Journal(), []
     run = limited(Limits(j, answer=ConnectionError("down"), on_failure=policy), failures)
     assert run.request_headers() == expected
-    assert failures == [("limits", "error")]
+    assert failures == [("limits", "error")] and "limits.failed:error" in j.calls
     assert "limits.resume" not in " ".join(j.calls)
 
 
