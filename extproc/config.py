@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,6 +27,7 @@ from .kinds import ApiKind
 ENV_PREFIX = "TOLLWAY__"
 _M = TypeVar("_M", bound=BaseModel)
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 
 
 # The header each provider reads its key from; "authorization" gets "Bearer ".
@@ -300,6 +304,91 @@ class PricingConfig(_Model):
     cost_header: bool = True
 
 
+# What a limit can count by. header:<name> counts only authenticated callers,
+# per tenant, so a client cannot dodge a limit by changing the header.
+LIMIT_DIMENSIONS = ("key", "tenant", "model", "route", "client_ip")
+RATE_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+_RULE_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+class LimitMatch(_Model):
+    """Which requests a rule applies to; an empty list matches all."""
+
+    routes: tuple[str, ...] = ()
+    tenants: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()  # key ids
+    models: tuple[str, ...] = ()  # * wildcards
+
+
+class LimitRule(_Model):
+    """One limit: exactly one of requests, tokens, concurrent or budget_usd."""
+
+    name: str = Field(pattern=_RULE_NAME)
+    by: tuple[str, ...] = ()  # empty: one counter for every request the rule matches
+    match: LimitMatch = Field(default_factory=LimitMatch)
+    requests: int | None = Field(None, gt=0)
+    tokens: int | None = Field(None, gt=0)
+    count: Literal["input", "output", "total"] = "total"  # which tokens a token rule counts
+    concurrent: int | None = Field(None, gt=0)
+    budget_usd: Decimal | None = Field(None, gt=0, decimal_places=6)
+    per: Literal["second", "minute", "hour", "day", "month"] | None = None
+    timezone: str = "UTC"  # where a budget's day or month begins
+    warn_at: float = Field(0.8, gt=0, le=1)  # a budget's warning threshold (a metric)
+    shadow: bool = False  # count would-be denials, deny nothing
+    # Default: budgets fail closed (money is a promise), rates and concurrency open
+    # (a store outage must not take every model offline).
+    on_store_error: Literal["fail_open", "fail_closed"] | None = None
+
+    @property
+    def kind(self) -> Literal["requests", "tokens", "concurrent", "budget"]:
+        if self.requests is not None:
+            return "requests"
+        if self.tokens is not None:
+            return "tokens"
+        return "concurrent" if self.concurrent is not None else "budget"
+
+    @property
+    def fails_closed(self) -> bool:
+        if self.on_store_error is None:
+            return self.kind == "budget"
+        return self.on_store_error == "fail_closed"
+
+    @model_validator(mode="after")
+    def _check(self) -> LimitRule:
+        amounts = [self.requests, self.tokens, self.concurrent, self.budget_usd]
+        if sum(a is not None for a in amounts) != 1:
+            raise ValueError("set exactly one of requests, tokens, concurrent, budget_usd")
+        kind = self.kind
+        if kind == "concurrent" and self.per is not None:
+            raise ValueError("a concurrent limit has no period: remove per")
+        if kind in ("requests", "tokens") and self.per not in RATE_PERIODS:
+            raise ValueError(f"a {kind} limit needs per: second, minute, hour or day")
+        if kind == "budget" and self.per not in ("day", "month"):
+            raise ValueError("a budget needs per: day or month (calendar, in its timezone)")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {self.timezone!r}") from None
+        for dimension in self.by:
+            name = dimension.removeprefix("header:")
+            if dimension.startswith("header:"):
+                if not name or name != name.lower() or not _HEADER_NAME.fullmatch(name):
+                    raise ValueError(f"by: {dimension!r}: a lower-case header name")
+            elif dimension not in LIMIT_DIMENSIONS:
+                choices = ", ".join((*LIMIT_DIMENSIONS, "header:<name>"))
+                raise ValueError(f"by: {dimension!r} is not one of {choices}")
+        if len(set(self.by)) != len(self.by):
+            raise ValueError("by: a dimension is listed twice")
+        return self
+
+
+class Reservations(_Model):
+    """What a request reserves before its usage is known (see README: Limits)."""
+
+    # Output tokens reserved for a request that sets no cap of its own.
+    default_output_tokens: int = Field(4096, ge=0)
+
+
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -308,6 +397,17 @@ class Config(_Model):
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, le=1024**3)
     upstreams: dict[str, Upstream] = Field(default_factory=_default_upstreams)
     pricing: PricingConfig = Field(default_factory=PricingConfig)
+    limits: tuple[LimitRule, ...] = ()
+    reservations: Reservations = Field(default_factory=Reservations)
+
+    @field_validator("limits")
+    @classmethod
+    def _check_limits(cls, limits: tuple[LimitRule, ...]) -> tuple[LimitRule, ...]:
+        names = [rule.name for rule in limits]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"rule names must be unique: {', '.join(twice)}")
+        return limits
 
     @field_validator("upstreams")
     @classmethod
