@@ -40,6 +40,7 @@ _AMOUNT_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")  # plain decimal: no sign, expon
 MAX_COUNT = 10**12
 MAX_USD = Decimal(10**12)
 
+COUNT_LIMITS = ("rpm", "tpm", "concurrency")  # the KeyLimits fields that are counts
 BudgetPeriod = Literal["day", "month"]
 _PERIODS: dict[str, BudgetPeriod] = {"day": "day", "month": "month"}
 
@@ -69,7 +70,7 @@ class KeyLimits:
     budget_period: BudgetPeriod | None = None  # set exactly when budget_usd is
 
     def __post_init__(self) -> None:
-        for name in ("rpm", "tpm", "concurrency"):
+        for name in COUNT_LIMITS:
             value = getattr(self, name)
             if value is not None:
                 _check_count(value, name)
@@ -96,7 +97,8 @@ def _check_amount(value: Decimal, name: str) -> Decimal:
     # an int; normalize() also reads 0.1000000 as the one decimal it is.
     if not (value.is_finite() and 0 < value <= MAX_USD) or _decimals(value) > 6:
         raise ValueError(
-            f"{name}: must be more than 0 and at most {MAX_USD:,} US dollars, with at most 6 decimals"
+            f"{name}: must be more than 0 and at most {MAX_USD:,} US dollars, "
+            "with at most 6 decimals"
         )
     return value
 
@@ -308,8 +310,7 @@ def _limits_from_yaml(value: Any, where: str) -> KeyLimits:
         raise KeysFileError(f"{where}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
     try:
         rpm, tpm, concurrency = (
-            None if value.get(n) is None else _check_count(value[n], n)
-            for n in ("rpm", "tpm", "concurrency")
+            None if value.get(n) is None else _check_count(value[n], n) for n in COUNT_LIMITS
         )
         budget, period = _budget_from_yaml(value.get("budget_usd"), value.get("budget_period"))
         return KeyLimits(rpm, tpm, concurrency, budget, period)
@@ -325,7 +326,7 @@ def _budget_from_yaml(amount: Any, period: Any) -> tuple[Decimal | None, BudgetP
     # YAML reads 0.1 as a float; its shortest repr is the text that was written.
     if isinstance(amount, bool) or not isinstance(amount, str | int | float):
         raise ValueError("budget_usd: must be an amount of US dollars, like 50 or 0.25")
-    found = _PERIODS.get(str(period or "month"))
+    found = _PERIODS.get("month" if period is None else str(period))
     if found is None:
         raise ValueError("budget_period: must be day or month")
     return _parse_amount(str(amount), "budget_usd"), found
