@@ -7,8 +7,11 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from . import __version__, config, keys
 
@@ -79,6 +82,49 @@ def cmd_render_envoy(args: argparse.Namespace) -> int:
     return 0
 
 
+# The limit options of `keys create` and `keys limits`: flag, KeyLimits field, help.
+_LIMIT_OPTIONS = (
+    ("--rpm", "rpm", "requests a minute"),
+    ("--tpm", "tpm", "tokens a minute"),
+    ("--concurrency", "concurrency", "requests in flight at once"),
+)
+
+
+def _limit_options(sp: argparse.ArgumentParser, clear: str) -> None:
+    for flag, _field, help_ in _LIMIT_OPTIONS:
+        sp.add_argument(flag, metavar="N", help=f"{help_}, a positive integer{clear}")
+    sp.add_argument(
+        "--budget-usd",
+        metavar="AMOUNT[/day|/month]",
+        help=f"spending budget in US dollars a day or a month (default: month){clear}",
+    )
+
+
+def _limit_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The KeyLimits fields the options given set; ``none`` sets a field to None."""
+    changes: dict[str, Any] = {
+        field: keys.parse_count(text, flag)
+        for flag, field, _help in _LIMIT_OPTIONS
+        if (text := getattr(args, field)) is not None
+    }
+    if args.budget_usd is not None:
+        budget = keys.parse_budget(args.budget_usd, "--budget-usd")
+        changes["budget_usd"], changes["budget_period"] = budget or (None, None)
+    return changes
+
+
+def _limits_text(limits: keys.KeyLimits) -> str:
+    """As the options spell them: what `keys list` shows is what one would type."""
+    parts = [
+        f"{field}={value}"
+        for _flag, field, _help in _LIMIT_OPTIONS
+        if (value := getattr(limits, field)) is not None
+    ]
+    if limits.budget_usd is not None:
+        parts.append(f"budget-usd={keys.amount_text(limits.budget_usd)}/{limits.budget_period}")
+    return " ".join(parts) or "-"
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     expires = keys.parse_expiry(args.expires) if args.expires else None
     if expires is not None and expires <= datetime.now(UTC):
@@ -88,8 +134,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         if not models:
             raise ValueError("--models names no model; leave it out for a key that may use any")
+    limits = keys.KeyLimits(**_limit_changes(args))
     key, record = keys.generate(
-        name=args.name, tenant=args.tenant, models=models or (), expires=expires
+        name=args.name, tenant=args.tenant, models=models or (), expires=expires, limits=limits
     )
     path = _keys_file(args)
     same_name = [r.id for r in keys.read_records(path) if r.name == args.name and r.active()]
@@ -111,14 +158,25 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
-    records = keys.read_records(_keys_file(args))
-    header = f"{'ID':<12}  {'NAME':<20}  {'TENANT':<12}  {'STATE':<8}  {'EXPIRES (UTC)':<16}"
-    print(f"{header}  MODELS")
-    for r in records:
+    rows = [("ID", "NAME", "TENANT", "STATE", "EXPIRES (UTC)", "MODELS", "LIMITS")]
+    for r in keys.read_records(_keys_file(args)):
         state = "revoked" if r.revoked else "active" if r.active(now) else "expired"
         expires = r.expires.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if r.expires else "-"
         models = ",".join(r.models) or "*"
-        print(f"{r.id:<12}  {r.name:<20}  {r.tenant:<12}  {state:<8}  {expires:<16}  {models}")
+        rows.append((r.id, r.name, r.tenant, state, expires, models, _limits_text(r.limits)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]))
+    return 0
+
+
+def _report(changed: list[keys.KeyRecord], key: str, line: Callable[[keys.KeyRecord], str]) -> int:
+    if not changed:
+        print(f"no active key with id or name {key!r}", file=sys.stderr)
+        return 1
+    for r in changed:
+        print(line(r))
     return 0
 
 
@@ -126,18 +184,21 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     try:
         changed = keys.revoke(_keys_file(args), args.key)
     except keys.AmbiguousName as exc:
-        print(
-            f"tollway: {len(exc.ids)} active keys are named {args.key!r}: "
-            f"{', '.join(exc.ids)}; revoke one by id (tollway keys revoke ID)",
-            file=sys.stderr,
+        raise ValueError(f"{exc}; revoke one by id (tollway keys revoke ID)") from None
+    return _report(changed, args.key, lambda r: f"revoked {r.id} ({r.name})")
+
+
+def cmd_keys_limits(args: argparse.Namespace) -> int:
+    changes = _limit_changes(args)
+    if not changes:
+        raise ValueError("give a limit to set or clear: --rpm, --tpm, --concurrency, --budget-usd")
+    try:
+        changed = keys.set_limits(
+            _keys_file(args), args.key, lambda limits: replace(limits, **changes)
         )
-        return 2
-    if not changed:
-        print(f"no active key with id or name {args.key!r}", file=sys.stderr)
-        return 1
-    for r in changed:
-        print(f"revoked {r.id} ({r.name})")
-    return 0
+    except keys.AmbiguousName as exc:
+        raise ValueError(f"{exc}; pick one by id (tollway keys limits ID ...)") from None
+    return _report(changed, args.key, lambda r: f"{r.id} ({r.name}): {_limits_text(r.limits)}")
 
 
 def _usd(value: float | None) -> str:
@@ -225,7 +286,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--output", "-o", help="write to this file instead of stdout")
     s.set_defaults(func=cmd_render_envoy)
 
-    k = add("keys", "create, list and revoke Tollway API keys")
+    k = add("keys", "create, list and revoke Tollway API keys, and set their limits")
     ksub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
 
     def keys_parser(name: str, help_: str) -> argparse.ArgumentParser:
@@ -239,12 +300,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tenant", default="default", help="tenant for metering (default: default)")
     s.add_argument("--models", help="comma-separated model allowlist; * wildcards allowed")
     s.add_argument("--expires", help="expiry: YYYY-MM-DD (end of day UTC) or ISO 8601 time")
+    _limit_options(s, "")
     s.set_defaults(func=cmd_keys_create)
     s = keys_parser("list", "list keys (ids, names, states; never secrets)")
     s.set_defaults(func=cmd_keys_list)
     s = keys_parser("revoke", "revoke keys by id or name (takes effect within a second)")
     s.add_argument("key", help="key id or name")
     s.set_defaults(func=cmd_keys_revoke)
+    s = keys_parser(
+        "limits", "set or clear a key's own limits by id or name (takes effect within a second)"
+    )
+    s.add_argument("key", help="key id or name")
+    _limit_options(s, "; none clears it")
+    s.set_defaults(func=cmd_keys_limits)
 
     s = add("prices", "list the price table, or show how model names resolve in it")
     config_option(s)

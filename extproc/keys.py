@@ -18,12 +18,13 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, date, datetime, time
+from decimal import Decimal
 from fnmatch import translate
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -32,6 +33,16 @@ from . import yamltext
 PREFIX = "tw_"
 _KEY_RE = re.compile(r"tw_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_AMOUNT_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")  # plain decimal: no sign, exponent, nan or inf
+
+# Caps well past any real need, so that counters and micro-dollar sums stay exact in
+# 64-bit integers (what a store such as Redis counts in).
+MAX_COUNT = 10**12
+MAX_USD = Decimal(10**12)
+
+COUNT_LIMITS = ("rpm", "tpm", "concurrency")  # the KeyLimits fields that are counts
+BudgetPeriod = Literal["day", "month"]
+_PERIODS: dict[str, BudgetPeriod] = {"day": "day", "month": "month"}
 
 
 class KeysFileError(Exception):
@@ -47,6 +58,88 @@ class AmbiguousName(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """Per-key overrides of the configured limits; None: no override for that one."""
+
+    rpm: int | None = None  # requests a minute
+    tpm: int | None = None  # tokens a minute
+    concurrency: int | None = None  # requests in flight at once
+    # Money is Decimal: 0.1 stays 0.1. At most 6 decimals, so a budget is a whole
+    # number of micro-dollars (an integer counter in a store).
+    budget_usd: Decimal | None = None
+    budget_period: BudgetPeriod | None = None  # set exactly when budget_usd is
+
+    def __post_init__(self) -> None:
+        for name in COUNT_LIMITS:
+            value = getattr(self, name)
+            if value is not None:
+                _check_count(value, name)
+        if (self.budget_usd is None) != (self.budget_period is None):
+            raise ValueError("budget_usd and budget_period: give both or neither")
+        if self.budget_usd is not None:
+            _check_amount(self.budget_usd, "budget_usd")
+        if self.budget_period is not None and self.budget_period not in _PERIODS:
+            raise ValueError("budget_period: must be day or month")
+
+
+NO_LIMITS = KeyLimits()
+
+
+def _check_count(value: object, name: str) -> int:
+    # bool is an int subclass: `rpm: true` in a file is a mistake, not 1.
+    if type(value) is not int or not 0 < value <= MAX_COUNT:
+        raise ValueError(f"{name}: must be a whole number from 1 to {MAX_COUNT:,}")
+    return value
+
+
+def _check_amount(value: Decimal, name: str) -> Decimal:
+    # Bounded first, so normalize() is exact (28 digits of precision) and its exponent
+    # an int; normalize() also reads 0.1000000 as the one decimal it is.
+    if not (value.is_finite() and 0 < value <= MAX_USD) or _decimals(value) > 6:
+        raise ValueError(
+            f"{name}: must be more than 0 and at most {MAX_USD:,} US dollars, "
+            "with at most 6 decimals"
+        )
+    return value
+
+
+def _decimals(value: Decimal) -> int:
+    exponent = value.normalize().as_tuple().exponent
+    assert isinstance(exponent, int)  # finite
+    return max(0, -exponent)
+
+
+def _parse_amount(text: str, name: str) -> Decimal:
+    if not _AMOUNT_RE.fullmatch(text):
+        raise ValueError(f"{name}: must be an amount of US dollars, like 50 or 0.25")
+    return _check_amount(Decimal(text), name)
+
+
+def amount_text(value: Decimal) -> str:
+    """The amount as written in the keys file and shown by the CLI: never 1E+2."""
+    return format(value, "f")
+
+
+def parse_count(text: str, name: str) -> int | None:
+    """A limit typed on the command line: a positive integer, or ``none`` to clear it."""
+    if text == "none":
+        return None
+    number = int(text) if text.isascii() and text.isdigit() else None  # not int(): " 5", "5_0"
+    return _check_count(number, f"{name} {text!r}")
+
+
+def parse_budget(text: str, name: str) -> tuple[Decimal, BudgetPeriod] | None:
+    """``AMOUNT[/day|/month]`` in US dollars (a month by default), or ``none``."""
+    if text == "none":
+        return None
+    amount, slash, period_text = text.partition("/")
+    period = _PERIODS.get(period_text if slash else "month")
+    if period is None:
+        raise ValueError(f"{name} {text!r}: the period must be /day or /month")
+    return _parse_amount(amount, f"{name} {text!r}"), period
+
+
+@dataclass(frozen=True, slots=True)
 class KeyRecord:
     id: str
     name: str
@@ -56,6 +149,7 @@ class KeyRecord:
     models: tuple[str, ...] = ()  # empty: every model; entries may use * wildcards
     expires: datetime | None = None
     revoked: datetime | None = None
+    limits: KeyLimits = NO_LIMITS
     _model_re: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     def allows_model(self, model: str) -> bool:
@@ -88,6 +182,7 @@ def make_record(
     models: Sequence[str] = (),
     expires: datetime | None = None,
     revoked: datetime | None = None,
+    limits: KeyLimits = NO_LIMITS,
 ) -> KeyRecord:
     return KeyRecord(
         id=key_id,
@@ -98,6 +193,7 @@ def make_record(
         models=tuple(models),
         expires=expires,
         revoked=revoked,
+        limits=limits,
         _model_re=_compile_models(models),
     )
 
@@ -112,6 +208,7 @@ def generate(
     tenant: str = "default",
     models: Sequence[str] = (),
     expires: datetime | None = None,
+    limits: KeyLimits = NO_LIMITS,
     now: datetime | None = None,
 ) -> tuple[str, KeyRecord]:
     """A new key and its record; the key itself is shown once and never stored."""
@@ -129,6 +226,7 @@ def generate(
         created=now or datetime.now(UTC),
         models=models,
         expires=expires,
+        limits=limits,
     )
     return key, record
 
@@ -186,7 +284,52 @@ def _to_yaml(record: KeyRecord) -> dict[str, Any]:
         item["expires"] = record.expires.isoformat()
     if record.revoked:
         item["revoked"] = record.revoked.isoformat()
+    if record.limits != NO_LIMITS:
+        item["limits"] = _limits_to_yaml(record.limits)
     return item
+
+
+def _limits_to_yaml(limits: KeyLimits) -> dict[str, Any]:
+    item: dict[str, Any] = {}
+    for f in fields(limits):
+        value = getattr(limits, f.name)
+        if value is not None:
+            # A string keeps the amount exact; a YAML float would not.
+            item[f.name] = amount_text(value) if isinstance(value, Decimal) else value
+    return item
+
+
+def _limits_from_yaml(value: Any, where: str) -> KeyLimits:
+    if value is None:
+        return NO_LIMITS
+    if not isinstance(value, dict):
+        raise KeysFileError(f"{where}: must be a mapping")
+    known = [f.name for f in fields(KeyLimits)]
+    unknown = sorted(str(k) for k in value if k not in known)
+    if unknown:  # a misspelt limit would otherwise be silently no limit
+        raise KeysFileError(f"{where}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    try:
+        rpm, tpm, concurrency = (
+            None if value.get(n) is None else _check_count(value[n], n) for n in COUNT_LIMITS
+        )
+        budget, period = _budget_from_yaml(value.get("budget_usd"), value.get("budget_period"))
+        return KeyLimits(rpm, tpm, concurrency, budget, period)
+    except ValueError as exc:
+        raise KeysFileError(f"{where}.{exc}") from None
+
+
+def _budget_from_yaml(amount: Any, period: Any) -> tuple[Decimal | None, BudgetPeriod | None]:
+    if amount is None:
+        if period is not None:
+            raise ValueError("budget_period: needs a budget_usd")
+        return None, None
+    # YAML reads 0.1 as a float; its shortest repr is the text that was written.
+    if isinstance(amount, bool) or not isinstance(amount, str | int | float):
+        raise ValueError("budget_usd: must be an amount of US dollars, like 50 or 0.25")
+    found = _PERIODS.get("month" if period is None else str(period))
+    if found is None:
+        raise ValueError("budget_period: must be day or month")
+    return _parse_amount(str(amount), "budget_usd"), found
 
 
 def _moment(value: Any, where: str) -> datetime | None:
@@ -227,6 +370,8 @@ def _from_yaml(item: Any, where: str) -> KeyRecord:
         models=models,
         expires=_moment(item.get("expires"), f"{where}.expires"),
         revoked=_moment(item.get("revoked"), f"{where}.revoked"),
+        # The id, not only the index: the operator fixes a key they know by id.
+        limits=_limits_from_yaml(item.get("limits"), f"{where} (key {key_id}): limits"),
     )
 
 
@@ -303,6 +448,42 @@ def revoke(path: Path, key_id_or_name: str, now: datetime | None = None) -> list
     changed. Several active keys of that name raise :class:`AmbiguousName` (rotation
     creates a key with the same name, then revokes the old one by id)."""
     moment = now or datetime.now(UTC)
+    return _update(
+        path,
+        key_id_or_name,
+        moment,
+        lambda r: r.revoked is None,
+        lambda r: replace(r, revoked=moment),
+    )
+
+
+def set_limits(
+    path: Path,
+    key_id_or_name: str,
+    change: Callable[[KeyLimits], KeyLimits],
+    now: datetime | None = None,
+) -> list[KeyRecord]:
+    """Give the active key with this id, or the one active key with this name, the limits
+    ``change`` makes of its current ones; returns the records changed. A running server
+    picks the new limits up when it re-reads the file."""
+    moment = now or datetime.now(UTC)
+    return _update(
+        path,
+        key_id_or_name,
+        moment,
+        lambda r: r.active(moment),
+        lambda r: replace(r, limits=change(r.limits)),
+    )
+
+
+def _update(
+    path: Path,
+    key_id_or_name: str,
+    moment: datetime,
+    pick: Callable[[KeyRecord], bool],
+    change: Callable[[KeyRecord], KeyRecord],
+) -> list[KeyRecord]:
+    """Rewrite, under the lock, the picked records that this id or name selects."""
     with locked(path):
         records = read_records(path)
         if not any(r.id == key_id_or_name for r in records):
@@ -312,8 +493,8 @@ def revoke(path: Path, key_id_or_name: str, now: datetime | None = None) -> list
         changed: list[KeyRecord] = []
         updated: list[KeyRecord] = []
         for record in records:
-            if key_id_or_name in (record.id, record.name) and record.revoked is None:
-                record = replace(record, revoked=moment)
+            if key_id_or_name in (record.id, record.name) and pick(record):
+                record = change(record)
                 changed.append(record)
             updated.append(record)
         if changed:

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def test_help_lists_every_subcommand_with_a_line_of_help() -> None:
     for command in commands:
         assert re.search(rf"^\s+{command}\b", out, re.M), command
     keys_help = tollway("keys", "--help").stdout
-    for action in ("create", "list", "revoke"):
+    for action in ("create", "list", "revoke", "limits"):
         assert re.search(rf"^\s+{action}\s+\S", keys_help, re.M), action
 
 
@@ -88,6 +89,77 @@ def test_key_create_rejects_bad_input(tmp_path: Path) -> None:
     assert not Path(file).exists() or keys.read_records(Path(file)) == []
 
 
+def test_key_limits_set_at_creation_changed_and_cleared(tmp_path: Path) -> None:
+    file = tmp_path / "keys.yaml"
+    limits = ("--rpm", "60", "--tpm", "100000", "--concurrency", "4", "--budget-usd", "50")
+    created = tollway("keys", "create", "--keys-file", str(file), "--name", "a", *limits)
+    assert created.returncode == 0, created.stderr
+    (record,) = keys.read_records(file)
+    assert record.limits == keys.KeyLimits(60, 100_000, 4, Decimal(50), "month")
+    other = tollway("keys", "create", "--keys-file", str(file), "--name", "plain")
+    assert other.returncode == 0
+
+    listed = tollway("keys", "list", "--keys-file", str(file)).stdout
+    assert re.search(r"\bLIMITS$", listed.splitlines()[0])
+    assert re.search(
+        rf"^{record.id}\s+a\s.*\s\*\s+rpm=60 tpm=100000 concurrency=4 budget-usd=50/month$",
+        listed,
+        re.M,
+    )
+    assert re.search(r"^\S+\s+plain\s.*\s\*\s+-$", listed, re.M)
+
+    changed = tollway(
+        "keys", "limits", "--keys-file", str(file), "a", "--rpm", "120", "--budget-usd", "0.1/day"
+    )
+    assert changed.returncode == 0, changed.stderr
+    expected = "rpm=120 tpm=100000 concurrency=4 budget-usd=0.1/day"
+    assert changed.stdout == f"{record.id} (a): {expected}\n"
+    assert expected in tollway("keys", "list", "--keys-file", str(file)).stdout
+    assert file.stat().st_mode & 0o777 == 0o600
+
+    cleared = tollway(
+        "keys",
+        "limits",
+        "--keys-file",
+        str(file),
+        record.id,
+        "--tpm",
+        "none",
+        "--budget-usd",
+        "none",
+    )
+    assert cleared.returncode == 0, cleared.stderr
+    assert keys.read_records(file)[0].limits == keys.KeyLimits(rpm=120, concurrency=4)
+
+    missing = tollway("keys", "limits", "--keys-file", str(file), "nobody", "--rpm", "1")
+    assert missing.returncode == 1 and "no active key" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("action", "flags", "problem"),
+    [
+        ("create", ["--rpm", "0"], "--rpm '0': must be a whole number"),
+        ("create", ["--tpm", "lots"], "--tpm 'lots': must be a whole number"),
+        ("create", ["--budget-usd", "5/week"], "the period must be /day or /month"),
+        ("create", ["--budget-usd", "abc"], "must be an amount of US dollars"),
+        ("limits", ["--concurrency", "-1"], "--concurrency '-1': must be a whole number"),
+        ("limits", ["--budget-usd", "0.0000001"], "at most 6 decimals"),
+        ("limits", [], "give a limit to set or clear"),
+    ],
+)
+def test_key_limits_refuse_nonsense(
+    tmp_path: Path, action: str, flags: list[str], problem: str
+) -> None:
+    file = tmp_path / "keys.yaml"
+    keys.write_records(file, [keys.generate(name="x")[1]])
+    before = file.read_text()
+    target = ["--name", "y"] if action == "create" else ["x"]
+    result = tollway("keys", action, "--keys-file", str(file), *target, *flags)
+    assert result.returncode == 2 and result.stderr.startswith("tollway: "), result.stderr
+    assert problem in result.stderr and "Traceback" not in result.stderr
+    assert file.read_text() == before
+
+
 def test_check_config_names_file_key_and_problem(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text("max_body_bytes: 2097152\n")
@@ -140,6 +212,9 @@ def test_revoke_by_name_refuses_when_several_active_keys_share_it(tmp_path: Path
     assert old_id in ambiguous.stderr and new_id in ambiguous.stderr
     assert "by id" in ambiguous.stderr
     assert all(r.revoked is None for r in keys.read_records(Path(file)))  # nothing revoked
+    limits = tollway("keys", "limits", "--keys-file", file, "svc", "--rpm", "5")
+    assert limits.returncode == 2 and old_id in limits.stderr and "by id" in limits.stderr
+    assert all(r.limits == keys.NO_LIMITS for r in keys.read_records(Path(file)))
 
     assert tollway("keys", "revoke", "--keys-file", file, old_id).returncode == 0
     states = {r.id: r.revoked for r in keys.read_records(Path(file))}

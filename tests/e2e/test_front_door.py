@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 import anthropic
@@ -362,7 +364,7 @@ def test_access_log_carries_identity_and_denials(stack: Stack) -> None:
 def test_keys_file_changes_apply_without_restart(stack: Stack) -> None:
     from extproc import keys
 
-    key, record = keys.generate(name="late", tenant="acme")
+    key, record = keys.generate(name="late", tenant="acme", limits=keys.KeyLimits(rpm=1000))
     r = post(stack, "/v1/chat/completions", {"authorization": f"Bearer {key}"})
     assert r.status_code == 401
     keys.add(stack.keys_file, record)
@@ -372,6 +374,16 @@ def test_keys_file_changes_apply_without_restart(stack: Stack) -> None:
             == 200
         )
     )
+    reloads = stack.metric("tollway_reloads_total", file="keys", result="ok")
+    keys.set_limits(  # the reload reads the new field; the key keeps working
+        stack.keys_file,
+        record.id,
+        lambda old: replace(old, budget_usd=Decimal("0.1"), budget_period="day"),
+    )
+    eventually(lambda: stack.metric("tollway_reloads_total", file="keys", result="ok") > reloads)
+    assert (
+        post(stack, "/v1/chat/completions", {"authorization": f"Bearer {key}"}).status_code == 200
+    )
     keys.revoke(stack.keys_file, record.id)
     eventually(
         lambda: (
@@ -379,4 +391,4 @@ def test_keys_file_changes_apply_without_restart(stack: Stack) -> None:
             == 401
         )
     )
-    assert stack.metric("tollway_reloads_total", file="keys", result="ok") >= 2
+    assert stack.metric("tollway_reloads_total", file="keys", result="ok") >= 3

@@ -8,12 +8,14 @@ import stat
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from extproc import keys
-from extproc.keys import KeyRing, KeysFileError
+from extproc.keys import NO_LIMITS, KeyLimits, KeyRing, KeysFileError
 
 from .factories import NOW, new_key, unknown_key
 
@@ -84,9 +86,12 @@ def test_file_round_trips_every_field(tmp_path: Path) -> None:
         expires=NOW + timedelta(days=30),
         revoked=NOW + timedelta(days=1),
     )
+    full = replace(full, limits=KeyLimits(60, 100_000, 4, Decimal("0.1"), "day"))
     keys.write_records(path, [plain, full])
     back = keys.read_records(path)
     assert back == [plain, full]
+    assert back[0].limits is NO_LIMITS
+    assert str(back[1].limits.budget_usd) == "0.1"  # exact, not 0.1000000000000000055...
     assert back[1].allows_model("gpt-4o-mini") and not back[1].allows_model("gpt-4")
 
 
@@ -101,6 +106,7 @@ def test_missing_or_empty_file_holds_no_keys(tmp_path: Path, text: str | None) -
 ENTRY = (
     "{id: 0123456789ab, name: a, sha256: " + "a" * 64 + ", created: '2025-01-01T00:00:00+00:00'}"
 )
+LIMITS_AT = "keys[0] (key 0123456789ab): limits"  # the id, so the operator knows which key
 
 
 @pytest.mark.parametrize(
@@ -121,6 +127,26 @@ ENTRY = (
         ("keys: 5\n", "expected a mapping with a 'keys' list"),
         ("- a\n- b\n", "expected a mapping with a 'keys' list"),
         ("keys: [unclosed\n", "not valid YAML"),
+        *(
+            (f"keys:\n  - {ENTRY[:-1]}, limits: {limits}}}\n", f"{LIMITS_AT}{problem}")
+            for limits, problem in [
+                ("5", ": must be a mapping"),
+                ("{rmp: 60}", ": unknown rmp (known: rpm, tpm, "),
+                ("{rpm: 0}", ".rpm: must be a whole number from 1 to 1,000,000,000,000"),
+                ("{tpm: true}", ".tpm: must be a whole number"),
+                ("{concurrency: '4'}", ".concurrency: must be a whole number"),
+                ("{rpm: 1.5}", ".rpm: must be a whole number"),
+                ("{rpm: 1000000000001}", ".rpm: must be a whole number"),
+                ("{budget_usd: abc}", ".budget_usd: must be an amount of US dollars"),
+                ("{budget_usd: [5]}", ".budget_usd: must be an amount of US dollars"),
+                ("{budget_usd: -5}", ".budget_usd: must be an amount of US dollars"),
+                ("{budget_usd: 0}", ".budget_usd: must be more than 0"),
+                ("{budget_usd: '0.0000001'}", ".budget_usd: must be more than 0"),
+                ("{budget_usd: .nan}", ".budget_usd: must be an amount"),
+                ("{budget_usd: 5, budget_period: week}", ".budget_period: must be day or month"),
+                ("{budget_period: day}", ".budget_period: needs a budget_usd"),
+            ]
+        ),
     ],
 )
 def test_malformed_file_names_the_file_and_entry(tmp_path: Path, text: str, where: str) -> None:
@@ -131,6 +157,7 @@ def test_malformed_file_names_the_file_and_entry(tmp_path: Path, text: str, wher
     message = str(info.value)
     assert message.startswith(f"{path}: ")
     assert where in message
+    assert "a" * 64 not in message  # never the digest
     assert "<unicode string>" not in message
     if where == "not valid YAML":
         assert "line 2, column 1: " in message, message
@@ -160,6 +187,153 @@ def test_yaml_dates_in_the_file_mean_end_of_day_utc(tmp_path: Path) -> None:
     assert record.expires == datetime(2025, 3, 1, 23, 59, 59, 999999, tzinfo=UTC)
     assert record.revoked == datetime(2025, 2, 1, 8, 0, tzinfo=UTC)
     assert record.tenant == "default"
+
+
+# A keys file as Tollway wrote it before keys had limits.
+OLD_FILE = """\
+# Tollway API keys: hashes only. Managed by `tollway keys`.
+keys:
+- id: 0123456789ab
+  name: ci
+  tenant: platform
+  sha256: {sha}
+  created: '2025-01-01T00:00:00+00:00'
+  models:
+  - gpt-4o*
+""".format(sha="a" * 64)
+
+
+def test_a_file_written_before_limits_loads_and_stays_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(OLD_FILE)
+    (old,) = keys.read_records(path)
+    assert old.limits == NO_LIMITS and old.models == ("gpt-4o*",)
+    _, new = new_key("new")
+    keys.add(path, new)  # a rewrite adds no empty limits to the old entry
+    assert path.read_text().startswith(OLD_FILE)
+
+
+@pytest.mark.parametrize(
+    ("text", "limits"),
+    [
+        ("{}", NO_LIMITS),
+        ("null", NO_LIMITS),
+        ("{rpm: null, budget_usd: null}", NO_LIMITS),
+        ("{rpm: 60}", KeyLimits(rpm=60)),
+        # YAML reads 0.1 as a float: its repr is what was written, so the Decimal is exact.
+        (
+            "{budget_usd: 0.1, budget_period: day}",
+            KeyLimits(None, None, None, Decimal("0.1"), "day"),
+        ),
+        ("{budget_usd: 50}", KeyLimits(budget_usd=Decimal(50), budget_period="month")),
+        (
+            "{budget_usd: '12.345678'}",
+            KeyLimits(budget_usd=Decimal("12.345678"), budget_period="month"),
+        ),
+    ],
+)
+def test_limits_as_people_write_them_in_the_file(
+    tmp_path: Path, text: str, limits: KeyLimits
+) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"keys:\n  - {ENTRY[:-1]}, limits: {text}}}\n")
+    (record,) = keys.read_records(path)
+    assert record.limits == limits
+
+
+def test_only_limits_that_are_set_are_written(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    _, record = new_key()
+    keys.write_records(
+        path,
+        [
+            replace(
+                record, limits=KeyLimits(tpm=5, budget_usd=Decimal("1E+2"), budget_period="month")
+            )
+        ],
+    )
+    assert (
+        "  limits:\n    tpm: 5\n    budget_usd: '100'\n    budget_period: month\n"
+        in path.read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"rpm": 0}, "rpm: must be a whole number"),
+        ({"concurrency": True}, "concurrency: must be a whole number"),
+        ({"budget_usd": Decimal(5)}, "give both or neither"),
+        ({"budget_period": "day"}, "give both or neither"),
+        ({"budget_usd": Decimal("Infinity"), "budget_period": "day"}, "budget_usd: must be more"),
+        ({"budget_usd": Decimal("0.1234567"), "budget_period": "day"}, "at most 6 decimals"),
+        ({"budget_usd": Decimal(1), "budget_period": "week"}, "budget_period: must be day or"),
+    ],
+)
+def test_key_limits_refuse_nonsense_however_made(fields: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        KeyLimits(**fields)
+    with pytest.raises(ValueError, match=problem):
+        replace(NO_LIMITS, **fields)
+
+
+def test_trailing_zeros_are_not_decimals() -> None:
+    assert KeyLimits(budget_usd=Decimal("0.1000000"), budget_period="day").budget_usd == Decimal(
+        "0.1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1", 1), ("60", 60), ("1000000000000", 10**12), ("none", None)],
+)
+def test_parse_count(text: str, value: int | None) -> None:
+    assert keys.parse_count(text, "--rpm") == value
+
+
+@pytest.mark.parametrize(
+    "text", ["0", "-1", "1.5", "abc", "", " 5", "5_000", "\u0665", "None", "1000000000001"]
+)
+def test_parse_count_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match=f"--rpm {re.escape(repr(text))}: must be a whole number"):
+        keys.parse_count(text, "--rpm")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("50", (Decimal(50), "month")),
+        ("50/month", (Decimal(50), "month")),
+        ("0.1/day", (Decimal("0.1"), "day")),
+        ("0.000001/day", (Decimal("0.000001"), "day")),
+        ("1000000000000", (Decimal(10**12), "month")),
+        ("none", None),
+    ],
+)
+def test_parse_budget(text: str, value: tuple[Decimal, str] | None) -> None:
+    assert keys.parse_budget(text, "--budget-usd") == value
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("5/week", "the period must be /day or /month"),
+        ("5/", "the period must be /day or /month"),
+        ("5/Day", "the period must be /day or /month"),
+        ("abc", "must be an amount of US dollars"),
+        ("/day", "must be an amount of US dollars"),
+        ("-5", "must be an amount of US dollars"),
+        ("1e3", "must be an amount of US dollars"),
+        ("nan", "must be an amount of US dollars"),
+        ("$5", "must be an amount of US dollars"),
+        ("0", "must be more than 0"),
+        ("0.0000001", "at most 6 decimals"),
+        ("1000000000000.01", "at most 1,000,000,000,000 US dollars"),
+    ],
+)
+def test_parse_budget_rejects(text: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=f"--budget-usd {re.escape(repr(text))}: .*{problem}"):
+        keys.parse_budget(text, "--budget-usd")
 
 
 def test_concurrent_adds_lose_no_record(tmp_path: Path) -> None:
@@ -228,6 +402,46 @@ def test_revoke_again_or_unknown_changes_nothing(tmp_path: Path) -> None:
     assert keys.revoke(path, "alice", now=NOW + timedelta(days=1)) == []
     assert keys.revoke(path, "nobody") == []
     assert path.read_text() == before  # first revocation time kept
+
+
+# ---- limits on an existing key ------------------------------------------------------
+
+
+def test_set_limits_by_id_or_name_changes_only_what_it_is_given(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    _, a = new_key("alice")
+    _, b = new_key("bob")
+    a = replace(a, limits=KeyLimits(rpm=60, tpm=1000))
+    keys.write_records(path, [a, b])
+
+    changed = keys.set_limits(path, "alice", lambda old: replace(old, rpm=120, concurrency=2), NOW)
+    expected = KeyLimits(rpm=120, tpm=1000, concurrency=2)
+    assert [r.limits for r in changed] == [expected]
+    assert [r.limits for r in keys.read_records(path)] == [expected, NO_LIMITS]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    keys.set_limits(path, a.id, lambda old: replace(old, tpm=None, rpm=None), NOW)
+    assert keys.read_records(path)[0].limits == KeyLimits(concurrency=2)
+    assert keys.read_records(path)[0] == replace(a, limits=KeyLimits(concurrency=2))
+
+
+def test_set_limits_refuses_an_ambiguous_name_and_skips_inactive_keys(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    _, ci1 = new_key("ci")
+    _, ci2 = new_key("ci")
+    _, gone = new_key("gone", revoked=NOW)
+    keys.write_records(path, [ci1, ci2, gone])
+    before = path.read_text()
+
+    def rpm(old: KeyLimits) -> KeyLimits:
+        return replace(old, rpm=1)
+
+    with pytest.raises(keys.AmbiguousName):
+        keys.set_limits(path, "ci", rpm, NOW)
+    assert keys.set_limits(path, "gone", rpm, NOW) == []
+    assert keys.set_limits(path, gone.id, rpm, NOW) == []
+    assert path.read_text() == before
+    assert [r.id for r in keys.set_limits(path, ci2.id, rpm, NOW)] == [ci2.id]
 
 
 # ---- lookups ---------------------------------------------------------------------

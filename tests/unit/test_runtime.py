@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from extproc import keys
 from extproc.decisions import Deny, Phase
-from extproc.keys import KeyRecord, KeysFileError
+from extproc.keys import KeyLimits, KeyRecord, KeysFileError
 from extproc.runtime import Runtime
 from extproc.stages.credentials import CREDENTIAL_MISSING
 
@@ -79,6 +81,17 @@ def test_revoked_key_is_rejected_after_reload(env: Env, alice: tuple[str, KeyRec
     assert env.code(alice[0]) == "revoked_api_key"
 
 
+def test_limits_changed_after_start_are_served_after_reload(
+    env: Env, alice: tuple[str, KeyRecord]
+) -> None:
+    limits = KeyLimits(rpm=120, budget_usd=Decimal("0.1"), budget_period="day")
+    assert keys.set_limits(env.keys_file, "alice", lambda _old: limits, now=NOW)
+    env.runtime.reload_if_changed()
+    assert env.reloads("keys", "ok") == 1
+    assert env.runtime.auth.keys.find(alice[0]) == replace(alice[1], limits=limits)
+    assert env.code(alice[0]) == "allowed"
+
+
 def test_unchanged_files_are_not_reloaded(env: Env) -> None:
     for _ in range(3):
         env.runtime.reload_if_changed()
@@ -93,6 +106,8 @@ def test_unchanged_files_are_not_reloaded(env: Env) -> None:
         "keys: [unclosed\n",
         "keys:\n  - {id: nothex, name: x, sha256: abc, created: '2025-01-01'}\n",
         "keys: 7\n",
+        "keys:\n  - {id: 0123456789ab, name: x, sha256: " + "a" * 64 + ", created: '2025-01-01',"
+        " limits: {rpm: 0}}\n",
     ],
 )
 def test_corrupt_keys_file_keeps_the_previous_keys_serving(
