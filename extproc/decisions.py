@@ -15,6 +15,10 @@ class Phase(enum.Flag):
     REQUEST_BODY = enum.auto()
     RESPONSE_HEADERS = enum.auto()
     RESPONSE_BODY = enum.auto()
+    # Not an ext_proc phase: finish this flow only when Envoy ends the stream (the
+    # request is over), not at the last phase asked for. A concurrency lease is
+    # held this long; Envoy resets the stream at the end of every request.
+    STREAM_END = enum.auto()
 
 
 class BodyMode(enum.Enum):

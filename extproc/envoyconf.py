@@ -391,6 +391,33 @@ def _matches(prefix: str, signature: Signature | None) -> list[dict[str, Any]]:
     ]
 
 
+# The provider's own rate-limit headers, filled from what the limits stage found at
+# request time (dynamic metadata): no response-headers message needed. A value
+# Tollway did not set adds nothing, and leaves the upstream's header alone.
+_RATE_HEADERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "openai": tuple(
+        (f"x-ratelimit-{field}-{kind}", f"ratelimit_{field}_{kind}")
+        for kind in ("requests", "tokens")
+        for field in ("limit", "remaining", "reset")
+    ),
+    "anthropic": tuple(
+        (f"anthropic-ratelimit-{kind}-{field}", f"ratelimit_{field}_{kind}")
+        for kind in ("requests", "tokens")
+        for field in ("limit", "remaining", "reset")
+    ),
+}
+
+
+def _rate_headers(dialect: Dialect) -> list[dict[str, Any]]:
+    return [
+        {
+            "header": {"key": header, "value": f"%DYNAMIC_METADATA(tollway:{key})%"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+        for header, key in _RATE_HEADERS.get(dialect, ())
+    ]
+
+
 def _routes(config: Config) -> list[dict[str, Any]]:
     disabled = {
         "envoy.filters.http.ext_proc": {
@@ -417,16 +444,18 @@ def _routes(config: Config) -> list[dict[str, Any]]:
             action["prefix_rewrite"] = upstream.base_path + "/"
         elif upstream.base_path:
             action["prefix_rewrite"] = upstream.base_path + rule.prefix
+        rate_headers = _rate_headers(route_dialect(rule.route.api))
         for match in _matches(rule.prefix, rule.signature):
-            routes.append(
-                {
-                    "name": rule.route.name,
-                    "match": match,
-                    "route": action,
-                    # ext_proc would see gzip bytes otherwise (and a decompressor behind it hangs).
-                    "request_headers_to_remove": ["accept-encoding"],
-                }
-            )
+            entry: dict[str, Any] = {
+                "name": rule.route.name,
+                "match": match,
+                "route": action,
+                # ext_proc would see gzip bytes otherwise (and a decompressor behind it hangs).
+                "request_headers_to_remove": ["accept-encoding"],
+            }
+            if rate_headers:
+                entry["response_headers_to_add"] = rate_headers
+            routes.append(entry)
     # No provider matched: a 404 in the shape of what the request seems to speak.
     not_found: list[tuple[Signature | None, Dialect]] = [
         ("anthropic", "anthropic"),

@@ -49,6 +49,7 @@ class Exchange:
     # The usage metering read from the response, published at finish (budgets read it).
     usage: Usage | None = None
     usage_estimated: bool = False
+    cost_usd: float | None = None  # what that usage cost (None: not metered)
     outcome: Outcome | None = None  # set once, when the request is over for Tollway
 
     @property

@@ -44,6 +44,24 @@ class Metrics:
             ["stage", "reason"],
             registry=r,
         )
+        self.limit_decisions = Counter(
+            "tollway_limit_decisions",
+            "Limit rule decisions: allowed, limited, shadow_limited, failed_open, failed_closed",
+            ["rule", "outcome"],
+            registry=r,
+        )
+        self.budget_used = Gauge(
+            "tollway_budget_used_ratio",
+            "Share of a budget spent in its current window (at most 1000 scopes a rule)",
+            ["rule", "scope"],
+            registry=r,
+        )
+        self.budget_warn = Gauge(
+            "tollway_budget_warn_ratio",
+            "A budget rule's warning threshold (alert when used_ratio passes it)",
+            ["rule"],
+            registry=r,
+        )
         self.internal_errors = Counter(
             "tollway_internal_errors",
             "Requests answered 500 because of a fault inside Tollway",

@@ -74,7 +74,7 @@ class Pipeline:
 class Run:
     """One request through the pipeline: its Exchange and its stages' flows."""
 
-    __slots__ = ("_body_flows", "_flows", "_gone", "_pipeline", "_wants", "ex")
+    __slots__ = ("_body_flows", "_flows", "_gone", "_pipeline", "_waiting", "_wants", "ex")
 
     def __init__(self, pipeline: Pipeline, ex: Exchange) -> None:
         self._pipeline = pipeline
@@ -83,6 +83,7 @@ class Run:
         self._body_flows: tuple[Flow, ...] = ()  # those that asked for the response body
         self._wants = Phase.NONE
         self._gone = False  # the stream went away while a backend was pending
+        self._waiting: tuple[Flow, ...] = ()  # forwarded, finished when the stream ends
 
     @property
     def finished(self) -> bool:
@@ -152,7 +153,10 @@ class Run:
         self._gone = True
 
     def finish(self, outcome: Outcome) -> None:
-        """Finish every flow once, last started first; a second call does nothing."""
+        """Finish every flow once, last started first; a second call does nothing.
+
+        A forwarded request's flows that want STREAM_END finish in ``close``.
+        """
         ex = self.ex
         if ex.outcome is not None:
             return
@@ -163,10 +167,22 @@ class Run:
         if events is not None and not events.closed:
             # Cut short: an event left unterminated still counts (it may carry usage).
             self._guarded(self._last_events, events)
+        waiting = []
         for flow in reversed(self._flows):
-            self._guarded(flow.finish, ex, outcome)
+            if outcome is Outcome.FORWARDED and Phase.STREAM_END in flow.wants:
+                waiting.append(flow)
+            else:
+                self._guarded(flow.finish, ex, outcome)
+        self._waiting = tuple(waiting)
         if ex.set_response_headers and not response_headers_fit(ex):
             ex.set_response_headers.clear()  # Envoy would fail the whole response over them
+
+    def close(self) -> None:
+        """Envoy ended the stream: the request is over. Not finished yet: abandoned."""
+        self.finish(Outcome.ABANDONED)
+        waiting, self._waiting = self._waiting, ()
+        for flow in waiting:
+            self._guarded(flow.finish, self.ex, Outcome.FORWARDED)
 
     def _last_events(self, events: ResponseEvents) -> None:
         events.feed(b"", True)

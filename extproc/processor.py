@@ -109,7 +109,7 @@ class StreamProcessor:
         """The stream is over (ended or reset): a request not yet finished was abandoned."""
         run, self._run = self._run, None
         if run is not None:
-            run.finish(Outcome.ABANDONED)
+            run.close()
 
     def _request_headers(self, request: ProcessingRequest) -> Reply:
         message = request.request_headers

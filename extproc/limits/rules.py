@@ -66,7 +66,9 @@ class Rule:
         return not self.keys or identity.id in self.keys
 
     def applies_to_model(self, model: str | None) -> bool:
-        return self.models is None or (model is not None and self.models.fullmatch(model) is not None)
+        return self.models is None or (
+            model is not None and self.models.fullmatch(model) is not None
+        )
 
     def counter_name(
         self,
@@ -118,7 +120,7 @@ def compile_rule(rule: LimitRule) -> Rule:
         kind=kind,
         limit=limit,
         period_s=RATE_PERIODS.get(rule.per or "", 0.0),
-        calendar=rule.per if kind == "budget" and rule.per in ("day", "month") else None,  # type: ignore[arg-type]
+        calendar=rule.per if kind == "budget" and rule.per in ("day", "month") else None,
         zone=ZoneInfo(rule.timezone),
         by=rule.by,
         routes=frozenset(rule.match.routes),
@@ -151,7 +153,9 @@ def key_overrides(limits: KeyLimits) -> list[Rule]:
     if limits.concurrency is not None:
         made.append(_override("key_concurrency", "concurrent", limits.concurrency, ""))
     if limits.budget_usd is not None:
-        made.append(_override("key_budget", "budget", limits.budget_usd, limits.budget_period or "month"))
+        made.append(
+            _override("key_budget", "budget", limits.budget_usd, limits.budget_period or "month")
+        )
     return [compile_rule(rule) for rule in made]
 
 

@@ -94,6 +94,7 @@ class MeteringStage:
         model = reading.model or m.request_model
         found = self.prices.lookup(model)
         cost_usd = cost(found[1], usage) if found is not None else 0.0
+        ex.cost_usd = cost_usd
         label = found[0] if found is not None else OTHER
         provider, identity = route.api, ex.identity
         tenant = identity.tenant if identity is not None and identity.tenant else "none"

@@ -462,3 +462,26 @@ def test_a_flow_must_declare_that_it_edits_events() -> None:
     run = sse_run(Sneaky(True, {"a": None}))
     with pytest.raises(RuntimeError):
         run.response_body(b'data: {"id": "a"}\n\n', False)
+
+
+def test_a_flow_that_wants_the_stream_end_finishes_when_envoy_ends_the_stream() -> None:
+    j = Journal()
+    run = run_of(
+        Starts("lease", j, wants=Phase.STREAM_END), Starts("meter", j, Phase.RESPONSE_HEADERS)
+    )
+    assert run.request_headers() == Phase.RESPONSE_HEADERS | Phase.STREAM_END
+    run.response_headers(200, {})
+    assert j.calls[-1] == "meter.finish:forwarded" and run.finished  # the lease is still held
+    run.close()
+    assert j.calls[-1] == "lease.finish:forwarded"
+    run.close()
+    assert j.calls.count("lease.finish:forwarded") == 1
+
+
+def test_a_denied_request_does_not_wait_for_the_stream_end() -> None:
+    j = Journal()
+    run = run_of(Starts("lease", j, wants=Phase.STREAM_END), Starts("no", j, deny_at="start"))
+    assert isinstance(run.request_headers(), Deny)
+    assert j.calls[-1] == "lease.finish:denied"
+    run.close()
+    assert j.calls.count("lease.finish:denied") == 1

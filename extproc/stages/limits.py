@@ -1,0 +1,335 @@
+"""Request, token and concurrency limits and $ budgets: reserve before, settle after.
+
+At the request (its headers when no rule applying to it needs the body, else
+its body) the flow reserves, in one atomic take for every rule that applies:
+one request, the tokens it may use (the prompt estimated, plus its own output
+cap or ``reservations.default_output_tokens``), one concurrency lease, and
+the dollars those tokens would cost. A rule that would go over denies the
+request with a 429 in the route's error shape, and nothing is reserved. At
+``finish`` the flow settles with what metering read: unused tokens and
+dollars are given back, any excess is charged; a request that reached no
+provider gives all of it back (its request still counts). A concurrency lease
+is held until Envoy ends the stream (STREAM_END), and expires if that never
+comes. A store that fails or is late decides by each rule's policy: the
+request is refused (503) if any rule that applies fails closed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from ..decisions import Ask, Deny, Outcome, Phase
+from ..exchange import BodyError, Exchange
+from ..kinds import Usage
+from ..limits.quota import Counter, Quota, Settle, Take, Verdict, budget_window, counter_key
+from ..limits.rules import MICRO, Rule, RuleSet
+from ..metrics import Metrics
+from ..pricing import PriceTable, cost
+from . import Flow
+
+# What the client's own cap on output is called, per API.
+_OUTPUT_CAPS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# Base64 blobs (images, audio, files) are not text: counted as a flat number of tokens.
+_BLOB = re.compile(rb'"(?:data:[^"]{512,}|[A-Za-z0-9+/=]{2048,})"')
+BLOB_TOKENS = 1600  # about what a large image costs at the providers' top resolution
+_MAX_GAUGED = 1000
+_SLACK_S = 60.0  # a lease outlives the route's upstream timeout by this much
+_COUNTER_KIND: dict[str, Literal["rate", "concurrent", "budget"]] = {
+    "requests": "rate",
+    "tokens": "rate",
+    "concurrent": "concurrent",
+    "budget": "budget",
+}
+
+UNAVAILABLE = Deny(
+    503,
+    "api_error",
+    "limits_unavailable",
+    "Rate limits cannot be checked right now; try again shortly.",
+    "tollway_limits_unavailable",
+)
+
+
+def estimate_input_tokens(body: bytes) -> int:
+    """About four bytes a token for text; each base64 blob a flat BLOB_TOKENS."""
+    blobs = [m.end() - m.start() for m in _BLOB.finditer(body)] if len(body) > 512 else []
+    return math.ceil((len(body) - sum(blobs)) / 4) + BLOB_TOKENS * len(blobs)
+
+
+def output_cap(doc: dict[str, Any]) -> int | None:
+    """The request's own cap on output tokens times the choices asked for, if it set one."""
+    cap = next((doc[k] for k in _OUTPUT_CAPS if type(doc.get(k)) is int), None)
+    choices = doc.get("n")
+    config = doc.get("generationConfig") or doc.get("generation_config")
+    if isinstance(config, dict):  # Gemini
+        found = config.get("maxOutputTokens", config.get("max_output_tokens"))
+        cap = found if type(found) is int else cap
+        choices = config.get("candidateCount", config.get("candidate_count"))
+    if cap is None or cap < 0:
+        return None
+    return cap * (choices if type(choices) is int and 1 <= choices <= 128 else 1)
+
+
+def client_ip(ex: Exchange) -> str:
+    """The peer Envoy saw: the last X-Forwarded-For entry (Envoy appends it)."""
+    return ex.headers.get("x-forwarded-for", "").rpartition(",")[2].strip()
+
+
+class LimitsStage:
+    def __init__(
+        self,
+        rules: RuleSet,
+        quota: Quota,
+        prices: PriceTable,
+        metrics: Metrics,
+        *,
+        default_output_tokens: int = 4096,
+        timeout_s: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rules = rules
+        self.quota = quota
+        self.prices = prices
+        self.metrics = metrics
+        self.default_output_tokens = default_output_tokens
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._gauged: dict[str, set[str]] = {}  # budget scopes exported, per rule
+        for rule in rules.rules:
+            if rule.kind == "budget":
+                metrics.budget_warn.labels(rule.name).set(rule.warn_at)
+
+    def gauge_budget(self, rule: Rule, ex: Exchange, remaining: int) -> None:
+        """Spent share of budgets by key, by tenant or over all: a bounded set of scopes."""
+        identity = ex.identity
+        if rule.by == ():
+            scope = "all"
+        elif rule.by == ("key",) and identity is not None:
+            scope = identity.id
+        elif rule.by == ("tenant",) and identity is not None:
+            scope = identity.tenant
+        else:
+            return
+        scopes = self._gauged.setdefault(rule.name, set())
+        if scope not in scopes:
+            if len(scopes) >= _MAX_GAUGED:
+                return
+            scopes.add(scope)
+        used = 1 - max(0, remaining) / rule.limit
+        self.metrics.budget_used.labels(rule.name, scope).set(used)
+
+    def start(self, ex: Exchange) -> LimitsFlow | Deny | Ask[LimitsFlow | Deny | None] | None:
+        route = ex.route
+        if route is None:
+            return None
+        rules = [
+            r for r in self.rules.for_identity(ex.identity) if r.applies(route.name, ex.identity)
+        ]
+        if not rules:
+            return None
+        flow = LimitsFlow(self, rules)
+        if any(rule.needs_body for rule in rules):
+            flow.wants |= Phase.REQUEST_BODY
+            return flow
+        return flow.take(ex, None, 0, 0)
+
+    def count(self, rule: Rule, outcome: str) -> None:
+        self.metrics.limit_decisions.labels(rule.name, outcome).inc()
+
+
+class LimitsFlow(Flow):
+    """One request's reservation: the counters it took, settled once at finish."""
+
+    __slots__ = ("counters", "request_id", "rules", "stage", "taken", "wants")
+
+    def __init__(self, stage: LimitsStage, rules: Sequence[Rule]) -> None:
+        self.stage = stage
+        self.rules = tuple(rules)
+        self.counters: tuple[Counter, ...] = ()
+        self.taken = False  # the store admitted this request: settle at finish
+        # Ours, not Envoy's x-request-id: a client must not share one lease between requests.
+        self.request_id = secrets.token_hex(8)
+        self.wants = Phase.STREAM_END if any(r.kind == "concurrent" for r in rules) else Phase.NONE
+
+    def on_request_body(self, ex: Exchange) -> Ask[Deny | None] | None:
+        body = ex.body or b""
+        call = ex.call
+        model = call.path_model if call is not None else None
+        out = 0
+        try:
+            doc = ex.json()
+        except BodyError:
+            doc = {}
+        if isinstance(doc.get("model"), str):
+            model = doc["model"]
+        if call is not None and call.api != "embeddings":
+            cap = output_cap(doc)
+            out = cap if cap is not None else self.stage.default_output_tokens
+        ask = self.take(ex, model, estimate_input_tokens(body), out)
+        return ask
+
+    def take(
+        self, ex: Exchange, model: str | None, input_tokens: int, output_tokens: int
+    ) -> Ask[Any] | None:
+        stage, route = self.stage, ex.route
+        assert route is not None
+        self.rules = tuple(r for r in self.rules if r.applies_to_model(model))
+        if not self.rules:
+            return None
+        now = stage.clock()
+        micro = 0
+        if any(r.kind == "budget" for r in self.rules):
+            found = stage.prices.lookup(model)
+            if found is not None:
+                usd = cost(found[1], Usage(input_tokens=input_tokens, output_tokens=output_tokens))
+                micro = math.ceil(usd * MICRO)
+        ip = client_ip(ex)
+        counters = []
+        for rule in self.rules:
+            name = rule.counter_name(ex.identity, route.name, model, ip, ex.headers)
+            window_end = 0.0
+            period = rule.period_s
+            if rule.kind == "requests":
+                amount = 1
+            elif rule.kind == "tokens":
+                amount = _tokens(rule, input_tokens, output_tokens)
+            elif rule.kind == "concurrent":
+                amount, period = 1, route.upstream.timeout_s + _SLACK_S
+            else:
+                window, window_end = budget_window(now, rule.calendar or "month", rule.zone)
+                name, amount = f"{name}:{window}", micro
+            counters.append(
+                Counter(
+                    rule=rule.name,
+                    key=counter_key(rule.kind, name),
+                    kind=_COUNTER_KIND[rule.kind],
+                    limit=rule.limit,
+                    period_s=period,
+                    window_end=window_end,
+                    amount=amount,
+                    shadow=rule.shadow,
+                )
+            )
+        self.counters = tuple(counters)
+        take = Take(self.request_id, now, self.counters)
+        return Ask(
+            "limits",
+            lambda: stage.quota.take(take),
+            lambda verdict: self._decide(ex, verdict, now),
+            self._failed,
+            stage.timeout_s,
+        )
+
+    def _decide(self, ex: Exchange, verdict: Verdict, now: float) -> Any:
+        stage = self.stage
+        for i in verdict.shadow_denied:
+            stage.count(self.rules[i], "shadow_limited")
+        _rate_headers(ex, self.rules, verdict, now)
+        if not verdict.allowed:
+            assert verdict.denied_by is not None
+            rule = self.rules[verdict.denied_by]
+            stage.count(rule, "limited")
+            return _too_many(rule, verdict)
+        self.taken = True
+        for rule, remaining in zip(self.rules, verdict.remaining, strict=True):
+            stage.count(rule, "allowed")
+            if rule.kind == "budget":
+                stage.gauge_budget(rule, ex, remaining)
+        return self if Phase.REQUEST_BODY not in self.wants else None
+
+    def _failed(self, reason: str) -> Any:
+        closed = any(r.fails_closed and not r.shadow for r in self.rules)
+        for rule in self.rules:
+            self.stage.count(rule, "failed_closed" if closed else "failed_open")
+        if closed:
+            return UNAVAILABLE
+        return None
+
+    def finish(self, ex: Exchange, outcome: Outcome) -> None:
+        if not self.taken:
+            return
+        usage = ex.usage or Usage()
+        micro = math.ceil((ex.cost_usd or 0.0) * MICRO)
+        actual = []
+        for rule, counter in zip(self.rules, self.counters, strict=True):
+            if rule.kind == "tokens":
+                actual.append(_tokens(rule, usage.input_tokens, usage.output_tokens))
+            elif rule.kind == "budget":
+                actual.append(micro)
+            elif rule.kind == "concurrent":
+                actual.append(0)  # the lease ends
+            else:
+                actual.append(counter.amount)  # a request counts once it was admitted
+        self.stage.quota.settle(
+            Settle(self.request_id, self.stage.clock(), self.counters, tuple(actual))
+        )
+
+
+def _tokens(rule: Rule, input_tokens: int, output_tokens: int) -> int:
+    if rule.count == "input":
+        return input_tokens
+    if rule.count == "output":
+        return output_tokens
+    return input_tokens + output_tokens
+
+
+def _too_many(rule: Rule, verdict: Verdict) -> Deny:
+    retry = verdict.retry_after_s
+    if rule.kind == "budget":
+        message = f"Budget {rule.name!r} is spent for this {rule.per}."
+        kind, code = "insufficient_quota", "insufficient_quota"
+    else:
+        what = {"requests": "requests", "tokens": "tokens", "concurrent": "concurrent requests"}[
+            rule.kind
+        ]
+        per = f" per {rule.per}" if rule.per else ""
+        message = f"Rate limit reached for {what} (rule {rule.name!r}: {rule.limit}{per})."
+        kind, code = ("tokens" if rule.kind == "tokens" else "requests"), "rate_limit_exceeded"
+    headers: tuple[tuple[str, str], ...] = ()
+    if math.isinf(retry):
+        message += " This request alone is larger than the limit."
+    else:
+        seconds = max(1, math.ceil(retry))
+        message += f" Retry in {seconds}s."
+        headers = (("retry-after", str(seconds)),)
+    return Deny(429, kind, code, message, f"tollway_limited_{rule.kind}", headers)
+
+
+def openai_duration(seconds: float) -> str:
+    """OpenAI's reset format: 20ms, 1s, 6m0s, 1h2m3s."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def _rate_headers(ex: Exchange, rules: Sequence[Rule], verdict: Verdict, now: float) -> None:
+    """The tightest enforced request and token rule, as metadata for Envoy's route to
+    add as the provider's own rate-limit headers (no extra ext_proc message)."""
+    anthropic = ex.dialect == "anthropic"
+    for kind in ("requests", "tokens"):
+        best = None
+        for i, rule in enumerate(rules):
+            if rule.kind == kind and not rule.shadow:
+                if best is None or verdict.remaining[i] < verdict.remaining[best]:
+                    best = i
+        if best is None:
+            continue
+        reset = verdict.reset_s[best]
+        ex.metadata[f"ratelimit_limit_{kind}"] = rules[best].limit
+        ex.metadata[f"ratelimit_remaining_{kind}"] = max(0, verdict.remaining[best])
+        ex.metadata[f"ratelimit_reset_{kind}"] = (
+            datetime.fromtimestamp(now + reset, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            if anthropic
+            else openai_duration(reset)
+        )
