@@ -51,6 +51,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if args.port is not None:
         cfg = cfg.model_copy(update={"envoy": cfg.envoy.model_copy(update={"port": args.port})})
+    if args.replicas is not None:
+        cfg = config.override(cfg, {"server": {"replicas": args.replicas}}, "--replicas")
     return up.run(cfg, demo=args.demo)
 
 
@@ -272,6 +274,13 @@ def parser() -> argparse.ArgumentParser:
         help="also run a built-in demo upstream and create a demo key (no network)",
     )
     s.add_argument("--port", type=int, help="front door port (default: envoy.port, 8080)")
+    s.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help=f"tollway serve processes behind Envoy, 1 to {config.MAX_REPLICAS} "
+        "(default: server.replicas, 1)",
+    )
     s.set_defaults(func=cmd_up)
 
     s = add(

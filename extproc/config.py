@@ -28,6 +28,8 @@ ENV_PREFIX = "TOLLWAY__"
 _M = TypeVar("_M", bound=BaseModel)
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+# More replicas than this on one machine is more processes than cores to run them on.
+MAX_REPLICAS = 32
 
 
 # The header each provider reads its key from; "authorization" gets "Bearer ".
@@ -87,6 +89,10 @@ class ServerConfig(_Model):
 
     address: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
+    # How many `tollway serve` processes `tollway up` runs behind its one Envoy; replica i
+    # (from 0) listens on port + i and metrics.port + i, or free ports when those are taken.
+    # Compose and Kubernetes run one process per container and scale containers instead.
+    replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
     # h2: Tollway's own small gRPC server (asyncio + h2), about twice as fast;
     # grpcio: grpc.aio, the fallback.
     transport: Literal["h2", "grpcio"] = "h2"
@@ -409,6 +415,15 @@ class Config(_Model):
             raise ValueError(f"rule names must be unique: {', '.join(twice)}")
         return limits
 
+    @model_validator(mode="after")
+    def _replica_ports_exist(self) -> Config:
+        # Replica i listens on port + i (see server.replicas); 0 means "any free port".
+        last = self.server.replicas - 1
+        for name, port in (("server.port", self.server.port), ("metrics.port", self.metrics.port)):
+            if port and port + last > 65535:
+                raise ValueError(f"{name} {port} + {last} (server.replicas - 1) is above 65535")
+        return self
+
     @field_validator("upstreams")
     @classmethod
     def _check_upstreams(cls, upstreams: dict[str, Upstream]) -> dict[str, Upstream]:
@@ -439,6 +454,17 @@ class Config(_Model):
         if len(mounts) != sum(u.mount is not None for u in upstreams.values()):
             raise ValueError("two upstreams have the same mount")
         return upstreams
+
+
+def replicas_need_shared_store(config: Config) -> str | None:
+    """Why ``config`` cannot run as ``server.replicas`` processes, or None.
+
+    Limits and budgets counted in each process would let N replicas allow N times
+    the limit. Once the ``limits:`` and ``store:`` sections exist, this returns a
+    message when limits are configured, ``server.replicas`` > 1 and ``store.redis``
+    is not set. Until then nothing is counted per process, so any count is fine.
+    """
+    return None
 
 
 def _env_overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
@@ -507,6 +533,15 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Con
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
     return _resolve_paths(config, cwd)  # what is still relative is a default
+
+
+def override(config: Config, values: dict[str, Any], source: str) -> Config:
+    """``config`` with ``values`` (a nested mapping, like a file's) merged in and
+    validated again; ``source`` names them in the error (e.g. a command-line option)."""
+    try:
+        return Config.model_validate(_merge(config.model_dump(), values))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
 
 
 def _absolute(path: Path, base: Path) -> Path:

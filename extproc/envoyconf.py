@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -255,30 +256,35 @@ def _downstream_tls(files: TLSFiles) -> dict[str, Any]:
     }
 
 
-def _endpoint(name: str, host: str, port: int) -> dict[str, Any]:
+def _endpoints(name: str, host: str, ports: Sequence[int]) -> dict[str, Any]:
+    address = [{"socket_address": {"address": host, "port_value": port}} for port in ports]
     return {
         "cluster_name": name,
-        "endpoints": [
-            {
-                "lb_endpoints": [
-                    {
-                        "endpoint": {
-                            "address": {"socket_address": {"address": host, "port_value": port}}
-                        }
-                    }
-                ]
-            }
-        ],
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": a}} for a in address]}],
     }
 
 
-def _extproc_cluster(config: Config) -> dict[str, Any]:
+def replica_ports(config: Config) -> list[int]:
+    """Where the ``server.replicas`` processes listen when nothing chose otherwise."""
+    return [config.server.port + i for i in range(config.server.replicas)]
+
+
+def _extproc_cluster(config: Config, ports: Sequence[int]) -> dict[str, Any]:
     host = config.envoy.extproc_host or config.server.address
     cluster: dict[str, Any] = {
         "name": EXTPROC_CLUSTER,
         "type": "STRICT_DNS",  # every replica behind one name (compose, k8s headless service)
         "connect_timeout": "1s",
-        "load_assignment": _endpoint(EXTPROC_CLUSTER, host, config.server.port),
+        "load_assignment": _endpoints(EXTPROC_CLUSTER, host, ports),
+        # Each request is one gRPC stream, picked per stream; streams last from one message
+        # (auth only) to a whole SSE response: the replica with fewer open streams of two.
+        "lb_policy": "LEAST_REQUEST",
+        # A replica that cannot be reached (killed, restarting) is taken out at once, before
+        # its next health check: fewer open streams makes it the least-request choice.
+        "outlier_detection": _EJECT_UNREACHABLE,
+        # Streams that could not reach a replica are retried on another (see _RETRY); more
+        # of them at once than Envoy's default of 3 when a replica dies under load.
+        "circuit_breakers": {"thresholds": [{"max_retries": 1000}]},
         # No healthy replica means no healthy replica: fail closed at once (503) instead of
         # Envoy's panic mode sending every request to the unhealthy ones anyway.
         "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
@@ -308,6 +314,40 @@ def _extproc_cluster(config: Config) -> dict[str, Any]:
     if config.server.tls is not None:
         cluster["transport_socket"] = _extproc_tls(config, host)
     return cluster
+
+
+# Eject a replica after 3 failures to reach it in a row (connect refused, connection reset);
+# a passing health check (every second) brings it back. Its answers never eject it.
+_EJECT_UNREACHABLE: dict[str, Any] = {
+    "split_external_local_origin_errors": True,
+    "consecutive_local_origin_failure": 3,
+    "enforcing_consecutive_local_origin_failure": 100,
+    "enforcing_local_origin_success_rate": 0,
+    "enforcing_consecutive_5xx": 0,
+    "enforcing_success_rate": 0,
+    "interval": "1s",
+    "base_ejection_time": "1s",
+    "max_ejection_time": "10s",
+    "max_ejection_percent": 100,
+}
+
+
+# A stream that never reached a replica (connect refused, HTTP/2 REFUSED_STREAM: Tollway
+# saw nothing of it) goes to another one; anything later could have been processed.
+_RETRY: dict[str, Any] = {
+    "retry_on": "connect-failure,refused-stream",
+    "num_retries": 2,
+    "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.05s"},
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": f"{_T}extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": 3,
+}
 
 
 def _extproc_tls(config: Config, host: str) -> dict[str, Any]:
@@ -355,7 +395,7 @@ def _upstream_cluster(name: str, upstream: Upstream) -> dict[str, Any]:
         "type": "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": "5s",
-        "load_assignment": _endpoint(f"upstream_{name}", upstream.host, upstream.port),
+        "load_assignment": _endpoints(f"upstream_{name}", upstream.host, [upstream.port]),
     }
     if upstream.tls:
         cluster["transport_socket"] = {
@@ -504,6 +544,7 @@ def _http_filters(config: Config) -> list[dict[str, Any]]:
                 "grpc_service": {
                     "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
                     "timeout": "10s",
+                    "retry_policy": _RETRY,
                 },
                 "failure_mode_allow": False,  # fail closed: no Tollway, no traffic
                 "status_on_error": {"code": 503},
@@ -532,7 +573,8 @@ def _http_filters(config: Config) -> list[dict[str, Any]]:
     ]
 
 
-def render(config: Config) -> dict[str, Any]:
+def render(config: Config, extproc_ports: Sequence[int] | None = None) -> dict[str, Any]:
+    """Envoy's config; its Tollway cluster lists ``extproc_ports`` (default: replica_ports)."""
     envoy = config.envoy
     hcm = {
         "@type": f"{_T}extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -598,12 +640,15 @@ def render(config: Config) -> dict[str, Any]:
                 }
             ],
             "clusters": [
-                _extproc_cluster(config),
+                _extproc_cluster(config, extproc_ports or replica_ports(config)),
                 *(_upstream_cluster(name, up) for name, up in config.upstreams.items()),
             ],
         },
     }
 
 
-def render_yaml(config: Config, header: str = "") -> str:
-    return header + yaml.safe_dump(render(config), sort_keys=False, default_flow_style=False)
+def render_yaml(
+    config: Config, header: str = "", extproc_ports: Sequence[int] | None = None
+) -> str:
+    rendered = render(config, extproc_ports)
+    return header + yaml.safe_dump(rendered, sort_keys=False, default_flow_style=False)

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from . import envoyconf, keys
-from .config import Config, Credential, Upstream
+from .config import Config, Credential, Upstream, replicas_need_shared_store
 
 DEMO_PROVIDER_KEY = "sk-demo-provider-key"
 DEMO_KEY_ENV = "TOLLWAY_DEMO_PROVIDER_KEY"
@@ -163,6 +163,22 @@ def write_config(config: Config, path: Path) -> None:
 SERVE, DEMO, ENVOY = "tollway serve", "demo upstream", "envoy"
 
 
+@dataclass(frozen=True)
+class Replica:
+    """One `tollway serve` process behind Envoy: where it listens."""
+
+    name: str  # "tollway serve", or "tollway serve #2" when there are several
+    port: int  # ext_proc gRPC
+    metrics_port: int | None  # None with metrics off
+
+    def env(self) -> dict[str, str]:
+        """The overrides that put this replica on its ports; the config file is shared."""
+        env = {"TOLLWAY__SERVER__PORT": str(self.port)}
+        if self.metrics_port is not None:
+            env["TOLLWAY__METRICS__PORT"] = str(self.metrics_port)
+        return env
+
+
 @dataclass
 class Child:
     """A process of the gateway, with what it takes to start it again."""
@@ -182,6 +198,7 @@ class Gateway:
     workdir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     children: dict[str, Child] = field(default_factory=dict)
+    replicas: tuple[Replica, ...] = ()
 
     @property
     def url(self) -> str:
@@ -203,25 +220,46 @@ class Gateway:
         stop_all(list(reversed(self.procs)))
 
 
-def _pick_ports(config: Config) -> Config:
-    """Keep configured ports when free, otherwise take free ones."""
+def _pick_ports(config: Config) -> tuple[Config, tuple[Replica, ...]]:
+    """Keep configured ports when free, otherwise take free ones; replica i wants the
+    configured ext_proc and metrics ports + i. No port is handed out twice."""
+    taken: set[int] = set()
 
     def port(host: str, wanted: int) -> int:
-        return wanted if wanted and port_is_free(host, wanted) else free_port(host)
+        chosen = wanted if wanted and wanted not in taken and port_is_free(host, wanted) else 0
+        while not chosen or chosen in taken:
+            chosen = free_port(host)
+        taken.add(chosen)
+        return chosen
+
+    def plus(base: int, i: int) -> int:
+        return base + i if base else 0
 
     envoy, server, metrics = config.envoy, config.server, config.metrics
-    return config.model_copy(
+    envoy = envoy.model_copy(
         update={
-            "envoy": envoy.model_copy(
-                update={
-                    "port": port(envoy.address, envoy.port),
-                    "admin_port": port(envoy.admin_address, envoy.admin_port),
-                }
-            ),
-            "server": server.model_copy(update={"port": port(server.address, server.port)}),
-            "metrics": metrics.model_copy(update={"port": port(metrics.address, metrics.port)}),
+            "port": port(envoy.address, envoy.port),
+            "admin_port": port(envoy.admin_address, envoy.admin_port),
         }
     )
+    count = server.replicas
+    replicas = tuple(
+        Replica(
+            name=SERVE if count == 1 else f"{SERVE} #{i + 1}",
+            port=port(server.address, plus(server.port, i)),
+            metrics_port=port(metrics.address, plus(metrics.port, i)) if metrics.enabled else None,
+        )
+        for i in range(count)
+    )
+    first = replicas[0]
+    config = config.model_copy(
+        update={
+            "envoy": envoy,
+            "server": server.model_copy(update={"port": first.port}),
+            "metrics": metrics.model_copy(update={"port": first.metrics_port or metrics.port}),
+        }
+    )
+    return config, replicas
 
 
 def start(
@@ -255,14 +293,17 @@ def start(
             config = config.model_copy(
                 update={"upstreams": demo_upstreams(f"http://127.0.0.1:{demo_port}")}
             )
-        config = _pick_ports(config)
+        config, gateway.replicas = _pick_ports(config)
         gateway.config = config
         config_file = workdir / "tollway.yaml"
         write_config(config, config_file)
         envoy_file = workdir / "envoy.yaml"
-        envoy_file.write_text(envoyconf.render_yaml(config))
+        ports = [replica.port for replica in gateway.replicas]
+        envoy_file.write_text(envoyconf.render_yaml(config, extproc_ports=ports))
         serve = [sys.executable, "-m", "extproc", "serve", "--config", str(config_file)]
-        gateway.launch(SERVE, serve, child_env, log("tollway"))
+        for i, replica in enumerate(gateway.replicas):
+            name = "tollway" if len(gateway.replicas) == 1 else f"tollway-{i + 1}"
+            gateway.launch(replica.name, serve, {**child_env, **replica.env()}, log(name))
         envoy = envoy_command(envoy_file, config.envoy.concurrency)
         gateway.launch(ENVOY, envoy, child_env, log("envoy"))
         wait_until(
@@ -302,8 +343,8 @@ class Backoff:
 
 @dataclass
 class Supervisor:
-    """Watches the gateway's children: restarts `tollway serve` and the demo upstream with
-    backoff; Envoy exiting stops everything."""
+    """Watches the gateway's children: restarts each `tollway serve` replica (alone: the
+    others keep serving) and the demo upstream with backoff; Envoy exiting stops everything."""
 
     gateway: Gateway
     clock: Callable[[], float] = time.monotonic
@@ -363,6 +404,21 @@ def _tollway_command() -> str:
     return str(beside)
 
 
+def _replica_lines(gateway: Gateway) -> str:
+    """Each replica's metrics endpoint (what Prometheus should scrape), and its ext_proc
+    address when there are several."""
+    cfg, replicas = gateway.config, gateway.replicas
+    lines: list[str] = []
+    for replica in replicas:
+        metrics = "off"
+        if replica.metrics_port is not None:
+            metrics = f"http://{cfg.metrics.address}:{replica.metrics_port}/metrics"
+        if len(replicas) > 1:
+            metrics += f"  ({replica.name}, ext_proc {cfg.server.address}:{replica.port})"
+        lines.append(f"  {'metrics' if not lines else '':<11} {metrics}\n")
+    return "".join(lines)
+
+
 def _banner(gateway: Gateway, keys_file: Path, demo_key: str | None) -> str:
     url, cfg = gateway.url, gateway.config
     tollway = _tollway_command()
@@ -374,8 +430,7 @@ Tollway is up.
   front door  {url}
 {demo_line}  keys file   {keys_file}
               ({tollway} keys create --name NAME --keys-file {keys_file})
-  metrics     http://{cfg.metrics.address}:{cfg.metrics.port}/metrics
-  envoy admin http://{cfg.envoy.admin_address}:{cfg.envoy.admin_port}
+{_replica_lines(gateway)}  envoy admin http://{cfg.envoy.admin_address}:{cfg.envoy.admin_port}
 
 Clients (url = "{url}", KEY = {shown}):
   openai      openai.OpenAI(base_url=f"{{url}}/v1", api_key=KEY)
@@ -406,6 +461,17 @@ def run(config: Config, *, demo: bool) -> int:
     config = config.model_copy(
         update={"server": config.server.model_copy(update={"drain_delay_s": 0.0})}
     )
+    unshared = replicas_need_shared_store(config)
+    if unshared is not None:
+        print(f"tollway up: {unshared}", file=sys.stderr)
+        return 2
+    cores = os.cpu_count() or 1
+    if config.server.replicas > cores:
+        print(
+            f"tollway up: {config.server.replicas} replicas on {cores} cores: "
+            "more processes than cores only adds memory",
+            file=sys.stderr,
+        )
     keys_file = config.auth.keys_file
     if not keys_file.parent.is_dir():
         print(

@@ -287,3 +287,11 @@ def test_check_config_warns_of_missing_provider_keys(tmp_path: Path) -> None:
         result.stderr
     )
     assert "3 warnings" in result.stdout
+
+
+@pytest.mark.parametrize(("count", "why"), [("0", "greater than or equal to 1"), ("33", "32")])
+def test_up_refuses_a_replica_count_out_of_range(tmp_path: Path, count: str, why: str) -> None:
+    result = tollway("up", "--replicas", count, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("tollway: --replicas: invalid configuration\n")
+    assert "server.replicas" in result.stderr and why in result.stderr

@@ -96,3 +96,11 @@ def test_compose_mounts_what_prometheus_and_grafana_load() -> None:
     assert grafana["/etc/grafana/provisioning"].is_dir()
     home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{folder}/tollway.json"
+
+
+def test_compose_scales_containers_not_processes() -> None:
+    """Compose runs several one-process containers behind one name; `server.replicas` is
+    for `tollway up` on one host (it would list ports Envoy cannot reach in compose)."""
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    assert services["tollway"]["deploy"]["replicas"] >= 2
+    assert config.load(ROOT / "deploy/tollway.yaml", environ={}).server.replicas == 1

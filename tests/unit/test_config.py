@@ -75,6 +75,18 @@ def test_load_without_environ_argument_reads_the_process_environment(
         ("server:\n  port: lots\n", "server.port", "valid integer"),
         ("server:\n  port: 70000\n", "server.port", "65535"),
         ("server:\n  reload_interval_s: 0\n", "server.reload_interval_s", "greater than 0"),
+        ("server:\n  replicas: 0\n", "server.replicas", "greater than or equal to 1"),
+        ("server:\n  replicas: 33\n", "server.replicas", "less than or equal to 32"),
+        (
+            "server:\n  port: 65534\n  replicas: 3\n",
+            "(top level)",
+            "server.port 65534 + 2 (server.replicas - 1) is above 65535",
+        ),
+        (
+            "server:\n  replicas: 2\nmetrics:\n  port: 65535\n",
+            "(top level)",
+            "metrics.port 65535 + 1",
+        ),
         ("envoy:\n  concurrency: 0\n", "envoy.concurrency", "greater than or equal to 1"),
         ("metrics:\n  enabled: maybe\n", "metrics.enabled", "valid boolean"),
         ("max_body_bytes: 10\n", "max_body_bytes", "1024"),
@@ -383,3 +395,19 @@ def test_config_is_frozen() -> None:
     cfg = config.load(None, environ={})
     with pytest.raises(ValidationError):
         cfg.server.port = 1
+
+
+def test_an_override_is_validated_with_the_rest_and_named_in_the_error() -> None:
+    base = config.load(None, environ={})
+    assert config.override(base, {"server": {"replicas": 3}}, "--replicas").server.replicas == 3
+    with pytest.raises(
+        ConfigError, match=r"^--replicas: invalid configuration\n  server\.replicas"
+    ):
+        config.override(base, {"server": {"replicas": 0}}, "--replicas")
+
+
+def test_replicas_need_no_shared_store_until_limits_exist() -> None:
+    """A placeholder until the limits: and store: sections land (then: limits with
+    server.replicas > 1 need store.redis)."""
+    many = config.Config(server=config.ServerConfig(replicas=4))
+    assert config.replicas_need_shared_store(many) is None

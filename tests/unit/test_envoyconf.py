@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc import envoyconf
-from extproc.config import Config, EnvoyConfig
+from extproc.config import Config, EnvoyConfig, ServerConfig
 
 
 def _hcm(config: Config) -> dict[str, Any]:
@@ -91,3 +91,46 @@ def test_fail_closed_fast_and_header_limits_come_from_the_config() -> None:
     cluster = envoyconf.render(config)["static_resources"]["clusters"][0]
     assert cluster["name"] == envoyconf.EXTPROC_CLUSTER
     assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
+
+
+def _extproc_cluster(config: Config, ports: list[int] | None = None) -> dict[str, Any]:
+    cluster = envoyconf.render(config, ports)["static_resources"]["clusters"][0]
+    assert cluster["name"] == envoyconf.EXTPROC_CLUSTER
+    return dict(cluster)
+
+
+def _ports(cluster: dict[str, Any]) -> list[int]:
+    (locality,) = cluster["load_assignment"]["endpoints"]
+    addresses = [e["endpoint"]["address"]["socket_address"] for e in locality["lb_endpoints"]]
+    assert {a["address"] for a in addresses} == {"127.0.0.1"}
+    return [a["port_value"] for a in addresses]
+
+
+def test_the_tollway_cluster_lists_every_replica() -> None:
+    three = Config(server=ServerConfig(port=50051, replicas=3))
+    assert _ports(_extproc_cluster(Config())) == [50051]
+    assert _ports(_extproc_cluster(three)) == [50051, 50052, 50053]  # port + i by default
+    assert _ports(_extproc_cluster(three, [40001, 40007, 40003])) == [40001, 40007, 40003]
+    cluster = _extproc_cluster(three)
+    # Each health-checked on its own, picked per stream by open streams.
+    assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == (
+        envoyconf.SERVICE_NAME
+    )
+    assert cluster["lb_policy"] == "LEAST_REQUEST"
+    assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
+
+
+def test_only_unreachable_replicas_are_ejected_and_retried_elsewhere() -> None:
+    cluster = _extproc_cluster(Config(server=ServerConfig(replicas=2)))
+    outlier = cluster["outlier_detection"]
+    assert outlier["split_external_local_origin_errors"] is True
+    assert outlier["consecutive_local_origin_failure"] == 3
+    assert outlier["enforcing_consecutive_5xx"] == outlier["enforcing_success_rate"] == 0
+    extproc = _hcm(Config())["http_filters"][1]["typed_config"]
+    retry = extproc["grpc_service"]["retry_policy"]
+    # Only what Tollway never saw: a retried stream is never processed twice.
+    assert retry["retry_on"] == "connect-failure,refused-stream"
+    assert [p["name"] for p in retry["retry_host_predicate"]] == [
+        "envoy.retry_host_predicates.previous_hosts"
+    ]
+    assert cluster["circuit_breakers"]["thresholds"][0]["max_retries"] >= 100
