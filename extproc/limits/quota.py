@@ -6,7 +6,7 @@ A limits stage turns its rules into ``Counter``s for a request and asks a
 for the same sequence of calls: ``memory.MemoryQuota`` (embedded, answers
 inline) and ``redis_store.RedisQuota`` (shared by replicas; its Lua scripts
 mirror the functions below line for line, and the case table in
-tests/unit/test_quota_cases.py runs against both).
+tests/store/test_quota_cases.py runs against both).
 
     Counter(rule, key, kind, limit, period_s, window_end, amount, shadow=False)
     Take(request_id, now, counters)            -> Verdict (a value, or an awaitable)

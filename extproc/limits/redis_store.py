@@ -162,8 +162,8 @@ local out = {allowed and '1' or '0', tostring(denied_by), fmt(retry),
 local reserved = {}
 for i = 1, n do
   local c = cs[i]
-  local took = allowed and c.ok
-  if took and not peek then
+  local took = allowed and c.ok and not peek
+  if took then
     if c.kind == 'r' then
       redis.call('SET', c.key, fmt(c.new_tat), 'PX', ms(c.new_tat - now))
     elseif c.kind == 'c' then

@@ -62,6 +62,10 @@ class Writer(Generic[T]):
             self._task = asyncio.get_running_loop().create_task(self._run())
         return True
 
+    async def flushed(self) -> None:
+        """Wait until everything queued so far was written or dropped."""
+        await self._queue.join()
+
     async def drain(self, within_s: float) -> None:
         """Stop taking items; write the queued ones for at most ``within_s`` seconds."""
         self._closed = True
