@@ -293,7 +293,9 @@ def connect(
         kwargs.update(extra)
         sentinel = Sentinel(list(sentinel_nodes), **kwargs)  # type: ignore[no-untyped-call]
         return cast(aioredis.Redis, sentinel.master_for(sentinel_master))
-    return aioredis.Redis.from_url(url, **extra)
+    # A full pool waits for a connection (within the call's deadline) rather than failing.
+    pool = aioredis.BlockingConnectionPool.from_url(url, timeout=None, **extra)
+    return aioredis.Redis.from_pool(pool)
 
 
 class RedisQuota:
