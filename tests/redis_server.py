@@ -95,3 +95,74 @@ class RedisServer:
     def resume(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = free_port()
+        if port < 55000 and _free(port + 10000):
+            return port
+
+
+def start_cluster(folder: Path, nodes: int = 3, deadline_s: float = 20.0) -> list[RedisServer]:
+    """A local Redis Cluster of masters only, every slot assigned, state ok."""
+    servers = []
+    try:
+        for _ in range(nodes):
+            port = cluster_port()
+            server = RedisServer(
+                folder,
+                port,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                "--cluster-node-timeout",
+                "2000",
+            )
+            server.start()
+            servers.append(server)
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{s.port}" for s in servers),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=deadline_s,
+        )
+        end = time.monotonic() + deadline_s
+        while True:
+            states = [
+                subprocess.run(
+                    ["redis-cli", "-p", str(s.port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
+                for s in servers
+            ]
+            if all("cluster_state:ok" in state for state in states):
+                return servers
+            if time.monotonic() > end:
+                raise RuntimeError("the local Redis Cluster did not reach state ok")
+            time.sleep(0.05)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
