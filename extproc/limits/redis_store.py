@@ -250,16 +250,19 @@ def _num(x: float | int) -> str:
     return repr(float(x)) if isinstance(x, float) else str(x)
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, for logs."""
+def redact_url(url: str, mask: str = "***") -> str:
+    """The URL with its password replaced by ``mask`` (for logs), or without one."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
     user = parts.username or ""
     host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
     if parts.port is not None:
         host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    auth = f"{user}:{mask}@" if mask else (f"{user}@" if user else "")
+    return urlunsplit(parts._replace(netloc=f"{auth}{host}"))
 
 
 def connect(
@@ -284,6 +287,7 @@ def connect(
     }
     if password is not None:
         extra["password"] = password
+        url = redact_url(url, "")  # the URL's own would win over the keyword
     if cluster:
         return RedisCluster.from_url(url, **extra)
     if sentinel_master is not None:
@@ -322,7 +326,8 @@ class RedisQuota:
         self.settle_timeout_s = settle_timeout_s
         self.server_time = clock == "server"
         self.observer = observer
-        self.breaker = breaker or Breaker(on_change=self._breaker_changed)
+        self.breaker = breaker or Breaker()
+        self.breaker.on_change = self._breaker_changed  # metrics and one log line
         self.reservation_ttl_s = reservation_ttl_s
         self.settled_ttl_s = settled_ttl_s
         self.drain_s = drain_s

@@ -21,7 +21,7 @@ class Breaker:
         self.threshold = failures
         self.cool_down_s = cool_down_s
         self._clock = clock
-        self._on_change = on_change
+        self.on_change = on_change  # the owner may replace it
         self._failures = 0
         self._opened_at: float | None = None  # None: closed
         self._probe_at: float | None = None  # a half-open probe is out since then
@@ -48,7 +48,7 @@ class Breaker:
         self._probe_at = None
         if self._opened_at is not None:
             self._opened_at = None
-            self._on_change(False)
+            self.on_change(False)
 
     def failure(self) -> None:
         self._failures += 1
@@ -59,4 +59,4 @@ class Breaker:
             return
         if self._failures >= self.threshold:
             self._opened_at = self._clock()
-            self._on_change(True)
+            self.on_change(True)

@@ -104,7 +104,7 @@ async def test_a_stopped_redis_costs_one_timeout_then_the_breaker_answers_at_onc
         connect(own_redis.url),
         timeout_s=0.05,
         clock="caller",
-        breaker=Breaker(3, 1.0, clock=clock, on_change=observer.breaker_open),
+        breaker=Breaker(3, 1.0, clock=clock),
         observer=observer,
     )
     sample = metrics.registry.get_sample_value
@@ -245,3 +245,4 @@ def test_urls_in_logs_have_no_password() -> None:
         "rediss://tw:***@redis.internal:6380/2"
     )
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact_url("redis://:pw@[::1]:6379") == "redis://:***@[::1]:6379"
