@@ -395,6 +395,60 @@ class Reservations(_Model):
     default_output_tokens: int = Field(4096, ge=0)
 
 
+class SentinelConfig(_Model):
+    master: str  # the monitored master's name
+    nodes: tuple[str, ...] = Field(min_length=1)  # sentinels, "host:port"
+
+    @field_validator("nodes")
+    @classmethod
+    def _check_nodes(cls, nodes: tuple[str, ...]) -> tuple[str, ...]:
+        for node in nodes:
+            host, _, port = node.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"sentinel {node!r}: use host:port")
+        return nodes
+
+
+class RedisConfig(_Model):
+    """The shared store (limits, budgets, spend) for all replicas.
+
+    ``url``: redis:// or rediss:// (TLS), optionally user:password@ and a
+    database; with ``cluster`` any one node; with ``sentinel`` the URL gives
+    only credentials, database and TLS. Keep the password out of the file:
+    ``password_env`` names a variable that holds it.
+    """
+
+    url: str = "redis://127.0.0.1:6379/0"
+    password_env: str | None = None
+    cluster: bool = False
+    sentinel: SentinelConfig | None = None
+    timeout_ms: int = Field(20, ge=1, le=10_000)  # per call; the breaker handles the rest
+    hash_tag: str = "tollway"  # every key's {tag}: one Cluster slot
+    clock: Literal["server", "caller"] = "server"
+    max_connections: int = Field(64, ge=1)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cool_down_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RedisConfig:
+        if urlsplit(self.url).scheme not in ("redis", "rediss"):
+            raise ValueError("url: use redis:// or rediss://")
+        if self.cluster and self.sentinel is not None:
+            raise ValueError("choose cluster or sentinel, not both")
+        if not self.hash_tag or "{" in self.hash_tag or "}" in self.hash_tag:
+            raise ValueError("hash_tag: a non-empty name without braces")
+        return self
+
+
+class StoreConfig(_Model):
+    """Where limits and budgets live: Redis when ``redis`` is set, else this process
+    (budget spend saved to ``budgets_file``, by default next to the keys file)."""
+
+    redis: RedisConfig | None = None
+    budgets_file: Path | None = None
+    persist_every_s: float = Field(5.0, gt=0)
+
+
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -423,6 +477,8 @@ class Config(_Model):
             if port and port + last > 65535:
                 raise ValueError(f"{name} {port} + {last} (server.replicas - 1) is above 65535")
         return self
+
+    store: StoreConfig = Field(default_factory=StoreConfig)
 
     @field_validator("upstreams")
     @classmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from . import __version__
@@ -121,3 +123,47 @@ class Metrics:
         self.unmetered = {
             reason: unmetered.labels(reason) for reason in ("content_encoding", "body_too_large")
         }
+        # The quota store (Redis): see StoreMetrics.
+        self.store_latency = Histogram(
+            "tollway_store_latency_seconds",
+            "Store calls that answered, by operation (take, settle, usage)",
+            ["op"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "tollway_store_errors",
+            "Store calls that failed, by operation and reason (timeout, error, breaker_open)",
+            ["op", "reason"],
+            registry=r,
+        )
+        self.store_breaker_open = Gauge(
+            "tollway_store_breaker_open",
+            "1 while the store's circuit breaker is open (calls fail at once)",
+            registry=r,
+        )
+        self.settlements_dropped = Counter(
+            "tollway_settlements_dropped",
+            "Settlements never written, by reason (queue_full, failed after retries, shutdown)",
+            ["reason"],
+            registry=r,
+        )
+
+
+class StoreMetrics:
+    """A store backend's observer (store.StoreObserver) that feeds the collectors."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def latency(self, op: str, seconds: float) -> None:
+        self._m.store_latency.labels(op).observe(seconds)
+
+    def error(self, op: str, reason: Literal["timeout", "error", "breaker_open"]) -> None:
+        self._m.store_errors.labels(op, reason).inc()
+
+    def breaker_open(self, is_open: bool) -> None:
+        self._m.store_breaker_open.set(1 if is_open else 0)
+
+    def settlement_dropped(self, reason: Literal["queue_full", "failed", "shutdown"]) -> None:
+        self._m.settlements_dropped.labels(reason).inc()

@@ -8,7 +8,7 @@ queues the record and writes it off the hot path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ..providers.usage import Usage
 
@@ -38,3 +38,30 @@ class Store(Protocol):
     async def aclose(self) -> None:
         """Write what is queued (``serve`` awaits this on shutdown)."""
         ...
+
+
+class StoreObserver(Protocol):
+    """What a backend that does I/O reports (metrics.StoreMetrics implements it).
+    ``op`` is take | settle | usage."""
+
+    def latency(self, op: str, seconds: float) -> None: ...
+    def error(self, op: str, reason: Literal["timeout", "error", "breaker_open"]) -> None: ...
+    def breaker_open(self, is_open: bool) -> None: ...
+    def settlement_dropped(self, reason: Literal["queue_full", "failed", "shutdown"]) -> None: ...
+
+
+class _NoObserver:
+    def latency(self, op: str, seconds: float) -> None:
+        pass
+
+    def error(self, op: str, reason: Literal["timeout", "error", "breaker_open"]) -> None:
+        pass
+
+    def breaker_open(self, is_open: bool) -> None:
+        pass
+
+    def settlement_dropped(self, reason: Literal["queue_full", "failed", "shutdown"]) -> None:
+        pass
+
+
+NO_OBSERVER: StoreObserver = _NoObserver()
