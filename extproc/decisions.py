@@ -66,7 +66,7 @@ def bad_request(code: str, message: str) -> Deny:
     return Deny(400, "invalid_request_error", code, message, f"tollway_{code}")
 
 
-R = TypeVar("R")
+R = TypeVar("R", covariant=True)
 
 
 @dataclass(frozen=True, slots=True)

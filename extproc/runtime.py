@@ -17,13 +17,17 @@ from pathlib import Path
 from . import keys
 from .config import Config
 from .headroom import HeaderLimits
-from .metrics import Metrics
+from .limits.backend import open_quota
+from .limits.quota import Keys
+from .limits.rules import RuleSet
+from .metrics import Metrics, StoreMetrics
 from .pipeline import Pipeline
 from .pricing import load_prices
 from .routes import RouteTable
 from .stages import Stage
 from .stages.auth import AuthStage
 from .stages.credentials import CredentialStage
+from .stages.limits import LimitsStage
 from .stages.metering import MeteringStage
 from .store import Store
 from .store.memory import MemoryStore
@@ -71,7 +75,21 @@ class Runtime:
             max_json_bytes=config.max_body_bytes,
             wall_clock=clock,
         )
-        stages: list[Stage] = [self.auth, self.credentials, self.metering]
+        self.quota = open_quota(config.store, keys_file, StoreMetrics(self.metrics))
+        redis = config.store.redis
+        self.limits = LimitsStage(
+            RuleSet(config.limits),
+            self.quota,
+            self.prices,
+            self.metrics,
+            keys=Keys(redis.hash_tag) if redis is not None else None,
+            default_output_tokens=config.reservations.default_output_tokens,
+            # The store keeps its own per-call deadline; this only bounds the wait.
+            timeout_s=2 * redis.timeout_ms / 1000 + 0.01 if redis is not None else 0.05,
+            clock=clock,
+        )
+        # Limits finish after metering (reverse order), so they settle what it read.
+        stages: list[Stage] = [self.auth, self.credentials, self.limits, self.metering]
         self.pipeline = Pipeline(
             self.routes,
             stages,
@@ -86,6 +104,7 @@ class Runtime:
 
     async def aclose(self) -> None:
         """Shutdown: the backends write what they queued (settlements, usage records)."""
+        await self.quota.aclose()
         await self.store.aclose()
 
     def _backend_failed(self, stage: str, reason: str) -> None:

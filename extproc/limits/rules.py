@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from fnmatch import translate
 from typing import TYPE_CHECKING, Literal
-from zoneinfo import ZoneInfo
 
 from ..config import RATE_PERIODS, LimitRule
 from ..keys import NO_LIMITS, KeyLimits
@@ -38,7 +37,7 @@ class Rule:
     limit: int  # requests or tokens per period, leases, or micro-USD per window
     period_s: float  # rates: the period
     calendar: Literal["day", "month"] | None  # budgets: the window
-    zone: ZoneInfo
+    timezone: str  # IANA: where a budget's day or month begins
     by: tuple[str, ...]
     routes: frozenset[str]
     tenants: frozenset[str]
@@ -70,7 +69,7 @@ class Rule:
             model is not None and self.models.fullmatch(model) is not None
         )
 
-    def counter_name(
+    def subject(
         self,
         identity: KeyRecord | None,
         route: str,
@@ -78,9 +77,10 @@ class Rule:
         client_ip: str,
         headers: dict[str, str],
     ) -> str:
-        """The rule's name and the values it counts by: one counter per distinct request
-        scope. Values a client controls are hashed, so keys stay short and plain."""
-        parts = [self.name]
+        """The values the rule counts by ("all" when it counts every request as one):
+        one counter per subject. Values a client controls are hashed, so keys stay
+        short and plain."""
+        parts: list[str] = []
         tenant = identity.tenant if identity is not None else ""
         for dimension in self.by:
             if dimension == "key":
@@ -96,7 +96,7 @@ class Rule:
             else:  # header:<name>, per tenant: one tenant's users are not another's
                 value = tenant + "\0" + headers.get(dimension[7:], "")
             parts.append(value if _PLAIN.fullmatch(value) else _digest(value))
-        return ":".join(parts)
+        return ":".join(parts) if parts else "all"
 
 
 def _needs_identity(by: Sequence[str]) -> bool:
@@ -121,7 +121,7 @@ def compile_rule(rule: LimitRule) -> Rule:
         limit=limit,
         period_s=RATE_PERIODS.get(rule.per or "", 0.0),
         calendar=rule.per if kind == "budget" and rule.per in ("day", "month") else None,
-        zone=ZoneInfo(rule.timezone),
+        timezone=rule.timezone,
         by=rule.by,
         routes=frozenset(rule.match.routes),
         tenants=frozenset(rule.match.tenants),

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from ..decisions import Ask, Deny, Outcome, Phase
 from ..exchange import BodyError, Exchange
 from ..kinds import Usage
-from ..limits.quota import Counter, Quota, Settle, Take, Verdict, budget_window, counter_key
+from ..limits.quota import Counter, Keys, Quota, Settle, Take, Verdict, calendar_window
 from ..limits.rules import MICRO, Rule, RuleSet
 from ..metrics import Metrics
 from ..pricing import PriceTable, cost
@@ -64,7 +64,7 @@ def estimate_input_tokens(body: bytes) -> int:
 
 def output_cap(doc: dict[str, Any]) -> int | None:
     """The request's own cap on output tokens times the choices asked for, if it set one."""
-    cap = next((doc[k] for k in _OUTPUT_CAPS if type(doc.get(k)) is int), None)
+    cap: int | None = next((doc[k] for k in _OUTPUT_CAPS if type(doc.get(k)) is int), None)
     choices = doc.get("n")
     config = doc.get("generationConfig") or doc.get("generation_config")
     if isinstance(config, dict):  # Gemini
@@ -89,12 +89,14 @@ class LimitsStage:
         prices: PriceTable,
         metrics: Metrics,
         *,
+        keys: Keys | None = None,
         default_output_tokens: int = 4096,
         timeout_s: float = 0.05,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.rules = rules
         self.quota = quota
+        self.keys = keys or Keys()
         self.prices = prices
         self.metrics = metrics
         self.default_output_tokens = default_output_tokens
@@ -191,23 +193,26 @@ class LimitsFlow(Flow):
                 micro = math.ceil(usd * MICRO)
         ip = client_ip(ex)
         counters = []
+        keys = stage.keys
         for rule in self.rules:
-            name = rule.counter_name(ex.identity, route.name, model, ip, ex.headers)
+            subject = rule.subject(ex.identity, route.name, model, ip, ex.headers)
             window_end = 0.0
             period = rule.period_s
             if rule.kind == "requests":
-                amount = 1
+                amount, key = 1, keys.rate(rule.name, subject)
             elif rule.kind == "tokens":
                 amount = _tokens(rule, input_tokens, output_tokens)
+                key = keys.rate(rule.name, subject)
             elif rule.kind == "concurrent":
                 amount, period = 1, route.upstream.timeout_s + _SLACK_S
+                key = keys.concurrent(rule.name, subject)
             else:
-                window, window_end = budget_window(now, rule.calendar or "month", rule.zone)
-                name, amount = f"{name}:{window}", micro
+                window, window_end = calendar_window(now, rule.calendar or "month", rule.timezone)
+                amount, key = micro, keys.budget(rule.name, subject, window)
             counters.append(
                 Counter(
                     rule=rule.name,
-                    key=counter_key(rule.kind, name),
+                    key=key,
                     kind=_COUNTER_KIND[rule.kind],
                     limit=rule.limit,
                     period_s=period,
@@ -249,7 +254,10 @@ class LimitsFlow(Flow):
             self.stage.count(rule, "failed_closed" if closed else "failed_open")
         if closed:
             return UNAVAILABLE
-        return None
+        # Let through: still charged at settle (in full: nothing was reserved), once
+        # the store is back, so an outage does not make spending vanish.
+        self.taken = True
+        return self if Phase.REQUEST_BODY not in self.wants else None
 
     def finish(self, ex: Exchange, outcome: Outcome) -> None:
         if not self.taken:
@@ -320,9 +328,9 @@ def _rate_headers(ex: Exchange, rules: Sequence[Rule], verdict: Verdict, now: fl
     for kind in ("requests", "tokens"):
         best = None
         for i, rule in enumerate(rules):
-            if rule.kind == kind and not rule.shadow:
-                if best is None or verdict.remaining[i] < verdict.remaining[best]:
-                    best = i
+            tighter = best is None or verdict.remaining[i] < verdict.remaining[best]
+            if rule.kind == kind and not rule.shadow and tighter:
+                best = i
         if best is None:
             continue
         reset = verdict.reset_s[best]

@@ -88,14 +88,15 @@ def test_counters_are_per_scope_and_values_a_client_controls_are_hashed() -> Non
     by_user = compile_rule(rule(name="per-user", requests=1, per="minute", by=["header:x-user-id"]))
 
     def name(identity: keys.KeyRecord, user: str) -> str:
-        return by_user.counter_name(identity, "openai", None, "", {"x-user-id": user})
+        return by_user.subject(identity, "openai", None, "", {"x-user-id": user})
 
     assert name(ALICE, "u1") == name(ALICE, "u1") != name(ALICE, "u2")
     assert name(ALICE, "u1") != name(BOB, "u1")  # one tenant's users are not another's
     long = name(ALICE, "x" * 10_000 + ":{}")
-    assert long.startswith("per-user:h") and len(long) < 40
+    assert long.startswith("h") and len(long) < 30
     by_key = compile_rule(rule(name="k", requests=1, per="minute", by=["key", "tenant"]))
-    assert by_key.counter_name(ALICE, "openai", None, "", {}) == f"k:{ALICE.id}:acme"
+    assert by_key.subject(ALICE, "openai", None, "", {}) == f"{ALICE.id}:acme"
+    assert compile_rule(rule(requests=1, per="minute")).subject(None, "r", None, "", {}) == "all"
 
 
 def test_a_keys_own_limits_replace_the_matching_rule_and_add_the_others() -> None:
