@@ -512,15 +512,26 @@ class Config(_Model):
         return upstreams
 
 
-def replicas_need_shared_store(config: Config) -> str | None:
+def replicas_need_shared_store(config: Config, keys_with_limits: int = 0) -> str | None:
     """Why ``config`` cannot run as ``server.replicas`` processes, or None.
 
     Limits and budgets counted in each process would let N replicas allow N times
-    the limit. Once the ``limits:`` and ``store:`` sections exist, this returns a
-    message when limits are configured, ``server.replicas`` > 1 and ``store.redis``
-    is not set. Until then nothing is counted per process, so any count is fine.
+    the limit: with limits configured (or keys that carry their own), N > 1 needs
+    ``store.redis``. Never a silent fallback to counting per replica.
     """
-    return None
+    replicas = config.server.replicas
+    if replicas <= 1 or config.store.redis is not None:
+        return None
+    if config.limits:
+        what = f"limits ({', '.join(rule.name for rule in config.limits)})"
+    elif keys_with_limits:
+        what = f"{keys_with_limits} key(s) with their own limits"
+    else:
+        return None
+    return (
+        f"{replicas} replicas would each count {what} on their own: set store.redis "
+        "so that they share one count, or run one replica"
+    )
 
 
 def _env_overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -386,10 +387,14 @@ class Supervisor:
         return None
 
 
-def _demo_key(keys_file: Path) -> str:
+# The demo key shows limits at work: a request rate and a small daily budget.
+DEMO_LIMITS = keys.KeyLimits(rpm=30, budget_usd=Decimal("0.05"), budget_period="day")
+
+
+def _demo_key(keys_file: Path, limits: keys.KeyLimits) -> str:
     """A fresh key named ``demo`` in ``keys_file``; earlier demo keys are revoked by id."""
     old = [r.id for r in keys.read_records(keys_file) if r.name == "demo" and r.revoked is None]
-    demo_key, record = keys.generate(name="demo", tenant="demo")
+    demo_key, record = keys.generate(name="demo", tenant="demo", limits=limits)
     keys.add(keys_file, record)
     for key_id in old:
         keys.revoke(keys_file, key_id)
@@ -419,12 +424,23 @@ def _replica_lines(gateway: Gateway) -> str:
     return "".join(lines)
 
 
-def _banner(gateway: Gateway, keys_file: Path, demo_key: str | None) -> str:
+def _banner(
+    gateway: Gateway,
+    keys_file: Path,
+    demo_key: str | None,
+    demo_limits: keys.KeyLimits = keys.NO_LIMITS,
+) -> str:
     url, cfg = gateway.url, gateway.config
     tollway = _tollway_command()
     key = demo_key or "<your tollway key>"
     shown = f'"{key}"'
     demo_line = f"  demo key    {demo_key}\n" if demo_key else ""
+    if demo_key and demo_limits.rpm is not None:
+        demo_line += (
+            f"              limits: {demo_limits.rpm} requests a minute, "
+            f"${demo_limits.budget_usd} a {demo_limits.budget_period} "
+            f"(request {demo_limits.rpm + 1} in a minute gets a 429)\n"
+        )
     return f"""
 Tollway is up.
   front door  {url}
@@ -461,7 +477,18 @@ def run(config: Config, *, demo: bool) -> int:
     config = config.model_copy(
         update={"server": config.server.model_copy(update={"drain_delay_s": 0.0})}
     )
-    unshared = replicas_need_shared_store(config)
+    keys_file = config.auth.keys_file
+    if not keys_file.parent.is_dir():
+        print(
+            f"tollway up: the keys file's folder {keys_file.parent} does not exist", file=sys.stderr
+        )
+        return 2
+    try:
+        records = keys.read_records(keys_file) if keys_file.exists() else []
+    except keys.KeysFileError:
+        records = []  # the server says what is wrong with the file
+    limited_keys = sum(r.limits != keys.NO_LIMITS and r.revoked is None for r in records)
+    unshared = replicas_need_shared_store(config, limited_keys)
     if unshared is not None:
         print(f"tollway up: {unshared}", file=sys.stderr)
         return 2
@@ -472,13 +499,10 @@ def run(config: Config, *, demo: bool) -> int:
             "more processes than cores only adds memory",
             file=sys.stderr,
         )
-    keys_file = config.auth.keys_file
-    if not keys_file.parent.is_dir():
-        print(
-            f"tollway up: the keys file's folder {keys_file.parent} does not exist", file=sys.stderr
-        )
-        return 2
-    demo_key = _demo_key(keys_file) if demo else None
+    # One count for the demo key's limits: one replica, or replicas sharing Redis.
+    counted_once = config.server.replicas == 1 or config.store.redis is not None
+    demo_limits = DEMO_LIMITS if counted_once else keys.NO_LIMITS
+    demo_key = _demo_key(keys_file, demo_limits) if demo else None
     workdir = Path(tempfile.mkdtemp(prefix="tollway-up-"))
     try:
         gateway = start(config, workdir, demo=demo)
@@ -486,7 +510,7 @@ def run(config: Config, *, demo: bool) -> int:
         print(f"tollway up: {exc}", file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)
         return 1
-    print(_banner(gateway, keys_file, demo_key), flush=True)
+    print(_banner(gateway, keys_file, demo_key, demo_limits), flush=True)
     supervisor = Supervisor(gateway)
     code = 0
     try:

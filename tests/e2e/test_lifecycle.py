@@ -183,6 +183,31 @@ def test_keys_created_while_the_demo_runs_reach_it(tmp_path: Path) -> None:
         run.kill()
 
 
+def test_the_demo_shows_its_limits_and_answers_the_next_request_with_429(tmp_path: Path) -> None:
+    run = _up(tmp_path)
+    try:
+        banner = run.wait_banner()
+        assert "limits: 30 requests a minute, $0.05 a day" in banner
+        client = openai.OpenAI(base_url=f"{run.url}/v1", api_key=run.key, max_retries=0)
+        for _ in range(30):
+            client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        assert caught.value.response.headers["x-ratelimit-limit-requests"] == "30"
+        assert "key_rpm" in caught.value.message
+    finally:
+        run.kill()
+
+
+def test_replicas_that_would_each_count_limits_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "tollway.yaml"
+    config.write_text("limits:\n  - {name: rpm, by: [key], requests: 5, per: minute}\n")
+    argv = [sys.executable, "-m", "extproc", "up", "-c", str(config), "--replicas", "2"]
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "set store.redis" in done.stderr and "limits (rpm)" in done.stderr
+
+
 def _serve_child(pid: int) -> int:
     for child in children(pid):
         if b"serve" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
