@@ -21,13 +21,13 @@ def test_each_demo_adds_a_fresh_demo_key_and_revokes_the_previous_by_id(tmp_path
     file = tmp_path / "tollway-keys.yaml"
     _, other = keys.generate(name="other")
     keys.add(file, other)
-    first = up._demo_key(file)
-    second = up._demo_key(file)
+    first = up._demo_key(file, up.DEMO_LIMITS)
+    second = up._demo_key(file, up.DEMO_LIMITS)
     ring = keys.KeyRing(keys.read_records(file))
     first_record, second_record = ring.find(first), ring.find(second)
     assert first_record is not None and first_record.revoked is not None
     assert second_record is not None and second_record.revoked is None
-    assert second_record.name == "demo"
+    assert second_record.name == "demo" and second_record.limits == up.DEMO_LIMITS
     assert [r.revoked for r in keys.read_records(file) if r.id == other.id] == [None]
 
 
