@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, config, keys
+
+if TYPE_CHECKING:
+    from .limits.spend import Period, Subject
 
 CONFIG_ENV = "TOLLWAY_CONFIG"
 
@@ -234,6 +238,178 @@ def cmd_prices(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Unanswered(Exception):
+    """Where spend is kept did not answer (exit 1, the message says where it asked)."""
+
+
+def _spend_subject(args: argparse.Namespace, keys_file: Path) -> Subject:
+    from .limits import spend
+
+    records = keys.read_records(keys_file)
+    if args.key is not None:
+        try:
+            record = keys.resolve(records, args.key)
+        except keys.AmbiguousName as exc:
+            raise ValueError(f"{exc}; pick one by id (tollway spend --key ID)") from None
+        if record is None:
+            raise _Unanswered(f"no key with id or name {args.key!r} in {keys_file}")
+        return spend.Subject("key", record)
+    subject = spend.find_subject(records, spend.Query(tenant=args.tenant))
+    if subject is None:
+        raise _Unanswered(f"no key in {keys_file} has tenant {args.tenant!r}")
+    return subject
+
+
+def _spend_from_server(
+    cfg: config.Config, subject: Subject, period: Period | None
+) -> dict[str, Any]:
+    """The counters live in `tollway serve`: ask it on its loopback metrics port."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from .metrics_http import SPEND_PATH
+
+    metrics = cfg.metrics
+    if not metrics.enabled or not metrics.port:
+        raise _Unanswered(
+            "the limits store is the server's own (no store.redis), and its metrics port "
+            "is off or not fixed (metrics.enabled, metrics.port): nothing to ask"
+        )
+    # A wildcard bind is reached on loopback.
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(
+        metrics.address, metrics.address
+    )
+    base = f"http://{f'[{host}]' if ':' in host else host}:{metrics.port}"
+    url = f"{base}{SPEND_PATH}?{subject.query(period)}"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via *_PROXY
+    try:
+        with direct.open(url, timeout=10) as response:
+            found: dict[str, Any] = json.loads(response.read())
+            return found
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            reason = exc.reason
+        raise _Unanswered(f"{base}{SPEND_PATH}: {exc.code} {reason}") from None
+    except OSError as exc:
+        why = getattr(exc, "reason", exc)
+        raise _Unanswered(
+            f"cannot reach the server's metrics port at {base} ({why}): is `tollway serve` "
+            "running with this config?"
+        ) from None
+
+
+async def _spend_from_redis(
+    cfg: config.Config, subject: Subject, period: Period | None
+) -> dict[str, Any]:
+    """Every replica shares Redis: read it directly, with the server's keys and rules."""
+    import time
+
+    from .limits import spend
+    from .limits.backend import redis_quota
+    from .limits.quota import Keys, StoreUnavailable
+    from .limits.redis_store import redact_url
+    from .limits.rules import RuleSet
+
+    redis = cfg.store.redis
+    assert redis is not None
+    # A command may wait longer than a request: its first call also connects.
+    quota = redis_quota(redis.model_copy(update={"timeout_ms": max(redis.timeout_ms, 2000)}))
+    try:
+        return await spend.spend(
+            quota, RuleSet(cfg.limits), Keys(redis.hash_tag), subject, time.time(), period
+        )
+    except StoreUnavailable as exc:
+        raise _Unanswered(
+            f"Redis at {redact_url(redis.url)} did not answer ({exc.reason})"
+        ) from None
+    finally:
+        await quota.aclose()
+
+
+def _dollars(text: str) -> str:
+    """ "5.000000" as $5.00, "0.001234" as $0.001234: exact, no trailing zeros past cents."""
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.rstrip('0').ljust(2, '0')}"
+
+
+def _duration(seconds: float) -> str:
+    """The two largest units: 26d 13h, 13h 48m, 3m 20s, 45s."""
+    left = math.ceil(seconds)
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size or (unit == "s" and not parts):
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return " ".join(parts[:2])
+
+
+def _spend_table(report: dict[str, Any]) -> list[str]:
+    key = report["key"]
+    if key is not None:
+        title = f"key {key['id']} ({key['name']}, tenant {key['tenant']})"
+    elif report["tenant"] is not None:
+        title = f"tenant {report['tenant']}"
+    else:
+        title = "rules for all requests"
+    lines = [f"{title} at {report['at']}"]
+    if not report["limits"]:
+        lines.append("no limit counts it (rules by key, tenant, or none; see README, Spend)")
+        return lines
+    rows = [("RULE", "SCOPE", "KIND", "WINDOW", "USED", "LIMIT", "REMAINING", "RESETS IN")]
+    for r in report["limits"]:
+        if r["kind"] == "budget":
+            amounts = (
+                _dollars(r["used_usd"]),
+                _dollars(r["limit_usd"]),
+                _dollars(r["remaining_usd"]),
+            )
+        else:
+            per = f"/{r['per']}" if r["per"] else ""
+            amounts = (str(r["used"]), f"{r['limit']}{per}", str(r["remaining"]))
+        name = r["rule"] + (" (shadow)" if r["shadow"] else "")
+        rows.append(
+            (name, r["scope"], r["kind"], r["window"] or "-", *amounts, _duration(r["reset_s"]))
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = {4, 5, 6}  # amounts line up on the right
+    for row in rows:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def cmd_spend(args: argparse.Namespace) -> int:
+    import json
+
+    cfg = _load(args.config)
+    keys_file = Path(args.keys_file).absolute() if args.keys_file else cfg.auth.keys_file
+    try:
+        if args.key is None and args.tenant is None:
+            from .limits.spend import Subject
+
+            subject = Subject("all")
+        else:
+            subject = _spend_subject(args, keys_file)
+        if cfg.store.redis is not None:
+            report = asyncio.run(_spend_from_redis(cfg, subject, args.period))
+        else:
+            report = _spend_from_server(cfg, subject, args.period)
+    except _Unanswered as exc:
+        print(f"tollway: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(_spend_table(report)))
+    return 0
+
+
 def cmd_demo_upstream(args: argparse.Namespace) -> int:
     from . import demo_upstream
 
@@ -322,6 +498,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("key", help="key id or name")
     _limit_options(s, "; none clears it")
     s.set_defaults(func=cmd_keys_limits)
+
+    s = add(
+        "spend",
+        "a key's or a tenant's spend, remaining budget and limit usage "
+        "(from Redis, or from the running server's metrics port)",
+    )
+    config_option(s)
+    s.add_argument("--keys-file", help="keys file (default: auth.keys_file of the config)")
+    who = s.add_mutually_exclusive_group()
+    who.add_argument("--key", metavar="ID|NAME", help="a key, by id or name")
+    who.add_argument("--tenant", help="a tenant (default, neither: the rules for all requests)")
+    s.add_argument(
+        "--period", choices=("day", "month"), help="only budgets of this window (default: all)"
+    )
+    s.add_argument("--json", action="store_true", help="the report as JSON, for scripts")
+    s.set_defaults(func=cmd_spend)
 
     s = add("prices", "list the price table, or show how model names resolve in it")
     config_option(s)

@@ -476,6 +476,25 @@ def set_limits(
     )
 
 
+def _unambiguous(records: Sequence[KeyRecord], key_id_or_name: str, moment: datetime) -> None:
+    """An id, or a name at most one active key has (else AmbiguousName)."""
+    if not any(r.id == key_id_or_name for r in records):
+        named = [r.id for r in records if r.name == key_id_or_name and r.active(moment)]
+        if len(named) > 1:
+            raise AmbiguousName(key_id_or_name, named)
+
+
+def resolve(
+    records: Sequence[KeyRecord], key_id_or_name: str, now: datetime | None = None
+) -> KeyRecord | None:
+    """The key with this id (in any state), or the one active key with this name."""
+    moment = now or datetime.now(UTC)
+    _unambiguous(records, key_id_or_name, moment)
+    by_id = [r for r in records if r.id == key_id_or_name]
+    named = [r for r in records if r.name == key_id_or_name and r.active(moment)]
+    return next(iter(by_id or named), None)
+
+
 def _update(
     path: Path,
     key_id_or_name: str,
@@ -486,10 +505,7 @@ def _update(
     """Rewrite, under the lock, the picked records that this id or name selects."""
     with locked(path):
         records = read_records(path)
-        if not any(r.id == key_id_or_name for r in records):
-            named = [r.id for r in records if r.name == key_id_or_name and r.active(moment)]
-            if len(named) > 1:
-                raise AmbiguousName(key_id_or_name, named)
+        _unambiguous(records, key_id_or_name, moment)
         changed: list[KeyRecord] = []
         updated: list[KeyRecord] = []
         for record in records:

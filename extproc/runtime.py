@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from . import keys
 from .config import Config
@@ -20,6 +21,7 @@ from .headroom import HeaderLimits
 from .limits.backend import open_quota
 from .limits.quota import Keys
 from .limits.rules import RuleSet
+from .limits.spend import Query, find_subject, spend
 from .metrics import Metrics, StoreMetrics
 from .pipeline import Pipeline
 from .pricing import load_prices
@@ -106,6 +108,18 @@ class Runtime:
         """Shutdown: the backends write what they queued (settlements, usage records)."""
         await self.quota.aclose()
         await self.store.aclose()
+
+    async def spend(self, query: Query) -> dict[str, Any] | None:
+        """A key's, a tenant's or the global limit counters from this process's quota
+        (``/v1/spend`` on the metrics port); None when no key has that id or tenant.
+        Runs on the event loop, which owns the quota's state."""
+        subject = find_subject(self.auth.keys, query)
+        if subject is None:
+            return None
+        stage = self.limits
+        return await spend(
+            self.quota, stage.rules, stage.keys, subject, stage.clock(), query.period
+        )
 
     def _backend_failed(self, stage: str, reason: str) -> None:
         self.metrics.backend_failures.labels(stage, reason).inc()

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
-from prometheus_client import start_http_server
 
 from .config import Config, ConfigError
 from .grpcio_server import GrpcioServer
 from .h2server import H2Server, server_ssl_context
+from .metrics_http import MetricsServer
 from .processor import StreamProcessor
 from .runtime import Runtime
 
@@ -108,8 +108,12 @@ async def serve(
     runtime = ready.runtime
     server = _transport(config, ready)
     port = await server.start(config.server.address, config.server.port)
+    metrics_http: MetricsServer | None = None
     if config.metrics.enabled:
-        start_http_server(config.metrics.port, config.metrics.address, runtime.metrics.registry)
+        metrics_http = MetricsServer(
+            runtime.metrics.registry, runtime.spend, asyncio.get_running_loop()
+        )
+        metrics_http.start(config.metrics.address, config.metrics.port)
     await server.set_serving(True)
     scheme = "grpcs" if config.server.tls else "grpc"
     log.info(
@@ -147,4 +151,6 @@ async def serve(
             await asyncio.wait_for(runtime.aclose(), config.server.drain_timeout_s)
         except TimeoutError:
             log.error("queued writes not finished within %.1fs", config.server.drain_timeout_s)
+        if metrics_http is not None:  # served through the drain: scrapes see it
+            await asyncio.to_thread(metrics_http.close)
         log.info("stopped")

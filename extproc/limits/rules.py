@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Literal
 
 from ..config import RATE_PERIODS, LimitRule
 from ..keys import NO_LIMITS, KeyLimits
+from .quota import Counter, Keys, calendar_window
+from .quota import Kind as CounterKind
 
 if TYPE_CHECKING:
     from ..keys import KeyRecord
@@ -28,6 +30,12 @@ if TYPE_CHECKING:
 Kind = Literal["requests", "tokens", "concurrent", "budget"]
 MICRO = 1_000_000  # budgets count micro-USD: integers, exact in Lua and in memory
 _PLAIN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_COUNTER_KIND: dict[Kind, CounterKind] = {
+    "requests": "rate",
+    "tokens": "rate",
+    "concurrent": "concurrent",
+    "budget": "budget",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +105,35 @@ class Rule:
                 value = tenant + "\0" + headers.get(dimension[7:], "")
             parts.append(value if _PLAIN.fullmatch(value) else _digest(value))
         return ":".join(parts) if parts else "all"
+
+    def window(self, now: float) -> tuple[str, float]:
+        """A budget's calendar window holding ``now``: its id and when it ends."""
+        return calendar_window(now, self.calendar or "month", self.timezone)
+
+    def counter(
+        self, keys: Keys, subject: str, now: float, amount: int, lease_s: float = 0.0
+    ) -> Counter:
+        """This rule's counter for ``subject``, charged ``amount`` (the limits stage
+        takes it; ``tollway spend`` reads it with amount 0). ``lease_s``: how long a
+        concurrency lease lives."""
+        window_end, period = 0.0, self.period_s
+        if self.kind == "concurrent":
+            key, period = keys.concurrent(self.name, subject), lease_s
+        elif self.kind == "budget":
+            window, window_end = self.window(now)
+            key = keys.budget(self.name, subject, window)
+        else:
+            key = keys.rate(self.name, subject)
+        return Counter(
+            rule=self.name,
+            key=key,
+            kind=_COUNTER_KIND[self.kind],
+            limit=self.limit,
+            period_s=period,
+            window_end=window_end,
+            amount=amount,
+            shadow=self.shadow,
+        )
 
 
 def _needs_identity(by: Sequence[str]) -> bool:

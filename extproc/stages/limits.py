@@ -22,12 +22,12 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from ..decisions import Ask, Deny, Outcome, Phase
 from ..exchange import BodyError, Exchange
 from ..kinds import Usage
-from ..limits.quota import Counter, Keys, Quota, Settle, Take, Verdict, calendar_window
+from ..limits.quota import Counter, Keys, Quota, Settle, Take, Verdict
 from ..limits.rules import MICRO, Rule, RuleSet
 from ..metrics import Metrics
 from ..pricing import PriceTable, cost
@@ -40,12 +40,6 @@ _BLOB = re.compile(rb'"(?:data:[^"]{512,}|[A-Za-z0-9+/=]{2048,})"')
 BLOB_TOKENS = 1600  # about what a large image costs at the providers' top resolution
 _MAX_GAUGED = 1000
 _SLACK_S = 60.0  # a lease outlives the route's upstream timeout by this much
-_COUNTER_KIND: dict[str, Literal["rate", "concurrent", "budget"]] = {
-    "requests": "rate",
-    "tokens": "rate",
-    "concurrent": "concurrent",
-    "budget": "budget",
-}
 
 UNAVAILABLE = Deny(
     503,
@@ -192,35 +186,15 @@ class LimitsFlow(Flow):
                 usd = cost(found[1], Usage(input_tokens=input_tokens, output_tokens=output_tokens))
                 micro = math.ceil(usd * MICRO)
         ip = client_ip(ex)
+        lease_s = route.upstream.timeout_s + _SLACK_S
         counters = []
-        keys = stage.keys
         for rule in self.rules:
             subject = rule.subject(ex.identity, route.name, model, ip, ex.headers)
-            window_end = 0.0
-            period = rule.period_s
-            if rule.kind == "requests":
-                amount, key = 1, keys.rate(rule.name, subject)
-            elif rule.kind == "tokens":
+            if rule.kind == "tokens":
                 amount = _tokens(rule, input_tokens, output_tokens)
-                key = keys.rate(rule.name, subject)
-            elif rule.kind == "concurrent":
-                amount, period = 1, route.upstream.timeout_s + _SLACK_S
-                key = keys.concurrent(rule.name, subject)
             else:
-                window, window_end = calendar_window(now, rule.calendar or "month", rule.timezone)
-                amount, key = micro, keys.budget(rule.name, subject, window)
-            counters.append(
-                Counter(
-                    rule=rule.name,
-                    key=key,
-                    kind=_COUNTER_KIND[rule.kind],
-                    limit=rule.limit,
-                    period_s=period,
-                    window_end=window_end,
-                    amount=amount,
-                    shadow=rule.shadow,
-                )
-            )
+                amount = micro if rule.kind == "budget" else 1
+            counters.append(rule.counter(stage.keys, subject, now, amount, lease_s))
         self.counters = tuple(counters)
         take = Take(self.request_id, now, self.counters)
         return Ask(
