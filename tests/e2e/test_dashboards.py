@@ -533,6 +533,14 @@ def test_the_limit_and_store_alerts_go_pending_or_fire(prometheus: str, stack: S
     # messages-rpm denied requests too, but it is not a budget: not "exhausted".
     assert limit_alerts == expected
     assert alerts["TollwaySettlementsDropped", "failed"] == "firing"  # at once: usage is lost
+    # The exhausted alert's second half alone: denials count only for budget rules.
+    rules = {
+        r["alert"]: r["expr"]
+        for g in yaml.safe_load(ALERTS.read_text())["groups"]
+        for r in g["rules"]
+    }
+    denying = rules["TollwayBudgetExhausted"].split("or on(rule)")[1]
+    assert {s["metric"]["rule"] for s in instant(prometheus, denying)} == {"gpt4o-usd"}
 
 
 def test_the_limit_and_store_panels_show_the_events(prometheus: str) -> None:
