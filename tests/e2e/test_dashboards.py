@@ -6,29 +6,52 @@ matcher, `by` label and legend is checked against real scrapes of Tollway and
 Envoy taken after real traffic; then a real Prometheus (Debian's package)
 scrapes the same processes with the shipped alert rules, every query must
 return data, and an unpriced model must fire its alert.
+
+The stack here has limit rules of each kind on a real Redis store, and the
+traffic makes their events happen: requests over a rate limit, a shadow rule's
+would-be denials, a budget spent, then Redis stopped (SIGSTOP) so that checks
+fail open and closed, the breaker opens and settlements are dropped. Prometheus
+sees all of it: the limit and store panels show it, and their alerts go
+pending or fire.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import promql_parser
 import pytest
 import yaml
 
 from extproc import up
+from extproc.config import (
+    Config,
+    LimitMatch,
+    LimitRule,
+    PricingConfig,
+    RedisConfig,
+    StoreConfig,
+)
+from extproc.kinds import Usage
+from extproc.limits.rules import MICRO
+from extproc.pricing import cost, load_prices
+from extproc.stages.limits import estimate_input_tokens
+from tests.redis_server import RedisServer, redis_server_binary
 
-from .conftest import Stack, answers, eventually
+from .conftest import Stack, answers, eventually, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -47,6 +70,7 @@ class Query:
     where: str
     expr: str
     legend_labels: set[str] = field(default_factory=set)
+    row: str = ""  # a panel's row on the dashboard
 
 
 @dataclass
@@ -59,10 +83,13 @@ class Parsed:
 
 def dashboard_queries() -> Iterator[Query]:
     dashboard = json.loads(DASHBOARD.read_text())
+    row = ""
     for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            row = panel["title"]
         for target in panel.get("targets", []):
             legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
-            yield Query(f"panel {panel['title']!r}", target["expr"], legend)
+            yield Query(f"panel {panel['title']!r}", target["expr"], legend, row)
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
             found = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable["definition"])
@@ -145,6 +172,143 @@ def send_traffic(stack: Stack) -> int:
     return 4
 
 
+# ---- limits on a Redis store ------------------------------------------------------
+
+# The request that spends the budget: the limits stage reserves its prompt (estimated
+# from the body) and its max_tokens at the model's price, and that is the whole budget.
+BUDGET_BODY = json.dumps(
+    {"model": "gpt-4o", "max_tokens": 16, "messages": [{"role": "user", "content": "hello"}]}
+).encode()
+CHAT_BODY = json.dumps(
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+).encode()
+# Streamed: metering makes a provider's time-to-first-token series at its first request,
+# and one never observed shows NaN on that panel.
+MESSAGES_BODY = json.dumps(
+    {
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 16,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hello"}],
+    }
+).encode()
+LIMIT_ALERTS = {
+    "TollwayBudgetWarning",
+    "TollwayBudgetExhausted",
+    "TollwayStoreFailing",
+    "TollwayStoreBreakerOpen",
+    "TollwayLimitsFailingOpen",
+    "TollwayLimitsFailingClosed",
+    "TollwaySettlementsDropped",
+}
+LIMIT_ROWS = {"Limits and budgets", "Quota store (Redis)"}
+
+
+def reservation_usd(body: bytes) -> Decimal:
+    """What the limits stage reserves for this request, in USD (whole micro-dollars)."""
+    doc = json.loads(body)
+    found = load_prices(PricingConfig()).lookup(doc["model"])
+    assert found is not None
+    usage = Usage(input_tokens=estimate_input_tokens(body), output_tokens=doc["max_tokens"])
+    return Decimal(math.ceil(cost(found[1], usage) * MICRO)) / MICRO
+
+
+def with_limits(redis_url: str) -> Callable[[Config], Config]:
+    openai_route = LimitMatch(routes=("openai",))
+    anthropic_route = LimitMatch(routes=("anthropic",))
+    rules = (
+        # Fails open (the default for rates): requests pass while Redis is down.
+        LimitRule(name="chat-rpm", requests=1000, per="minute", by=("key",), match=openai_route),
+        LimitRule(
+            name="messages-rpm", requests=2, per="minute", by=("key",), match=anthropic_route
+        ),
+        LimitRule(
+            name="messages-shadow",
+            requests=1,
+            per="minute",
+            by=("key",),
+            shadow=True,
+            match=anthropic_route,
+        ),
+        # Fails closed (the default for budgets); one BUDGET_BODY request spends it.
+        LimitRule(
+            name="gpt4o-usd",
+            budget_usd=reservation_usd(BUDGET_BODY),
+            per="day",
+            by=("tenant",),
+            warn_at=0.5,
+            match=LimitMatch(models=("gpt-4o",)),
+        ),
+    )
+    store = StoreConfig(redis=RedisConfig(url=redis_url))
+
+    def customize(config: Config) -> Config:
+        return config.model_copy(update={"limits": rules, "store": store})
+
+    return customize
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    assert redis_server_binary(), (
+        "redis-server is missing: ./scripts/test installs it (apt-get install redis-server)"
+    )
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Iterator[Stack]:
+    """This module's own stack: the test stack plus limit rules on a Redis it may stop."""
+    s = start_stack(tmp_path_factory.mktemp("limits"), customize=with_limits(redis.url))
+    yield s
+    redis.resume()  # a paused Redis would hold up the shutdown for the settlement writer
+    s.gateway.stop()
+
+
+def post(stack: Stack, path: str, body: bytes, headers: dict[str, str]) -> int:
+    headers = {"content-type": "application/json", **headers}
+    return httpx.post(f"{stack.url}{path}", content=body, headers=headers, timeout=10).status_code
+
+
+def chat(stack: Stack, body: bytes) -> int:
+    bearer = {"authorization": f"Bearer {stack.keys['alice']}"}
+    return post(stack, "/v1/chat/completions", body, bearer)
+
+
+def send_limited_traffic(stack: Stack, key: str) -> list[int]:
+    """Three requests with this key under a 2-a-minute rule and a shadow 1-a-minute one,
+    then two under the tenant's budget, which one request spends. Their statuses."""
+    anthropic = {"x-api-key": stack.keys[key], "anthropic-version": "2023-06-01"}
+    statuses = [post(stack, "/anthropic/v1/messages", MESSAGES_BODY, anthropic) for _ in range(3)]
+    return statuses + [chat(stack, BUDGET_BODY) for _ in range(2)]
+
+
+def fail_the_store(prometheus: str, redis: RedisServer, stack: Stack) -> None:
+    """Redis stops answering (SIGSTOP) and stays stopped: two bursts of requests, a few
+    scrapes apart, fail open (chat-rpm) and closed (the budget), the breaker opens, and
+    their settlements are dropped when the writer gives up on them (30 s after each
+    was queued)."""
+    redis.pause()
+
+    def burst() -> None:
+        assert [chat(stack, CHAT_BODY) for _ in range(6)] + [chat(stack, BUDGET_BODY)] == [
+            *[200] * 6,
+            503,
+        ]
+
+    burst()
+    # Each series born in the first burst is scraped at least 4 times before the second
+    # moves it, so their settlements are dropped more than a scrape apart too.
+    scraped = 'count_over_time(tollway_limit_decisions_total{outcome="failed_open"}[1m]) >= 4'
+    eventually(lambda: instant(prometheus, scraped), timeout=15)
+    burst()
+    dropped = "sum(increase(tollway_settlements_dropped_total[1m])) > 0"
+    eventually(lambda: instant(prometheus, dropped), timeout=45)
+
+
 def test_each_request_opens_one_ext_proc_stream(stack: Stack) -> None:
     """The messages-per-stream panel divides by this counter: it must count every stream."""
     before = stack.metric("tollway_extproc_streams_total")
@@ -153,9 +317,8 @@ def test_each_request_opens_one_ext_proc_stream(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def metrics(stack: Stack) -> dict[str, dict[str, set[str]]]:
-    """Scrapes of Envoy and Tollway after the traffic."""
-    send_traffic(stack)
+def metrics(stack: Stack, prometheus: str) -> dict[str, dict[str, set[str]]]:
+    """Scrapes of Envoy and Tollway after the traffic and the store outage."""
     config = stack.gateway.config
     return {
         **scrape(f"http://127.0.0.1:{config.envoy.admin_port}/stats/prometheus"),
@@ -243,11 +406,14 @@ def api(prometheus: str, path: str) -> Any:
 @pytest.fixture(scope="module")
 def prometheus(
     stack: Stack,
-    metrics: dict[str, dict[str, set[str]]],
+    redis: RedisServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """Prometheus scraping this stack every second with the shipped rules, after two rounds
-    of traffic: the first (from `metrics`) creates the series, the second moves them."""
+    of traffic (the first, before it starts, creates the series; the second moves them)
+    and the store outage."""
+    send_traffic(stack)
+    assert send_limited_traffic(stack, "alice") == [200, 200, 429, 200, 429]
     binary = shutil.which("prometheus")
     assert binary, "prometheus is missing: ./scripts/test installs it (apt-get install prometheus)"
     workdir = tmp_path_factory.mktemp("prometheus")
@@ -281,13 +447,22 @@ def prometheus(
     try:
         eventually(lambda: answers(f"{url}/-/ready"), timeout=60)
         eventually(lambda: has("count(up == 1)", len(targets)) and has("tollway_requests_total"))
+
+        def caught_up() -> None:
+            """Prometheus has seen all the requests, and rate() has 2 samples of each or more."""
+            done = sum(v for (n, _), v in stack.scrape().items() if n == "tollway_requests_total")
+            seen = (
+                f"sum(tollway_requests_total) >= {done} and on() min(count_over_time(up[1m])) >= 3"
+            )
+            eventually(lambda: bool(instant(url, seen)), timeout=30)
+
         send_traffic(stack)
-        done = sum(v for (name, _), v in stack.scrape().items() if name == "tollway_requests_total")
-        # Prometheus has seen all of it, and rate() has two samples of each series or more.
-        caught_up = (
-            f"sum(tollway_requests_total) >= {done} and on() min(count_over_time(up[1m])) >= 3"
-        )
-        eventually(lambda: bool(instant(url, caught_up)), timeout=30)
+        # Another key (the same tenant): fresh rates, so each provider's latency moves
+        # again, and the tenant's budget stays spent.
+        assert send_limited_traffic(stack, "restricted") == [200, 200, 429, 429, 429]
+        caught_up()
+        fail_the_store(url, redis, stack)
+        caught_up()
         yield url
     finally:
         up.stop_all([proc])
@@ -324,3 +499,91 @@ def test_the_alert_rules_load_evaluate_and_fire_for_an_unpriced_model(prometheus
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
     healthy = {"TollwayNoHealthyReplica", "TollwayReplicaDown", "TollwayExtProcFailures"}
     assert not {name for name, _ in firing(prometheus)} & healthy
+
+
+def active_alerts(prometheus: str) -> dict[tuple[str, str], str]:
+    """(alert name, its rule, scope, reason or instance label) -> state, for pending and firing."""
+    return {
+        (a["labels"]["alertname"], _subject(a["labels"])): a["state"]
+        for a in api(prometheus, "alerts")["alerts"]
+    }
+
+
+def _subject(labels: dict[str, str]) -> str:
+    if "rule" in labels:
+        return f"{labels['rule']}/{labels['scope']}" if "scope" in labels else labels["rule"]
+    return labels.get("reason", labels.get("instance", ""))
+
+
+def test_the_limit_and_store_alerts_go_pending_or_fire(prometheus: str, stack: Stack) -> None:
+    instance = f"127.0.0.1:{stack.gateway.config.metrics.port}"
+    expected = {
+        ("TollwayBudgetWarning", "gpt4o-usd/acme"),  # used 1 > warn_at 0.5
+        ("TollwayBudgetExhausted", "gpt4o-usd/acme"),  # used 1
+        ("TollwayStoreFailing", instance),
+        ("TollwayStoreBreakerOpen", instance),
+        ("TollwayLimitsFailingOpen", "chat-rpm"),
+        ("TollwayLimitsFailingClosed", "gpt4o-usd"),  # the budget fails closed
+        ("TollwayLimitsFailingClosed", "chat-rpm"),  # and refuses its requests for all rules
+        ("TollwaySettlementsDropped", "failed"),
+    }
+    eventually(lambda: expected <= active_alerts(prometheus).keys(), timeout=15)
+    alerts = active_alerts(prometheus)
+    limit_alerts = {key for key in alerts if key[0] in LIMIT_ALERTS}
+    # messages-rpm denied requests too, but it is not a budget: not "exhausted".
+    assert limit_alerts == expected
+    assert alerts["TollwaySettlementsDropped", "failed"] == "firing"  # at once: usage is lost
+    # The exhausted alert's second half alone: denials count only for budget rules.
+    rules = {
+        r["alert"]: r["expr"]
+        for g in yaml.safe_load(ALERTS.read_text())["groups"]
+        for r in g["rules"]
+    }
+    denying = rules["TollwayBudgetExhausted"].split("or on(rule)")[1]
+    assert {s["metric"]["rule"] for s in instant(prometheus, denying)} == {"gpt4o-usd"}
+
+
+def test_the_limit_and_store_panels_show_the_events(prometheus: str) -> None:
+    """Not only series: each limit and store panel shows a value above 0 for what happened."""
+    queries = [q for q in dashboard_queries() if q.row in LIMIT_ROWS]
+    assert len(queries) == 10
+    flat = [
+        f"{q.where}: {q.expr}"
+        for q in queries
+        if not any(float(s["value"][1]) > 0 for s in instant(prometheus, q.expr))
+    ]
+    assert flat == []
+
+
+def test_each_limit_and_store_metric_moved_with_its_event(prometheus: str, stack: Stack) -> None:
+    samples = stack.scrape()
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, frozenset(labels.items())), 0.0)
+
+    def decisions(rule: str, outcome: str) -> float:
+        return value("tollway_limit_decisions_total", rule=rule, outcome=outcome)
+
+    assert decisions("chat-rpm", "allowed") >= 6  # send_traffic: 3 chat requests, twice
+    assert decisions("messages-rpm", "allowed") == 4  # 2 a minute, for each of 2 keys
+    assert decisions("messages-rpm", "limited") == 2
+    assert decisions("messages-shadow", "shadow_limited") == 4  # and denied nothing itself
+    assert decisions("messages-shadow", "limited") == 0
+    assert decisions("gpt4o-usd", "allowed") == 1
+    assert decisions("gpt4o-usd", "limited") == 3
+    assert decisions("chat-rpm", "failed_open") == 12  # two bursts of 6 with Redis stopped
+    assert decisions("gpt4o-usd", "failed_closed") == 2
+    assert value("tollway_budget_used_ratio", rule="gpt4o-usd", scope="acme") == 1
+    assert value("tollway_budget_warn_ratio", rule="gpt4o-usd") == 0.5
+    assert value("tollway_store_latency_seconds_count", op="take") > 0
+    assert value("tollway_store_latency_seconds_count", op="settle") > 0
+    assert value("tollway_store_errors_total", op="take", reason="timeout") > 0
+    assert value("tollway_store_errors_total", op="take", reason="breaker_open") > 0
+    errors = [
+        v
+        for (name, labels), v in samples.items()
+        if name == "tollway_store_errors_total" and ("op", "settle") in labels
+    ]
+    assert sum(errors) > 0  # the writer retried
+    assert value("tollway_store_breaker_open") == 1
+    assert value("tollway_settlements_dropped_total", reason="failed") >= 12
