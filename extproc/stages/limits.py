@@ -210,16 +210,17 @@ class LimitsFlow(Flow):
         for i in verdict.shadow_denied:
             stage.count(self.rules[i], "shadow_limited")
         _rate_headers(ex, self.rules, verdict, now)
+        for rule, remaining in zip(self.rules, verdict.remaining, strict=True):
+            if rule.kind == "budget":  # on a denial too: the gauge shows the spend as it is
+                stage.gauge_budget(rule, ex, remaining)
         if not verdict.allowed:
             assert verdict.denied_by is not None
             rule = self.rules[verdict.denied_by]
             stage.count(rule, "limited")
             return _too_many(rule, verdict)
         self.taken = True
-        for rule, remaining in zip(self.rules, verdict.remaining, strict=True):
+        for rule in self.rules:
             stage.count(rule, "allowed")
-            if rule.kind == "budget":
-                stage.gauge_budget(rule, ex, remaining)
         return self if Phase.REQUEST_BODY not in self.wants else None
 
     def _failed(self, reason: str) -> Any:
