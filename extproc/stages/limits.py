@@ -103,6 +103,12 @@ class LimitsStage:
         self.timeout_s = timeout_s
         self.clock = clock
         self._gauged: dict[str, set[str]] = {}  # budget scopes exported, per rule
+        # Hot-path caches. Decision counters by (rule, outcome): closed sets, and
+        # labels() takes a lock and builds a tuple each time.
+        self._decisions: dict[tuple[str, str], Any] = {}
+        # Calendar windows by (period, timezone): (computed at, window id, window end);
+        # the same window holds every time from when it was computed to its end.
+        self._windows: dict[tuple[str, str], tuple[float, str, float]] = {}
         for rule in rules.rules:
             if rule.kind == "budget":
                 metrics.budget_warn.labels(rule.name).set(rule.warn_at)
@@ -142,7 +148,23 @@ class LimitsStage:
         return flow.take(ex, None, 0, 0)
 
     def count(self, rule: Rule, outcome: str) -> None:
-        self.metrics.limit_decisions.labels(rule.name, outcome).inc()
+        child = self._decisions.get((rule.name, outcome))
+        if child is None:
+            child = self._decisions[rule.name, outcome] = self.metrics.limit_decisions.labels(
+                rule.name, outcome
+            )
+        child.inc()
+
+    def window(
+        self, now: float, period: Literal["day", "month"], timezone: str
+    ) -> tuple[str, float]:
+        """calendar_window, computed once per window (it costs a zone conversion)."""
+        found = self._windows.get((period, timezone))
+        if found is not None and found[0] <= now < found[2]:
+            return found[1], found[2]
+        window, end = calendar_window(now, period, timezone)
+        self._windows[period, timezone] = (now, window, end)
+        return window, end
 
 
 class LimitsFlow(Flow):
@@ -207,7 +229,7 @@ class LimitsFlow(Flow):
                 amount, period = 1, route.upstream.timeout_s + _SLACK_S
                 key = keys.concurrent(rule.name, subject)
             else:
-                window, window_end = calendar_window(now, rule.calendar or "month", rule.timezone)
+                window, window_end = stage.window(now, rule.calendar or "month", rule.timezone)
                 amount, key = micro, keys.budget(rule.name, subject, window)
             counters.append(
                 Counter(
