@@ -30,7 +30,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 sys.path.insert(0, str(Path(__file__).parent))
 import run as bench
 
-from extproc import keys
+from extproc import keys, up
 from extproc.processor import StreamProcessor
 from extproc.runtime import Runtime
 
@@ -125,7 +125,7 @@ async def measure(
         stats = pstats.Stats(profile).sort_stats("tottime")
         stats.print_stats(args.top)
         stats.sort_stats("cumulative").print_stats(args.top)
-    return used * 1e6 / args.requests
+    return float(used * 1e6 / args.requests)
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -137,14 +137,14 @@ async def main_async(args: argparse.Namespace) -> None:
         redis_url = None
         if "limits-redis" in args.stacks:
             _, redis_url = bench.start_redis(workdir, procs)
-        results = {}
+        results: dict[str, list[float]] = {}
         for _ in range(args.rounds):
             for stack in args.stacks:
                 results.setdefault(stack, []).append(
                     await measure(stack, workdir, key, redis_url, args)
                 )
     finally:
-        bench.up.stop_all(procs)
+        up.stop_all(procs)
     base = min(results.get(bench.BASE, [0.0]))
     for stack, values in results.items():
         best = min(values)

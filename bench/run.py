@@ -85,7 +85,6 @@ LIMIT_RULES: tuple[dict[str, Any], ...] = (
     {"name": "bench-tpm", "by": ["tenant"], "tokens": 1_000_000_000_000, "per": "minute"},
     {"name": "bench-budget", "by": ["tenant"], "budget_usd": "1000000", "per": "month"},
 )
-DENIED = ("limited", "failed_closed")  # limit decision outcomes that refuse a request
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,7 @@ class Sample:
     non2xx: int = 0  # across rounds: summed
     store_cpu_us: float | None = None  # redis-server's CPU per request
     limit_allowed: float | None = None  # limit decisions "allowed" per request (all rules)
-    limit_refused: int | None = None  # "limited" and "failed_closed" decisions, summed
+    limit_failed_closed: int | None = None  # store failures refused (503), summed
     limit_failed_open: int | None = None  # store failures let through, summed
 
 
@@ -474,7 +473,7 @@ def measure(target: Target, script: Path, duration: int, connections: int) -> Sa
     sample.store_cpu_us = per_request[2] if target.store is not None else None
     sample.limit_allowed = sum(v for (_, outcome), v in moved.items() if outcome == "allowed")
     sample.limit_allowed /= requests
-    sample.limit_refused = int(sum(v for (_, o), v in moved.items() if o in DENIED))
+    sample.limit_failed_closed = int(sum(v for (_, o), v in moved.items() if o == "failed_closed"))
     sample.limit_failed_open = int(sum(v for (_, o), v in moved.items() if o == "failed_open"))
     return sample
 
@@ -508,7 +507,7 @@ def median_sample(samples: list[Sample]) -> Sample:
         return sum(values) if values else None
 
     merged = {f.name: median(f.name) for f in fields(Sample)}
-    totals = ("requests", "non2xx", "limit_refused", "limit_failed_open")
+    totals = ("requests", "non2xx", "limit_failed_closed", "limit_failed_open")
     return Sample(**{**merged, **{name: total(name) for name in totals}})
 
 
@@ -563,7 +562,8 @@ def print_table(scenario: Scenario, rows: list[tuple[str, Sample]], result: dict
         )
         print(
             f"limit decisions per request: {ext.limit_allowed:.2f} allowed"
-            f"   refused: {ext.limit_refused}   failed open: {ext.limit_failed_open}"
+            f"   limited: 0   store failures: {ext.limit_failed_closed} closed,"
+            f" {ext.limit_failed_open} open"
             f"   non-2xx: {ext.non2xx}{store}"
         )
     if "vs_base" in result:
