@@ -2,7 +2,10 @@
 
 Three kinds of request (auth only, a metered JSON chat, a metered SSE stream), each
 under wrk load on both fronts, plus a sequential probe of time to first byte of a
-stream. Run: .venv/bin/python bench/run.py [--duration 10] [--rounds 2] [--quick]
+stream. On request, the chat and the stream again with three limit rules on, through
+a second Tollway whose quota store is a real redis-server or its own memory, so that
+the cost of limits reads as a difference against the same scenario in the same run.
+Run: .venv/bin/python bench/run.py [--duration 10] [--rounds 2] [--quick] [--scenarios ...]
 See bench/README.md for how to read the output.
 """
 
@@ -14,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc import envoyconf, keys, up
 from extproc.config import Config
@@ -67,6 +72,21 @@ CHAT_STREAM = (
 )
 
 
+# The Tollway a scenario goes through: "base" has no limits; the others have LIMIT_RULES
+# on the named quota store. Each is its own Tollway process behind its own front Envoy.
+BASE = "base"
+STACKS = (BASE, "limits-redis", "limits-memory")
+STORE_NAMES = {"limits-redis": "Redis", "limits-memory": "memory"}
+# Three rules that run on every request and never deny during a run (the point is their
+# cost): requests by key, tokens by tenant, dollars by tenant. The bench key's tenant is
+# "bench"; the request reserves about 34 tokens and $0.00001 of gpt-4o-mini.
+LIMIT_RULES: tuple[dict[str, Any], ...] = (
+    {"name": "bench-rpm", "by": ["key"], "requests": 1_000_000_000, "per": "minute"},
+    {"name": "bench-tpm", "by": ["tenant"], "tokens": 1_000_000_000_000, "per": "minute"},
+    {"name": "bench-budget", "by": ["tenant"], "budget_usd": "1000000", "per": "month"},
+)
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -75,30 +95,46 @@ class Scenario:
     body: str | None
     headers: dict[str, str]
     about: str
+    stack: str = BASE
+    base: str | None = None  # the same request without limits, to compare against
+
+    def with_limits(self, stack: str) -> Scenario:
+        about = f"{self.about}, {len(LIMIT_RULES)} limit rules, {STORE_NAMES[stack]} store"
+        name = f"{self.name}+{stack}"
+        return Scenario(
+            name, self.method, self.path, self.body, self.headers, about, stack, self.name
+        )
 
 
+_CHAT = Scenario(
+    "chat",
+    "POST",
+    PATH,
+    REQUEST_BODY,
+    {"content-type": "application/json"},
+    "metered JSON chat completion",
+)
+_STREAM = Scenario(
+    "stream",
+    "POST",
+    PATH,
+    STREAM_BODY,
+    {"content-type": "application/json", STREAM_HEADER: "1"},
+    "metered SSE chat stream",
+)
 SCENARIOS = {
     s.name: s
     for s in (
         Scenario("auth", "GET", "/v1/models", None, {}, "auth only: 1 message"),
-        Scenario(
-            "chat",
-            "POST",
-            PATH,
-            REQUEST_BODY,
-            {"content-type": "application/json"},
-            "metered JSON chat completion",
-        ),
-        Scenario(
-            "stream",
-            "POST",
-            PATH,
-            STREAM_BODY,
-            {"content-type": "application/json", STREAM_HEADER: "1"},
-            "metered SSE chat stream",
-        ),
+        _CHAT,
+        _STREAM,
+        *(base.with_limits(stack) for base in (_CHAT, _STREAM) for stack in STACKS[1:]),
     )
 }
+DEFAULT_SCENARIOS = ("auth", "chat", "stream")
+# Targets for limits (DESIGN.md issue): over the same scenario without them, in one run.
+MAX_ADDED_CPU_US = 60.0
+MAX_RATIO_DROP = 0.10
 UPSTREAM_YAML = Path(__file__).with_name("upstream-envoy.yaml")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 60.0
@@ -112,6 +148,11 @@ class Target:
     envoy: Proc
     config: Config  # the front door's ports
     tollway: Proc | None = None
+    store: Proc | None = None  # the redis-server behind this Tollway's limits
+
+    @property
+    def limits(self) -> bool:
+        return bool(self.config.limits) and self.tollway is not None
 
     @property
     def url(self) -> str:
@@ -131,6 +172,11 @@ class Sample:
     envoy_cpu_us: float
     tollway_cpu_us: float | None
     extproc_msgs: float | None  # ext_proc messages Envoy sent Tollway, per request
+    non2xx: int = 0  # across rounds: summed
+    store_cpu_us: float | None = None  # redis-server's CPU per request
+    limit_allowed: float | None = None  # limit decisions "allowed" per request (all rules)
+    limit_failed_closed: int | None = None  # store failures refused (503), summed
+    limit_failed_open: int | None = None  # store failures let through, summed
 
 
 def parse_args() -> argparse.Namespace:
@@ -143,12 +189,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     p.add_argument(
         "--scenarios",
-        type=lambda text: [name for name in text.split(",") if name],
-        default=list(SCENARIOS),
-        help=f"comma-separated, of: {', '.join(SCENARIOS)} (default: all)",
+        nargs="+",
+        default=list(DEFAULT_SCENARIOS),
+        help=f"space- or comma-separated, of: {', '.join(SCENARIOS)} "
+        f"(default: {' '.join(DEFAULT_SCENARIOS)})",
     )
     p.add_argument("--ttfb-requests", type=int, default=300, help="stream requests per front")
     args = p.parse_args()
+    args.scenarios = list(
+        dict.fromkeys(name for text in args.scenarios for name in text.split(",") if name)
+    )
     unknown = set(args.scenarios) - SCENARIOS.keys()
     if unknown:
         p.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
@@ -168,6 +218,21 @@ def extproc_msgs_sent(admin_port: int) -> int:
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
     return sum(int(line.rpartition(":")[2]) for line in text.splitlines() if ":" in line)
+
+
+def limit_decisions(metrics_port: int) -> dict[tuple[str, str], float]:
+    """tollway_limit_decisions_total by (rule, outcome), from Tollway's /metrics."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    found: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "tollway_limit_decisions":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    labels = sample.labels
+                    found[labels["rule"], labels["outcome"]] = sample.value
+    return found
 
 
 def upstream_envoy_config(port: int, admin_port: int) -> dict[str, Any]:
@@ -205,18 +270,31 @@ def plain_envoy_config(config: Config) -> dict[str, Any]:
     return rendered
 
 
-def bench_config(upstream_port: int, keys_file: Path) -> Config:
-    """One upstream `openai` at the fast upstream, no credential; auth on (the default)."""
+def bench_config(
+    upstream_port: int, keys_file: Path, stack: str = BASE, redis_url: str | None = None
+) -> Config:
+    """One upstream `openai` at the fast upstream, no credential; auth on (the default).
+
+    Metrics are served (on a free port) so the limits stacks can show their decisions;
+    an idle metrics thread costs nothing per request. The limits stacks add LIMIT_RULES
+    and their store: Redis at ``redis_url``, or memory (budgets saved next to the keys).
+    """
     upstream = {"url": f"http://127.0.0.1:{upstream_port}", "api": "openai", "prefixes": ["/v1/"]}
-    return Config.model_validate(
-        {
-            "server": {"port": up.free_port(), "drain_delay_s": 0, "drain_timeout_s": 2},
-            "metrics": {"enabled": False},
-            "auth": {"keys_file": str(keys_file)},
-            "envoy": {"port": up.free_port(), "admin_port": up.free_port(), "concurrency": 1},
-            "upstreams": {"openai": upstream},
-        }
-    )
+    settings: dict[str, Any] = {
+        "server": {"port": up.free_port(), "drain_delay_s": 0, "drain_timeout_s": 2},
+        "metrics": {"enabled": True, "port": up.free_port()},
+        "auth": {"keys_file": str(keys_file)},
+        "envoy": {"port": up.free_port(), "admin_port": up.free_port(), "concurrency": 1},
+        "upstreams": {"openai": upstream},
+    }
+    if stack != BASE:
+        settings["limits"] = LIMIT_RULES
+    if stack == "limits-redis":
+        assert redis_url is not None
+        settings["store"] = {"redis": {"url": redis_url}}
+    elif stack == "limits-memory":
+        settings["store"] = {"budgets_file": str(keys_file.parent / f"budgets-{stack}.json")}
+    return Config.model_validate(settings)
 
 
 def post_status(url: str, key: str | None) -> int:
@@ -241,12 +319,34 @@ def start_envoy(name: str, config: dict[str, Any], workdir: Path, procs: list[Pr
     return proc
 
 
-def start_tollway(config: Config, workdir: Path, procs: list[Proc]) -> Proc:
-    config_file = workdir / "tollway.yaml"
+def start_tollway(name: str, config: Config, workdir: Path, procs: list[Proc]) -> Proc:
+    config_file = workdir / f"{name}.yaml"
     up.write_config(config, config_file)
     argv = [sys.executable, "-m", "extproc", "serve", "--config", str(config_file)]
-    procs.append(up.spawn(argv, log=workdir / "tollway.log"))
+    procs.append(up.spawn(argv, log=workdir / f"{name}.log"))
     return procs[-1]
+
+
+def redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(workdir: Path, procs: list[Proc]) -> tuple[Proc, str]:
+    """A throwaway redis-server on a free loopback port, no persistence; (proc, url)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found: apt-get install -y redis-server")
+    port = up.free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    argv += ["--appendonly", "no", "--dir", str(workdir)]
+    procs.append(up.spawn(argv, log=workdir / "redis.log"))
+    up.wait_until(lambda: redis_answers(port), READY_TIMEOUT_S, "redis-server", procs)
+    return procs[-1], f"redis://127.0.0.1:{port}/0"
 
 
 def with_new_ports(config: Config) -> Config:
@@ -254,35 +354,51 @@ def with_new_ports(config: Config) -> Config:
     return config.model_copy(update={"envoy": config.envoy.model_copy(update=ports)})
 
 
-def wait_ready(plain: Target, tollway: Target, key: str, procs: list[Proc]) -> None:
-    """Tollway healthy in Envoy's eyes, a 200 through both fronts, a 401 without a key."""
-    up.wait_until(
-        lambda: up.extproc_healthy(tollway.admin_port), READY_TIMEOUT_S, "Tollway health", procs
-    )
-    for target in (plain, tollway):
+def wait_ready(plain: Target, tollways: list[Target], key: str, procs: list[Proc]) -> None:
+    """Each Tollway healthy in Envoy's eyes, a 200 through every front, a 401 without a key."""
+    for tollway in tollways:
+        up.wait_until(
+            lambda t=tollway: up.extproc_healthy(t.admin_port),
+            READY_TIMEOUT_S,
+            f"{tollway.name} health",
+            procs,
+        )
+    for target in (plain, *tollways):
         url = target.url
         ok = f"{target.name}: 200 on POST {PATH}"
         up.wait_until(lambda u=url: post_status(u, key) == 200, READY_TIMEOUT_S, ok, procs)
-    no_key = post_status(tollway.url, None)
-    if no_key != 401:
-        raise RuntimeError(f"auth looks off: POST without a key got {no_key}, expected 401")
+    for tollway in tollways:
+        no_key = post_status(tollway.url, None)
+        if no_key != 401:
+            raise RuntimeError(
+                f"{tollway.name}: auth looks off: POST without a key got {no_key}, expected 401"
+            )
 
 
-def start_stack(workdir: Path, procs: list[Proc]) -> tuple[Target, Target, str]:
-    """Upstream, Tollway and both front doors; returns (plain, tollway, key) once ready."""
+def start_stack(
+    workdir: Path, procs: list[Proc], stacks: set[str]
+) -> tuple[Target, dict[str, Target], str]:
+    """Upstream, the plain front, and for each stack a Tollway and its front door (the
+    base one always, for the TTFB probe); returns (plain, tollways by stack, key)."""
     upstream_port = up.free_port()
     start_envoy("upstream", upstream_envoy_config(upstream_port, up.free_port()), workdir, procs)
     key, record = keys.generate(name="bench", tenant="bench")
     keys.add(workdir / "keys.yaml", record)
-    config = bench_config(upstream_port, workdir / "keys.yaml")
-    tollway_proc = start_tollway(config, workdir, procs)
-    front = start_envoy("front-tollway", envoyconf.render(config), workdir, procs)
-    plain_conf = with_new_ports(config)
+    tollways: dict[str, Target] = {}
+    for stack in (s for s in STACKS if s == BASE or s in stacks):
+        store = redis_url = None
+        if stack == "limits-redis":
+            store, redis_url = start_redis(workdir, procs)
+        config = bench_config(upstream_port, workdir / "keys.yaml", stack, redis_url)
+        tollway_proc = start_tollway(f"tollway-{stack}", config, workdir, procs)
+        front = start_envoy(f"front-{stack}", envoyconf.render(config), workdir, procs)
+        name = "envoy+tollway" if stack == BASE else f"tollway+{stack.removeprefix('limits-')}"
+        tollways[stack] = Target(name, front, config, tollway_proc, store)
+    plain_conf = with_new_ports(tollways[BASE].config)
     plain_proc = start_envoy("front-plain", plain_envoy_config(plain_conf), workdir, procs)
     plain = Target("plain envoy", plain_proc, plain_conf)
-    tollway = Target("envoy+tollway", front, config, tollway_proc)
-    wait_ready(plain, tollway, key, procs)
-    return plain, tollway, key
+    wait_ready(plain, list(tollways.values()), key, procs)
+    return plain, tollways, key
 
 
 def write_lua(workdir: Path, key: str, scenario: Scenario) -> Path:
@@ -306,19 +422,20 @@ def _latency_ms(text: str, percentile: str) -> float:
     return float(match.group(1)) * _UNITS_MS[match.group(2)]
 
 
-def parse_wrk(text: str) -> tuple[int, float, float, float, int]:
-    """(requests, rps, p50_ms, p99_ms, errors) from `wrk --latency` output."""
+def parse_wrk(text: str) -> tuple[int, float, float, float, int, int]:
+    """(requests, rps, p50_ms, p99_ms, errors, non2xx) from `wrk --latency` output."""
     requests = re.search(r"^\s*(\d+) requests in", text, re.MULTILINE)
     rps = re.search(r"^Requests/sec:\s*([\d.]+)", text, re.MULTILINE)
     if requests is None or rps is None:
         raise RuntimeError(f"cannot parse wrk output:\n{text}")
     non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
     sockets = re.search(r"Socket errors:(.*)", text)
-    errors = int(non2xx.group(1)) if non2xx else 0
+    bad_status = int(non2xx.group(1)) if non2xx else 0
+    errors = bad_status
     if sockets:
         errors += sum(int(n) for n in re.findall(r"\d+", sockets.group(1)))
     p50, p99 = _latency_ms(text, "50"), _latency_ms(text, "99")
-    return int(requests.group(1)), float(rps.group(1)), p50, p99, errors
+    return int(requests.group(1)), float(rps.group(1)), p50, p99, errors, bad_status
 
 
 def run_wrk(url: str, script: Path, duration: int, connections: int) -> str:
@@ -331,19 +448,51 @@ def run_wrk(url: str, script: Path, duration: int, connections: int) -> str:
 
 
 def measure(target: Target, script: Path, duration: int, connections: int) -> Sample:
-    pids = [target.envoy.pid] + ([target.tollway.pid] if target.tollway else [])
+    procs = [p for p in (target.envoy, target.tollway, target.store) if p is not None]
+    metrics_port = target.config.metrics.port if target.limits else None
+    decisions_before = limit_decisions(metrics_port) if metrics_port else {}
     msgs_before = extproc_msgs_sent(target.admin_port)
-    before = [cpu_seconds(pid) for pid in pids]
+    before = [cpu_seconds(proc.pid) for proc in procs]
     output = run_wrk(target.url, script, duration, connections)
-    used = [cpu_seconds(pid) - start for pid, start in zip(pids, before, strict=True)]
+    used = [cpu_seconds(proc.pid) - start for proc, start in zip(procs, before, strict=True)]
     msgs = extproc_msgs_sent(target.admin_port) - msgs_before
-    requests, rps, p50, p99, errors = parse_wrk(output)
+    requests, rps, p50, p99, errors, non2xx = parse_wrk(output)
     if requests == 0 or errors > MAX_ERROR_RATIO * requests:
         raise RuntimeError(f"{target.name}: {errors} errors in {requests} requests:\n{output}")
     per_request = [seconds * 1e6 / requests for seconds in used]
     if target.tollway is None:
-        return Sample(rps, p50, p99, requests, per_request[0], None, None)
-    return Sample(rps, p50, p99, requests, per_request[0], per_request[1], msgs / requests)
+        return Sample(rps, p50, p99, requests, per_request[0], None, None, non2xx)
+    sample = Sample(
+        rps, p50, p99, requests, per_request[0], per_request[1], msgs / requests, non2xx
+    )
+    if metrics_port is None:
+        return sample
+    after = limit_decisions(metrics_port)
+    moved = {k: v - decisions_before.get(k, 0.0) for k, v in after.items()}
+    check_decisions(target, moved, requests, connections)
+    sample.store_cpu_us = per_request[2] if target.store is not None else None
+    sample.limit_allowed = sum(v for (_, outcome), v in moved.items() if outcome == "allowed")
+    sample.limit_allowed /= requests
+    sample.limit_failed_closed = int(sum(v for (_, o), v in moved.items() if o == "failed_closed"))
+    sample.limit_failed_open = int(sum(v for (_, o), v in moved.items() if o == "failed_open"))
+    return sample
+
+
+def check_decisions(
+    target: Target, moved: dict[tuple[str, str], float], requests: int, connections: int
+) -> None:
+    """Every rule decided (about) every request, and none was limited: the rules ran and
+    nothing was denied. A request decided just before the measurement began may finish
+    inside it, hence the slack of one request a connection."""
+    for rule in target.config.limits:
+        allowed = moved.get((rule.name, "allowed"), 0.0)
+        if allowed < requests - connections:
+            raise RuntimeError(
+                f"{target.name}: rule {rule.name} allowed {allowed:.0f} of {requests} requests"
+                f" (decisions: {moved})"
+            )
+        if moved.get((rule.name, "limited"), 0.0):
+            raise RuntimeError(f"{target.name}: rule {rule.name} denied requests: {moved}")
 
 
 def median_sample(samples: list[Sample]) -> Sample:
@@ -353,8 +502,13 @@ def median_sample(samples: list[Sample]) -> Sample:
         values = [getattr(s, name) for s in samples if getattr(s, name) is not None]
         return float(statistics.median(values)) if values else None
 
+    def total(name: str) -> Any:
+        values = [getattr(s, name) for s in samples if getattr(s, name) is not None]
+        return sum(values) if values else None
+
     merged = {f.name: median(f.name) for f in fields(Sample)}
-    return Sample(**{**merged, "requests": sum(s.requests for s in samples)})
+    totals = ("requests", "non2xx", "limit_failed_closed", "limit_failed_open")
+    return Sample(**{**merged, **{name: total(name) for name in totals}})
 
 
 def _rounded(values: dict[str, Any]) -> dict[str, Any]:
@@ -371,7 +525,19 @@ def summarize(plain: Sample, tollway: Sample) -> dict[str, Any]:
     }
 
 
+def compare(result: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """What limits add over the same scenario without them, measured in the same run."""
+    added_cpu = result["tollway"]["tollway_cpu_us"] - base["tollway"]["tollway_cpu_us"]
+    drop = 1 - result["ratio_rps"] / base["ratio_rps"]
+    return {
+        "added_tollway_cpu_us": round(added_cpu, 1),
+        "ratio_rps_drop": round(drop, 3),
+        "within_targets": added_cpu <= MAX_ADDED_CPU_US and drop <= MAX_RATIO_DROP,
+    }
+
+
 ROW = "{:<16}{:>9}{:>9}{:>9}{:>18}{:>20}"
+COST_ROW = "{:<24}{:>20}{:>11}{:>11}{:>12}{:>17}"
 
 
 def print_table(scenario: Scenario, rows: list[tuple[str, Sample]], result: dict[str, Any]) -> None:
@@ -385,25 +551,82 @@ def print_table(scenario: Scenario, rows: list[tuple[str, Sample]], result: dict
         f"added p50: {result['added_p50_ms']:.2f} ms   added p99: {result['added_p99_ms']:.2f} ms"
     )
     print(f"ratio rps (tollway/plain): {result['ratio_rps']:.2f}   {added}")
-    msgs = rows[1][1].extproc_msgs
-    if msgs is not None:
-        print(f"ext_proc messages per request (Envoy -> Tollway): {msgs:.2f}")
+    ext = rows[1][1]
+    if ext.extproc_msgs is not None:
+        print(f"ext_proc messages per request (Envoy -> Tollway): {ext.extproc_msgs:.2f}")
+    if ext.limit_allowed is not None:
+        store = (
+            ""
+            if ext.store_cpu_us is None
+            else f"   redis-server cpu: {ext.store_cpu_us:.0f} us/req"
+        )
+        print(
+            f"limit decisions per request: {ext.limit_allowed:.2f} allowed"
+            f"   limited: 0   store failures: {ext.limit_failed_closed} closed,"
+            f" {ext.limit_failed_open} open"
+            f"   non-2xx: {ext.non2xx}{store}"
+        )
+    if "vs_base" in result:
+        vs = result["vs_base"]
+        print(
+            f"vs {scenario.base} in this run: {vs['added_tollway_cpu_us']:+.0f} us Tollway CPU/req"
+            f" (target <= {MAX_ADDED_CPU_US:.0f}),"
+            f" ratio rps {-vs['ratio_rps_drop']:+.1%} (target >= {-MAX_RATIO_DROP:.0%})"
+        )
+
+
+def print_cost_table(scenarios: list[Scenario], results: dict[str, Any]) -> None:
+    """The limits rows next to the rows they are compared with: one table, one run."""
+    rows = [s for s in scenarios if s.base is not None and "vs_base" in results[s.name]]
+    if not rows:
+        return
+    print("\n== cost of limits (difference against the same scenario without them, this run)")
+    print(
+        COST_ROW.format(
+            "scenario",
+            "tollway_cpu_us/req",
+            "added_us",
+            "ratio_rps",
+            "ratio_drop",
+            "within targets",
+        )
+    )
+    for name in dict.fromkeys(n for s in rows for n in (s.base, s.name)):
+        assert name is not None
+        result = results[name]
+        vs = result.get("vs_base")
+        cells = (
+            f"{result['tollway']['tollway_cpu_us']:.0f}",
+            "-" if vs is None else f"{vs['added_tollway_cpu_us']:+.0f}",
+            f"{result['ratio_rps']:.3f}",
+            "-" if vs is None else f"{vs['ratio_rps_drop']:.1%}",
+            "-" if vs is None else ("yes" if vs["within_targets"] else "NO"),
+        )
+        print(COST_ROW.format(name, *cells))
+    print(
+        f"targets: added Tollway CPU <= {MAX_ADDED_CPU_US:.0f} us/req,"
+        f" ratio to plain Envoy drops by <= {MAX_RATIO_DROP:.0%}"
+    )
 
 
 def run_rounds(
-    targets: list[Target], scripts: list[Path], args: argparse.Namespace
+    runs: list[tuple[Path, list[Target]]], args: argparse.Namespace
 ) -> dict[str, list[Sample]]:
-    """Warm up, then per round each scenario on each target in turn; medians per pair."""
-    for script in scripts:
+    """Warm up, then per round each scenario on each of its targets in turn (plain, then
+    its Tollway); medians per pair."""
+    for script, targets in runs:
         for target in targets:
             run_wrk(target.url, script, args.warmup, args.connections)
-    samples = {script.stem: [[] for _ in targets] for script in scripts}
+    samples: dict[str, list[list[Sample]]] = {
+        script.stem: [[] for _ in targets] for script, targets in runs
+    }
     for round_no in range(1, args.rounds + 1):
-        for script in scripts:
+        for script, targets in runs:
             for target, mine in zip(targets, samples[script.stem], strict=True):
                 mine.append(measure(target, script, args.duration, args.connections))
                 print(
-                    f"round {round_no} {script.stem:<7}{target.name:<14} {mine[-1].rps:8.0f} rps"
+                    f"round {round_no} {script.stem:<22}{target.name:<16}"
+                    f" {mine[-1].rps:8.0f} rps"
                     f"  p50 {mine[-1].p50_ms:.2f} ms  p99 {mine[-1].p99_ms:.2f} ms",
                     file=sys.stderr,
                 )
@@ -445,7 +668,7 @@ def probe_ttfb(targets: list[Target], key: str, count: int) -> dict[str, Any]:
         ordered = sorted(values)
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
-    result = {
+    result: dict[str, Any] = {
         t.name: {"p50_ms": pct(v, 0.5), "p99_ms": pct(v, 0.99)}
         for t, v in zip(targets, times, strict=True)
     }
@@ -475,9 +698,13 @@ def main() -> int:
     procs: list[Proc] = []
     scenarios = [SCENARIOS[name] for name in args.scenarios]
     try:
-        plain, tollway, key = start_stack(workdir, procs)
-        scripts = [write_lua(workdir, key, scenario) for scenario in scenarios]
-        medians = run_rounds([plain, tollway], scripts, args)
+        plain, tollways, key = start_stack(workdir, procs, {s.stack for s in scenarios})
+        tollway = tollways[BASE]
+        runs = [
+            (write_lua(workdir, key, scenario), [plain, tollways[scenario.stack]])
+            for scenario in scenarios
+        ]
+        medians = run_rounds(runs, args)
         ttfb = probe_ttfb([plain, tollway], key, args.ttfb_requests)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         print(f"bench: {exc}\n(logs kept in {workdir})", file=sys.stderr)
@@ -490,10 +717,15 @@ def main() -> int:
         "settings": {**settings, "rounds": args.rounds, "cpus": os.cpu_count()},
         "scenarios": {},
     }
+    results = result["scenarios"]
     for scenario in scenarios:
         pair = medians[scenario.name]
-        summary = result["scenarios"][scenario.name] = summarize(pair[0], pair[1])
-        print_table(scenario, [(plain.name, pair[0]), (tollway.name, pair[1])], summary)
+        summary = results[scenario.name] = summarize(pair[0], pair[1])
+        if scenario.base in results:
+            summary["vs_base"] = compare(summary, results[scenario.base])
+        name = tollways[scenario.stack].name
+        print_table(scenario, [(plain.name, pair[0]), (name, pair[1])], summary)
+    print_cost_table(scenarios, results)
     result["ttfb_stream"] = ttfb
     print(f"\n== time to first byte of a stream, unloaded ({args.ttfb_requests} requests each)")
     for target in (plain, tollway):

@@ -97,6 +97,9 @@ class LimitsStage:
         self.timeout_s = timeout_s
         self.clock = clock
         self._gauged: dict[str, set[str]] = {}  # budget scopes exported, per rule
+        # Hot-path caches. Decision counters by (rule, outcome): closed sets, and
+        # labels() takes a lock and builds a tuple each time.
+        self._decisions: dict[tuple[str, str], Any] = {}
         for rule in rules.rules:
             if rule.kind == "budget":
                 metrics.budget_warn.labels(rule.name).set(rule.warn_at)
@@ -136,7 +139,12 @@ class LimitsStage:
         return flow.take(ex, None, 0, 0)
 
     def count(self, rule: Rule, outcome: str) -> None:
-        self.metrics.limit_decisions.labels(rule.name, outcome).inc()
+        child = self._decisions.get((rule.name, outcome))
+        if child is None:
+            child = self._decisions[rule.name, outcome] = self.metrics.limit_decisions.labels(
+                rule.name, outcome
+            )
+        child.inc()
 
 
 class LimitsFlow(Flow):
