@@ -41,7 +41,7 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ..store import NO_OBSERVER, StoreObserver
 from ..store.breaker import Breaker
@@ -302,6 +302,9 @@ def connect(
     return aioredis.Redis.from_pool(pool)
 
 
+SETTLE_BATCH = 64  # settlements written in one round trip, at most
+
+
 class RedisQuota:
     def __init__(
         self,
@@ -335,7 +338,8 @@ class RedisQuota:
         self._take = client.register_script(TAKE_LUA)
         self._settle = client.register_script(SETTLE_LUA)
         self.writer: Writer[Settle] = Writer(
-            self._write_settle,
+            self._write_settles,
+            batch=SETTLE_BATCH,
             maxsize=queue_size,
             retry_for_s=settle_retry_for_s,
             on_drop=observer.settlement_dropped,
@@ -402,8 +406,7 @@ class RedisQuota:
         args.append(_num(BUDGET_KEEP_S))
         return keys, args
 
-    async def _write_settle(self, settle: Settle) -> None:
-        self._admit("settle")
+    def _settle_args(self, settle: Settle) -> tuple[list[str], list[str]]:
         keys = [self.keys.request(settle.request_id)]
         args = [
             "" if self.server_time else _num(float(settle.now)),
@@ -420,7 +423,44 @@ class RedisQuota:
                 str(actual),
             )
         args.append(_num(BUDGET_KEEP_S))
-        await self._call("settle", self._settle, keys, args, timeout_s=self.settle_timeout_s)
+        return keys, args
+
+    async def _write_settles(self, settles: list[Settle]) -> None:
+        """What the writer has queued, in one round trip (a pipeline of EVALSHA)."""
+        self._admit("settle")
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.settle_timeout_s):
+                try:
+                    await self._pipeline(settles)
+                except NoScriptError:  # Redis restarted: its scripts are gone
+                    await self.client.script_load(SETTLE_LUA)
+                    await self._pipeline(settles)
+        except TimeoutError:
+            self._failed("settle", "timeout")
+            raise StoreUnavailable("timeout") from None
+        except (RedisError, OSError) as e:
+            self._failed("settle", "error")
+            log.debug("%s settle failed: %s", self.name, type(e).__name__)
+            raise StoreUnavailable("error") from e
+        except asyncio.CancelledError:
+            self.breaker.failure()  # a probe must not stay out for ever
+            raise
+        self.breaker.success()
+        self.observer.latency("settle", time.perf_counter() - started)
+
+    async def _pipeline(self, settles: list[Settle]) -> None:
+        if isinstance(self.client, RedisCluster):  # its pipelines route EVALSHA poorly
+            for settle in settles:
+                keys, args = self._settle_args(settle)
+                await self._settle(keys=keys, args=args)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        sha = self._settle.sha
+        for settle in settles:
+            keys, args = self._settle_args(settle)
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        await pipe.execute()
 
     def _admit(self, op: str) -> None:
         if not self.breaker.allow():

@@ -1,9 +1,10 @@
 """One writer task for a backend's writes that must not wait on the hot path.
 
 ``put`` never blocks: a full queue drops the item and counts it. One task
-writes items in order; a failed write is retried with backoff for at most
-``retry_for_s`` from when it was queued (so writes must be idempotent), then
-dropped and counted. ``drain(within_s)`` on shutdown writes what it can in the
+writes items in order, in batches of what is queued (at most ``batch``: one
+round trip for many); a failed batch is retried with backoff for at most
+``retry_for_s`` from when its oldest item was queued (so writes must be
+idempotent), then dropped and counted. ``drain(within_s)`` on shutdown writes what it can in the
 time given and drops (and counts) the rest.
 """
 
@@ -25,8 +26,9 @@ log = logging.getLogger("tollway")
 class Writer(Generic[T]):
     def __init__(
         self,
-        write: Callable[[T], Awaitable[object]],
+        write: Callable[[list[T]], Awaitable[object]],
         *,
+        batch: int = 1,
         maxsize: int = 10_000,
         retry_for_s: float = 30.0,
         backoff_s: tuple[float, float] = (0.05, 1.0),  # first and longest wait between tries
@@ -34,6 +36,7 @@ class Writer(Generic[T]):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._write = write
+        self.batch = batch
         self._queue: asyncio.Queue[tuple[float, T]] = asyncio.Queue(maxsize)
         self.retry_for_s = retry_for_s
         self.backoff_s = backoff_s
@@ -87,25 +90,31 @@ class Writer(Generic[T]):
 
     async def _run(self) -> None:
         low, high = self.backoff_s
+        queue = self._queue
         while True:
-            queued_at, item = await self._queue.get()
+            batch = [await queue.get()]
+            while len(batch) < self.batch and not queue.empty():
+                batch.append(queue.get_nowait())
             try:
                 wait = low
                 while True:
                     try:
-                        await self._write(item)
+                        await self._write([item for _, item in batch])
                     except Exception as e:
-                        if self._clock() - queued_at >= self.retry_for_s:
+                        if self._clock() - batch[0][0] >= self.retry_for_s:
                             log.warning("write dropped after retries (%s)", type(e).__name__)
-                            self._drop("failed")
+                            for _ in batch:
+                                self._drop("failed")
                             break
                         await asyncio.sleep(wait)
                         wait = min(high, wait * 2)
                     else:
-                        self.written += 1
+                        self.written += len(batch)
                         break
             except asyncio.CancelledError:
-                self._drop("shutdown")  # the one in hand when drain ran out of time
+                for _ in batch:  # those in hand when drain ran out of time
+                    self._drop("shutdown")
                 raise
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    queue.task_done()

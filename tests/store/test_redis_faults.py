@@ -90,6 +90,11 @@ async def test_scripts_reload_after_a_restart(own_redis: RedisServer) -> None:
             except StoreUnavailable as e:
                 assert e.reason == "error"
         assert answers and answers[0].remaining == (4,)  # NOSCRIPT was answered by a reload
+        # The settle script too, though settlements go in a pipeline of EVALSHA.
+        quota.settle(Settle(f"b{attempt}", NOW, (rate(5),), (3,)))
+        await quota.writer.flushed()
+        assert quota.writer.written == 1
+        assert [lv.used for lv in await quota.usage((rate(5),), NOW)] == [3]
     finally:
         await quota.aclose()
 

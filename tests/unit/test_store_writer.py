@@ -19,9 +19,9 @@ class Clock:
 async def test_writes_in_order_and_put_never_blocks() -> None:
     written: list[int] = []
 
-    async def write(item: int) -> None:
+    async def write(items: list[int]) -> None:
         await asyncio.sleep(0)
-        written.append(item)
+        written.extend(items)
 
     drops: list[str] = []
     writer = Writer(write, maxsize=3, on_drop=drops.append)
@@ -36,7 +36,8 @@ async def test_a_failing_write_is_retried_then_dropped() -> None:
     clock = Clock()
     tries: list[int] = []
 
-    async def write(item: int) -> None:
+    async def write(items: list[int]) -> None:
+        (item,) = items
         tries.append(item)
         clock.t += 1.0
         if item == 1 or len(tries) < 3:
@@ -53,7 +54,7 @@ async def test_a_failing_write_is_retried_then_dropped() -> None:
 
 
 async def test_drain_gives_up_after_its_time_and_counts_the_rest() -> None:
-    async def never(item: int) -> None:
+    async def never(items: list[int]) -> None:
         await asyncio.sleep(3600)
 
     drops: list[str] = []
@@ -84,3 +85,18 @@ def test_breaker_opens_probes_once_per_cool_down_and_closes() -> None:
     assert breaker.allow()
     breaker.success()
     assert not breaker.is_open and changes == [True, False] and breaker.allow()
+
+
+async def test_what_is_queued_goes_in_one_batch_and_a_failed_batch_is_retried_whole() -> None:
+    batches: list[list[int]] = []
+
+    async def write(items: list[int]) -> None:
+        batches.append(items)
+        if len(batches) == 1:
+            raise ConnectionError  # retried whole: the writes are idempotent
+
+    writer = Writer(write, batch=3, backoff_s=(0.0, 0.0))
+    for i in range(5):
+        writer.put(i)
+    await asyncio.wait_for(writer.flushed(), 5.0)
+    assert batches == [[0, 1, 2], [0, 1, 2], [3, 4]] and writer.written == 5
