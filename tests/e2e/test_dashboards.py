@@ -305,6 +305,9 @@ def fail_the_store(prometheus: str, redis: RedisServer, stack: Stack) -> None:
     scraped = 'count_over_time(tollway_limit_decisions_total{outcome="failed_open"}[1m]) >= 4'
     eventually(lambda: instant(prometheus, scraped), timeout=15)
     burst()
+    # Both bursts' settlements given up on (each 30 s after it was queued), then seen.
+    given_up = lambda: stack.metric("tollway_settlements_dropped_total", reason="failed") >= 12  # noqa: E731
+    eventually(given_up, timeout=60)
     dropped = "sum(increase(tollway_settlements_dropped_total[1m])) > 0"
     eventually(lambda: instant(prometheus, dropped), timeout=45)
 

@@ -6,6 +6,7 @@ Each test counts under rules of its own tenant, so the tests do not share counte
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -65,11 +66,29 @@ def limited(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Ite
     stack.gateway.stop()
 
 
+def reloads(stack: Stack) -> list[float]:
+    """Each replica's count of keys-file reloads."""
+    counts = []
+    for replica in stack.gateway.replicas:
+        url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        line = next(x for x in text.splitlines() if x.startswith(_RELOADED))
+        counts.append(float(line.rpartition(" ")[2]))
+    return counts
+
+
+_RELOADED = 'tollway_reloads_total{file="keys",result="ok"}'
+
+
 def new_key(stack: Stack, tenant: str) -> str:
-    """A key of its own for one test, served once the replicas reloaded the keys file."""
+    """A key of its own for one test, served once every replica reloaded the keys file;
+    one request made with it (counted by its rules)."""
+    before = reloads(stack)
     key, record = keys.generate(name=f"t-{tenant}", tenant=tenant)
     keys.add(stack.keys_file, record)
-    eventually(lambda: chat(stack, key, {"model": "no-such-model"}).status_code != 401)
+    eventually(lambda: all(a > b for a, b in zip(reloads(stack), before, strict=True)))
+    assert chat(stack, key, {"model": "no-such-model"}).status_code != 401
     return key
 
 
