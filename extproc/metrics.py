@@ -148,6 +148,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # At 0 from the start: drops come in bursts, and increase() cannot see the
+        # first one of a series born above 0.
+        for op in ("take", "settle", "usage"):
+            for reason in ("timeout", "error", "breaker_open"):
+                self.store_errors.labels(op, reason)
+        for reason in ("queue_full", "failed", "shutdown"):
+            self.settlements_dropped.labels(reason)
 
 
 class StoreMetrics:

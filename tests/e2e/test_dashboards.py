@@ -308,7 +308,7 @@ def fail_the_store(prometheus: str, redis: RedisServer, stack: Stack) -> None:
     # Both bursts' settlements given up on (each 30 s after it was queued), then seen.
     given_up = lambda: stack.metric("tollway_settlements_dropped_total", reason="failed") >= 12  # noqa: E731
     eventually(given_up, timeout=60)
-    dropped = "sum(increase(tollway_settlements_dropped_total[1m])) > 0"
+    dropped = 'sum(tollway_settlements_dropped_total{reason="failed"}) >= 12'
     eventually(lambda: instant(prometheus, dropped), timeout=45)
 
 
