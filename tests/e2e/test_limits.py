@@ -106,11 +106,13 @@ def test_n_concurrent_requests_across_two_replicas_admit_exactly_the_limit(limit
     key = new_key(limited, "req")  # its probe request was one of the 25
     answers = burst(limited, key, 60)
     statuses = [r.status_code for r in answers]
-    # Exact: never one over. A store call that missed its deadline fails closed (503);
-    # without one (the usual case), exactly the limit.
-    failed = statuses.count(503)
-    assert statuses.count(200) <= 24 <= statuses.count(200) + failed
-    assert statuses.count(429) == 60 - statuses.count(200) - failed
+    # Exact both ways: never one over, and no refusal while there was room. A store call
+    # that missed its deadline fails closed (503), having maybe taken its slot; a loaded
+    # machine may fail a request after it was admitted: those are neither.
+    seen = {code: statuses.count(code) for code in set(statuses)}
+    assert statuses.count(200) <= 24 and statuses.count(429) <= 36, seen
+    if set(statuses) == {200, 429}:  # the usual case
+        assert statuses.count(200) == 24, seen
     refused = next(r for r in answers if r.status_code == 429)
     error = refused.json()["error"]
     assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
