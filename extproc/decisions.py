@@ -66,6 +66,15 @@ def bad_request(code: str, message: str) -> Deny:
     return Deny(400, "invalid_request_error", code, message, f"tollway_{code}")
 
 
+class BackendUnavailable(Exception):
+    """A backend says why it cannot answer ("timeout", "error", "breaker_open"): a
+    failure the stage's policy decides, counted by reason, without a traceback."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 R = TypeVar("R", covariant=True)
 
 
@@ -77,8 +86,10 @@ class Ask(Generic[R]):
     hands its answer to ``resume``, which decides. A backend that can answer at
     once returns a value: the flow resumes inline, no coroutine, no task. One
     that really awaits returns an awaitable, waited for at most ``timeout_s``
+    (None: the backend keeps a deadline of its own, so no second timer is set)
     (the I/O itself is not cancelled). If the backend fails or is late,
-    ``on_failure(reason)`` decides instead ("error" or "timeout"): the stage's
+    ``on_failure(reason)`` decides instead ("error", "timeout", or a
+    BackendUnavailable's reason): the stage's
     policy, a Deny to fail closed or None to fail open. ``stage`` names the
     stage in metrics.
     """
@@ -87,4 +98,4 @@ class Ask(Generic[R]):
     call: Callable[[], Any]
     resume: Callable[[Any], R]
     on_failure: Callable[[str], R]
-    timeout_s: float = 0.05
+    timeout_s: float | None = 0.05  # None: the backend bounds its own wait

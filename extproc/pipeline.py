@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, TypeAlias, TypeVar, cast
 
 from .body import RequestBody
-from .decisions import Ask, BodyMode, Deny, Outcome, Phase
+from .decisions import Ask, BackendUnavailable, BodyMode, Deny, Outcome, Phase
 from .events import ResponseEvents
 from .exchange import Exchange
 from .headroom import HeaderLimits, over_limits, response_headers_fit
@@ -287,6 +287,9 @@ class Run:
                 return done.value, None, None
             try:
                 value = ask.call()
+            except BackendUnavailable as e:  # e.g. a breaker that is open: no I/O at all
+                answer = self._failed(ask, e.reason)
+                continue
             except Exception:
                 log.exception("backend of %s failed", ask.stage)
                 answer = self._failed(ask, "error")
@@ -301,9 +304,14 @@ class Run:
         while True:
             answer: Any
             try:
-                got = await asyncio.wait_for(asyncio.shield(pending), ask.timeout_s)
+                if ask.timeout_s is None:  # the backend's own deadline bounds it
+                    got = await pending
+                else:
+                    got = await asyncio.wait_for(asyncio.shield(pending), ask.timeout_s)
             except TimeoutError:
                 answer = self._failed(ask, "timeout")
+            except BackendUnavailable as e:
+                answer = self._failed(ask, e.reason)
             except Exception:
                 log.exception("backend of %s failed", ask.stage)
                 answer = self._failed(ask, "error")

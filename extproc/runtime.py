@@ -86,8 +86,9 @@ class Runtime:
             self.metrics,
             keys=Keys(redis.hash_tag) if redis is not None else None,
             default_output_tokens=config.reservations.default_output_tokens,
-            # The store keeps its own per-call deadline; this only bounds the wait.
-            timeout_s=2 * redis.timeout_ms / 1000 + 0.01 if redis is not None else 0.05,
+            # Redis keeps its own per-call deadline (store.redis.timeout_ms); the
+            # embedded store answers at once.
+            timeout_s=None,
             clock=clock,
         )
         # Limits finish after metering (reverse order), so they settle what it read.

@@ -54,6 +54,8 @@ from datetime import datetime, timedelta
 from typing import Literal, Protocol, TypeAlias
 from zoneinfo import ZoneInfo
 
+from ..decisions import BackendUnavailable
+
 Kind: TypeAlias = Literal["rate", "concurrent", "budget"]
 INF = math.inf
 
@@ -131,13 +133,12 @@ class Quota(Protocol):
         ...
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(BackendUnavailable):
     """The backend cannot answer (timeout, connection, breaker open). The pipeline
     treats it like any backend failure: the stage's fail-open/fail-closed policy."""
 
     def __init__(self, reason: Literal["timeout", "error", "breaker_open"]) -> None:
         super().__init__(reason)
-        self.reason = reason
 
 
 # Keys -------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class LimitsStage:
         *,
         keys: Keys | None = None,
         default_output_tokens: int = 4096,
-        timeout_s: float = 0.05,
+        timeout_s: float | None = 0.05,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.rules = rules

@@ -251,6 +251,6 @@ def test_a_store_that_is_down_follows_each_rules_policy(rule: dict[str, Any], de
     outcome = "failed_closed" if denied else "failed_open"
     assert world.decisions(rule["name"], outcome) == 1
     failures = world.metrics.registry.get_sample_value(
-        "tollway_backend_failures_total", {"stage": "limits", "reason": "error"}
+        "tollway_backend_failures_total", {"stage": "limits", "reason": "breaker_open"}
     )
     assert failures == 1
