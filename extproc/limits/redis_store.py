@@ -327,6 +327,7 @@ def connect(
 
 
 SETTLE_BATCH = 64  # settlements written in one round trip, at most
+TAKE_BATCH = 64  # takes sent in one round trip, at most
 
 
 class RedisQuota:
@@ -361,6 +362,9 @@ class RedisQuota:
         self.name = name
         self._take = client.register_script(TAKE_LUA)
         self._settle = client.register_script(SETTLE_LUA)
+        # Takes that arrive while a batch is on the wire go together in the next one.
+        self._queued: list[tuple[float, Take, asyncio.Future[Verdict]]] = []
+        self._sending = False
         self.writer: Writer[Settle] = Writer(
             self._write_settles,
             batch=SETTLE_BATCH,
@@ -374,7 +378,15 @@ class RedisQuota:
     def take(self, take: Take) -> Awaitable[Verdict]:
         """An awaitable verdict; raises StoreUnavailable at once while the breaker is open."""
         self._admit("take")
-        return self._take_verdict(take)
+        if isinstance(self.client, RedisCluster):  # its pipelines route EVALSHA poorly
+            return self._take_verdict(take)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Verdict] = loop.create_future()
+        self._queued.append((time.monotonic(), take, answer))
+        if not self._sending:
+            self._sending = True
+            loop.create_task(self._send_takes())
+        return answer
 
     def settle(self, settle: Settle) -> None:
         self.writer.put(settle)
@@ -393,9 +405,61 @@ class RedisQuota:
 
     # Internals ------------------------------------------------------------------
 
+    async def _send_takes(self) -> None:
+        """One pipeline of EVALSHA at a time, of every take queued meanwhile (at most
+        TAKE_BATCH), each within its deadline from when it was asked for."""
+        try:
+            while self._queued:
+                batch, self._queued = self._queued[:TAKE_BATCH], self._queued[TAKE_BATCH:]
+                await self._take_batch(batch)
+        finally:
+            self._sending = False
+
+    async def _take_batch(self, batch: list[tuple[float, Take, asyncio.Future[Verdict]]]) -> None:
+        started = time.perf_counter()
+        left = batch[0][0] + self.timeout_s - time.monotonic()  # the oldest's deadline
+        try:
+            if left <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(left):
+                raws = await self._take_pipeline([take for _, take, _ in batch])
+        except TimeoutError:
+            self._failed("take", "timeout")
+            failure = StoreUnavailable("timeout")
+        except (RedisError, OSError) as e:
+            self._failed("take", "error")
+            log.debug("%s take failed: %s", self.name, type(e).__name__)
+            failure = StoreUnavailable("error")
+        else:
+            self.breaker.success()
+            self.observer.latency("take", time.perf_counter() - started)
+            for (_, take, answer), raw in zip(batch, raws, strict=True):
+                if not answer.done():
+                    answer.set_result(self._verdict(take, raw))
+            return
+        for _, _, answer in batch:
+            if not answer.done():
+                answer.set_exception(failure)
+
+    async def _take_pipeline(self, takes: list[Take]) -> list[list[bytes]]:
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for take in takes:
+                keys, args = self._take_args(take.request_id, take.now, take.counters, peek=False)
+                pipe.evalsha(self._take.sha, len(keys), *keys, *args)
+            try:
+                return cast(list[list[bytes]], await pipe.execute())
+            except NoScriptError:  # Redis restarted: its scripts are gone (none ran)
+                if attempt == 2:
+                    raise
+                await self.client.script_load(TAKE_LUA)
+        raise AssertionError("unreachable")
+
     async def _take_verdict(self, take: Take) -> Verdict:
         keys, args = self._take_args(take.request_id, take.now, take.counters, peek=False)
-        raw = await self._call("take", self._take, keys, args)
+        return self._verdict(take, await self._call("take", self._take, keys, args))
+
+    def _verdict(self, take: Take, raw: list[bytes]) -> Verdict:
         n = len(take.counters)
         shadow = raw[3].decode()
         return Verdict(
