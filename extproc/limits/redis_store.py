@@ -365,6 +365,7 @@ class RedisQuota:
         # Takes that arrive while a batch is on the wire go together in the next one.
         self._queued: list[tuple[float, Take, asyncio.Future[Verdict]]] = []
         self._sending = False
+        self._sender: asyncio.Task[None] | None = None
         self.writer: Writer[Settle] = Writer(
             self._write_settles,
             batch=SETTLE_BATCH,
@@ -385,7 +386,7 @@ class RedisQuota:
         self._queued.append((time.monotonic(), take, answer))
         if not self._sending:
             self._sending = True
-            loop.create_task(self._send_takes())
+            self._sender = loop.create_task(self._send_takes())  # held: tasks are weakly kept
         return answer
 
     def settle(self, settle: Settle) -> None:
