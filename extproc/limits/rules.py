@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 Kind = Literal["requests", "tokens", "concurrent", "budget"]
 MICRO = 1_000_000  # budgets count micro-USD: integers, exact in Lua and in memory
 _PLAIN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# (period, timezone) -> (worked out at, window id, window end): a zone conversion
+# and a strftime per request otherwise. Bounded by the rules' periods and zones.
+_WINDOWS: dict[tuple[str, str], tuple[float, str, float]] = {}
 _COUNTER_KIND: dict[Kind, CounterKind] = {
     "requests": "rate",
     "tokens": "rate",
@@ -108,7 +111,14 @@ class Rule:
 
     def window(self, now: float) -> tuple[str, float]:
         """A budget's calendar window holding ``now``: its id and when it ends."""
-        return calendar_window(now, self.calendar or "month", self.timezone)
+        period = self.calendar or "month"
+        found = _WINDOWS.get((period, self.timezone))
+        # The window found holds every time from when it was worked out to its end.
+        if found is not None and found[0] <= now < found[2]:
+            return found[1], found[2]
+        window, end = calendar_window(now, period, self.timezone)
+        _WINDOWS[period, self.timezone] = (now, window, end)
+        return window, end
 
     def counter(
         self, keys: Keys, subject: str, now: float, amount: int, lease_s: float = 0.0
