@@ -31,8 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
-from typing import Any, Literal, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import hiredis
@@ -326,6 +326,7 @@ def connect(
     return aioredis.Redis.from_pool(pool)
 
 
+T = TypeVar("T")
 SETTLE_BATCH = 64  # settlements written in one round trip, at most
 TAKE_BATCH = 64  # takes sent in one round trip, at most
 
@@ -417,30 +418,18 @@ class RedisQuota:
             self._sending = False
 
     async def _take_batch(self, batch: list[tuple[float, Take, asyncio.Future[Verdict]]]) -> None:
-        started = time.perf_counter()
         left = batch[0][0] + self.timeout_s - time.monotonic()  # the oldest's deadline
         try:
-            if left <= 0:
-                raise TimeoutError
-            async with asyncio.timeout(left):
-                raws = await self._take_pipeline([take for _, take, _ in batch])
-        except TimeoutError:
-            self._failed("take", "timeout")
-            failure = StoreUnavailable("timeout")
-        except (RedisError, OSError) as e:
-            self._failed("take", "error")
-            log.debug("%s take failed: %s", self.name, type(e).__name__)
-            failure = StoreUnavailable("error")
-        else:
-            self.breaker.success()
-            self.observer.latency("take", time.perf_counter() - started)
-            for (_, take, answer), raw in zip(batch, raws, strict=True):
+            takes = [take for _, take, _ in batch]
+            raws = await self._guarded("take", left, lambda: self._take_pipeline(takes))
+        except StoreUnavailable as failure:
+            for _, _, answer in batch:
                 if not answer.done():
-                    answer.set_result(self._verdict(take, raw))
+                    answer.set_exception(failure)
             return
-        for _, _, answer in batch:
+        for (_, take, answer), raw in zip(batch, raws, strict=True):
             if not answer.done():
-                answer.set_exception(failure)
+                answer.set_result(self._verdict(take, raw))
 
     async def _take_pipeline(self, takes: list[Take]) -> list[list[bytes]]:
         for attempt in (1, 2):
@@ -517,26 +506,14 @@ class RedisQuota:
     async def _write_settles(self, settles: list[Settle]) -> None:
         """What the writer has queued, in one round trip (a pipeline of EVALSHA)."""
         self._admit("settle")
-        started = time.perf_counter()
+        await self._guarded("settle", self.settle_timeout_s, lambda: self._settles_once(settles))
+
+    async def _settles_once(self, settles: list[Settle]) -> None:
         try:
-            async with asyncio.timeout(self.settle_timeout_s):
-                try:
-                    await self._pipeline(settles)
-                except NoScriptError:  # Redis restarted: its scripts are gone
-                    await self.client.script_load(SETTLE_LUA)
-                    await self._pipeline(settles)
-        except TimeoutError:
-            self._failed("settle", "timeout")
-            raise StoreUnavailable("timeout") from None
-        except (RedisError, OSError) as e:
-            self._failed("settle", "error")
-            log.debug("%s settle failed: %s", self.name, type(e).__name__)
-            raise StoreUnavailable("error") from e
-        except asyncio.CancelledError:
-            self.breaker.failure()  # a probe must not stay out for ever
-            raise
-        self.breaker.success()
-        self.observer.latency("settle", time.perf_counter() - started)
+            await self._pipeline(settles)
+        except NoScriptError:  # Redis restarted: its scripts are gone
+            await self.client.script_load(SETTLE_LUA)
+            await self._pipeline(settles)
 
     async def _pipeline(self, settles: list[Settle]) -> None:
         if isinstance(self.client, RedisCluster):  # its pipelines route EVALSHA poorly
@@ -564,10 +541,19 @@ class RedisQuota:
         args: list[str],
         timeout_s: float | None = None,
     ) -> list[bytes]:
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        raw = await self._guarded(op, limit, lambda: script(keys=keys, args=args))
+        return cast(list[bytes], raw)
+
+    async def _guarded(self, op: str, timeout_s: float, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` within ``timeout_s``, told to the breaker and the metrics; a failure
+        is StoreUnavailable with its reason."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
-                raw = await script(keys=keys, args=args)
+            if timeout_s <= 0:
+                raise TimeoutError  # its deadline passed while it waited for its turn
+            async with asyncio.timeout(timeout_s):
+                result = await call()
         except TimeoutError:
             self._failed(op, "timeout")
             raise StoreUnavailable("timeout") from None
@@ -580,7 +566,7 @@ class RedisQuota:
             raise
         self.breaker.success()
         self.observer.latency(op, time.perf_counter() - started)
-        return cast(list[bytes], raw)
+        return result
 
     def _failed(self, op: str, reason: Literal["timeout", "error"]) -> None:
         self.breaker.failure()
