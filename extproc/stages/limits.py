@@ -175,8 +175,7 @@ class LimitsFlow(Flow):
         if call is not None and call.api != "embeddings":
             cap = output_cap(doc)
             out = cap if cap is not None else self.stage.default_output_tokens
-        ask = self.take(ex, model, estimate_input_tokens(body), out)
-        return ask
+        return self.take(ex, model, estimate_input_tokens(body), out)
 
     def take(
         self, ex: Exchange, model: str | None, input_tokens: int, output_tokens: int
