@@ -67,6 +67,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     cfg = config.load(Path(args.file))
     ready = preflight(cfg)
+    limited = sum(r.limits != keys.NO_LIMITS and r.revoked is None for r in ready.runtime.auth.keys)
+    unshared = config.replicas_need_shared_store(cfg, limited)  # what `tollway up` refuses
+    if unshared is not None:
+        raise config.ConfigError(f"{args.file}: {unshared}")
     # The Runtime has logged each missing provider key as a warning, as serve does.
     keys_loaded = len(ready.runtime.auth.keys)
     warnings = len(ready.missing_provider_keys)

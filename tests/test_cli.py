@@ -278,6 +278,20 @@ def test_check_config_refuses_what_serve_refuses(tmp_path: Path, text: str, prob
     assert served.returncode == 2 and problem in served.stderr, served.stderr
 
 
+def test_check_config_refuses_replicas_that_would_each_count_limits(tmp_path: Path) -> None:
+    path = tmp_path / "tollway.yaml"
+    path.write_text(
+        "server: {replicas: 2}\n"
+        "limits: [{name: rpm, by: [key], requests: 5, per: minute}]\n"
+        "auth: {keys_file: keys.yaml}\n"
+    )
+    (tmp_path / "keys.yaml").write_text("keys: []\n")
+    checked = tollway("check-config", str(path))
+    assert checked.returncode == 2 and "set store.redis" in checked.stderr, checked.stderr
+    path.write_text(path.read_text() + "store: {redis: {url: 'redis://127.0.0.1:6379/0'}}\n")
+    assert tollway("check-config", str(path)).returncode == 0
+
+
 def test_check_config_warns_of_missing_provider_keys(tmp_path: Path) -> None:
     path = tmp_path / "tollway.yaml"
     path.write_text("{}\n")
