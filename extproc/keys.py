@@ -17,7 +17,6 @@ import hmac
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, date, datetime, time
@@ -29,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from . import yamltext
+from .files import write_atomically
 
 PREFIX = "tw_"
 _KEY_RE = re.compile(r"tw_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
@@ -407,17 +407,7 @@ def write_records(path: Path, records: Sequence[KeyRecord]) -> None:
         {"keys": [_to_yaml(r) for r in records]}, sort_keys=False, default_flow_style=False
     )
     header = "# Tollway API keys: hashes only. Managed by `tollway keys`.\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(header + body)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, (header + body).encode("utf-8"))
 
 
 @contextlib.contextmanager

@@ -19,14 +19,13 @@ import asyncio
 import contextlib
 import heapq
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from ..files import write_atomically
 from .quota import (
     BUDGET_KEEP_S,
     NOT_TAKEN,
@@ -170,7 +169,7 @@ class MemoryQuota:
             return
         self._dirty = False
         try:
-            _write_atomically(self.path, self._snapshot())
+            write_atomically(self.path, self._snapshot())
         except OSError:
             self._dirty = True  # try again next time
             raise
@@ -195,7 +194,7 @@ class MemoryQuota:
                 payload = self._snapshot()
                 self._dirty = False
                 assert self.path is not None
-                await asyncio.to_thread(_write_atomically, self.path, payload)
+                await asyncio.to_thread(write_atomically, self.path, payload)
             except OSError:
                 self._dirty = True
                 log.exception("could not save budget counters (will retry)")
@@ -300,17 +299,3 @@ class MemoryQuota:
             return None
         leases = self._live_leases(key, now)
         return next(reversed(leases.values())) if leases else now
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # mkstemp makes it 0600
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

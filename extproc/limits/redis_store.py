@@ -64,17 +64,23 @@ log = logging.getLogger("tollway")
 Client = aioredis.Redis | RedisCluster
 _KIND = {"rate": "r", "concurrent": "c", "budget": "b"}
 
-# ARGV: now ("" = server TIME), request id, reservation ttl (s), peek ("1": read only),
-# then 6 per counter: kind (r|c|b), limit, period_s, window_end, amount, shadow (1|0).
-# KEYS: the request's record, then one per counter.
-# Returns: allowed, denied_by (0-based, -1), retry_after, shadow_denied ("i,j"),
-# then 3 per counter: remaining, reset_s, used.
-TAKE_LUA = """
+# Both scripts: ARGV[1] is the caller's clock, or "" for Redis TIME (replicas agree).
+_NOW_LUA = """
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
+"""
+
+# ARGV: now ("" = server TIME), request id, reservation ttl (s), peek ("1": read only),
+# then 6 per counter: kind (r|c|b), limit, period_s, window_end, amount, shadow (1|0).
+# KEYS: the request's record, then one per counter.
+# Returns: allowed, denied_by (0-based, -1), retry_after, shadow_denied ("i,j"),
+# then 3 per counter: remaining, reset_s, used.
+TAKE_LUA = (
+    _NOW_LUA
+    + """
 local rid, record_ttl, peek = ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local n = #KEYS - 1
 local INF = math.huge
@@ -189,16 +195,14 @@ if allowed and not peek then
 end
 return out
 """
+)
 
 # ARGV: now ("" = server TIME), request id, settled-mark ttl (s), then 5 per counter:
 # kind, limit, period_s, window_end, actual. KEYS: the request's record, one per counter.
 # Returns 1 when applied, 0 when this request was settled already.
-SETTLE_LUA = """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
+SETTLE_LUA = (
+    _NOW_LUA
+    + """
 local rid, mark_ttl = ARGV[2], tonumber(ARGV[3])
 local n = #KEYS - 1
 local KEEP = tonumber(ARGV[4 + n * 5])
@@ -245,6 +249,7 @@ end
 redis.call('SET', KEYS[1], 'S', 'PX', ms(mark_ttl))
 return 1
 """
+)
 
 
 class _HiredisPacking:

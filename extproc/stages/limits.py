@@ -31,6 +31,7 @@ from ..limits.quota import Counter, Keys, Quota, Settle, Take, Verdict
 from ..limits.rules import MICRO, Rule, RuleSet
 from ..metrics import Metrics
 from ..pricing import PriceTable, cost
+from ..providers.usage import estimate_tokens
 from . import Flow
 
 # What the client's own cap on output is called, per API.
@@ -53,7 +54,7 @@ UNAVAILABLE = Deny(
 def estimate_input_tokens(body: bytes) -> int:
     """About four bytes a token for text; each base64 blob a flat BLOB_TOKENS."""
     blobs = [m.end() - m.start() for m in _BLOB.finditer(body)] if len(body) > 512 else []
-    return math.ceil((len(body) - sum(blobs)) / 4) + BLOB_TOKENS * len(blobs)
+    return estimate_tokens(len(body) - sum(blobs)) + BLOB_TOKENS * len(blobs)
 
 
 def output_cap(doc: dict[str, Any]) -> int | None:

@@ -28,6 +28,19 @@ def post(stack: Stack, path: str, headers: dict[str, str], json: Any = CHAT) -> 
     return httpx.post(f"{stack.url}{path}", headers=headers, json=json, timeout=10)
 
 
+def chat_status(url: str, key: str) -> int:
+    """The status of a chat completion with ``key`` at the front door ``url`` (0: none)."""
+    try:
+        return httpx.post(
+            f"{url}/v1/chat/completions",
+            json=CHAT,
+            headers={"authorization": f"Bearer {key}"},
+            timeout=5,
+        ).status_code
+    except httpx.HTTPError:
+        return 0
+
+
 # ---- allowed traffic -----------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from extproc import envoyconf, up
 
 from ..tollway_up import UpRun, children, gone
 from .conftest import Stack
-from .test_front_door import CHAT, eventually, post
+from .test_front_door import CHAT, chat_status, eventually, post
 
 pytestmark = pytest.mark.e2e
 
@@ -141,18 +141,6 @@ def _up(tmp_path: Path, *extra: str) -> UpRun:
     return UpRun(argv, cwd=tmp_path)
 
 
-def _status(url: str, key: str) -> int:
-    try:
-        return httpx.post(
-            f"{url}/v1/chat/completions",
-            json=CHAT,
-            headers={"authorization": f"Bearer {key}"},
-            timeout=5,
-        ).status_code
-    except httpx.HTTPError:
-        return 0
-
-
 def test_keys_created_while_the_demo_runs_reach_it(tmp_path: Path) -> None:
     """The demo uses ./tollway-keys.yaml, printed in the banner, so `tollway keys create`
     in the same folder reaches it; a second demo revokes the first demo key."""
@@ -170,15 +158,15 @@ def test_keys_created_while_the_demo_runs_reach_it(tmp_path: Path) -> None:
         )
         assert created.returncode == 0, created.stderr
         mine = created.stdout.strip()
-        eventually(lambda: _status(run.url, mine) == 200, timeout=5)
-        assert _status(run.url, run.key) == 200
+        eventually(lambda: chat_status(run.url, mine) == 200, timeout=5)
+        assert chat_status(run.url, run.key) == 200
         first_demo_key = run.key
         assert run.interrupt() == 0
         run = _up(tmp_path)
         run.wait_banner()
         assert run.key != first_demo_key
-        assert _status(run.url, run.key) == 200 and _status(run.url, mine) == 200
-        assert _status(run.url, first_demo_key) == 401  # revoked by id, not by name
+        assert chat_status(run.url, run.key) == 200 and chat_status(run.url, mine) == 200
+        assert chat_status(run.url, first_demo_key) == 401  # revoked by id, not by name
     finally:
         run.kill()
 
@@ -219,11 +207,11 @@ def test_a_crashed_tollway_serve_is_restarted(tmp_path: Path) -> None:
     run = _up(tmp_path)
     try:
         run.wait_banner()
-        assert _status(run.url, run.key) == 200
+        assert chat_status(run.url, run.key) == 200
         serve = _serve_child(run.proc.pid)
         os.kill(serve, signal.SIGKILL)
         eventually(lambda: _serve_child(run.proc.pid) not in (0, serve), timeout=5)
-        eventually(lambda: _status(run.url, run.key) == 200, timeout=10)
+        eventually(lambda: chat_status(run.url, run.key) == 200, timeout=10)
         log = run.stderr()
         assert "tollway up: tollway serve exited with code -9; restart 1 in 0.5s" in log, log
         assert "tollway up: tollway serve restarted (restart 1)" in log
@@ -273,7 +261,7 @@ def test_up_with_a_relative_config_uses_the_files_beside_it(tmp_path: Path) -> N
     try:
         run.wait_banner()
         assert Path(run.keys_file) == mydir / "tollway-keys.yaml"
-        eventually(lambda: _status(run.url, created.stdout.strip()) == 200, timeout=10)
+        eventually(lambda: chat_status(run.url, created.stdout.strip()) == 200, timeout=10)
         assert "no API keys" not in run.stderr()
         assert run.interrupt() == 0
     finally:

@@ -12,11 +12,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from ..tollway_up import UpRun, children, eventually, gone
-from .test_front_door import CHAT
+from .test_front_door import chat_status
 
 pytestmark = pytest.mark.e2e
 
@@ -61,15 +60,7 @@ class Replicated:
     replicas: list[Replica]
 
     def chat(self) -> int:
-        try:
-            return httpx.post(
-                f"{self.run.url}/v1/chat/completions",
-                json=CHAT,
-                headers={"authorization": f"Bearer {self.run.key}"},
-                timeout=5,
-            ).status_code
-        except httpx.HTTPError:
-            return 0
+        return chat_status(self.run.url, self.run.key)
 
 
 @pytest.fixture(scope="module")
