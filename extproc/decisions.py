@@ -78,7 +78,7 @@ class BackendUnavailable(Exception):
 R = TypeVar("R", covariant=True)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request, and frozen costs 5x
 class Ask(Generic[R]):
     """A decision that needs I/O first: a plain query and a pure resume.
 

@@ -47,7 +47,7 @@ from .quota import (
 log = logging.getLogger("tollway")
 
 # Tables in the expiry heap.
-_RATE, _LEASES, _BUDGET, _REQUEST = range(4)
+_RATE, _LEASES, _BUDGET = range(3)
 _FORMAT_VERSION = 1
 
 
@@ -69,8 +69,10 @@ class MemoryQuota:
         self._tat: dict[str, float] = {}
         self._leases: dict[str, dict[str, float]] = {}  # request id -> expiry, oldest first
         self._budget: dict[str, tuple[int, float]] = {}  # (used, expires_at)
-        # request id -> (expires_at, reserved per counter, or None once settled)
-        self._requests: dict[str, tuple[float, tuple[int, ...] | None]] = {}
+        # Per request, oldest first (one TTL each, so expiry order is insertion order):
+        # request id -> (expires_at, reserved per counter); request id -> settled mark expiry.
+        self._reserved: dict[str, tuple[float, tuple[int, ...]]] = {}
+        self._settled: dict[str, float] = {}
         # (expires_at, table, key) pushed when an entry is created; re-pushed if it lived on.
         self._heap: list[tuple[float, int, str]] = []
         self._dirty = False
@@ -90,31 +92,28 @@ class MemoryQuota:
         for counter, check, took in zip(take.counters, checks, consume, strict=True):
             if took:
                 self._consume(counter, check, take.request_id, now)
-        self._put(
-            _REQUEST,
-            self._requests,
-            take.request_id,
-            (now + self.reservation_ttl_s, reserved_amounts(take.counters, consume)),
+        self._reserved[take.request_id] = (
             now + self.reservation_ttl_s,
+            reserved_amounts(take.counters, consume),
         )
         return answer
 
     def settle(self, settle: Settle) -> None:
         now = settle.now
         self._sweep(now)
-        record = self._requests.get(settle.request_id)
-        if record is not None and record[0] <= now:
-            record = None  # expired: as if never recorded
+        rid = settle.request_id
+        mark = self._settled.get(rid)
+        if mark is not None and mark > now:
+            return  # settled already
+        record = self._reserved.pop(rid, None)
         reserved: tuple[int, ...] = (0,) * len(settle.counters)  # no take on record: all
-        if record is not None:
-            if record[1] is None:
-                return  # settled already
+        if record is not None and record[0] > now:  # an expired one: as if never recorded
             reserved = record[1]
         for counter, actual, held in zip(settle.counters, settle.actual, reserved, strict=True):
             if counter.kind == "concurrent":
                 leases = self._leases.get(counter.key)
                 if leases is not None:
-                    leases.pop(settle.request_id, None)
+                    leases.pop(rid, None)
                 continue
             if held == NOT_TAKEN:
                 continue
@@ -136,8 +135,8 @@ class MemoryQuota:
                     _BUDGET, self._budget, counter.key, (max(0, used + delta), expires), expires
                 )
                 self._budget_changed()
-        expires = now + self.settled_ttl_s
-        self._put(_REQUEST, self._requests, settle.request_id, (expires, None), expires)
+        self._settled.pop(rid, None)  # its mark moves to the end: the order is expiry order
+        self._settled[rid] = now + self.settled_ttl_s
 
     def usage(self, counters: Sequence[Counter], now: float) -> tuple[Level, ...]:
         levels = []
@@ -269,6 +268,21 @@ class MemoryQuota:
         store[key] = value
 
     def _sweep(self, now: float) -> None:
+        reserved, settled = self._reserved, self._settled
+        for _ in range(self.sweep_per_call):
+            if not reserved:
+                break
+            oldest = next(iter(reserved))
+            if reserved[oldest][0] > now:
+                break
+            del reserved[oldest]
+        for _ in range(self.sweep_per_call):
+            if not settled:
+                break
+            oldest = next(iter(settled))
+            if settled[oldest] > now:
+                break
+            del settled[oldest]
         heap = self._heap
         for _ in range(self.sweep_per_call):
             if not heap or heap[0][0] > now:
@@ -284,7 +298,7 @@ class MemoryQuota:
 
     @property
     def _tables(self) -> tuple[dict[str, Any], ...]:
-        return (self._tat, self._leases, self._budget, self._requests)
+        return (self._tat, self._leases, self._budget)
 
     def _expiry(self, table: int, key: str, now: float) -> float | None:
         if table == _RATE:
@@ -292,9 +306,6 @@ class MemoryQuota:
         if table == _BUDGET:
             budget = self._budget.get(key)
             return None if budget is None else budget[1]
-        if table == _REQUEST:
-            record = self._requests.get(key)
-            return None if record is None else record[0]
         if key not in self._leases:
             return None
         leases = self._live_leases(key, now)

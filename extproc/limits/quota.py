@@ -64,7 +64,10 @@ RESERVATION_TTL_S = 3600.0  # longer than any request: a settle finds its reserv
 NOT_TAKEN = -1  # a reservation slot for a shadow counter that would have denied
 
 
-@dataclass(frozen=True, slots=True)
+# The values a request passes through here are read-only by convention, not frozen:
+# a frozen dataclass's __init__ costs about five times as much (object.__setattr__
+# per field), several times a request.
+@dataclass(slots=True)
 class Counter:
     """One rule's counter for one request."""
 
@@ -78,14 +81,14 @@ class Counter:
     shadow: bool = False  # counts would-be denials, denies nothing
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Take:
     request_id: str
     now: float  # epoch seconds (the caller's clock; see RedisQuota for server time)
     counters: tuple[Counter, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
     allowed: bool
     denied_by: int | None  # index of the first enforced counter that denied
@@ -97,7 +100,7 @@ class Verdict:
     reset_s: tuple[float, ...]  # per counter, seconds until fully replenished / window end
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Settle:
     request_id: str
     now: float
@@ -193,7 +196,7 @@ def calendar_window(
 # The algorithms (the oracle the Lua scripts mirror) ------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Check:
     """One counter's answer to a take, before the all-or-nothing rule."""
 
@@ -261,43 +264,34 @@ def budget_check(limit: int, window_end: float, amount: int, now: float, used: i
     return Check(ok, retry, 0.0, max(0, limit - used - amount), max(0, limit - used), reset, reset)
 
 
-def verdict(
-    counters: Sequence[Counter], checks: Sequence[Check]
-) -> tuple[Verdict, tuple[bool, ...]]:
+def verdict(counters: Sequence[Counter], checks: Sequence[Check]) -> tuple[Verdict, list[bool]]:
     """Apply all-or-nothing and shadow: the verdict, and which counters consume."""
     denied_by: int | None = None
     retry = 0.0
     shadow_denied: list[int] = []
-    for i, (counter, check) in enumerate(zip(counters, checks, strict=True)):
+    for i, check in enumerate(checks):
         if check.ok:
             continue
-        if counter.shadow:
+        if counters[i].shadow:
             shadow_denied.append(i)
         else:
             if denied_by is None:
                 denied_by = i
             retry = max(retry, check.retry_s)
     allowed = denied_by is None
-    consume = tuple(allowed and check.ok for check in checks)
+    consume = [allowed and check.ok for check in checks]
+    remaining, reset = [], []
+    for check, took in zip(checks, consume, strict=True):
+        remaining.append(check.remaining_if_taken if took else check.remaining_if_not)
+        reset.append(check.reset_if_taken if took else check.reset_if_not)
     return (
-        Verdict(
-            allowed,
-            denied_by,
-            tuple(shadow_denied),
-            retry,
-            tuple(
-                c.remaining_if_taken if took else c.remaining_if_not
-                for c, took in zip(checks, consume, strict=True)
-            ),
-            tuple(
-                c.reset_if_taken if took else c.reset_if_not
-                for c, took in zip(checks, consume, strict=True)
-            ),
-        ),
+        Verdict(allowed, denied_by, tuple(shadow_denied), retry, tuple(remaining), tuple(reset)),
         consume,
     )
 
 
 def reserved_amounts(counters: Sequence[Counter], consume: Sequence[bool]) -> tuple[int, ...]:
     """What the reservation record holds: each counter's amount, or NOT_TAKEN."""
-    return tuple(c.amount if took else NOT_TAKEN for c, took in zip(counters, consume, strict=True))
+    return tuple(
+        [c.amount if took else NOT_TAKEN for c, took in zip(counters, consume, strict=True)]
+    )

@@ -16,6 +16,7 @@ request is refused (503) if any rule that applies fails closed.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import secrets
@@ -27,7 +28,7 @@ from typing import Any
 from ..decisions import Ask, Deny, Outcome, Phase
 from ..exchange import BodyError, Exchange
 from ..kinds import Usage
-from ..limits.quota import Counter, Keys, Quota, Settle, Take, Verdict
+from ..limits.quota import INF, Counter, Keys, Quota, Settle, Take, Verdict
 from ..limits.rules import MICRO, Rule, RuleSet
 from ..metrics import Metrics
 from ..pricing import PriceTable, cost
@@ -41,6 +42,7 @@ _BLOB = re.compile(rb'"(?:data:[^"]{512,}|[A-Za-z0-9+/=]{2048,})"')
 BLOB_TOKENS = 1600  # about what a large image costs at the providers' top resolution
 _MAX_GAUGED = 1000
 _SLACK_S = 60.0  # a lease outlives the route's upstream timeout by this much
+_HEADER_KINDS = ("requests", "tokens")  # the rules providers' rate-limit headers describe
 
 UNAVAILABLE = Deny(
     503,
@@ -97,16 +99,24 @@ class LimitsStage:
         self.default_output_tokens = default_output_tokens
         self.timeout_s = timeout_s
         self.clock = clock
-        self._gauged: dict[str, set[str]] = {}  # budget scopes exported, per rule
+        self._gauged: dict[str, dict[str, Any]] = {}  # per rule: scope -> gauge child
+        # Request ids: unique per stage (a random prefix) and cheap (a counter).
+        self._id_prefix = secrets.token_hex(6)
+        self._ids = itertools.count()
         # Hot-path caches. Decision counters by (rule, outcome): closed sets, and
         # labels() takes a lock and builds a tuple each time.
         self._decisions: dict[tuple[str, str], Any] = {}
+        self._starts: dict[
+            tuple[str, str, str], tuple[tuple[Rule, ...], tuple[Rule, ...], bool]
+        ] = {}
+        self._plans: dict[tuple[int, str, str, str | None], Plan] = {}
         for rule in rules.rules:
             if rule.kind == "budget":
                 metrics.budget_warn.labels(rule.name).set(rule.warn_at)
 
-    def gauge_budget(self, rule: Rule, ex: Exchange, remaining: int) -> None:
-        """Spent share of budgets by key, by tenant or over all: a bounded set of scopes."""
+    def gauge(self, rule: Rule, ex: Exchange) -> Any:
+        """The gauge of a budget's spent share for this request's scope, for a bounded
+        set of scopes (by key, by tenant or over all), else None."""
         identity = ex.identity
         if rule.by == ():
             scope = "all"
@@ -115,51 +125,138 @@ class LimitsStage:
         elif rule.by == ("tenant",) and identity is not None:
             scope = identity.tenant
         else:
-            return
-        scopes = self._gauged.setdefault(rule.name, set())
-        if scope not in scopes:
+            return None
+        scopes = self._gauged.setdefault(rule.name, {})
+        child = scopes.get(scope)
+        if child is None:
             if len(scopes) >= _MAX_GAUGED:
-                return
-            scopes.add(scope)
-        used = 1 - max(0, remaining) / rule.limit
-        self.metrics.budget_used.labels(rule.name, scope).set(used)
+                return None
+            child = scopes[scope] = self.metrics.budget_used.labels(rule.name, scope)
+        return child
+
+    def request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):x}"
 
     def start(self, ex: Exchange) -> LimitsFlow | Deny | Ask[LimitsFlow | Deny | None] | None:
         route = ex.route
         if route is None:
             return None
-        rules = [
-            r for r in self.rules.for_identity(ex.identity) if r.applies(route.name, ex.identity)
-        ]
+        identity = ex.identity
+        source = self.rules.for_identity(identity)
+        at = (identity.id, identity.tenant, route.name) if identity else ("", "", route.name)
+        found = self._starts.get(at)
+        if found is None or found[0] is not source:  # a key's limits changed: work it out again
+            rules = tuple(r for r in source if r.applies(route.name, identity))
+            found = self._starts[at] = (source, rules, any(r.needs_body for r in rules))
+            _bound(self._starts)
+        rules, needs_body = found[1], found[2]
         if not rules:
             return None
         flow = LimitsFlow(self, rules)
-        if any(rule.needs_body for rule in rules):
+        if needs_body:
             flow.wants |= Phase.REQUEST_BODY
             return flow
         return flow.take(ex, None, 0, 0)
 
-    def count(self, rule: Rule, outcome: str) -> None:
+    def plan(self, ex: Exchange, rules: tuple[Rule, ...], model: str | None, now: float) -> Plan:
+        """The rules that apply to this request's model and their counters, worked out
+        once per key, route and model (per request only for rules by client address
+        or header)."""
+        route, identity = ex.route, ex.identity
+        assert route is not None
+        at = (id(rules), identity.id if identity else "", route.name, model)
+        plan = self._plans.get(at)
+        if plan is not None and plan.source is rules and now < plan.expires:
+            return plan
+        plan = Plan(self, ex, tuple(r for r in rules if r.applies_to_model(model)), model, now)
+        plan.source = rules
+        if not any(_per_request(r) for r in plan.rules):
+            self._plans[at] = plan
+            _bound(self._plans)
+        return plan
+
+    def child(self, rule: Rule, outcome: str) -> Any:
+        """The decision counter of a rule and outcome."""
         child = self._decisions.get((rule.name, outcome))
         if child is None:
             child = self._decisions[rule.name, outcome] = self.metrics.limit_decisions.labels(
                 rule.name, outcome
             )
-        child.inc()
+        return child
+
+    def count(self, rule: Rule, outcome: str) -> None:
+        self.child(rule, outcome).inc()
+
+
+class Plan:
+    """What every request of one key, route and model takes: its rules, their
+    counters (without this request's amounts) and metric children."""
+
+    __slots__ = ("allowed", "counters", "expires", "gauges", "has_budget", "rules", "source")
+
+    def __init__(
+        self,
+        stage: LimitsStage,
+        ex: Exchange,
+        rules: tuple[Rule, ...],
+        model: str | None,
+        now: float,
+    ) -> None:
+        route = ex.route
+        assert route is not None
+        ip, lease_s = client_ip(ex), route.upstream.timeout_s + _SLACK_S
+        self.source: tuple[Rule, ...] = ()
+        self.rules = rules
+        self.counters = tuple(
+            rule.counter(
+                stage.keys,
+                rule.subject(ex.identity, route.name, model, ip, ex.headers),
+                now,
+                0,
+                lease_s,
+            )
+            for rule in rules
+        )
+        # Until the first of its budget windows ends (then the keys change).
+        self.expires = min((c.window_end for c in self.counters if c.kind == "budget"), default=INF)
+        self.has_budget = any(r.kind == "budget" for r in rules)
+        self.allowed = tuple(stage.child(rule, "allowed") for rule in rules)
+        self.gauges = tuple(
+            (i, stage.gauge(rule, ex)) for i, rule in enumerate(rules) if rule.kind == "budget"
+        )
+
+    def counters_for(self, amounts: Sequence[int]) -> tuple[Counter, ...]:
+        return tuple(
+            [
+                Counter(c.rule, c.key, c.kind, c.limit, c.period_s, c.window_end, a, c.shadow)
+                for c, a in zip(self.counters, amounts, strict=True)
+            ]
+        )
+
+
+def _per_request(rule: Rule) -> bool:
+    """Whether the rule's counter depends on more than key, route and model."""
+    return any(d == "client_ip" or d.startswith("header:") for d in rule.by)
+
+
+def _bound(cache: dict[Any, Any]) -> None:
+    if len(cache) > 10_000:  # keys, routes and models come and go
+        cache.clear()
 
 
 class LimitsFlow(Flow):
     """One request's reservation: the counters it took, settled once at finish."""
 
-    __slots__ = ("counters", "request_id", "rules", "stage", "taken", "wants")
+    __slots__ = ("counters", "plan", "request_id", "rules", "stage", "taken", "wants")
 
-    def __init__(self, stage: LimitsStage, rules: Sequence[Rule]) -> None:
+    def __init__(self, stage: LimitsStage, rules: tuple[Rule, ...]) -> None:
         self.stage = stage
-        self.rules = tuple(rules)
+        self.rules = rules
+        self.plan: Plan | None = None
         self.counters: tuple[Counter, ...] = ()
         self.taken = False  # the store admitted this request: settle at finish
         # Ours, not Envoy's x-request-id: a client must not share one lease between requests.
-        self.request_id = secrets.token_hex(8)
+        self.request_id = stage.request_id()
         self.wants = Phase.STREAM_END if any(r.kind == "concurrent" for r in rules) else Phase.NONE
 
     def on_request_body(self, ex: Exchange) -> Ask[Deny | None] | None:
@@ -181,29 +278,25 @@ class LimitsFlow(Flow):
     def take(
         self, ex: Exchange, model: str | None, input_tokens: int, output_tokens: int
     ) -> Ask[Any] | None:
-        stage, route = self.stage, ex.route
-        assert route is not None
-        self.rules = tuple(r for r in self.rules if r.applies_to_model(model))
-        if not self.rules:
-            return None
+        stage = self.stage
         now = stage.clock()
+        plan = self.plan = stage.plan(ex, self.rules, model, now)
+        self.rules = plan.rules
+        if not plan.rules:
+            return None
         micro = 0
-        if any(r.kind == "budget" for r in self.rules):
+        if plan.has_budget:
             found = stage.prices.lookup(model)
             if found is not None:
                 usd = cost(found[1], Usage(input_tokens=input_tokens, output_tokens=output_tokens))
                 micro = math.ceil(usd * MICRO)
-        ip = client_ip(ex)
-        lease_s = route.upstream.timeout_s + _SLACK_S
-        counters = []
-        for rule in self.rules:
-            subject = rule.subject(ex.identity, route.name, model, ip, ex.headers)
+        amounts = []
+        for rule in plan.rules:
             if rule.kind == "tokens":
-                amount = _tokens(rule, input_tokens, output_tokens)
+                amounts.append(_tokens(rule, input_tokens, output_tokens))
             else:
-                amount = micro if rule.kind == "budget" else 1
-            counters.append(rule.counter(stage.keys, subject, now, amount, lease_s))
-        self.counters = tuple(counters)
+                amounts.append(micro if rule.kind == "budget" else 1)
+        self.counters = plan.counters_for(amounts)
         take = Take(self.request_id, now, self.counters)
         return Ask(
             "limits",
@@ -218,17 +311,18 @@ class LimitsFlow(Flow):
         for i in verdict.shadow_denied:
             stage.count(self.rules[i], "shadow_limited")
         _rate_headers(ex, self.rules, verdict, now)
-        for rule, remaining in zip(self.rules, verdict.remaining, strict=True):
-            if rule.kind == "budget":  # on a denial too: the gauge shows the spend as it is
-                stage.gauge_budget(rule, ex, remaining)
+        assert self.plan is not None
+        for i, gauge in self.plan.gauges:  # on a denial too: the gauge shows the spend as it is
+            if gauge is not None:
+                gauge.set(1 - max(0, verdict.remaining[i]) / self.rules[i].limit)
         if not verdict.allowed:
             assert verdict.denied_by is not None
             rule = self.rules[verdict.denied_by]
             stage.count(rule, "limited")
             return _too_many(rule, verdict)
         self.taken = True
-        for rule in self.rules:
-            stage.count(rule, "allowed")
+        for child in self.plan.allowed:
+            child.inc()
         return self if Phase.REQUEST_BODY not in self.wants else None
 
     def _failed(self, reason: str) -> Any:
@@ -307,19 +401,21 @@ def openai_duration(seconds: float) -> str:
 def _rate_headers(ex: Exchange, rules: Sequence[Rule], verdict: Verdict, now: float) -> None:
     """The tightest enforced request and token rule, as metadata for Envoy's route to
     add as the provider's own rate-limit headers (no extra ext_proc message)."""
+    tightest: dict[str, int] = {}
+    remaining = verdict.remaining
+    for i, rule in enumerate(rules):
+        kind = rule.kind
+        if kind in _HEADER_KINDS and not rule.shadow:
+            best = tightest.get(kind)
+            if best is None or remaining[i] < remaining[best]:
+                tightest[kind] = i
     anthropic = ex.dialect == "anthropic"
-    for kind in ("requests", "tokens"):
-        best = None
-        for i, rule in enumerate(rules):
-            tighter = best is None or verdict.remaining[i] < verdict.remaining[best]
-            if rule.kind == kind and not rule.shadow and tighter:
-                best = i
-        if best is None:
-            continue
-        reset = verdict.reset_s[best]
-        ex.metadata[f"ratelimit_limit_{kind}"] = rules[best].limit
-        ex.metadata[f"ratelimit_remaining_{kind}"] = max(0, verdict.remaining[best])
-        ex.metadata[f"ratelimit_reset_{kind}"] = (
+    metadata = ex.metadata
+    for name, i in tightest.items():
+        reset = verdict.reset_s[i]
+        metadata[f"ratelimit_limit_{name}"] = rules[i].limit
+        metadata[f"ratelimit_remaining_{name}"] = max(0, remaining[i])
+        metadata[f"ratelimit_reset_{name}"] = (
             datetime.fromtimestamp(now + reset, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             if anthropic
             else openai_duration(reset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import orjson
@@ -232,6 +233,20 @@ def test_a_keys_own_limit_overrides_the_configured_one() -> None:
     assert world.send()[1] is None and world.send()[1] is None
     _, denied = world.send()
     assert denied is not None and "key_rpm" in denied.message
+
+
+def test_a_keys_limits_changed_in_the_keys_file_apply_to_its_next_request() -> None:
+    key, record = keys.generate(name="vip", tenant="acme", limits=keys.KeyLimits(rpm=1))
+    world = World(record=record)
+    world.key = key
+    assert world.send()[1] is None and world.send()[1] is not None
+    raised = dataclasses.replace(record, limits=keys.KeyLimits(rpm=3))
+    auth = world.pipeline.stages[0]
+    assert isinstance(auth, AuthStage)
+    auth.keys = keys.KeyRing([raised])  # as a reload of the keys file does
+    world.clock.advance(40)  # at 1 a minute, still refused; at 3 a minute, two more fit
+    assert world.send()[1] is None and world.send()[1] is None
+    assert world.send()[1] is not None
 
 
 @pytest.mark.parametrize(

@@ -72,12 +72,30 @@ def test_expired_entries_are_swept_as_calls_go_by() -> None:
         rate = Counter("r", K.rate("r", f"s{i}"), "rate", 10, 1.0, 0.0, 1)
         lease = Counter("c", K.concurrent("c", f"s{i}"), "concurrent", 1, 1.0, 0.0, 1)
         quota.take(Take(f"q{i}", NOW, (rate, lease)))
-    tables = (quota._tat, quota._leases, quota._requests)
+    tables = (quota._tat, quota._leases, quota._reserved)
     assert all(len(t) == 500 for t in tables)
     later = NOW + 2 * 3600.0  # rates, leases and reservations are all over
     hot = Counter("r", K.rate("r", "hot"), "rate", 10**6, 1.0, 0.0, 1)
     for i in range(400):
         quota.take(Take(f"h{i}", later + i * 1e-3, (hot,)))
     assert len(quota._tat) <= 2 and len(quota._leases) == 0
-    assert len(quota._requests) <= 401  # the hot key's own, still within their ttl
+    assert len(quota._reserved) <= 401  # the hot key's own, still within their ttl
     assert len(quota._heap) <= 410
+
+
+def test_a_settled_request_is_forgotten_after_its_settled_mark_expires() -> None:
+    """At a thousand requests a second, an hour of reservation records would be
+    gigabytes: settling drops the record, and the mark lives only settled_ttl_s."""
+    quota = MemoryQuota(settled_ttl_s=60.0)
+    rate = Counter("r", K.rate("r", "s"), "rate", 10**6, 1.0, 0.0, 1)
+    for i in range(300):
+        now = NOW + i
+        quota.take(Take(f"q{i}", now, (rate,)))
+        quota.settle(Settle(f"q{i}", now, (rate,), (1,)))
+    assert len(quota._reserved) == 0
+    assert len(quota._settled) <= 62  # the last minute's marks
+    spend = budget(1000, 100)
+    quota.take(Take("b", NOW + 299, (spend,)))
+    quota.settle(Settle("b", NOW + 299, (spend,), (10,)))
+    quota.settle(Settle("b", NOW + 300, (spend,), (50,)))  # a retried settle: a no-op
+    assert quota.usage((spend,), NOW + 300)[0].used == 10
