@@ -321,8 +321,19 @@ def connect(
         kwargs = cast(dict[str, Any], parse_url(url))
         kwargs.pop("host", None)
         kwargs.pop("port", None)
+        # Not rediss://'s SSLConnection: the sentinel pool's own connections ask the
+        # sentinels where the master is, and ``ssl`` picks their TLS variant.
+        kwargs.pop("connection_class", None)
+        kwargs["ssl"] = urlsplit(url).scheme == "rediss"
         kwargs.update(extra)
-        sentinel = Sentinel(list(sentinel_nodes), **kwargs)  # type: ignore[no-untyped-call]
+        # Each sentinel is asked once, in turn, within a share of the call's deadline.
+        # Else redis-py's retries, or a sentinel that hangs, outlast every call: each
+        # call's deadline ends while one asks it, and the next asks it first again.
+        share = timeout_s / (len(sentinel_nodes) + 1)
+        asks = {"socket_timeout": share, "socket_connect_timeout": share}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(sentinel_nodes), sentinel_kwargs={**asks, "retry": Retry(NoBackoff(), 0)}, **kwargs
+        )
         return cast(aioredis.Redis, sentinel.master_for(sentinel_master))
     # A full pool waits for a connection (within the call's deadline) rather than failing.
     tls = urlsplit(url).scheme == "rediss"

@@ -10,7 +10,13 @@ import redis.asyncio as aioredis
 
 from extproc.limits.quota import Keys
 from extproc.limits.redis_store import RedisQuota, connect
-from tests.redis_server import RedisServer, redis_server_binary
+from tests.redis_server import (
+    RedisServer,
+    SentinelGroup,
+    Tls,
+    redis_server_binary,
+    start_sentinel_group,
+)
 
 
 def _server(folder: Path) -> RedisServer:
@@ -36,6 +42,17 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = _server(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def sentinel_group(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SentinelGroup]:
+    """A master, its replica and a sentinel of this test's own, to kill the master;
+    ``password`` and ``tls`` as indirect parameters."""
+    options = getattr(request, "param", {})
+    tls = Tls.make(tmp_path) if options.get("tls") else None
+    group = start_sentinel_group(tmp_path, password=options.get("password"), tls=tls)
+    yield group
+    group.stop()
 
 
 @pytest.fixture
