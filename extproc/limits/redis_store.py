@@ -8,13 +8,16 @@ numbers cross as text that round-trips (a float's repr in, "%.17g" out), so
 both backends compute the same doubles.
 
 On the wire: a single node is one pipelined connection of our own (resp.py;
-no pool, no redis-py pipeline objects, which cost about a quarter of a
-request's CPU). Takes that arrive while a batch is on the wire go together in
+no pool and no redis-py pipeline objects, which were ~14% of a request's
+instructions). Takes that arrive while a batch is on the wire go together in
 the next one (at most TAKE_BATCH), as raw EVALSHA in one write; so does each
 batch of settlements the writer hands over. NOSCRIPT (a restarted Redis: that
 command did not run) loads the script and resends only those commands, in the
 same deadline. Cluster (one call per take) and Sentinel (pipelines) stay on
-redis-py. What it costs: NOTES.md, "Limits: what they cost".
+redis-py. Measured (NOTES.md, "Limits: what they cost"): what Redis costs over
+the memory store fell from ~222 k to ~25 k instructions a request (valgrind of
+bench/limits_driver.py; ~46 → ~5 µs of user CPU), plus the kernel's share of
+one write and one read per ~16 commands.
 
 Clock: by default the scripts read Redis's ``TIME`` (``clock: server``), so
 replicas whose clocks differ still share one timeline for rates and leases;
@@ -425,17 +428,18 @@ class RedisQuota:
     async def _take_batch(self, batch: list[tuple[float, Take, asyncio.Future[Verdict]]]) -> None:
         left = batch[0][0] + self.timeout_s - time.monotonic()  # the oldest's deadline
         args = self._take_args
-        calls = [args(t.request_id, t.now, t.counters, peek=False) for _, t, _ in batch]
         try:
+            calls = [args(t.request_id, t.now, t.counters, peek=False) for _, t, _ in batch]
             raws = await self._guarded("take", left, lambda: self._eval(TAKE, calls))
-        except StoreUnavailable as failure:
+            verdicts = [self._verdict(raw) for raw in raws]
+        except Exception as failure:  # StoreUnavailable; or a bug, told rather than hung
             for _, _, answer in batch:
                 if not answer.done():
                     answer.set_exception(failure)
             return
-        for (_, _, answer), raw in zip(batch, raws, strict=True):
+        for (_, _, answer), verdict in zip(batch, verdicts, strict=True):
             if not answer.done():
-                answer.set_result(self._verdict(raw))
+                answer.set_result(verdict)
 
     async def _take_one(self, take: Take) -> Verdict:
         call = [self._take_args(take.request_id, take.now, take.counters, peek=False)]

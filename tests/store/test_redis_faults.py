@@ -84,14 +84,14 @@ async def test_scripts_reload_after_a_restart(own_redis: RedisServer) -> None:
         assert (await verdict(quota.take(Take("a", NOW, (rate(5),))))).remaining == (4,)
         own_redis.restart()  # empty: no scripts, no counters
         answers: list[Verdict] = []
-        for attempt in range(3):  # the pooled connection may be found dead once
+        for attempt in range(3):  # the connection may be found dead once
             try:
                 answers.append(await verdict(quota.take(Take(f"b{attempt}", NOW, (rate(5),)))))
                 break
             except StoreUnavailable as e:
                 assert e.reason == "error"
         assert answers and answers[0].remaining == (4,)  # NOSCRIPT was answered by a reload
-        # The settle script too, though settlements go in a pipeline of EVALSHA.
+        # The settle script too, though settlements go in batches of EVALSHA.
         quota.settle(Settle(f"b{attempt}", NOW, (rate(5),), (3,)))
         await quota.writer.flushed()
         assert quota.writer.written == 1
@@ -321,3 +321,10 @@ def test_urls_in_logs_have_no_password() -> None:
     )
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert redact_url("redis://:pw@[::1]:6379") == "redis://:***@[::1]:6379"
+
+
+async def test_a_take_that_cannot_be_sent_fails_rather_than_hangs(redis_quota: RedisQuota) -> None:
+    bad = Counter("x", K.rate("x", "k"), "nope", 1, 1.0, 0.0, 1)  # type: ignore[arg-type]
+    with pytest.raises(KeyError):
+        await asyncio.wait_for(verdict(redis_quota.take(Take("bad", NOW, (bad,)))), 2.0)
+    assert (await verdict(redis_quota.take(Take("good", NOW, (rate(5),))))).allowed
