@@ -223,10 +223,10 @@ class Connection:
             self._protocol = None
 
     async def aclose(self) -> None:
-        self.close()
         if self._connecting is not None:
             self._connecting.cancel()
             await asyncio.gather(self._connecting, return_exceptions=True)
+        self.close()  # and the connection it may have opened meanwhile
 
     async def _connect(self) -> _Protocol:
         """The one attempt under way, or a new one; bounded by the caller's deadline
