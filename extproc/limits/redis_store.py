@@ -3,22 +3,35 @@
 A take is one EVALSHA of ``TAKE_LUA`` for all of a request's counters (checked
 and reserved atomically: nothing reserved unless all enforced counters
 admit); a settle is one EVALSHA of ``SETTLE_LUA``, queued and written by one
-writer task (store/writer.py). redis-py's registered scripts reload
-themselves after NOSCRIPT (a restarted Redis). The scripts mirror quota.py's
-functions; floats cross as "%.17g" text so both backends compute the same
-doubles.
+writer task (store/writer.py). The scripts mirror quota.py's functions;
+numbers cross as text that round-trips (a float's repr in, "%.17g" out), so
+both backends compute the same doubles.
+
+On the wire: a single node is one pipelined connection of our own (resp.py;
+no pool and no redis-py pipeline objects, which were ~14% of a request's
+instructions). Takes that arrive while a batch is on the wire go together in
+the next one (at most TAKE_BATCH), as raw EVALSHA in one write; so does each
+batch of settlements the writer hands over. NOSCRIPT (a restarted Redis: that
+command did not run) loads the script and resends only those commands, in the
+same deadline. Cluster (one call per take) and Sentinel (pipelines) stay on
+redis-py. Measured (NOTES.md, "Limits: what they cost"): what Redis costs over
+the memory store fell from ~222 k to ~25 k instructions a request (valgrind of
+bench/limits_driver.py; ~46 → ~5 µs of user CPU), plus the kernel's share of
+one write and one read per ~16 commands.
 
 Clock: by default the scripts read Redis's ``TIME`` (``clock: server``), so
 replicas whose clocks differ still share one timeline for rates and leases;
 ``clock: caller`` uses ``Take.now`` instead (tests with an injected clock).
 Calendar windows are always the caller's (the window id is in the key).
 
-Failure, bounded: every call has a deadline (``timeout_ms``, default 20).
-After ``breaker_failures`` failures in a row a breaker opens: ``take`` then
-raises StoreUnavailable("breaker_open") at once, without I/O, and the stage's
-fail-open/fail-closed policy decides; every ``breaker_cool_down_s`` one call
-probes, and its success closes the breaker. redis-py's own retries are off:
-a take must never run twice. Settlements are idempotent (a request's
+Failure, bounded: every call has a deadline (``timeout_ms``, default 20),
+connecting included. After ``breaker_failures`` failures in a row a breaker
+opens: ``take`` then raises StoreUnavailable("breaker_open") at once, without
+I/O, and the stage's fail-open/fail-closed policy decides; the single-node
+connection is dropped (a stalled Redis keeps no socket with a growing queue
+of replies owed); every ``breaker_cool_down_s`` one call probes (connecting
+anew), and its success closes the breaker. A take must never run twice: it is
+resent only after NOSCRIPT (it did not run). Settlements are idempotent (a request's
 reservation record becomes a "settled" mark inside the same script), so the
 writer retries them for ``settle_retry_for_s`` and nothing is charged twice.
 
@@ -29,13 +42,14 @@ record included, are in one Cluster slot.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal, TypeVar, cast
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
-import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
@@ -58,10 +72,11 @@ from .quota import (
     Take,
     Verdict,
 )
+from .resp import Connection, ReplyError
 
 log = logging.getLogger("tollway")
 
-Client = aioredis.Redis | RedisCluster
+Client = Connection | aioredis.Redis | RedisCluster
 _KIND = {"rate": "r", "concurrent": "c", "budget": "b"}
 
 # Both scripts: ARGV[1] is the caller's clock, or "" for Redis TIME (replicas agree).
@@ -252,29 +267,19 @@ return 1
 )
 
 
-class _HiredisPacking:
-    """Commands packed by hiredis in C: redis-py's asyncio connections pack in Python
-    (its sync ones already use hiredis), about a third of a take's CPU here."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        # As redis-py does: "SCRIPT LOAD" is two words. Arguments are str, bytes or int
-        # here (floats are sent as text, see _num).
-        name = args[0]
-        if isinstance(name, str) and " " in name:
-            args = (*name.split(), *args[1:])
-        return [hiredis.pack_command(args)]
+@dataclass(frozen=True, slots=True)
+class Script:
+    text: str
+    sha: str  # what EVALSHA calls it
 
 
-class _Connection(_HiredisPacking, aioredis.Connection):
-    pass
+def _script(text: str) -> Script:
+    return Script(text, hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest())
 
 
-class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
-    pass
-
-
-def _num(x: float | int) -> str:
-    return repr(float(x)) if isinstance(x, float) else str(x)
+TAKE = _script(TAKE_LUA)
+SETTLE = _script(SETTLE_LUA)
+Args: TypeAlias = tuple[list[str], list[str | int | float]]  # keys, then script arguments
 
 
 def redact_url(url: str, mask: str = "***") -> str:
@@ -302,14 +307,18 @@ def connect(
     max_connections: int = 64,
     timeout_s: float = 0.02,
 ) -> Client:
-    """A client for a single node, a Cluster (``url`` names any node) or a Sentinel
-    master (``url`` gives the credentials, database and TLS; sentinels are
-    ``sentinel_nodes``). redis-py's retries are off: a take must not run twice.
+    """A client for a single node (resp.py: one pipelined connection), a Cluster
+    (``url`` names any node) or a Sentinel master (``url`` gives the credentials,
+    database and TLS; sentinels are ``sentinel_nodes``); the last two are redis-py's,
+    with ``max_connections``. redis-py's retries are off: a take must not run twice.
     ``password`` (from the environment or a file) overrides the URL's."""
+    backstop = max(timeout_s * 5, 1.0)  # calls have their own deadline
+    if not cluster and sentinel_master is None:  # a single node
+        return Connection.from_url(url, password=password, connect_timeout_s=backstop)
     extra: dict[str, Any] = {
         "retry": Retry(NoBackoff(), 0),
-        "socket_timeout": max(timeout_s * 5, 1.0),  # a backstop; calls have their own deadline
-        "socket_connect_timeout": max(timeout_s * 5, 1.0),
+        "socket_timeout": backstop,
+        "socket_connect_timeout": backstop,
         "max_connections": max_connections,
     }
     if password is not None:
@@ -317,29 +326,23 @@ def connect(
         url = redact_url(url, "")  # the URL's own would win over the keyword
     if cluster:
         return RedisCluster.from_url(url, **extra)
-    if sentinel_master is not None:
-        kwargs = cast(dict[str, Any], parse_url(url))
-        kwargs.pop("host", None)
-        kwargs.pop("port", None)
-        # Not rediss://'s SSLConnection: the sentinel pool's own connections ask the
-        # sentinels where the master is, and ``ssl`` picks their TLS variant.
-        kwargs.pop("connection_class", None)
-        kwargs["ssl"] = urlsplit(url).scheme == "rediss"
-        kwargs.update(extra)
-        # Each sentinel is asked once, in turn, within a share of the call's deadline.
-        # Else redis-py's retries, or a sentinel that hangs, outlast every call: each
-        # call's deadline ends while one asks it, and the next asks it first again.
-        share = timeout_s / (len(sentinel_nodes) + 1)
-        asks = {"socket_timeout": share, "socket_connect_timeout": share}
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(sentinel_nodes), sentinel_kwargs={**asks, "retry": Retry(NoBackoff(), 0)}, **kwargs
-        )
-        return cast(aioredis.Redis, sentinel.master_for(sentinel_master))
-    # A full pool waits for a connection (within the call's deadline) rather than failing.
-    tls = urlsplit(url).scheme == "rediss"
-    extra["connection_class"] = _SSLConnection if tls else _Connection
-    pool = aioredis.BlockingConnectionPool.from_url(url, timeout=None, **extra)
-    return aioredis.Redis.from_pool(pool)
+    kwargs = cast(dict[str, Any], parse_url(url))
+    kwargs.pop("host", None)
+    kwargs.pop("port", None)
+    # Not rediss://'s SSLConnection: the sentinel pool's own connections ask the
+    # sentinels where the master is, and ``ssl`` picks their TLS variant.
+    kwargs.pop("connection_class", None)
+    kwargs["ssl"] = urlsplit(url).scheme == "rediss"
+    kwargs.update(extra)
+    # Each sentinel is asked once, in turn, within a share of the call's deadline.
+    # Else redis-py's retries, or a sentinel that hangs, outlast every call: each
+    # call's deadline ends while one asks it, and the next asks it first again.
+    share = timeout_s / (len(sentinel_nodes) + 1)
+    asks = {"socket_timeout": share, "socket_connect_timeout": share}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(sentinel_nodes), sentinel_kwargs={**asks, "retry": Retry(NoBackoff(), 0)}, **kwargs
+    )
+    return cast(aioredis.Redis, sentinel.master_for(sentinel_master))
 
 
 T = TypeVar("T")
@@ -366,19 +369,18 @@ class RedisQuota:
         name: str = "redis",  # for logs: a redacted URL
     ) -> None:
         self.client = client
+        self._cluster = isinstance(client, RedisCluster)  # once: a Protocol isinstance is slow
         self.keys = keys or Keys()
         self.timeout_s = timeout_s
         self.settle_timeout_s = settle_timeout_s
         self.server_time = clock == "server"
         self.observer = observer
         self.breaker = breaker or Breaker()
-        self.breaker.on_change = self._breaker_changed  # metrics and one log line
-        self.reservation_ttl_s = reservation_ttl_s
-        self.settled_ttl_s = settled_ttl_s
+        self.breaker.on_change = self._breaker_changed  # metrics, one log line, a reconnect
+        self.reservation_ttl_s = float(reservation_ttl_s)
+        self.settled_ttl_s = float(settled_ttl_s)
         self.drain_s = drain_s
         self.name = name
-        self._take = client.register_script(TAKE_LUA)
-        self._settle = client.register_script(SETTLE_LUA)
         # Takes that arrive while a batch is on the wire go together in the next one.
         self._queued: list[tuple[float, Take, asyncio.Future[Verdict]]] = []
         self._sending = False
@@ -396,8 +398,8 @@ class RedisQuota:
     def take(self, take: Take) -> Awaitable[Verdict]:
         """An awaitable verdict; raises StoreUnavailable at once while the breaker is open."""
         self._admit("take")
-        if isinstance(self.client, RedisCluster):  # its pipelines route EVALSHA poorly
-            return self._take_verdict(take)
+        if self._cluster:  # its pipelines route EVALSHA poorly
+            return self._take_one(take)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Verdict] = loop.create_future()
         self._queued.append((time.monotonic(), take, answer))
@@ -411,7 +413,8 @@ class RedisQuota:
 
     async def usage(self, counters: Sequence[Counter], now: float) -> tuple[Level, ...]:
         self._admit("usage")
-        raw = await self._call("usage", self._take, *self._take_args("", now, counters, peek=True))
+        call = [self._take_args("", now, counters, peek=True)]
+        (raw,) = await self._guarded("usage", self.timeout_s, lambda: self._eval(TAKE, call))
         return tuple(
             Level(int(raw[6 + 3 * i]), int(raw[4 + 3 * i]), float(raw[5 + 3 * i]))
             for i in range(len(counters))
@@ -424,7 +427,7 @@ class RedisQuota:
     # Internals ------------------------------------------------------------------
 
     async def _send_takes(self) -> None:
-        """One pipeline of EVALSHA at a time, of every take queued meanwhile (at most
+        """One round trip at a time, of every take queued meanwhile (at most
         TAKE_BATCH), each within its deadline from when it was asked for."""
         try:
             while self._queued:
@@ -435,131 +438,123 @@ class RedisQuota:
 
     async def _take_batch(self, batch: list[tuple[float, Take, asyncio.Future[Verdict]]]) -> None:
         left = batch[0][0] + self.timeout_s - time.monotonic()  # the oldest's deadline
+        args = self._take_args
         try:
-            takes = [take for _, take, _ in batch]
-            raws = await self._guarded("take", left, lambda: self._take_pipeline(takes))
-        except StoreUnavailable as failure:
+            calls = [args(t.request_id, t.now, t.counters, peek=False) for _, t, _ in batch]
+            raws = await self._guarded("take", left, lambda: self._eval(TAKE, calls))
+            verdicts = [self._verdict(raw) for raw in raws]
+        except Exception as failure:  # StoreUnavailable; or a bug, told rather than hung
             for _, _, answer in batch:
                 if not answer.done():
                     answer.set_exception(failure)
             return
-        for (_, take, answer), raw in zip(batch, raws, strict=True):
+        for (_, _, answer), verdict in zip(batch, verdicts, strict=True):
             if not answer.done():
-                answer.set_result(self._verdict(take, raw))
+                answer.set_result(verdict)
 
-    async def _take_pipeline(self, takes: list[Take]) -> list[list[bytes]]:
-        for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
-            for take in takes:
-                keys, args = self._take_args(take.request_id, take.now, take.counters, peek=False)
-                pipe.evalsha(self._take.sha, len(keys), *keys, *args)
-            try:
-                return cast(list[list[bytes]], await pipe.execute())
-            except NoScriptError:  # Redis restarted: its scripts are gone (none ran)
-                if attempt == 2:
-                    raise
-                await self.client.script_load(TAKE_LUA)
-        raise AssertionError("unreachable")
+    async def _take_one(self, take: Take) -> Verdict:
+        call = [self._take_args(take.request_id, take.now, take.counters, peek=False)]
+        (raw,) = await self._guarded("take", self.timeout_s, lambda: self._eval(TAKE, call))
+        return self._verdict(raw)
 
-    async def _take_verdict(self, take: Take) -> Verdict:
-        keys, args = self._take_args(take.request_id, take.now, take.counters, peek=False)
-        return self._verdict(take, await self._call("take", self._take, keys, args))
-
-    def _verdict(self, take: Take, raw: list[bytes]) -> Verdict:
-        n = len(take.counters)
-        shadow = raw[3].decode()
+    def _verdict(self, raw: list[bytes]) -> Verdict:
+        shadow = raw[3]
         return Verdict(
             allowed=raw[0] == b"1",
             denied_by=None if raw[1] == b"-1" else int(raw[1]),
-            shadow_denied=tuple(int(i) for i in shadow.split(",")) if shadow else (),
+            shadow_denied=tuple(map(int, shadow.split(b","))) if shadow else (),
             retry_after_s=float(raw[2]),
-            remaining=tuple(int(raw[4 + 3 * i]) for i in range(n)),
-            reset_s=tuple(float(raw[5 + 3 * i]) for i in range(n)),
+            remaining=tuple(map(int, raw[4::3])),  # then 3 per counter
+            reset_s=tuple(map(float, raw[5::3])),
         )
+
+    # Script arguments: numbers go as they are (hiredis and redis-py write a float
+    # as its repr, which round-trips; so does Lua's tonumber).
 
     def _take_args(
         self, request_id: str, now: float, counters: Sequence[Counter], *, peek: bool
-    ) -> tuple[list[str], list[str]]:
+    ) -> Args:
         keys = [self.keys.request(request_id)]
-        args = [
-            "" if self.server_time else _num(float(now)),
+        args: list[str | int | float] = [
+            "" if self.server_time else now,
             request_id,
-            _num(self.reservation_ttl_s),
+            self.reservation_ttl_s,
             "1" if peek else "0",
         ]
         for c in counters:
             keys.append(c.key)
             args += (
                 _KIND[c.kind],
-                str(c.limit),
-                _num(float(c.period_s)),
-                _num(float(c.window_end)),
-                str(c.amount),
+                c.limit,
+                c.period_s,
+                c.window_end,
+                c.amount,
                 "1" if c.shadow else "0",
             )
-        args.append(_num(BUDGET_KEEP_S))
+        args.append(BUDGET_KEEP_S)
         return keys, args
 
-    def _settle_args(self, settle: Settle) -> tuple[list[str], list[str]]:
+    def _settle_args(self, settle: Settle) -> Args:
         keys = [self.keys.request(settle.request_id)]
-        args = [
-            "" if self.server_time else _num(float(settle.now)),
+        args: list[str | int | float] = [
+            "" if self.server_time else settle.now,
             settle.request_id,
-            _num(self.settled_ttl_s),
+            self.settled_ttl_s,
         ]
         for c, actual in zip(settle.counters, settle.actual, strict=True):
             keys.append(c.key)
-            args += (
-                _KIND[c.kind],
-                str(c.limit),
-                _num(float(c.period_s)),
-                _num(float(c.window_end)),
-                str(actual),
-            )
-        args.append(_num(BUDGET_KEEP_S))
+            args += (_KIND[c.kind], c.limit, c.period_s, c.window_end, actual)
+        args.append(BUDGET_KEEP_S)
         return keys, args
 
     async def _write_settles(self, settles: list[Settle]) -> None:
-        """What the writer has queued, in one round trip (a pipeline of EVALSHA)."""
+        """What the writer has queued, in one round trip."""
         self._admit("settle")
-        await self._guarded("settle", self.settle_timeout_s, lambda: self._settles_once(settles))
+        calls = [self._settle_args(settle) for settle in settles]
+        await self._guarded("settle", self.settle_timeout_s, lambda: self._eval(SETTLE, calls))
 
-    async def _settles_once(self, settles: list[Settle]) -> None:
-        try:
-            await self._pipeline(settles)
-        except NoScriptError:  # Redis restarted: its scripts are gone
-            await self.client.script_load(SETTLE_LUA)
-            await self._pipeline(settles)
+    async def _eval(self, script: Script, calls: list[Args]) -> list[Any]:
+        """EVALSHA of ``script`` once per call, pipelined; their replies in order.
+        NOSCRIPT (a restarted Redis: that call did not run) loads it and retries."""
+        client = self.client
+        if not isinstance(client, Connection):
+            return await self._eval_redis_py(client, script, calls)
+        commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
+        replies = await client.execute(commands)
+        missing = [
+            i for i, r in enumerate(replies) if isinstance(r, ReplyError) and r.code == "NOSCRIPT"
+        ]
+        if missing:
+            retried = [commands[i] for i in missing]
+            again = await client.execute([("SCRIPT", "LOAD", script.text), *retried])
+            for i, reply in zip(missing, again[1:], strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, ReplyError):
+                raise reply
+        return replies
 
-    async def _pipeline(self, settles: list[Settle]) -> None:
-        if isinstance(self.client, RedisCluster):  # its pipelines route EVALSHA poorly
-            for settle in settles:
-                keys, args = self._settle_args(settle)
-                await self._settle(keys=keys, args=args)
-            return
-        pipe = self.client.pipeline(transaction=False)
-        sha = self._settle.sha
-        for settle in settles:
-            keys, args = self._settle_args(settle)
-            pipe.evalsha(sha, len(keys), *keys, *args)
-        await pipe.execute()
+    async def _eval_redis_py(
+        self, client: aioredis.Redis | RedisCluster, script: Script, calls: list[Args]
+    ) -> list[Any]:
+        for attempt in (1, 2):
+            try:
+                if isinstance(client, RedisCluster):  # its pipelines route EVALSHA poorly
+                    return [await client.evalsha(script.sha, len(k), *k, *a) for k, a in calls]
+                pipe = client.pipeline(transaction=False)
+                for keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                return await pipe.execute()
+            except NoScriptError:  # Redis restarted: its scripts are gone
+                if attempt == 2:
+                    raise
+                await client.script_load(script.text)
+        raise AssertionError("unreachable")
 
     def _admit(self, op: str) -> None:
         if not self.breaker.allow():
             self.observer.error(op, "breaker_open")
             raise StoreUnavailable("breaker_open")
-
-    async def _call(
-        self,
-        op: str,
-        script: Any,
-        keys: list[str],
-        args: list[str],
-        timeout_s: float | None = None,
-    ) -> list[bytes]:
-        limit = self.timeout_s if timeout_s is None else timeout_s
-        raw = await self._guarded(op, limit, lambda: script(keys=keys, args=args))
-        return cast(list[bytes], raw)
 
     async def _guarded(self, op: str, timeout_s: float, call: Callable[[], Awaitable[T]]) -> T:
         """``call()`` within ``timeout_s``, told to the breaker and the metrics; a failure
@@ -573,9 +568,9 @@ class RedisQuota:
         except TimeoutError:
             self._failed(op, "timeout")
             raise StoreUnavailable("timeout") from None
-        except (RedisError, OSError) as e:
+        except (RedisError, ReplyError, OSError) as e:
             self._failed(op, "error")
-            log.debug("%s %s failed: %s", self.name, op, type(e).__name__)
+            log.debug("%s %s failed: %s: %s", self.name, op, type(e).__name__, e)
             raise StoreUnavailable("error") from e
         except asyncio.CancelledError:
             self.breaker.failure()  # a probe must not stay out for ever
@@ -592,5 +587,7 @@ class RedisQuota:
         self.observer.breaker_open(is_open)
         if is_open:
             log.warning("store %s unavailable: breaker open, limits answer at once", self.name)
+            if isinstance(self.client, Connection):
+                self.client.close()  # a stalled server: no growing FIFO; the probe reconnects
         else:
             log.warning("store %s answers again: breaker closed", self.name)

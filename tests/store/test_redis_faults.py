@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from extproc.limits.quota import Counter, Keys, Settle, StoreUnavailable, Take, Verdict
 from extproc.limits.redis_store import RedisQuota, connect, redact_url
+from extproc.limits.resp import Connection
 from extproc.metrics import Metrics, StoreMetrics
 from extproc.store.breaker import Breaker
 from tests.redis_server import RedisServer
@@ -83,19 +84,88 @@ async def test_scripts_reload_after_a_restart(own_redis: RedisServer) -> None:
         assert (await verdict(quota.take(Take("a", NOW, (rate(5),))))).remaining == (4,)
         own_redis.restart()  # empty: no scripts, no counters
         answers: list[Verdict] = []
-        for attempt in range(3):  # the pooled connection may be found dead once
+        for attempt in range(3):  # the connection may be found dead once
             try:
                 answers.append(await verdict(quota.take(Take(f"b{attempt}", NOW, (rate(5),)))))
                 break
             except StoreUnavailable as e:
                 assert e.reason == "error"
         assert answers and answers[0].remaining == (4,)  # NOSCRIPT was answered by a reload
-        # The settle script too, though settlements go in a pipeline of EVALSHA.
+        # The settle script too, though settlements go in batches of EVALSHA.
         quota.settle(Settle(f"b{attempt}", NOW, (rate(5),), (3,)))
         await quota.writer.flushed()
         assert quota.writer.written == 1
         assert [lv.used for lv in await quota.usage((rate(5),), NOW)] == [3]
     finally:
+        await quota.aclose()
+
+
+async def test_a_flushed_script_is_loaded_again_and_each_take_runs_once(
+    own_redis: RedisServer,
+) -> None:
+    quota = RedisQuota(connect(own_redis.url), timeout_s=2.0, clock="caller")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    try:
+        assert (await verdict(quota.take(Take("a", NOW, (rate(100),))))).remaining == (99,)
+        await admin.script_flush()
+        got = await asyncio.gather(
+            *(quota.take(Take(f"b{i}", NOW, (rate(100),))) for i in range(10))
+        )
+        assert sorted(v.remaining[0] for v in got) == list(range(89, 99))  # none ran twice
+        await admin.script_flush()
+        quota.settle(Settle("a", NOW, (rate(100),), (5,)))
+        await quota.writer.flushed()
+        assert quota.writer.written == 1
+        assert [lv.used for lv in await quota.usage((rate(100),), NOW)] == [15]
+    finally:
+        await admin.aclose()
+        await quota.aclose()
+
+
+async def test_redis_py_clients_sentinels_path_take_settle_and_reload(
+    own_redis: RedisServer,
+) -> None:
+    """A Sentinel master is a redis-py client: pipelines of EVALSHA, not resp.py."""
+    quota = RedisQuota(aioredis.Redis.from_url(own_redis.url), timeout_s=2.0, clock="caller")
+    admin = aioredis.Redis.from_url(own_redis.url)
+    try:
+        got = await asyncio.gather(
+            *(quota.take(Take(f"r{i}", NOW, (rate(10),))) for i in range(12))
+        )
+        assert [v.allowed for v in got].count(True) == 10
+        counter = budget(10_000, 100)
+        assert (await verdict(quota.take(Take("b", NOW, (counter,))))).allowed
+        await admin.script_flush()
+        quota.settle(Settle("b", NOW, (counter,), (500,)))
+        await quota.writer.flushed()
+        assert quota.writer.written == 1
+        assert [lv.used for lv in await quota.usage((counter,), NOW)] == [500]
+    finally:
+        await admin.aclose()
+        await quota.aclose()
+
+
+async def test_an_open_breaker_drops_the_connection_and_the_probe_opens_a_new_one(
+    own_redis: RedisServer,
+) -> None:
+    clock = FakeClock()
+    client = connect(own_redis.url)
+    assert isinstance(client, Connection)
+    quota = RedisQuota(client, timeout_s=0.05, clock="caller", breaker=Breaker(2, 1.0, clock=clock))
+    try:
+        await verdict(quota.take(Take("warm", NOW, (rate(100),))))
+        assert client.connected
+        own_redis.pause()
+        for i in range(2):
+            with pytest.raises(StoreUnavailable):
+                await verdict(quota.take(Take(f"t{i}", NOW, (rate(100),))))
+        assert quota.breaker.is_open and not client.connected  # no socket left to fill
+        own_redis.resume()
+        clock.t += 1.0
+        assert (await verdict(quota.take(Take("probe", NOW, (rate(100),))))).allowed
+        assert client.connected and not quota.breaker.is_open
+    finally:
+        own_redis.resume()
         await quota.aclose()
 
 
@@ -251,3 +321,10 @@ def test_urls_in_logs_have_no_password() -> None:
     )
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert redact_url("redis://:pw@[::1]:6379") == "redis://:***@[::1]:6379"
+
+
+async def test_a_take_that_cannot_be_sent_fails_rather_than_hangs(redis_quota: RedisQuota) -> None:
+    bad = Counter("x", K.rate("x", "k"), "nope", 1, 1.0, 0.0, 1)  # type: ignore[arg-type]
+    with pytest.raises(KeyError):
+        await asyncio.wait_for(verdict(redis_quota.take(Take("bad", NOW, (bad,)))), 2.0)
+    assert (await verdict(redis_quota.take(Take("good", NOW, (rate(5),))))).allowed
