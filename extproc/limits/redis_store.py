@@ -324,7 +324,7 @@ def connect(
     if password is not None:
         extra["password"] = password
         url = redact_url(url, "")  # the URL's own would win over the keyword
-    if cluster:
+    if cluster or sentinel_master is None:  # (a single node returned above)
         return RedisCluster.from_url(url, **extra)
     kwargs = cast(dict[str, Any], parse_url(url))
     kwargs.pop("host", None)
@@ -383,8 +383,8 @@ class RedisQuota:
         self.name = name
         # Takes that arrive while a batch is on the wire go together in the next one.
         self._queued: list[tuple[float, Take, asyncio.Future[Verdict]]] = []
-        self._sending = False
-        self._sender: asyncio.Task[None] | None = None
+        self._flushing = False
+        self._batches: set[asyncio.Task[None]] = set()  # held: tasks are weakly kept
         self.writer: Writer[Settle] = Writer(
             self._write_settles,
             batch=SETTLE_BATCH,
@@ -403,9 +403,9 @@ class RedisQuota:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Verdict] = loop.create_future()
         self._queued.append((time.monotonic(), take, answer))
-        if not self._sending:
-            self._sending = True
-            self._sender = loop.create_task(self._send_takes())  # held: tasks are weakly kept
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._flush_takes)
         return answer
 
     def settle(self, settle: Settle) -> None:
@@ -414,7 +414,9 @@ class RedisQuota:
     async def usage(self, counters: Sequence[Counter], now: float) -> tuple[Level, ...]:
         self._admit("usage")
         call = [self._take_args("", now, counters, peek=True)]
-        (raw,) = await self._guarded("usage", self.timeout_s, lambda: self._eval(TAKE, call))
+        (raw,) = await self._guarded(
+            "usage", self.timeout_s, lambda deadline: self._eval(TAKE, call, deadline)
+        )
         return tuple(
             Level(int(raw[6 + 3 * i]), int(raw[4 + 3 * i]), float(raw[5 + 3 * i]))
             for i in range(len(counters))
@@ -426,22 +428,26 @@ class RedisQuota:
 
     # Internals ------------------------------------------------------------------
 
-    async def _send_takes(self) -> None:
-        """One round trip at a time, of every take queued meanwhile (at most
-        TAKE_BATCH), each within its deadline from when it was asked for."""
-        try:
-            while self._queued:
-                batch, self._queued = self._queued[:TAKE_BATCH], self._queued[TAKE_BATCH:]
-                await self._take_batch(batch)
-        finally:
-            self._sending = False
+    def _flush_takes(self) -> None:
+        """The takes asked for in this turn of the loop, in one write (at most
+        TAKE_BATCH each). Batches are pipelined on the one connection: a take never
+        waits for another's round trip, so its deadline is its own."""
+        self._flushing = False
+        queued, self._queued = self._queued, []
+        loop = asyncio.get_running_loop()
+        for i in range(0, len(queued), TAKE_BATCH):
+            task = loop.create_task(self._take_batch(queued[i : i + TAKE_BATCH]))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
 
     async def _take_batch(self, batch: list[tuple[float, Take, asyncio.Future[Verdict]]]) -> None:
         left = batch[0][0] + self.timeout_s - time.monotonic()  # the oldest's deadline
         args = self._take_args
         try:
             calls = [args(t.request_id, t.now, t.counters, peek=False) for _, t, _ in batch]
-            raws = await self._guarded("take", left, lambda: self._eval(TAKE, calls))
+            raws = await self._guarded(
+                "take", left, lambda deadline: self._eval(TAKE, calls, deadline)
+            )
             verdicts = [self._verdict(raw) for raw in raws]
         except Exception as failure:  # StoreUnavailable; or a bug, told rather than hung
             for _, _, answer in batch:
@@ -454,7 +460,9 @@ class RedisQuota:
 
     async def _take_one(self, take: Take) -> Verdict:
         call = [self._take_args(take.request_id, take.now, take.counters, peek=False)]
-        (raw,) = await self._guarded("take", self.timeout_s, lambda: self._eval(TAKE, call))
+        (raw,) = await self._guarded(
+            "take", self.timeout_s, lambda deadline: self._eval(TAKE, call, deadline)
+        )
         return self._verdict(raw)
 
     def _verdict(self, raw: list[bytes]) -> Verdict:
@@ -511,22 +519,26 @@ class RedisQuota:
         """What the writer has queued, in one round trip."""
         self._admit("settle")
         calls = [self._settle_args(settle) for settle in settles]
-        await self._guarded("settle", self.settle_timeout_s, lambda: self._eval(SETTLE, calls))
+        await self._guarded(
+            "settle", self.settle_timeout_s, lambda deadline: self._eval(SETTLE, calls, deadline)
+        )
 
-    async def _eval(self, script: Script, calls: list[Args]) -> list[Any]:
-        """EVALSHA of ``script`` once per call, pipelined; their replies in order.
-        NOSCRIPT (a restarted Redis: that call did not run) loads it and retries."""
+    async def _eval(self, script: Script, calls: list[Args], deadline: float) -> list[Any]:
+        """EVALSHA of ``script`` once per call, pipelined; their replies in order, by
+        ``deadline`` (loop time). NOSCRIPT (a restarted Redis: that call did not run)
+        loads it and retries."""
         client = self.client
         if not isinstance(client, Connection):
-            return await self._eval_redis_py(client, script, calls)
+            async with asyncio.timeout_at(deadline):
+                return await self._eval_redis_py(client, script, calls)
         commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
-        replies = await client.execute(commands)
+        replies = await client.execute(commands, deadline)
         missing = [
             i for i, r in enumerate(replies) if isinstance(r, ReplyError) and r.code == "NOSCRIPT"
         ]
         if missing:
             retried = [commands[i] for i in missing]
-            again = await client.execute([("SCRIPT", "LOAD", script.text), *retried])
+            again = await client.execute([("SCRIPT", "LOAD", script.text), *retried], deadline)
             for i, reply in zip(missing, again[1:], strict=True):
                 replies[i] = reply
         for reply in replies:
@@ -556,15 +568,14 @@ class RedisQuota:
             self.observer.error(op, "breaker_open")
             raise StoreUnavailable("breaker_open")
 
-    async def _guarded(self, op: str, timeout_s: float, call: Callable[[], Awaitable[T]]) -> T:
-        """``call()`` within ``timeout_s``, told to the breaker and the metrics; a failure
-        is StoreUnavailable with its reason."""
+    async def _guarded(self, op: str, timeout_s: float, call: Callable[[float], Awaitable[T]]) -> T:
+        """``call(deadline)`` (loop time, ``timeout_s`` from now), told to the breaker and
+        the metrics; a failure is StoreUnavailable with its reason."""
         started = time.perf_counter()
         try:
             if timeout_s <= 0:
                 raise TimeoutError  # its deadline passed while it waited for its turn
-            async with asyncio.timeout(timeout_s):
-                result = await call()
+            result = await call(asyncio.get_running_loop().time() + timeout_s)
         except TimeoutError:
             self._failed(op, "timeout")
             raise StoreUnavailable("timeout") from None

@@ -176,12 +176,17 @@ async def replies(futures: Sequence[asyncio.Future[Any]]) -> list[Any]:
     try:
         return [await future for future in futures]
     except BaseException:
-        for future in futures:
-            if not future.done():
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()
+        replies_seen(futures)
         raise
+
+
+def replies_seen(futures: Sequence[asyncio.Future[Any]]) -> None:
+    """Nobody will read these: cancel those still pending, mark failures as seen."""
+    for future in futures:
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()
 
 
 class Connection:
@@ -208,12 +213,26 @@ class Connection:
             protocol = await self._connect()
         return protocol.send(commands)
 
-    async def execute(self, commands: Sequence[Command]) -> list[Any]:
-        """The replies to ``commands``, in order; an error reply is a ReplyError."""
+    async def execute(
+        self, commands: Sequence[Command], deadline: float | None = None
+    ) -> list[Any]:
+        """The replies to ``commands``, in order; an error reply is a ReplyError.
+
+        ``deadline`` (loop time): TimeoutError after it. A reply read by then counts,
+        even in the loop's turn that also runs the deadline's timer (a cancelled
+        await would lose it): under load that turn can be long."""
         protocol = self._protocol
         if protocol is None or protocol.lost:
-            protocol = await self._connect()
-        return await replies(protocol.send(commands))
+            async with asyncio.timeout_at(deadline):
+                protocol = await self._connect()
+        futures = protocol.send(commands)
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
+            if not all(f.done() for f in futures):
+                replies_seen(futures)
+                raise TimeoutError
+        return await replies(futures)
 
     def close(self) -> None:
         """Drop the connection, failing what is pending; the next call reconnects.

@@ -265,3 +265,22 @@ def test_setup_commands() -> None:
     assert Endpoint().setup() == []
     assert Endpoint(password="p", db=3).setup() == [("AUTH", "p"), ("SELECT", "3")]
     assert Endpoint(username="u", password="p").setup() == [("AUTH", "u", "p")]
+
+
+async def test_a_reply_read_in_the_turn_its_deadline_passes_still_counts(conn: Connection) -> None:
+    """Under load one turn of the loop can outlast a deadline: a reply that arrived in
+    time is read in the same turn as the deadline's timer, and must win."""
+    await conn.execute([("PING",)])  # connected
+    loop = asyncio.get_running_loop()
+    loop.call_soon(time.sleep, 0.05)  # the loop is busy past the deadline; Redis answers
+    assert await conn.execute([("PING",)], loop.time() + 0.01) == [b"PONG"]
+
+
+
+async def test_no_reply_by_the_deadline_is_a_timeout_and_later_replies_are_not_shifted(
+    conn: Connection,
+) -> None:
+    loop = asyncio.get_running_loop()
+    with pytest.raises(TimeoutError):
+        await conn.execute([("BLPOP", "resp:empty", 0.3)], loop.time() + 0.05)
+    assert await conn.execute([("ECHO", "after")], loop.time() + 2) == [b"after"]
