@@ -422,7 +422,7 @@ class RedisConfig(_Model):
     password_env: str | None = None
     cluster: bool = False
     sentinel: SentinelConfig | None = None
-    timeout_ms: int = Field(20, ge=1, le=10_000)  # per call; the breaker handles the rest
+    timeout_ms: int = Field(100, ge=1, le=10_000)  # per call; the breaker handles the rest
     hash_tag: str = "tollway"  # every key's {tag}: one Cluster slot
     clock: Literal["server", "caller"] = "server"
     max_connections: int = Field(64, ge=1)

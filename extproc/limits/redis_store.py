@@ -24,7 +24,7 @@ replicas whose clocks differ still share one timeline for rates and leases;
 ``clock: caller`` uses ``Take.now`` instead (tests with an injected clock).
 Calendar windows are always the caller's (the window id is in the key).
 
-Failure, bounded: every call has a deadline (``timeout_ms``, default 20),
+Failure, bounded: every call has a deadline (``timeout_ms``, default 100),
 connecting included. After ``breaker_failures`` failures in a row a breaker
 opens: ``take`` then raises StoreUnavailable("breaker_open") at once, without
 I/O, and the stage's fail-open/fail-closed policy decides; the single-node
@@ -305,7 +305,7 @@ def connect(
     sentinel_nodes: Sequence[tuple[str, int]] = (),
     password: str | None = None,
     max_connections: int = 64,
-    timeout_s: float = 0.02,
+    timeout_s: float = 0.1,
 ) -> Client:
     """A client for a single node (resp.py: one pipelined connection), a Cluster
     (``url`` names any node) or a Sentinel master (``url`` gives the credentials,
@@ -356,7 +356,7 @@ class RedisQuota:
         client: Client,
         *,
         keys: Keys | None = None,
-        timeout_s: float = 0.02,
+        timeout_s: float = 0.1,
         settle_timeout_s: float = 0.25,
         clock: Literal["server", "caller"] = "server",
         breaker: Breaker | None = None,

@@ -228,8 +228,9 @@ class Connection:
         futures = protocol.send(commands)
         if deadline is not None:
             loop = asyncio.get_running_loop()
-            await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
-            if not all(f.done() for f in futures):
+            # Replies come in order: the last one done means all are.
+            await asyncio.wait(futures[-1:], timeout=max(0.0, deadline - loop.time()))
+            if not futures[-1].done():
                 replies_seen(futures)
                 raise TimeoutError
         return await replies(futures)
