@@ -425,7 +425,7 @@ class RedisConfig(_Model):
     timeout_ms: int = Field(100, ge=1, le=10_000)  # per call; the breaker handles the rest
     hash_tag: str = "tollway"  # every key's {tag}: one Cluster slot
     clock: Literal["server", "caller"] = "server"
-    max_connections: int = Field(64, ge=1)
+    max_connections: int = Field(64, ge=1)  # redis-py pool: Cluster, Sentinel (one node: 1)
     breaker_failures: int = Field(5, ge=1)
     breaker_cool_down_s: float = Field(1.0, gt=0)
 

@@ -276,7 +276,6 @@ async def test_a_reply_read_in_the_turn_its_deadline_passes_still_counts(conn: C
     assert await conn.execute([("PING",)], loop.time() + 0.01) == [b"PONG"]
 
 
-
 async def test_no_reply_by_the_deadline_is_a_timeout_and_later_replies_are_not_shifted(
     conn: Connection,
 ) -> None:
