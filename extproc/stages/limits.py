@@ -168,8 +168,7 @@ class LimitsStage:
         plan = self._plans.get(at)
         if plan is not None and plan.source is rules and now < plan.expires:
             return plan
-        plan = Plan(self, ex, tuple(r for r in rules if r.applies_to_model(model)), model, now)
-        plan.source = rules
+        plan = Plan(self, ex, rules, model, now)
         if not any(_per_request(r) for r in plan.rules):
             self._plans[at] = plan
             _bound(self._plans)
@@ -198,15 +197,15 @@ class Plan:
         self,
         stage: LimitsStage,
         ex: Exchange,
-        rules: tuple[Rule, ...],
+        source: tuple[Rule, ...],  # the rules that apply to the key and route
         model: str | None,
         now: float,
     ) -> None:
         route = ex.route
         assert route is not None
         ip, lease_s = client_ip(ex), route.upstream.timeout_s + _SLACK_S
-        self.source: tuple[Rule, ...] = ()
-        self.rules = rules
+        self.source = source
+        self.rules = rules = tuple(r for r in source if r.applies_to_model(model))
         self.counters = tuple(
             rule.counter(
                 stage.keys,
