@@ -9,9 +9,9 @@ both backends compute the same doubles.
 
 On the wire: a single node is one pipelined connection of our own (resp.py;
 no pool and no redis-py pipeline objects, which were ~14% of a request's
-instructions). Takes that arrive while a batch is on the wire go together in
-the next one (at most TAKE_BATCH), as raw EVALSHA in one write; so does each
-batch of settlements the writer hands over. NOSCRIPT (a restarted Redis: that
+instructions). The takes of one turn of the event loop go as raw EVALSHA in
+one write (at most TAKE_BATCH), batches pipelined, none waiting for another's
+round trip; so does each batch of settlements the writer hands over. NOSCRIPT (a restarted Redis: that
 command did not run) loads the script and resends only those commands, in the
 same deadline. Cluster (one call per take) and Sentinel (pipelines) stay on
 redis-py. Measured (NOTES.md, "Limits: what they cost"): what Redis costs over
