@@ -7,17 +7,17 @@ writer task (store/writer.py). The scripts mirror quota.py's functions;
 numbers cross as text that round-trips (a float's repr in, "%.17g" out), so
 both backends compute the same doubles.
 
-On the wire: a single node is one pipelined connection of our own (resp.py;
-no pool and no redis-py pipeline objects, which were ~14% of a request's
+On the wire: a single node is one pipelined connection of our own (resp.py; no
+pool and no redis-py pipeline objects, which were ~14% of a request's
 instructions). The takes of one turn of the event loop go as raw EVALSHA in
 one write (at most TAKE_BATCH), batches pipelined, none waiting for another's
-round trip; so does each batch of settlements the writer hands over. NOSCRIPT (a restarted Redis: that
-command did not run) loads the script and resends only those commands, in the
-same deadline. Cluster (one call per take) and Sentinel (pipelines) stay on
-redis-py. Measured (NOTES.md, "Limits: what they cost"): what Redis costs over
-the memory store fell from ~222 k to ~25 k instructions a request (valgrind of
-bench/limits_driver.py; ~46 → ~5 µs of user CPU), plus the kernel's share of
-one write and one read per ~16 commands.
+round trip; so does each batch of settlements the writer hands over. NOSCRIPT
+(a restarted Redis: that command did not run) loads the script and resends
+only those commands, in the same deadline. Cluster (one call per take) and
+Sentinel (pipelines) stay on redis-py. Measured (NOTES.md, "Limits: what they
+cost"): what Redis costs over the memory store fell from ~222 k to ~25 k
+instructions a request (valgrind of bench/limits_driver.py; ~46 → ~5 µs of
+user CPU), plus the kernel's share of one write and one read per ~16 commands.
 
 Clock: by default the scripts read Redis's ``TIME`` (``clock: server``), so
 replicas whose clocks differ still share one timeline for rates and leases;
