@@ -92,7 +92,8 @@ end
 # then 6 per counter: kind (r|c|b), limit, period_s, window_end, amount, shadow (1|0).
 # KEYS: the request's record, then one per counter.
 # Returns: allowed, denied_by (0-based, -1), retry_after, shadow_denied ("i,j"),
-# then 3 per counter: remaining, reset_s, used.
+# then 3 per counter: remaining, reset_s, used (remaining and used are whole numbers:
+# integer replies, no string.format; reset_s is a float, so "%.17g" text).
 TAKE_LUA = (
     _NOW_LUA
     + """
@@ -199,11 +200,11 @@ for i = 1, n do
   end
   reserved[i] = took and c.amount_s or '-1'
   if took then
-    out[#out + 1], out[#out + 2] = fmt(c.rem_t), fmt(c.reset_t)
+    out[#out + 1], out[#out + 2] = c.rem_t, fmt(c.reset_t)
   else
-    out[#out + 1], out[#out + 2] = fmt(c.rem_n), fmt(c.reset_n)
+    out[#out + 1], out[#out + 2] = c.rem_n, fmt(c.reset_n)
   end
-  out[#out + 1] = fmt(c.used)
+  out[#out + 1] = c.used
 end
 if allowed and not peek then
   redis.call('SET', KEYS[1], table.concat(reserved, ','), 'PX', ms(record_ttl))
