@@ -413,7 +413,8 @@ class RedisConfig(_Model):
     """The shared store (limits, budgets, spend) for all replicas.
 
     ``url``: redis:// or rediss:// (TLS), optionally user:password@ and a
-    database; with ``cluster`` any one node; with ``sentinel`` the URL gives
+    database, or unix:///path/redis.sock?db=0 (a local server); with
+    ``cluster`` any one node; with ``sentinel`` the URL gives
     only credentials, database and TLS. Keep the password out of the file:
     ``password_env`` names a variable that holds it.
     """
@@ -431,8 +432,11 @@ class RedisConfig(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> RedisConfig:
-        if urlsplit(self.url).scheme not in ("redis", "rediss"):
-            raise ValueError("url: use redis:// or rediss://")
+        scheme = urlsplit(self.url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("url: use redis://, rediss:// or unix:// (a local socket)")
+        if scheme == "unix" and (self.cluster or self.sentinel is not None):
+            raise ValueError("url: unix:// is for one local server, not a cluster or sentinel")
         if self.cluster and self.sentinel is not None:
             raise ValueError("choose cluster or sentinel, not both")
         if not self.hash_tag or "{" in self.hash_tag or "}" in self.hash_tag:

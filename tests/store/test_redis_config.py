@@ -26,6 +26,7 @@ def test_without_redis_the_embedded_store_saves_next_to_the_keys_file(tmp_path: 
         {"url": "http://127.0.0.1:6379"},
         {"cluster": True, "sentinel": {"master": "m", "nodes": ["h:26379"]}},
         {"hash_tag": "a}b"},
+        {"url": "unix:///run/redis.sock", "cluster": True},
         {"sentinel": {"master": "m", "nodes": ["no-port"]}},
     ],
 )
@@ -55,6 +56,22 @@ async def test_password_from_the_environment_and_a_redacted_name(
         counter = Counter("r", quota.keys.rate("r", "k"), "rate", 5, 60.0, 0.0, 1)
         assert quota.keys.prefix == "tw:{gw1}:"
         assert (await quota.take(Take("q", 0.0, (counter,)))).remaining == (4,)
+        await quota.aclose()
+    finally:
+        server.stop()
+
+
+async def test_a_local_server_on_a_unix_socket(tmp_path: Path) -> None:
+    socket = tmp_path / "redis.sock"
+    server = RedisServer(tmp_path, None, "--unixsocket", str(socket), "--unixsocketperm", "700")
+    server.start()
+    try:
+        cfg = StoreConfig(redis=RedisConfig(url=f"unix://{socket}?db=2", timeout_ms=2000))
+        quota = open_quota(cfg, tmp_path / "keys.yaml")
+        assert isinstance(quota, RedisQuota)
+        counter = Counter("r", quota.keys.rate("r", "k"), "rate", 5, 60.0, 0.0, 1)
+        assert (await quota.take(Take("q", 0.0, (counter,)))).remaining == (4,)
+        assert (await quota.take(Take("q2", 0.0, (counter,)))).remaining == (3,)
         await quota.aclose()
     finally:
         server.stop()
