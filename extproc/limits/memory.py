@@ -70,9 +70,10 @@ class MemoryQuota:
         self._leases: dict[str, dict[str, float]] = {}  # request id -> expiry, oldest first
         self._budget: dict[str, tuple[int, float]] = {}  # (used, expires_at)
         # Per request, oldest first (one TTL each, so expiry order is insertion order):
-        # request id -> (expires_at, reserved per counter); request id -> settled mark expiry.
+        # request id -> (expires_at, reserved per counter), and -> (expires_at, None) once
+        # settled (the mark).
         self._reserved: dict[str, tuple[float, tuple[int, ...]]] = {}
-        self._settled: dict[str, float] = {}
+        self._settled: dict[str, tuple[float, None]] = {}
         # (expires_at, table, key) pushed when an entry is created; re-pushed if it lived on.
         self._heap: list[tuple[float, int, str]] = []
         self._dirty = False
@@ -103,7 +104,7 @@ class MemoryQuota:
         self._sweep(now)
         rid = settle.request_id
         mark = self._settled.get(rid)
-        if mark is not None and mark > now:
+        if mark is not None and mark[0] > now:
             return  # settled already
         record = self._reserved.pop(rid, None)
         reserved: tuple[int, ...] = (0,) * len(settle.counters)  # no take on record: all
@@ -136,7 +137,7 @@ class MemoryQuota:
                 )
                 self._budget_changed()
         self._settled.pop(rid, None)  # its mark moves to the end: the order is expiry order
-        self._settled[rid] = now + self.settled_ttl_s
+        self._settled[rid] = (now + self.settled_ttl_s, None)
 
     def usage(self, counters: Sequence[Counter], now: float) -> tuple[Level, ...]:
         levels = []
@@ -268,21 +269,8 @@ class MemoryQuota:
         store[key] = value
 
     def _sweep(self, now: float) -> None:
-        reserved, settled = self._reserved, self._settled
-        for _ in range(self.sweep_per_call):
-            if not reserved:
-                break
-            oldest = next(iter(reserved))
-            if reserved[oldest][0] > now:
-                break
-            del reserved[oldest]
-        for _ in range(self.sweep_per_call):
-            if not settled:
-                break
-            oldest = next(iter(settled))
-            if settled[oldest] > now:
-                break
-            del settled[oldest]
+        _drop_expired(self._reserved, now, self.sweep_per_call)
+        _drop_expired(self._settled, now, self.sweep_per_call)
         heap = self._heap
         for _ in range(self.sweep_per_call):
             if not heap or heap[0][0] > now:
@@ -310,3 +298,12 @@ class MemoryQuota:
             return None
         leases = self._live_leases(key, now)
         return next(reversed(leases.values())) if leases else now
+
+
+def _drop_expired(records: dict[str, tuple[float, Any]], now: float, most: int) -> None:
+    """Up to ``most`` expired entries from the front: oldest first, one TTL each."""
+    for _ in range(most):
+        oldest = next(iter(records), None)
+        if oldest is None or records[oldest][0] > now:
+            return
+        del records[oldest]
