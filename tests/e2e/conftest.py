@@ -20,6 +20,7 @@ import pytest
 
 from extproc import keys, up
 from extproc.config import Config, Credential, EnvoyConfig, MetricsConfig, ServerConfig, Upstream
+from tests.redis_server import RedisServer, redis_server_binary
 
 PROVIDER_KEY = "sk-provider-secret-for-tests"
 PROVIDER_ENV = "TOLLWAY_TEST_PROVIDER_KEY"
@@ -212,6 +213,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = start_stack(tmp_path_factory.mktemp("stack"))
     yield s
     s.gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the module's own: its tests may stop or pause it."""
+    assert redis_server_binary(), (
+        "redis-server is missing: ./scripts/test installs it (apt-get install redis-server)"
+    )
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ from extproc.kinds import Usage
 from extproc.limits.rules import MICRO
 from extproc.pricing import cost, load_prices
 from extproc.stages.limits import estimate_input_tokens
-from tests.redis_server import RedisServer, redis_server_binary
+from tests.redis_server import RedisServer
 
 from .conftest import Stack, answers, eventually, start_stack
 
@@ -246,17 +246,6 @@ def with_limits(redis_url: str) -> Callable[[Config], Config]:
         return config.model_copy(update={"limits": rules, "store": store})
 
     return customize
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    assert redis_server_binary(), (
-        "redis-server is missing: ./scripts/test installs it (apt-get install redis-server)"
-    )
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

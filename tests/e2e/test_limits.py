@@ -42,14 +42,6 @@ RULES: list[dict[str, Any]] = [
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Iterator[Stack]:
     def customize(config: Config) -> Config:
         return config.model_copy(
