@@ -206,11 +206,15 @@ class Connection:
     def connected(self) -> bool:
         return self._protocol is not None and not self._protocol.lost
 
-    async def send(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
-        """Write ``commands`` in one write (connected first if need be); their futures."""
+    async def send(
+        self, commands: Sequence[Command], deadline: float | None = None
+    ) -> list[asyncio.Future[Any]]:
+        """Write ``commands`` in one write (connected first, by ``deadline`` if given:
+        loop time); their futures."""
         protocol = self._protocol
         if protocol is None or protocol.lost:
-            protocol = await self._connect()
+            async with asyncio.timeout_at(deadline):
+                protocol = await self._connect()
         return protocol.send(commands)
 
     async def execute(
@@ -221,11 +225,7 @@ class Connection:
         ``deadline`` (loop time): TimeoutError after it. A reply read by then counts,
         even in the loop's turn that also runs the deadline's timer (a cancelled
         await would lose it): under load that turn can be long."""
-        protocol = self._protocol
-        if protocol is None or protocol.lost:
-            async with asyncio.timeout_at(deadline):
-                protocol = await self._connect()
-        futures = protocol.send(commands)
+        futures = await self.send(commands, deadline)
         if deadline is not None:
             loop = asyncio.get_running_loop()
             # Replies come in order: the last one done means all are.
