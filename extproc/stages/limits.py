@@ -107,7 +107,7 @@ class LimitsStage:
         # labels() takes a lock and builds a tuple each time.
         self._decisions: dict[tuple[str, str], Any] = {}
         self._starts: dict[
-            tuple[str, str, str], tuple[tuple[Rule, ...], tuple[Rule, ...], bool]
+            tuple[str, str, str], tuple[tuple[Rule, ...], tuple[Rule, ...], Phase]
         ] = {}
         self._plans: dict[tuple[int, str, str, str | None], Plan] = {}
         for rule in rules.rules:
@@ -147,14 +147,16 @@ class LimitsStage:
         found = self._starts.get(at)
         if found is None or found[0] is not source:  # a key's limits changed: work it out again
             rules = tuple(r for r in source if r.applies(route.name, identity))
-            found = self._starts[at] = (source, rules, any(r.needs_body for r in rules))
+            wants = Phase.STREAM_END if any(r.kind == "concurrent" for r in rules) else Phase.NONE
+            if any(r.needs_body for r in rules):
+                wants |= Phase.REQUEST_BODY
+            found = self._starts[at] = (source, rules, wants)
             _bound(self._starts)
-        rules, needs_body = found[1], found[2]
+        _, rules, wants = found
         if not rules:
             return None
-        flow = LimitsFlow(self, rules)
-        if needs_body:
-            flow.wants |= Phase.REQUEST_BODY
+        flow = LimitsFlow(self, rules, wants)
+        if Phase.REQUEST_BODY in wants:
             return flow
         return flow.take(ex, None, 0, 0)
 
@@ -248,7 +250,7 @@ class LimitsFlow(Flow):
 
     __slots__ = ("counters", "plan", "request_id", "rules", "stage", "taken", "wants")
 
-    def __init__(self, stage: LimitsStage, rules: tuple[Rule, ...]) -> None:
+    def __init__(self, stage: LimitsStage, rules: tuple[Rule, ...], wants: Phase) -> None:
         self.stage = stage
         self.rules = rules
         self.plan: Plan | None = None
@@ -256,7 +258,7 @@ class LimitsFlow(Flow):
         self.taken = False  # the store admitted this request: settle at finish
         # Ours, not Envoy's x-request-id: a client must not share one lease between requests.
         self.request_id = stage.request_id()
-        self.wants = Phase.STREAM_END if any(r.kind == "concurrent" for r in rules) else Phase.NONE
+        self.wants = wants
 
     def on_request_body(self, ex: Exchange) -> Ask[Deny | None] | None:
         body = ex.body or b""
