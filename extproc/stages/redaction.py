@@ -20,12 +20,18 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
+from .. import error_shapes
 from ..config import Config, ConfigError, RedactionConfig, SecretSource
-from ..decisions import Deny, Phase, bad_request
+from ..decisions import BodyMode, Deny, Outcome, Phase, bad_request
+from ..events import ResponseEvents
 from ..exchange import BodyError, Exchange
 from ..kinds import Api
 from ..metrics import Metrics
-from ..providers.texts import Slot, prompt_slots
+from ..providers.sse import Event
+from ..providers.texts import Slot, answer_slots, carrier, prompt_slots, stream_event, text_event
+from ..redaction.answer import AnswerText
 from ..redaction.detect import Detector
 from ..redaction.findings import Finding
 from ..redaction.policy import NAMES, Policy, Rewrite
@@ -58,7 +64,7 @@ def build(config: Config, metrics: Metrics) -> RedactionStage:
         name: compile_policy(name, block, main_key)
         for name, block in config.redaction_policies.items()
     }
-    return RedactionStage(default, policies, metrics)
+    return RedactionStage(default, policies, metrics, config.max_body_bytes)
 
 
 def compile_policy(name: str, block: RedactionConfig, main_key: SecretSource | None) -> Policy:
@@ -109,7 +115,9 @@ class RedactionStage:
         default: Policy | None,
         policies: Mapping[str, Policy],
         metrics: Metrics,
+        max_answer_bytes: int = 16 << 20,
     ) -> None:
+        self.max_answer_bytes = max_answer_bytes  # a JSON answer held whole at most
         self.default = default
         self.policies = dict(policies)
         # A tenant's policy: the one that lists it (config allows one at most).
@@ -153,7 +161,17 @@ class RedactionStage:
 
 
 class RedactionFlow(Flow):
-    __slots__ = ("api", "policy", "rewrite", "stage", "wants")
+    __slots__ = (
+        "_chunks",
+        "_size",
+        "answer",
+        "api",
+        "edits_events",
+        "policy",
+        "rewrite",
+        "stage",
+        "wants",
+    )
 
     def __init__(self, stage: RedactionStage, policy: Policy, api: Api) -> None:
         self.stage = stage
@@ -161,6 +179,12 @@ class RedactionFlow(Flow):
         self.api = api
         self.rewrite = Rewrite(policy)
         self.wants = Phase.REQUEST_BODY
+        self.answer: AnswerText | None = None
+        self.edits_events = False
+        self._chunks: list[bytes] = []  # a JSON answer, held until it is whole
+        self._size = 0
+        if policy.responses or policy.restore:
+            self.wants |= Phase.RESPONSE_HEADERS
 
     def on_request_body(self, ex: Exchange) -> Deny | None:
         try:
@@ -182,6 +206,129 @@ class RedactionFlow(Flow):
             ex.document.edited(required=True)
             self._count("request")
         return None
+
+    # ---- the answer ----
+
+    def on_response_headers(self, ex: Exchange) -> BodyMode:
+        if not 200 <= ex.status < 300:
+            return BodyMode.NONE
+        answer = AnswerText(self.rewrite, self.policy.responses, self.policy.restore)
+        if not answer.active:
+            return BodyMode.NONE  # restore only, and the request had no placeholders
+        encoding = ex.response_headers.get("content-encoding", "identity").lower()
+        if encoding not in ("identity", ""):
+            # Asked for plain text upstream (start); an upstream that compresses anyway
+            # cannot be read (counted; it goes on as it is).
+            self.stage.metrics.redaction_failures.labels("failed_open").inc()
+            log.warning("an answer came compressed (%s) and was not redacted", encoding)
+            return BodyMode.NONE
+        self.answer = answer
+        if ex.events is not None:
+            self.edits_events = True
+            return BodyMode.STREAMED
+        if not ex.response_headers.get("content-type", "").startswith("application/json"):
+            return BodyMode.NONE
+        ex.remove_response_headers.add("content-length")  # the body changes length
+        return BodyMode.STREAMED
+
+    def on_response_body(self, ex: Exchange, chunk: bytes, end: bool) -> bytes | None:
+        """A JSON answer is held until it is whole, then written out once."""
+        if self._size < 0:  # too large to check: the policy decided
+            return self._unchecked_answer(ex, b"", chunk, end)
+        self._size += len(chunk)
+        if self._size > self.stage.max_answer_bytes:
+            self._failed_answer()
+            self._size = -1
+            held, self._chunks = b"".join(self._chunks), []
+            return self._unchecked_answer(ex, held, chunk, end)
+        self._chunks.append(chunk)
+        if not end:
+            return b""
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        answer = self.answer
+        assert answer is not None
+        changed = False
+        for container, key in answer_slots(self.api, doc):
+            text = container[key]
+            new = answer.whole(text)
+            if new != text:
+                container[key] = new
+                changed = True
+        return orjson.dumps(doc) if changed else body
+
+    def on_response_events(self, ex: Exchange, events: ResponseEvents, end: bool) -> None:
+        answer, api = self.answer, self.api
+        assert answer is not None
+        for event, data in events.new:
+            if not isinstance(data, dict):
+                if event.data.strip() == "[DONE]":  # OpenAI: nothing may be held after it
+                    self._flush_all(events, event, {})
+                continue
+            found = stream_event(api, event.type, data)
+            if not found.pieces and not found.ends:
+                continue
+            changed = False
+            last = {s: i for i, (_, s) in enumerate(found.pieces) if s in found.ends}
+            for i, ((container, key), stream) in enumerate(found.pieces):
+                text = container[key]
+                if stream is None:
+                    new = answer.whole(text)
+                else:
+                    new = answer.piece(stream, text, last=last.get(stream) == i)
+                if new != text:
+                    container[key] = new
+                    changed = True
+            for stream in found.ends:
+                if stream in last:
+                    continue  # sent with its last piece
+                held = answer.flush(stream)
+                if not held:
+                    continue
+                slot = carrier(api, data, stream)
+                if slot is None:
+                    kind, text = text_event(api, data, stream, held)
+                    events.insert_before(event, Event(kind, text))
+                else:
+                    slot[0][slot[1]] = (slot[0].get(slot[1]) or "") + held
+                    changed = True
+            if changed:
+                events.replace(event, orjson.dumps(data).decode())
+        if end:
+            self._count("response")
+
+    def _flush_all(self, events: ResponseEvents, before: Event, data: dict[str, Any]) -> None:
+        answer = self.answer
+        assert answer is not None
+        for stream in answer.streams_held():
+            held = answer.flush(stream)
+            if held:
+                kind, text = text_event(self.api, data, stream, held)
+                events.insert_before(before, Event(kind, text))
+
+    def finish(self, ex: Exchange, outcome: Outcome) -> None:
+        self._count("response")
+
+    def _unchecked_answer(self, ex: Exchange, held: bytes, chunk: bytes, end: bool) -> bytes:
+        """Fail open: what was held and the rest as they come. Closed: nothing of it;
+        the body ends as an error document instead."""
+        if not self.policy.fails_closed:
+            return held + chunk
+        if not end:
+            return b""
+        message = "The answer was too large to be checked for sensitive data."
+        error = error_shapes.error_document(
+            ex.dialect, 502, "api_error", "redaction_failed", message
+        )
+        return orjson.dumps(error)
+
+    def _failed_answer(self) -> None:
+        outcome = "failed_closed" if self.policy.fails_closed else "failed_open"
+        self.stage.metrics.redaction_failures.labels(outcome).inc()
 
     def _count(self, where: str) -> None:
         counts = self.rewrite.counts
