@@ -18,7 +18,8 @@ A request header ``x-demo-chunk-bytes: N`` makes SSE go out N bytes a write;
 ``x-demo-sse-whole`` sends it in one piece with a content-length.
 ``x-demo-echo: 1`` makes the reply the prompt's text as this upstream received it (every
 string of the prompt fields but roles, types, ids and names, joined by newlines; one word a
-stream chunk): what a provider would see, e.g. after Tollway's redaction.
+stream chunk): what a provider would see, e.g. after Tollway's redaction; ``x-demo-reply:
+TEXT`` makes the reply TEXT (a model that writes something sensitive).
 ``GET /__demo/requests`` lists the last 100 requests (method, path, query, lowercased headers,
 body as text; kept in this process's memory only);
 ``DELETE`` clears them; these debug routes never need a key. With ``provider_key`` set, requests
@@ -176,14 +177,17 @@ def _texts(value: Any, out: list[str]) -> list[str]:
 
 def _echoed(request: Request, body: dict[str, Any], t: _Turn) -> _Turn:
     """With ``x-demo-echo: 1`` the reply is the prompt's text as this upstream got it,
-    one word (and the spaces after it) a piece."""
-    if request.headers.get("x-demo-echo") != "1":
-        return t
-    texts: list[str] = []
-    for field in _PROMPT_FIELDS:
-        if field in body:
-            _texts(body[field], texts)
-    pieces = tuple(re.findall(r"\s*\S+|\s+$", "\n".join(texts))) or ("",)
+    with ``x-demo-reply: TEXT`` that text; one word (and the spaces before it) a piece."""
+    reply = request.headers.get("x-demo-reply")
+    if reply is None:
+        if request.headers.get("x-demo-echo") != "1":
+            return t
+        texts: list[str] = []
+        for field in _PROMPT_FIELDS:
+            if field in body:
+                _texts(body[field], texts)
+        reply = "\n".join(texts)
+    pieces = tuple(re.findall(r"\s*\S+|\s+$", reply)) or ("",)
     return replace(t, completion=len(pieces), reasoning=0, pieces=pieces, whole=len(pieces))
 
 
