@@ -175,12 +175,15 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
-    rows = [("ID", "NAME", "TENANT", "STATE", "EXPIRES (UTC)", "MODELS", "LIMITS")]
+    rows = [("ID", "NAME", "TENANT", "STATE", "EXPIRES (UTC)", "MODELS", "REDACTION", "LIMITS")]
     for r in keys.read_records(_keys_file(args)):
         state = "revoked" if r.revoked else "active" if r.active(now) else "expired"
         expires = r.expires.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if r.expires else "-"
         models = ",".join(r.models) or "*"
-        rows.append((r.id, r.name, r.tenant, state, expires, models, _limits_text(r.limits)))
+        policy = r.redaction or "-"
+        rows.append(
+            (r.id, r.name, r.tenant, state, expires, models, policy, _limits_text(r.limits))
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
