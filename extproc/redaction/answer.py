@@ -33,12 +33,14 @@ _OPEN_PLACEHOLDER = re.compile(r"\[[A-Z0-9_]{0,48}\Z")  # may still become one
 
 
 class AnswerText:
-    __slots__ = ("_context", "_held", "redact", "restore", "rewrite")
+    __slots__ = ("_context", "_held", "_originals", "redact", "restore", "rewrite")
 
     def __init__(self, rewrite: Rewrite, redact: bool, restore: bool) -> None:
         self.rewrite = rewrite
         self.redact = redact
-        self.restore = restore and bool(rewrite.originals)
+        # The request's placeholders only: one made for the answer stays.
+        self._originals = dict(rewrite.originals) if restore else {}
+        self.restore = bool(self._originals)
         self._held: dict[Stream, str] = {}
         self._context: dict[Stream, str] = {}  # the end of what each stream sent
 
@@ -106,5 +108,5 @@ class AnswerText:
     def _restored(self, text: str) -> str:
         if not self.restore or "[" not in text:
             return text
-        originals = self.rewrite.originals
+        originals = self._originals
         return _PLACEHOLDER.sub(lambda m: originals.get(m[0], m[0]), text)
