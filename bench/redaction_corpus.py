@@ -50,6 +50,7 @@ SECRET_KINDS = (
     "openai_key",
     "anthropic_key",
     "aws_access_key",
+    "aws_secret_key",
     "github_token",
     "gitlab_token",
     "slack_token",
@@ -82,6 +83,8 @@ DECOY_KINDS = (
     "quantity",
     "coordinates",
 )
+# Secret kinds known only by the name they are assigned to (``password=…``).
+NAMED_ONLY = ("aws_secret_key", "generic_secret")
 # Values that stand where a secret would and are not one.
 PLACEHOLDERS = (
     "sk-xxxxxxxx",
@@ -207,6 +210,8 @@ def _secret(rng: random.Random, kind: str) -> str:
         return prefix + _rand(rng, _URLSAFE, 93) + "AA"
     if kind == "aws_access_key":
         return rng.choice(("AKIA", "AKIA", "ASIA")) + _rand(rng, _BASE32, 16)
+    if kind == "aws_secret_key":
+        return _rand(rng, _B64, 40)
     if kind == "github_token":
         if rng.random() < 0.25:
             return "github_pat_" + _rand(rng, _ALNUM, 22) + "_" + _rand(rng, _ALNUM, 59)
@@ -277,6 +282,7 @@ _SECRET_KEYS: dict[str, tuple[str, ...]] = {
     "openai_key": ("OPENAI_API_KEY", "openai_api_key", "api_key"),
     "anthropic_key": ("ANTHROPIC_API_KEY", "anthropic_key", "x-api-key"),
     "aws_access_key": ("AWS_ACCESS_KEY_ID", "aws_access_key_id", "accessKeyId"),
+    "aws_secret_key": ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key", "secretAccessKey"),
     "github_token": ("GITHUB_TOKEN", "GH_TOKEN", "github_token"),
     "gitlab_token": ("GITLAB_TOKEN", "gitlab_pat", "CI_DEPLOY_TOKEN"),
     "slack_token": ("SLACK_BOT_TOKEN", "slack_token", "SLACK_USER_TOKEN"),
@@ -296,7 +302,9 @@ _SECRET_KEYS: dict[str, tuple[str, ...]] = {
     ),
 }
 _SECRET_PHRASES: dict[str, tuple[str, ...]] = {
-    "generic_secret": ("password: {}", "the db password is {}", "passwd={}"),
+    # Secrets known by their name only are always assigned: "password: …", not prose.
+    "generic_secret": ("password: {}", "db_password = {}", "passwd={}"),
+    "aws_secret_key": ("aws_secret_access_key = {}", "AWS_SECRET_ACCESS_KEY={}"),
     "private_key": ("here is the deploy key:\n{}\n", "my ssh key\n{}\nstopped working"),
     "jwt": ("the token {} expires too soon", "Authorization: Bearer {}"),
     "aws_access_key": ("AWS_ACCESS_KEY_ID={}", "my access key {} is rejected", "key id: {}"),
@@ -494,10 +502,13 @@ class _Values:
 
     # -- labels
 
-    def entity(self, entity: str, locale: str, kind: str | None = None) -> _Item:
+    def entity(self, entity: str, locale: str, kind: str | None = None, shape: str = "") -> _Item:
         rng, fake, lang = self.rng, self.fakers[locale], locale[:2]
         if entity == "secrets":
-            kind = kind or rng.choice(SECRET_KINDS)
+            kinds: tuple[str, ...] = SECRET_KINDS
+            if shape == "csv":  # a cell is too far from its column's name
+                kinds = tuple(k for k in SECRET_KINDS if k not in NAMED_ONLY)
+            kind = kind or rng.choice(kinds)
             value = _secret(rng, kind)
             phrase = rng.choice(_SECRET_PHRASES.get(kind, _SECRET_PHRASE_DEFAULT))
             return _Item(value, entity, kind, rng.choice(_SECRET_KEYS[kind]), phrase)
@@ -808,6 +819,17 @@ def _is_multiline(item: _Item) -> bool:
     return "\n" in item.value
 
 
+def _upper_snake(key: str) -> str:
+    """``secretAccessKey``, ``x-api-key`` -> ``SECRET_ACCESS_KEY``, ``X_API_KEY``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key)).upper()
+
+
+def _camel(key: str) -> str:
+    """``DB_PASSWORD``, ``x-api-key`` -> ``dbPassword``, ``xApiKey``; camelCase stays."""
+    first, *rest = _upper_snake(key).lower().split("_")
+    return key if not rest and not key.isupper() else first + "".join(p.title() for p in rest)
+
+
 def _dashed(item: _Item) -> _Item:
     if item.entity != "us_ssn" or "-" in item.value:
         return item
@@ -925,7 +947,7 @@ class _Shapes:
         fake = self.v.fakers[locale]
         w.text(f"# {fake.company()} service config\nNODE_ENV=production\nPORT=8080\n")
         for item in items:
-            name = re.sub(r"[^A-Za-z0-9]", "_", item.key).upper()
+            name = _upper_snake(item.key)
             if item.kind == "generic_secret" and self.rng.random() < 0.3:
                 user = fake.user_name()
                 w.text(f"DATABASE_URL=postgres://{user}:")
@@ -946,11 +968,7 @@ class _Shapes:
             w.value(stamp)
             level = self.rng.choice(("INFO", "WARN", "ERROR", "DEBUG"))
             w.text(f" {level} [{self.rng.choice(_SERVICES)}] ")
-            if (
-                item.entity == "secrets"
-                and item.kind != "generic_secret"
-                and self.rng.random() < 0.4
-            ):
+            if item.entity == "secrets" and item.kind not in NAMED_ONLY and self.rng.random() < 0.4:
                 w.text("outgoing request headers={'Authorization': 'Bearer ")
                 w.value(item)
                 w.text("'}\n")
@@ -968,7 +986,7 @@ class _Shapes:
         if self.rng.random() < 0.5:
             w.text("import os\n\nfrom openai import OpenAI\n\n")
             for item in items:
-                name = re.sub(r"[^A-Za-z0-9]", "_", item.key).upper()
+                name = _upper_snake(item.key)
                 if _is_multiline(item):
                     w.text(f'{name} = """')
                     w.value(item)
@@ -984,7 +1002,7 @@ class _Shapes:
         else:
             w.text("const config = {\n")
             for item in items:
-                name = re.sub(r"[-_]+(.)", lambda m: m.group(1).upper(), item.key.lower())
+                name = _camel(item.key)
                 w.text(f"  {name}: ")
                 w.json_string(item)
                 w.text(",\n")
@@ -1025,7 +1043,8 @@ def generate(seed: int, documents: int) -> list[Document]:
         negative = rng.random() < 0.25
         items: list[_Item] = []
         if not negative:
-            items = [values.entity(pick(), locale) for _ in range(rng.randint(1, 4))]
+            count = rng.randint(1, 4)
+            items = [values.entity(pick(), locale, shape=shape) for _ in range(count)]
         for _ in range(rng.randint(2, 5) if negative else rng.randint(0, 3)):
             kind = rng.choice(DECOY_KINDS)
             if kind in _STRUCTURED_ONLY_DECOYS and shape in _PROSE and rng.random() < 0.7:

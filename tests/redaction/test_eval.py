@@ -27,7 +27,7 @@ from redaction_corpus import Decoy, Document, Label
 
 from extproc import keys
 from extproc.redaction.detect import Detector
-from extproc.redaction.findings import Finding
+from extproc.redaction.findings import Finder, Finding
 
 SEEDS = (0, 1, 7, 2024)
 
@@ -164,56 +164,67 @@ def test_show_errors_prints_k_examples_with_context() -> None:
     assert "before before ⟦" in out and "⟧ after after" in out
 
 
-class _Oracle:
-    """A detector that knows the corpus: it finds exactly what was planted, except
-    the kinds it is told to skip."""
+def _oracle(
+    documents: Sequence[Document], skip: Sequence[str] = ()
+) -> Callable[[Sequence[str], Sequence[str]], tuple[evaluation.Find, list[str], list[str]]]:
+    """A stand-in for evaluation.build: a detector that knows the corpus and finds
+    exactly what was planted, except the kinds it is told to skip."""
+    planted = {d.text: d.labels for d in documents}
 
-    def __init__(self, documents: Sequence[Document], skip: Sequence[str] = ()) -> None:
-        self.labels = {d.text: d.labels for d in documents}
-        self.skip = skip
+    def build(
+        entities: Sequence[str], regions: Sequence[str]
+    ) -> tuple[evaluation.Find, list[str], list[str]]:
+        def find(text: str) -> list[Finding]:
+            return [
+                Finding(label.start, label.end, label.entity, label.kind)
+                for label in planted.get(text, [])
+                if label.kind not in skip and label.entity in entities
+            ]
 
-    def __call__(self, entities: Sequence[str] = (), **_: object) -> _Oracle:
-        self.entities = tuple(entities)
-        return self
+        return find, list(entities), []
 
-    def find(self, text: str) -> list[Finding]:
-        return [
-            Finding(label.start, label.end, label.entity, label.kind)
-            for label in self.labels.get(text, [])
-            if label.kind not in self.skip and label.entity in self.entities
-        ]
+    return build
 
 
 def test_the_exit_status_says_whether_the_targets_are_met(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     documents = corpus.generate(5, 300)
-    monkeypatch.setattr(evaluation, "Detector", _Oracle(documents))
+    monkeypatch.setattr(evaluation, "build", _oracle(documents))
     assert evaluation.main(["--seed", "5", "--documents", "300"]) == 0
     out = capsys.readouterr().out
     assert "seed 5" in out and "throughput:" in out and "MISSED" not in out
 
-    monkeypatch.setattr(evaluation, "Detector", _Oracle(documents, skip=["jwt"]))
+    monkeypatch.setattr(evaluation, "build", _oracle(documents, skip=["jwt"]))
     assert evaluation.main(["--seed", "5", "--documents", "300", "--show-errors", "1"]) == 1
     out = capsys.readouterr().out
     assert "MISSED secrets:jwt recall" in out and "-- secrets FN:" in out
     # ip_address has no target: missing every address still passes.
-    monkeypatch.setattr(evaluation, "Detector", _Oracle(documents, skip=["ip_address"]))
+    monkeypatch.setattr(evaluation, "build", _oracle(documents, skip=["ip_address"]))
     assert evaluation.main(["--seed", "5", "--documents", "300"]) == 0
 
 
-def test_detectors_not_implemented_are_reported_and_fail(
+def test_detectors_not_implemented_are_left_out_and_fail(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    documents = corpus.generate(6, 100)
-
-    class Partly(_Oracle):
-        def find(self, text: str) -> list[Finding]:
-            if "phone" in self.entities:
+    def finder(entity: str, regions: Sequence[str]) -> Finder:
+        def find(text: str) -> list[Finding]:
+            if entity == "phone":
                 raise NotImplementedError
-            return super().find(text)
+            start = text.find("@")
+            return [Finding(start - 1, start + 9, "email", "email")] if entity == "email" else []
 
-    monkeypatch.setattr(evaluation, "Detector", Partly(documents))
+        return find
+
+    def no_detector(**_: object) -> None:
+        raise NotImplementedError  # as detect.py does while any finder is missing
+
+    monkeypatch.setattr(evaluation, "_finder", finder)
+    monkeypatch.setattr(evaluation, "Detector", no_detector)
+    find, entities, missing = evaluation.build(["email", "phone", "iban"], ["US"])
+    assert (entities, missing) == (["email", "iban"], ["phone"])
+    assert find("x a@b.example y") == [Finding(2, 12, "email", "email")]
+
     assert evaluation.main(["--seed", "6", "--documents", "100"]) == 1
     out = capsys.readouterr().out
     assert "not implemented, not evaluated: phone" in out
@@ -227,6 +238,7 @@ _SECRET_SHAPES = {
     r"|sk-(?:proj|svcacct|admin)-[A-Za-z0-9_-]{74}T3BlbkFJ[A-Za-z0-9_-]{74}",
     "anthropic_key": r"sk-ant-(?:api03|admin01)-[A-Za-z0-9_-]{93}AA",
     "aws_access_key": r"(?:AKIA|ASIA)[A-Z2-7]{16}",
+    "aws_secret_key": r"[A-Za-z0-9+/]{40}",
     "github_token": r"gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9]{22}_[A-Za-z0-9]{59}",
     "gitlab_token": r"gl(?:pat|dt|rt)-[A-Za-z0-9_-]{20}",
     "slack_token": r"xoxb-[0-9]{10,13}-[0-9]{12}-[A-Za-z0-9]{24}"
@@ -272,8 +284,10 @@ def _valid(doc: Document, label: Label) -> bool:
     if label.kind == "jwt":
         header = value.split(".")[0]
         return "alg" in json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
-    if label.kind == "generic_secret":
-        return len(set(value)) >= 12
+    if label.kind in corpus.NAMED_ONLY:  # assigned to its name, and random
+        name = doc.text[max(0, label.start - 40) : label.start].lower()
+        said = ("pass", "secret", "key", "://")
+        return doc.shape != "csv" and any(w in name for w in said) and len(set(value)) >= 12
     return True
 
 
