@@ -7,6 +7,7 @@ file keeps the previous table serving.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -46,6 +47,11 @@ def _stamp(path: Path) -> Stamp:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+async def _next_turn() -> None:
+    """Let the event loop run what is ready (other streams) before going on."""
+    await asyncio.sleep(0)
 
 
 class Runtime:
@@ -92,7 +98,7 @@ class Runtime:
             timeout_s=None,
             clock=clock,
         )
-        self.redaction = build_redaction(config, self.metrics)
+        self.redaction = build_redaction(config, self.metrics, _next_turn)
         # Redaction reads the body before limits reserve for it (a refused request
         # reserves nothing). Limits finish after metering (reverse order), so they
         # settle what it read.

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 
 from .. import error_shapes
 from ..config import Config, ConfigError, RedactionConfig, SecretSource
-from ..decisions import BodyMode, Deny, Outcome, Phase, bad_request
+from ..decisions import Ask, BodyMode, Deny, Outcome, Phase, bad_request
 from ..events import ResponseEvents
 from ..exchange import BodyError, Exchange
 from ..kinds import Api
@@ -46,6 +46,10 @@ FAILED = Deny(
     "The request could not be checked for sensitive data, so it was not sent.",
     "tollway_redaction_failed",
 )
+# Prompts longer than this (in characters of text) are searched a window at a time.
+INLINE_CHARS = 64 << 10
+WINDOW_CHARS = 32 << 10
+
 UNKNOWN_POLICY = Deny(
     500,
     "api_error",
@@ -55,7 +59,9 @@ UNKNOWN_POLICY = Deny(
 )
 
 
-def build(config: Config, metrics: Metrics) -> RedactionStage:
+def build(
+    config: Config, metrics: Metrics, pause: Callable[[], Awaitable[None]] | None = None
+) -> RedactionStage:
     """The stage of ``config``'s redaction blocks (reads the hash key once, here)."""
     main = config.redaction
     main_key = main.hash_key if main is not None else None
@@ -64,7 +70,7 @@ def build(config: Config, metrics: Metrics) -> RedactionStage:
         name: compile_policy(name, block, main_key)
         for name, block in config.redaction_policies.items()
     }
-    return RedactionStage(default, policies, metrics, config.max_body_bytes)
+    return RedactionStage(default, policies, metrics, config.max_body_bytes, pause)
 
 
 def compile_policy(name: str, block: RedactionConfig, main_key: SecretSource | None) -> Policy:
@@ -116,7 +122,10 @@ class RedactionStage:
         policies: Mapping[str, Policy],
         metrics: Metrics,
         max_answer_bytes: int = 16 << 20,
+        pause: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        # Lets other streams run (the event loop's turn); None: every prompt inline.
+        self.pause = pause
         self.max_answer_bytes = max_answer_bytes  # a JSON answer held whole at most
         self.default = default
         self.policies = dict(policies)
@@ -186,16 +195,63 @@ class RedactionFlow(Flow):
         if policy.responses or policy.restore:
             self.wants |= Phase.RESPONSE_HEADERS
 
-    def on_request_body(self, ex: Exchange) -> Deny | None:
+    def on_request_body(self, ex: Exchange) -> Deny | Ask[Deny | None] | None:
         try:
             doc = ex.json()
         except BodyError as exc:
             return self._unchecked(bad_request("invalid_body", f"{exc}; it cannot be checked"))
+        slots = prompt_slots(self.api, doc)
+        pause = self.stage.pause
+        if pause is not None and sum(len(c[k]) for c, k in slots) > INLINE_CHARS:
+            # A long prompt is searched a window at a time, and other streams run in
+            # between: the event loop never waits for more than one window.
+            return Ask(
+                "redaction",
+                lambda: self._find_paused(slots, pause),
+                lambda found: self._decide(ex, found),
+                lambda reason: self._unchecked(FAILED),
+                None,
+            )
         try:
-            found = self._find(prompt_slots(self.api, doc))
+            found = self._find(slots)
         except Exception:
             log.exception("redaction failed")
             return self._unchecked(FAILED)
+        return self._decide(ex, found)
+
+    def _find(self, slots: list[Slot]) -> list[tuple[Slot, list[Finding]]]:
+        detector, rewrite = self.policy.detector, self.rewrite
+        found = []
+        for slot in slots:
+            container, key = slot
+            findings = detector.find(container[key])
+            if findings:
+                rewrite.check(findings)
+                found.append((slot, findings))
+        return found
+
+    async def _find_paused(
+        self, slots: list[Slot], pause: Callable[[], Awaitable[None]]
+    ) -> list[tuple[Slot, list[Finding]]]:
+        detector, rewrite = self.policy.detector, self.rewrite
+        found = []
+        since = 0  # characters searched since the last pause
+        for slot in slots:
+            container, key = slot
+            text = container[key]
+            findings: list[Finding] = []
+            for i, window in enumerate(detector.find_all(text, WINDOW_CHARS)):
+                findings += window
+                since += min(WINDOW_CHARS, len(text) - i * WINDOW_CHARS)
+                if since >= WINDOW_CHARS:
+                    await pause()
+                    since = 0
+            if findings:
+                rewrite.check(findings)
+                found.append((slot, findings))
+        return found
+
+    def _decide(self, ex: Exchange, found: list[tuple[Slot, list[Finding]]]) -> Deny | None:
         rewrite = self.rewrite
         if rewrite.blocked:
             return self._blocked()
@@ -335,17 +391,6 @@ class RedactionFlow(Flow):
         for (entity, action), n in counts.items():
             self.stage.count(entity, action, where, n)
         counts.clear()
-
-    def _find(self, slots: list[Slot]) -> list[tuple[Slot, list[Finding]]]:
-        detector, rewrite = self.policy.detector, self.rewrite
-        found = []
-        for slot in slots:
-            container, key = slot
-            findings = detector.find(container[key])
-            if findings:
-                rewrite.check(findings)
-                found.append((slot, findings))
-        return found
 
     def _blocked(self) -> Deny:
         self._count("request")
