@@ -1,12 +1,664 @@
 """Secret detectors: provider credentials by their structural markers, and generic
-``key=value`` secrets above an entropy threshold."""
+``key=value`` secrets above an entropy threshold (sans-IO).
+
+What is found (``SECRET_KINDS``), each span being the secret value only:
+
+- Provider tokens by prefix and shape, with a word boundary on both sides: the
+  character before must not be a letter or digit (so ``task-proj-…`` is not an
+  OpenAI key, and a base64 blob that happens to hold ``AKIA`` is not an AWS key)
+  and the body must not run on. A body that is a placeholder (``xxxx``,
+  ``your…``, ``EXAMPLE``, a run of one character, ``123456``/``abcdef``, or too
+  little entropy) is not a secret. GitHub's classic tokens carry a CRC32 of their
+  30 random characters in base62 as the last six: a token whose checksum holds is
+  taken whatever it looks like; one whose checksum fails (hand-made fakes, which
+  are most doc examples) must pass the placeholder test like any other.
+- Stripe: secret and restricted keys (``sk_``/``rk_``, live and test: a test key
+  still reads and writes the test account) and webhook secrets (``whsec_``);
+  publishable keys (``pk_``) are meant to be public and are not flagged.
+- Slack: bot, user, app and refresh tokens, and incoming-webhook URLs (the whole
+  URL: whoever has it can post).
+- OpenAI: project, service-account, admin and legacy keys; a bare ``sk-`` followed
+  by 32 to 100 letters and digits is also taken as one (the key shape of the
+  OpenAI-compatible providers Tollway fronts).
+- JWTs: three base64url parts whose header decodes to a JSON object with ``alg``
+  (no signature only when ``alg`` is ``none``).
+- Private keys: the whole PEM/PGP block from ``-----BEGIN … PRIVATE KEY`` to its
+  ``-----END`` line (or to the end of its base64 when the end is cut off);
+  public keys and certificates are not secrets.
+- ``aws_secret_key`` and ``generic_secret``: a value assigned to a name that says
+  secret (``password``, ``api_key``, ``client_secret``, ``Authorization: Bearer``,
+  …) in ``key=value``, ``key: value``, JSON, env, header or XML form, when the
+  value looks random (see ``_generic_value``), and the password of a URL
+  (``postgres://user:PASSWORD@host``). Prose ("the password is in the vault") has
+  no assignment and is left alone; so are placeholders, code references
+  (``os.environ``, ``${VAR}``, ``config.api_key``) and plain words.
+
+Every regex is linear: bounded repetitions, no nested quantifiers over the same
+characters, and each starts with a literal so that ``re`` scans with its
+prefix search. Each rule runs only when one of its literal triggers is in the
+text (``str.__contains__`` is a fast C scan), and the generic scan only looks
+at the few places where a secret-sounding word meets ``=``, ``:`` or a quote.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import base64
+import binascii
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import pairwise
+
+import orjson
 
 from .findings import Finding
 
+SECRET_KINDS = (
+    "openai_key",
+    "anthropic_key",
+    "aws_access_key",
+    "aws_secret_key",
+    "github_token",
+    "gitlab_token",
+    "slack_token",
+    "stripe_key",
+    "google_api_key",
+    "jwt",
+    "private_key",
+    "tollway_key",
+    "generic_secret",
+)
+
+_ENTITY = "secrets"
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+# ---- is a token body random, or a placeholder? -------------------------------
+
+_PLACEHOLDER_WORDS = (
+    "xxxx",
+    "****",
+    "....",
+    "your",
+    "example",
+    "sample",
+    "dummy",
+    "placeholder",
+    "redacted",
+    "changeme",
+    "change_me",
+    "insert",
+    "replace",
+    "fake",
+)
+# Runs such as 123456, abcdef: typed by a person, not drawn at random.
+_SEQUENCE_RE = re.compile(
+    "|".join(
+        run[i : i + 6]
+        for run in ("0123456789", "abcdefghijklmnopqrstuvwxyz")
+        for i in range(len(run) - 5)
+    )
+)
+_REPEAT_RE = re.compile(r"(.)\1{5}")  # one character six times in a row
+
+
+def _entropy(value: str) -> float:
+    """Shannon entropy in bits per character."""
+    n = len(value)
+    return -sum(c / n * math.log2(c / n) for c in Counter(value).values())
+
+
+def _placeholder(value: str) -> bool:
+    lower = value.lower()
+    return (
+        any(word in lower for word in _PLACEHOLDER_WORDS)
+        or _REPEAT_RE.search(lower) is not None
+        or _SEQUENCE_RE.search(lower) is not None
+    )
+
+
+def _random_body(body: str) -> bool:
+    """A token body as a provider issues it: no placeholder, some entropy. The
+    prefix is the strong evidence, so the bar is low (random bodies of 16 characters
+    have entropy 2.5 at the very least; ``XXXX…`` has 0)."""
+    return not _placeholder(body) and _entropy(body) >= 2.2
+
+
+# ---- provider tokens --------------------------------------------------------
+
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _github_checksum_ok(token: str) -> bool:
+    """Classic tokens: ``prefix_`` + 30 random + base62(crc32(random)), 6 digits."""
+    random_part, check = token[4:-6], token[-6:]
+    value = 0
+    for char in check:
+        value = value * 62 + _BASE62.index(char)
+    return value == binascii.crc32(random_part.encode("ascii"))
+
+
+Check = Callable[[re.Match[str]], bool]
+
+
+def _body_after(prefix_len: int) -> Check:
+    return lambda m: _random_body(m.group()[prefix_len:])
+
+
+def _body_group(m: re.Match[str]) -> bool:
+    return _random_body(m.group("body"))
+
+
+def _github(m: re.Match[str]) -> bool:
+    token = m.group()
+    if token.startswith("github_pat_"):
+        return _random_body(token[11:])
+    return _github_checksum_ok(token) or _random_body(token[4:])
+
+
+def _slack(m: re.Match[str]) -> bool:
+    body = m.group("body")
+    return _random_body(body.replace("-", "")) and any(c.isdigit() for c in body)
+
+
+def _jwt(m: re.Match[str]) -> bool:
+    header = m.group("header")
+    try:
+        decoded = orjson.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    except (ValueError, binascii.Error):
+        return False
+    if not isinstance(decoded, dict) or not isinstance(decoded.get("alg"), str):
+        return False
+    return bool(m.group("signature")) or decoded["alg"].lower() == "none"
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    kind: str
+    triggers: tuple[str, ...]  # the rule runs only if one of these is in the text
+    pattern: re.Pattern[str]  # starts with a literal; the whole match is the secret
+    check: Check
+
+
+_RULES = (
+    _Rule(
+        "anthropic_key",
+        ("sk-ant-",),
+        re.compile(
+            r"sk-ant-(?:api|admin|oat|ort)[0-9]{2}-(?P<body>[A-Za-z0-9_-]{32,200})(?![\w-])"
+        ),
+        _body_group,
+    ),
+    _Rule(
+        "openai_key",
+        ("sk-",),
+        re.compile(
+            r"sk-(?:"
+            r"(?:proj|svcacct|admin|None)-(?P<body>[A-Za-z0-9_-]{32,300})(?![\w-])"
+            r"|(?P<legacy>[A-Za-z0-9]{20}T3BlbkFJ[A-Za-z0-9]{20})(?![\w-])"
+            r"|(?P<bare>[A-Za-z0-9]{32,100})(?![\w-]))"
+        ),
+        lambda m: _random_body(m.group("body") or m.group("legacy") or m.group("bare")),
+    ),
+    _Rule(
+        "aws_access_key",
+        ("AKIA", "ASIA", "ABIA", "ACCA", "A3T"),
+        re.compile(r"A(?:KIA|SIA|BIA|CCA|3T[A-Z0-9])[A-Z2-7]{16}(?![A-Za-z0-9])"),
+        _body_after(4),
+    ),
+    _Rule(
+        "github_token",
+        ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+        re.compile(r"(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{70,100})(?![\w-])"),
+        _github,
+    ),
+    _Rule(
+        "gitlab_token",
+        (
+            "glpat-",
+            "gldt-",
+            "glrt-",
+            "glptt-",
+            "glcbt-",
+            "glimt-",
+            "glagent-",
+            "gloas-",
+            "glsoat-",
+            "glffct-",
+            "GR1348941",
+        ),
+        re.compile(
+            r"(?:gl(?:pat|dt|rt|ptt|cbt|imt|agent|oas|soat|ffct)-|GR1348941)"
+            r"(?P<body>[A-Za-z0-9_-]{20,300})(?:\.[0-9a-z]{2}\.[0-9a-z]{7,11})?(?![\w-])"
+        ),
+        _body_group,
+    ),
+    _Rule(
+        "slack_token",
+        ("xox", "xapp-"),
+        re.compile(
+            r"(?:xox[abposr]|xoxe(?:\.xox[bp])?|xapp)-(?P<body>[0-9A-Za-z-]{10,300})(?![\w-])"
+        ),
+        _slack,
+    ),
+    _Rule(
+        "slack_token",
+        ("hooks.slack.com",),
+        re.compile(
+            r"https://hooks\.slack\.com/(?:services|workflows|triggers)/"
+            r"(?P<body>[A-Za-z0-9_-]{1,40}/[A-Za-z0-9_-]{1,40}/[A-Za-z0-9_-]{8,100})(?![\w-])"
+        ),
+        _body_group,
+    ),
+    _Rule(
+        "stripe_key",
+        ("sk_live_", "sk_test_", "rk_live_", "rk_test_", "whsec_"),
+        re.compile(
+            r"(?:[sr]k_(?:live|test)_(?P<body>[A-Za-z0-9]{20,247})"
+            r"|whsec_(?P<hook>[A-Za-z0-9+/=]{32,100}))(?![\w-])"
+        ),
+        lambda m: _random_body(m.group("body") or m.group("hook")),
+    ),
+    _Rule(
+        "google_api_key",
+        ("AIza",),
+        re.compile(r"AIza[0-9A-Za-z_-]{35}(?![\w-])"),
+        _body_after(4),
+    ),
+    _Rule(
+        "tollway_key",
+        ("tw_",),
+        re.compile(r"tw_[0-9a-f]{12}_(?P<body>[A-Za-z0-9_-]{43})(?![\w-])"),
+        _body_group,
+    ),
+    _Rule(
+        "jwt",
+        ("eyJ",),
+        re.compile(
+            r"(?P<header>eyJ[A-Za-z0-9_-]{8,4096})\.[A-Za-z0-9_-]{2,65536}"
+            r"\.(?P<signature>[A-Za-z0-9_-]{0,4096})(?![\w-])"
+        ),
+        _jwt,
+    ),
+)
+
+
+def _find_tokens(text: str) -> Iterator[Finding]:
+    for rule in _RULES:
+        if not any(t in text for t in rule.triggers):
+            continue
+        for m in rule.pattern.finditer(text):
+            start = m.start()
+            if start and text[start - 1] in _ALNUM:  # not a word boundary
+                continue
+            if rule.check(m):
+                yield Finding(start, m.end(), _ENTITY, rule.kind)
+
+
+# ---- private keys -----------------------------------------------------------
+
+_PEM_BEGIN_RE = re.compile(r"-----BEGIN (?:[A-Z0-9]{1,20} ){0,3}PRIVATE KEY(?: BLOCK)?-----")
+_PEM_END_RE = re.compile(r"-----END (?:[A-Z0-9]{1,20} ){0,3}PRIVATE KEY(?: BLOCK)?-----")
+# What a block's body holds: base64 lines, headers (Proc-Type: 4,ENCRYPTED; DEK-Info;
+# PGP's Version:/Comment:), and \n written out when the key sits in a JSON string.
+_PEM_BODY_RE = re.compile(r"[A-Za-z0-9+/=\s\\:,.-]{0,65536}")
+_PEM_MAX = 65536  # an RSA-16384 key is about 13 KB; past this it is not one block
+_BASE64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
+def _find_private_keys(text: str) -> Iterator[Finding]:
+    if "-----BEGIN " not in text or "PRIVATE KEY" not in text:
+        return
+    pos = 0
+    while (begin := _PEM_BEGIN_RE.search(text, pos)) is not None:
+        body_start = begin.end()
+        end = _PEM_END_RE.search(text, body_start, body_start + _PEM_MAX)
+        if end is not None:
+            body_end, stop = end.start(), end.end()
+        else:  # cut off: the key runs as far as its base64 does
+            body = _PEM_BODY_RE.match(text, body_start)
+            assert body is not None  # {0,…} always matches
+            body_end = stop = body.end()
+        base64_chars = sum(c in _BASE64_CHARS for c in text[body_start:body_end])
+        if base64_chars >= 64:  # a real key, not "-----BEGIN … KEY-----\n...\n"
+            yield Finding(begin.start(), stop, _ENTITY, "private_key")
+        pos = max(stop, body_start)
+
+
+# ---- generic key = value ----------------------------------------------------
+
+# Where to look: a secret-sounding word in the lower-cased text.
+_KEYWORDS = ("pass", "pwd", "secret", "token", "key", "auth", "cred", "bearer")
+_IDENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
+_NAME_MAX = 64
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_WORD_RE = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+
+_SECRET_WORDS = frozenset(
+    (
+        "password",
+        "passwd",
+        "pwd",
+        "pass",
+        "passphrase",
+        "secret",
+        "secrets",
+        "token",
+        "apikey",
+        "accesskey",
+        "secretkey",
+        "privatekey",
+        "clientsecret",
+        "auth",
+        "authorization",
+        "bearer",
+        "credential",
+        "credentials",
+        "creds",
+    )
+)
+# "<word> key" names a secret for these words (api key, access key, …); "key" alone
+# (a cache key, a sort key, a JSON "key") does not.
+_KEY_QUALIFIERS = frozenset(
+    (
+        "api",
+        "access",
+        "private",
+        "secret",
+        "master",
+        "encryption",
+        "signing",
+        "client",
+        "app",
+        "service",
+        "account",
+        "auth",
+        "session",
+        "shared",
+        "admin",
+        "root",
+        "ssh",
+        "hmac",
+        "jwt",
+        "webhook",
+        "deploy",
+        "subscription",
+        "license",
+        "x",  # x-api-key, x-key
+    )
+)
+# A name that ends in one of these is about a secret, not the secret: token_count,
+# password_hash, auth_url, api_key_id, secret_name, …
+_NOT_SECRET_SUFFIXES = frozenset(
+    (
+        "id",
+        "ids",
+        "name",
+        "names",
+        "type",
+        "types",
+        "count",
+        "length",
+        "len",
+        "limit",
+        "limits",
+        "url",
+        "uri",
+        "urls",
+        "endpoint",
+        "file",
+        "path",
+        "dir",
+        "expiry",
+        "expires",
+        "expiration",
+        "ttl",
+        "timeout",
+        "usage",
+        "format",
+        "version",
+        "header",
+        "prefix",
+        "field",
+        "env",
+        "var",
+        "policy",
+        "mode",
+        "method",
+        "scheme",
+        "enabled",
+        "required",
+        "min",
+        "max",
+        "size",
+        "hint",
+        "label",
+        "prompt",
+        "reset",
+        "rotation",
+        "provider",
+        "store",
+        "manager",
+        "source",
+        "location",
+        "hash",
+        "hashed",
+        "digest",
+        "kind",
+        "param",
+        "arg",
+        "error",
+        "status",
+        "regex",
+        "pattern",
+        "index",
+        "start",
+        "end",
+        "file",
+    )
+)
+_AWS_SECRET_NAME_RE = re.compile(r"(?:aws.{0,20}secret|secret.?access).{0,10}key", re.IGNORECASE)
+_AWS_SECRET_VALUE_RE = re.compile(r"[A-Za-z0-9/+]{40}")
+
+# From the end of a name: separator, optional quote, optional auth scheme, value.
+# Quotes may come escaped (\") when the text is a JSON string pasted whole.
+_SCHEME = r"(?:(?i:bearer|basic|token|bot|apikey)[ \t]{1,4})?"
+_ASSIGN_RE = re.compile(
+    r"""(?:\\?["'])?[ \t]{0,4}(?::=|=>|[:=])[ \t]{0,4}(?:"""
+    r"""(?P<quote>\\?["'`])""" + _SCHEME + r"""(?P<quoted>[^\s"'`\\]{1,4096})(?=\\?["'`])"""
+    r"""|""" + _SCHEME + r"""(?P<value>[^\s"'`\\,;<>(){}\[\]]{1,4096}))"""
+)
+_XML_VALUE_RE = re.compile(r">(?P<value>[^\s<>\"']{1,4096})</")
+_BEARER_VALUE_RE = re.compile(r"[ \t]{1,4}(?P<value>[A-Za-z0-9._~+/-]{8,4096}=*)")
+_PLACEHOLDER_VALUES = frozenset(
+    (
+        "null",
+        "none",
+        "nil",
+        "true",
+        "false",
+        "undefined",
+        "empty",
+        "string",
+        "required",
+        "optional",
+        "secret",
+        "password",
+    )
+)
+_VALUE_SECRET_WORDS = ("password", "passwd", "secret", "token", "key", "test", "auth", "cred")
+_CODE_REF_RE = re.compile(
+    r"(?:\$\{?|%|process\.env|os\.environ|env\.|getenv|self\.|this\.)"
+    r"|[A-Za-z_$][A-Za-z_$]{0,64}(?:\.[A-Za-z_$][A-Za-z_$]{0,64}){1,8}$"
+)
+
+
+def _words(name: str) -> list[str]:
+    return [w.lower() for w in _WORD_RE.findall(name)]
+
+
+def _secret_name(name: str) -> bool:
+    words = _words(name)
+    if not words or words[-1] in _NOT_SECRET_SUFFIXES:
+        return False
+    if any(w in _SECRET_WORDS for w in words):
+        return True
+    return any(a in _KEY_QUALIFIERS and b == "key" for a, b in pairwise(words))
+
+
+def _generic_value(value: str) -> bool:
+    """A value that looks like a secret rather than a word, a number, a placeholder
+    or a reference to where the secret lives."""
+    n = len(value)
+    if n < 8 or value.lower() in _PLACEHOLDER_VALUES or value.isdigit():
+        return False
+    lower = value.lower()
+    if _placeholder(value) or any(w in lower for w in _VALUE_SECRET_WORDS):
+        return False
+    if _CODE_REF_RE.match(value):
+        return False
+    if value.isalpha():  # a word or an identifier unless long and random
+        return n >= 16 and _entropy(value) >= 3.3
+    return _entropy(value) >= min(2.8, math.log2(n) - 0.8)
+
+
+def _name_start(lowered: str, end: int) -> int:
+    start = end
+    while start > 0 and end - start < _NAME_MAX and lowered[start - 1] in _IDENT_CHARS:
+        start -= 1
+    return start
+
+
+def _name_end(lowered: str, start: int) -> int:
+    end = start
+    limit = min(len(lowered), start + _NAME_MAX)
+    while end < limit and lowered[end] in _IDENT_CHARS:
+        end += 1
+    return end
+
+
+def _find_assignments(text: str) -> Iterator[Finding]:
+    lowered = text.lower()
+    if len(lowered) != len(text):  # a few letters (İ) lower-case to two characters
+        lowered = text.translate(_ASCII_LOWER)
+    if not any(k in lowered for k in _KEYWORDS):
+        return
+    names_done: set[int] = set()
+    for keyword in _KEYWORDS:
+        pos = lowered.find(keyword)
+        while pos != -1:
+            name_end = _name_end(lowered, pos)
+            follow = text[name_end : name_end + 1]
+            if follow and (follow in "=:\"'>" or follow in " \t\\"):
+                start = _name_start(lowered, pos)
+                if start not in names_done:
+                    names_done.add(start)
+                    found = _assignment(text, start, name_end)
+                    if found is not None:
+                        yield found
+            pos = lowered.find(keyword, name_end)
+
+
+def _assignment(text: str, start: int, name_end: int) -> Finding | None:
+    name = text[start:name_end].strip(".-")
+    if name.lower() == "key" and text[start - 1 : start] == " ":
+        # "API key: …" in prose: the qualifier is the word before.
+        before = _name_start(text.lower(), start - 1)
+        name = text[before : start - 1] + "_" + name
+    if not _secret_name(name):
+        return None
+    m: re.Match[str] | None
+    if text[start - 1 : start] == "<" and text[name_end : name_end + 1] == ">":
+        m = _XML_VALUE_RE.match(text, name_end)
+    elif name.lower() == "bearer":
+        m = _BEARER_VALUE_RE.match(text, name_end)
+    else:
+        m = _ASSIGN_RE.match(text, name_end)
+    if m is None:
+        return None
+    group = "quoted" if "quoted" in m.re.groupindex and m.group("quoted") else "value"
+    value_start, value_end = m.span(group)
+    if group == "value":  # unquoted, the value may end a sentence
+        while value_end > value_start and text[value_end - 1] in ".:!?":
+            value_end -= 1
+    value = text[value_start:value_end]
+    if _AWS_SECRET_NAME_RE.search(name) and _AWS_SECRET_VALUE_RE.fullmatch(value):
+        if not _placeholder(value):
+            return Finding(value_start, value_end, _ENTITY, "aws_secret_key")
+        return None
+    if not _generic_value(value):
+        return None
+    return Finding(value_start, value_end, _ENTITY, "generic_secret")
+
+
+# ---- passwords in URLs ------------------------------------------------------
+
+_URL_USERINFO_RE = re.compile(
+    r"(?P<user>[^\s:/@?#\"'<>]{0,64}):(?P<password>[^\s/?#\"'<>]{1,128})@"
+)
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,30}$")
+_URL_PLACEHOLDERS = frozenset(
+    (
+        "password",
+        "passwd",
+        "pass",
+        "pwd",
+        "secret",
+        "changeme",
+        "admin",
+        "root",
+        "user",
+        "guest",
+        "postgres",
+        "mysql",
+        "redis",
+        "test",
+        "example",
+        "default",
+    )
+)
+
+
+def _find_url_passwords(text: str) -> Iterator[Finding]:
+    pos = text.find("://")
+    while pos != -1:
+        if _SCHEME_RE.search(text, max(0, pos - 31), pos):
+            m = _URL_USERINFO_RE.match(text, pos + 3)
+            if m is not None and _url_password(m.group("user"), m.group("password")):
+                yield Finding(*m.span("password"), _ENTITY, "generic_secret")
+        pos = text.find("://", pos + 3)
+
+
+def _url_password(user: str, password: str) -> bool:
+    lower = password.lower()
+    if len(password) < 4 or lower == user.lower() or lower in _URL_PLACEHOLDERS:
+        return False
+    if any(c in password for c in "${}<>*") or password.startswith("%("):
+        return False
+    return not _placeholder(password)
+
+
+# ---- all together -----------------------------------------------------------
+
 
 def find_secrets(text: str) -> Iterator[Finding]:
-    raise NotImplementedError
+    """The secrets in ``text``; where two overlap, the longer (a token inside a
+    private key block, a generic value that is also a provider token)."""
+    found = [
+        *_find_private_keys(text),
+        *_find_tokens(text),
+        *_find_assignments(text),
+        *_find_url_passwords(text),
+    ]
+    if len(found) < 2:
+        yield from found
+        return
+    # Longer first; of equal length, the earlier rule (provider kinds before generic).
+    order = sorted(range(len(found)), key=lambda i: (found[i].start - found[i].end, i))
+    kept: list[Finding] = []
+    for i in order:
+        f = found[i]
+        if all(f.end <= k.start or f.start >= k.end for k in kept):
+            kept.append(f)
+    yield from sorted(kept, key=lambda f: f.start)
