@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 import orjson
+import re2  # type: ignore[import-untyped]
 
 from .findings import Finding
 
@@ -176,8 +177,8 @@ def _jwt(m: re.Match[str]) -> bool:
 @dataclass(frozen=True, slots=True)
 class _Rule:
     kind: str
-    triggers: tuple[str, ...]  # the rule runs only if one of these is in the text
-    pattern: re.Pattern[str]  # starts with a literal; the whole match is the secret
+    prefixes: tuple[str, ...]  # literals the secret starts with (what the scan looks for)
+    pattern: re.Pattern[str]  # matched at a prefix; the whole match is the secret
     check: Check
 
 
@@ -244,9 +245,9 @@ _RULES = (
     ),
     _Rule(
         "slack_token",
-        ("hooks.slack.com",),
+        ("hooks.slack.com/",),  # the span takes in the https:// before it
         re.compile(
-            r"https://hooks\.slack\.com/(?:services|workflows|triggers)/"
+            r"hooks\.slack\.com/(?:services|workflows|triggers)/"
             r"(?P<body>[A-Za-z0-9_-]{1,40}/[A-Za-z0-9_-]{1,40}/[A-Za-z0-9_-]{8,100})(?![\w-])"
         ),
         _body_group,
@@ -284,16 +285,22 @@ _RULES = (
 )
 
 
-def _find_tokens(text: str) -> Iterator[Finding]:
-    for rule in _RULES:
-        if not any(t in text for t in rule.triggers):
-            continue
-        for m in rule.pattern.finditer(text):
-            start = m.start()
-            if start and text[start - 1] in _ALNUM:  # not a word boundary
-                continue
-            if rule.check(m):
-                yield Finding(start, m.end(), _ENTITY, rule.kind)
+_RULES_BY_PREFIX: dict[str, list[_Rule]] = {}
+for _rule in _RULES:
+    for _prefix in _rule.prefixes:
+        _RULES_BY_PREFIX.setdefault(_prefix, []).append(_rule)
+
+
+def _token_at(text: str, start: int, prefix: str) -> Finding | None:
+    if start and text[start - 1] in _ALNUM:  # not a word boundary
+        return None
+    for rule in _RULES_BY_PREFIX[prefix]:
+        m = rule.pattern.match(text, start)
+        if m is not None and rule.check(m):
+            if prefix == "hooks.slack.com/" and text[start - 8 : start] == "https://":
+                start -= 8
+            return Finding(start, m.end(), _ENTITY, rule.kind)
+    return None
 
 
 # ---- private keys -----------------------------------------------------------
@@ -307,32 +314,30 @@ _PEM_MAX = 65536  # an RSA-16384 key is about 13 KB; past this it is not one blo
 _BASE64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 
 
-def _find_private_keys(text: str) -> Iterator[Finding]:
-    if "-----BEGIN " not in text or "PRIVATE KEY" not in text:
-        return
-    pos = 0
-    while (begin := _PEM_BEGIN_RE.search(text, pos)) is not None:
-        body_start = begin.end()
-        end = _PEM_END_RE.search(text, body_start, body_start + _PEM_MAX)
-        if end is not None:
-            body_end, stop = end.start(), end.end()
-        else:  # cut off: the key runs as far as its base64 does
-            body = _PEM_BODY_RE.match(text, body_start)
-            assert body is not None  # {0,…} always matches
-            body_end = stop = body.end()
-        base64_chars = sum(c in _BASE64_CHARS for c in text[body_start:body_end])
-        if base64_chars >= 64:  # a real key, not "-----BEGIN … KEY-----\n...\n"
-            yield Finding(begin.start(), stop, _ENTITY, "private_key")
-        pos = max(stop, body_start)
+def _private_key_at(text: str, start: int) -> Finding | None:
+    begin = _PEM_BEGIN_RE.match(text, start)
+    if begin is None:
+        return None
+    body_start = begin.end()
+    end = _PEM_END_RE.search(text, body_start, body_start + _PEM_MAX)
+    if end is not None:
+        body_end, stop = end.start(), end.end()
+    else:  # cut off: the key runs as far as its base64 does
+        body = _PEM_BODY_RE.match(text, body_start)
+        assert body is not None  # {0,…} always matches
+        body_end = stop = body.end()
+    base64_chars = sum(c in _BASE64_CHARS for c in text[body_start:body_end])
+    if base64_chars < 64:  # "-----BEGIN … KEY-----\n...\n-----END …" is no key
+        return None
+    return Finding(start, stop, _ENTITY, "private_key")
 
 
 # ---- generic key = value ----------------------------------------------------
 
-# Where to look: a secret-sounding word in the lower-cased text.
-_KEYWORDS = ("pass", "pwd", "secret", "token", "key", "auth", "cred", "bearer")
-_IDENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
+# Where to look: a secret-sounding word in a name followed by a separator or quote.
+_KEYWORDS = ("pass", "pwd", "secret", "token", "key", "auth", "cred")
+_IDENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _NAME_MAX = 64
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _WORD_RE = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
 
 _SECRET_WORDS = frozenset(
@@ -523,60 +528,51 @@ def _generic_value(value: str) -> bool:
     return _entropy(value) >= min(2.8, math.log2(n) - 0.8)
 
 
-def _name_start(lowered: str, end: int) -> int:
+def _name_start(text: str, end: int) -> int:
     start = end
-    while start > 0 and end - start < _NAME_MAX and lowered[start - 1] in _IDENT_CHARS:
+    while start > 0 and end - start < _NAME_MAX and text[start - 1] in _IDENT_CHARS:
         start -= 1
     return start
 
 
-def _name_end(lowered: str, start: int) -> int:
+def _name_end(text: str, start: int) -> int:
     end = start
-    limit = min(len(lowered), start + _NAME_MAX)
-    while end < limit and lowered[end] in _IDENT_CHARS:
+    limit = min(len(text), start + _NAME_MAX)
+    while end < limit and text[end] in _IDENT_CHARS:
         end += 1
     return end
 
 
-def _find_assignments(text: str) -> Iterator[Finding]:
-    lowered = text.lower()
-    if len(lowered) != len(text):  # a few letters (İ) lower-case to two characters
-        lowered = text.translate(_ASCII_LOWER)
-    if not any(k in lowered for k in _KEYWORDS):
-        return
-    names_done: set[int] = set()
-    for keyword in _KEYWORDS:
-        pos = lowered.find(keyword)
-        while pos != -1:
-            name_end = _name_end(lowered, pos)
-            follow = text[name_end : name_end + 1]
-            if follow and (follow in "=:\"'>" or follow in " \t\\"):
-                start = _name_start(lowered, pos)
-                if start not in names_done:
-                    names_done.add(start)
-                    found = _assignment(text, start, name_end)
-                    if found is not None:
-                        yield found
-            pos = lowered.find(keyword, name_end)
-
-
-def _assignment(text: str, start: int, name_end: int) -> Finding | None:
+def _assignment_at(text: str, keyword_start: int) -> Finding | None:
+    """The value assigned to the name around a keyword (``db_password`` around
+    ``pass``), if the name says secret and the value looks like one."""
+    start, name_end = _name_start(text, keyword_start), _name_end(text, keyword_start)
     name = text[start:name_end].strip(".-")
     if name.lower() == "key" and text[start - 1 : start] == " ":
         # "API key: …" in prose: the qualifier is the word before.
-        before = _name_start(text.lower(), start - 1)
+        before = _name_start(text, start - 1)
         name = text[before : start - 1] + "_" + name
     if not _secret_name(name):
         return None
-    m: re.Match[str] | None
     if text[start - 1 : start] == "<" and text[name_end : name_end + 1] == ">":
         m = _XML_VALUE_RE.match(text, name_end)
-    elif name.lower() == "bearer":
-        m = _BEARER_VALUE_RE.match(text, name_end)
     else:
         m = _ASSIGN_RE.match(text, name_end)
     if m is None:
         return None
+    return _secret_value(m, name)
+
+
+def _bearer_at(text: str, start: int) -> Finding | None:
+    """``Bearer <token>`` on its own, as in a log line or a curl command."""
+    if start and text[start - 1] in _ALNUM:
+        return None
+    m = _BEARER_VALUE_RE.match(text, start + len("bearer"))
+    return None if m is None else _secret_value(m, "bearer")
+
+
+def _secret_value(m: re.Match[str], name: str) -> Finding | None:
+    text = m.string
     group = "quoted" if "quoted" in m.re.groupindex and m.group("quoted") else "value"
     value_start, value_end = m.span(group)
     if group == "value":  # unquoted, the value may end a sentence
@@ -620,14 +616,14 @@ _URL_PLACEHOLDERS = frozenset(
 )
 
 
-def _find_url_passwords(text: str) -> Iterator[Finding]:
-    pos = text.find("://")
-    while pos != -1:
-        if _SCHEME_RE.search(text, max(0, pos - 31), pos):
-            m = _URL_USERINFO_RE.match(text, pos + 3)
-            if m is not None and _url_password(m.group("user"), m.group("password")):
-                yield Finding(*m.span("password"), _ENTITY, "generic_secret")
-        pos = text.find("://", pos + 3)
+def _url_password_at(text: str, pos: int) -> Finding | None:
+    """The password of ``scheme://user:password@host``; ``pos`` is at ``://``."""
+    if _SCHEME_RE.search(text, max(0, pos - 31), pos) is None:
+        return None
+    m = _URL_USERINFO_RE.match(text, pos + 3)
+    if m is None or not _url_password(m.group("user"), m.group("password")):
+        return None
+    return Finding(*m.span("password"), _ENTITY, "generic_secret")
 
 
 def _url_password(user: str, password: str) -> bool:
@@ -642,23 +638,59 @@ def _url_password(user: str, password: str) -> bool:
 # ---- all together -----------------------------------------------------------
 
 
+# One pass of RE2 (a DFA: linear, and fast on literal alternations, where ``re`` tries
+# each alternative at every position) finds where a secret may start; the rules then
+# run there only.
+def _longest(prefix: str) -> tuple[int, str]:
+    return -len(prefix), prefix
+
+
+_SCAN = re2.compile(
+    "(?P<prefix>"
+    # Longest first: RE2 takes the first alternative that matches (sk-ant- before sk-).
+    + "|".join(
+        re.escape(p) for p in sorted({*_RULES_BY_PREFIX, "-----BEGIN ", "://"}, key=_longest)
+    )
+    + ")|(?P<name>(?i:"
+    + "|".join(_KEYWORDS)
+    + r""")[A-Za-z0-9_.-]{0,64}[ \t]{0,4}[=:>"'\\])|(?P<bearer>(?i:bearer)[ \t])"""
+)
+
+
+def _candidates(text: str) -> Iterator[Finding]:
+    # RE2 maps offsets back from UTF-8 for a str; ASCII bytes need no mapping.
+    subject: str | bytes = text.encode("ascii") if text.isascii() else text
+    for m in _SCAN.finditer(subject):
+        start, kind = m.start(), m.lastgroup
+        found: Finding | None
+        if kind == "prefix":
+            prefix = text[start : m.end()]
+            if prefix == "-----BEGIN ":
+                found = _private_key_at(text, start)
+            elif prefix == "://":
+                found = _url_password_at(text, start)
+            else:
+                found = _token_at(text, start, prefix)
+        elif kind == "name":
+            found = _assignment_at(text, start)
+        else:
+            found = _bearer_at(text, start)
+        if found is not None:
+            yield found
+
+
 def find_secrets(text: str) -> Iterator[Finding]:
-    """The secrets in ``text``; where two overlap, the longer (a token inside a
-    private key block, a generic value that is also a provider token)."""
-    found = [
-        *_find_private_keys(text),
-        *_find_tokens(text),
-        *_find_assignments(text),
-        *_find_url_passwords(text),
-    ]
+    """The secrets in ``text``; where two overlap, the longer wins (a token inside a
+    private key block), and of two the same, the provider's kind (a generic value
+    that is also a provider token)."""
+    found = list(_candidates(text))
     if len(found) < 2:
         yield from found
         return
-    # Longer first; of equal length, the earlier rule (provider kinds before generic).
-    order = sorted(range(len(found)), key=lambda i: (found[i].start - found[i].end, i))
+    rank = {kind: i for i, kind in enumerate(SECRET_KINDS)}
+    found.sort(key=lambda f: (f.start - f.end, rank[f.kind]))
     kept: list[Finding] = []
-    for i in order:
-        f = found[i]
+    for f in found:
         if all(f.end <= k.start or f.start >= k.end for k in kept):
             kept.append(f)
     yield from sorted(kept, key=lambda f: f.start)
