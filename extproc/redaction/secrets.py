@@ -80,7 +80,7 @@ _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 _PLACEHOLDER_WORDS = (
     "xxxx",
     "****",
-    "....",
+    "...",
     "your",
     "example",
     "sample",
@@ -291,6 +291,9 @@ for _rule in _RULES:
         _RULES_BY_PREFIX.setdefault(_prefix, []).append(_rule)
 
 
+_PREFIXES = tuple(_RULES_BY_PREFIX)
+
+
 def _token_at(text: str, start: int, prefix: str) -> Finding | None:
     if start and text[start - 1] in _ALNUM:  # not a word boundary
         return None
@@ -309,22 +312,45 @@ _PEM_BEGIN_RE = re.compile(r"-----BEGIN (?:[A-Z0-9]{1,20} ){0,3}PRIVATE KEY(?: B
 _PEM_END_RE = re.compile(r"-----END (?:[A-Z0-9]{1,20} ){0,3}PRIVATE KEY(?: BLOCK)?-----")
 # What a block's body holds: base64 lines, headers (Proc-Type: 4,ENCRYPTED; DEK-Info;
 # PGP's Version:/Comment:), and \n written out when the key sits in a JSON string.
-_PEM_BODY_RE = re.compile(r"[A-Za-z0-9+/=\s\\:,.-]{0,65536}")
+# A cut-off block runs over whole lines of base64 and headers, each line after a line
+# break (or a \n written out, as in a JSON string).
+_PEM_BODY_RE = re.compile(
+    r"(?:[ \t]{0,8}(?:\r?\n|\\r?\\n)[ \t]{0,8}"
+    r"(?:[A-Za-z0-9+/=]{4,128}|[A-Za-z][A-Za-z-]{0,30}:[^\r\n\\]{0,200})"
+    r"(?=[ \t]{0,8}(?:\r?\n|\\r?\\n|$)))*"
+)
 _PEM_MAX = 65536  # an RSA-16384 key is about 13 KB; past this it is not one block
 _BASE64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 
 
-def _private_key_at(text: str, start: int) -> Finding | None:
+class _PemEnds:
+    """The next ``-----END … PRIVATE KEY-----`` at or after a position, remembered, so
+    that many ``BEGIN`` lines cost one search of the text, not one each."""
+
+    __slots__ = ("_end", "_from", "_text")
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._from = len(text) + 1
+        self._end: re.Match[str] | None = None
+
+    def after(self, pos: int) -> re.Match[str] | None:
+        if not (self._from <= pos and (self._end is None or self._end.start() >= pos)):
+            self._from, self._end = pos, _PEM_END_RE.search(self._text, pos)
+        return self._end
+
+
+def _private_key_at(text: str, start: int, ends: _PemEnds) -> Finding | None:
     begin = _PEM_BEGIN_RE.match(text, start)
     if begin is None:
         return None
     body_start = begin.end()
-    end = _PEM_END_RE.search(text, body_start, body_start + _PEM_MAX)
-    if end is not None:
+    end = ends.after(body_start)
+    if end is not None and end.start() - body_start <= _PEM_MAX:
         body_end, stop = end.start(), end.end()
     else:  # cut off: the key runs as far as its base64 does
         body = _PEM_BODY_RE.match(text, body_start)
-        assert body is not None  # {0,…} always matches
+        assert body is not None  # (…)* always matches
         body_end = stop = body.end()
     base64_chars = sum(c in _BASE64_CHARS for c in text[body_start:body_end])
     if base64_chars < 64:  # "-----BEGIN … KEY-----\n...\n-----END …" is no key
@@ -471,8 +497,8 @@ _AWS_SECRET_VALUE_RE = re.compile(r"[A-Za-z0-9/+]{40}")
 _SCHEME = r"(?:(?i:bearer|basic|token|bot|apikey)[ \t]{1,4})?"
 _ASSIGN_RE = re.compile(
     r"""(?:\\?["'])?[ \t]{0,4}(?::=|=>|[:=])[ \t]{0,4}(?:"""
-    r"""(?P<quote>\\?["'`])""" + _SCHEME + r"""(?P<quoted>[^\s"'`\\]{1,4096})(?=\\?["'`])"""
-    r"""|""" + _SCHEME + r"""(?P<value>[^\s"'`\\,;<>(){}\[\]]{1,4096}))"""
+    r"""(?P<quote>\\?["'`])""" + _SCHEME + r"""(?P<quoted>[^\s"'`\\]{1,1024})(?=\\?["'`])"""
+    r"""|""" + _SCHEME + r"""(?P<value>[^\s"'`\\,;<>(){}\[\]=]{1,1024}={0,3}))"""
 )
 _XML_VALUE_RE = re.compile(r">(?P<value>[^\s<>\"']{1,4096})</")
 _BEARER_VALUE_RE = re.compile(r"[ \t]{1,4}(?P<value>[A-Za-z0-9._~+/-]{8,4096}=*)")
@@ -543,9 +569,11 @@ def _name_end(text: str, start: int) -> int:
     return end
 
 
-def _assignment_at(text: str, keyword_start: int) -> Finding | None:
+def _assignment_at(text: str, keyword_start: int) -> tuple[Finding | None, int]:
     """The value assigned to the name around a keyword (``db_password`` around
-    ``pass``), if the name says secret and the value looks like one."""
+    ``pass``), if the name says secret and the value looks like one; and where the
+    value ends (a name inside it is part of it, not a name: ``a=b=c=…`` is looked at
+    once, not once a name)."""
     start, name_end = _name_start(text, keyword_start), _name_end(text, keyword_start)
     name = text[start:name_end].strip(".-")
     if name.lower() == "key" and text[start - 1 : start] == " ":
@@ -553,14 +581,14 @@ def _assignment_at(text: str, keyword_start: int) -> Finding | None:
         before = _name_start(text, start - 1)
         name = text[before : start - 1] + "_" + name
     if not _secret_name(name):
-        return None
+        return None, name_end
     if text[start - 1 : start] == "<" and text[name_end : name_end + 1] == ">":
         m = _XML_VALUE_RE.match(text, name_end)
     else:
         m = _ASSIGN_RE.match(text, name_end)
     if m is None:
-        return None
-    return _secret_value(m, name)
+        return None, name_end
+    return _secret_value(m, name), m.end()
 
 
 def _bearer_at(text: str, start: int) -> Finding | None:
@@ -579,6 +607,8 @@ def _secret_value(m: re.Match[str], name: str) -> Finding | None:
         while value_end > value_start and text[value_end - 1] in ".:!?":
             value_end -= 1
     value = text[value_start:value_end]
+    if value.startswith(_PREFIXES):  # a provider's token, or a placeholder of one
+        return None
     if _AWS_SECRET_NAME_RE.search(name) and _AWS_SECRET_VALUE_RE.fullmatch(value):
         if not _placeholder(value):
             return Finding(value_start, value_end, _ENTITY, "aws_secret_key")
@@ -660,19 +690,23 @@ _SCAN = re2.compile(
 def _candidates(text: str) -> Iterator[Finding]:
     # RE2 maps offsets back from UTF-8 for a str; ASCII bytes need no mapping.
     subject: str | bytes = text.encode("ascii") if text.isascii() else text
+    pem_ends = _PemEnds(text)
+    value_end = 0
     for m in _SCAN.finditer(subject):
         start, kind = m.start(), m.lastgroup
         found: Finding | None
         if kind == "prefix":
             prefix = text[start : m.end()]
             if prefix == "-----BEGIN ":
-                found = _private_key_at(text, start)
+                found = _private_key_at(text, start, pem_ends)
             elif prefix == "://":
                 found = _url_password_at(text, start)
             else:
                 found = _token_at(text, start, prefix)
         elif kind == "name":
-            found = _assignment_at(text, start)
+            if start < value_end:
+                continue
+            found, value_end = _assignment_at(text, start)
         else:
             found = _bearer_at(text, start)
         if found is not None:
