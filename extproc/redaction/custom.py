@@ -97,7 +97,7 @@ def compile_pattern(name: str, pattern: str) -> Any:  # an re2._Regexp (untyped)
 def custom_finder(name: str, pattern: str) -> Finder:
     """A finder for one pattern from config: entity and kind are ``name``."""
     compiled = compile_pattern(name, pattern)
-    group = "secret" if "secret" in compiled.groupindex else 0
+    group: int = compiled.groupindex.get("secret", 0)  # re2 spans take numbers only
 
     def find(text: str) -> Iterator[Finding]:
         subject: str | bytes = text.encode("ascii") if text.isascii() else text
