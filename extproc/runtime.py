@@ -31,6 +31,7 @@ from .stages.auth import AuthStage
 from .stages.credentials import CredentialStage
 from .stages.limits import LimitsStage
 from .stages.metering import MeteringStage
+from .stages.redaction import build as build_redaction
 from .store import Store
 from .store.memory import MemoryStore
 
@@ -91,8 +92,14 @@ class Runtime:
             timeout_s=None,
             clock=clock,
         )
-        # Limits finish after metering (reverse order), so they settle what it read.
-        stages: list[Stage] = [self.auth, self.credentials, self.limits, self.metering]
+        self.redaction = build_redaction(config, self.metrics)
+        # Redaction reads the body before limits reserve for it (a refused request
+        # reserves nothing). Limits finish after metering (reverse order), so they
+        # settle what it read.
+        stages: list[Stage] = [self.auth, self.credentials]
+        if self.redaction:  # off: no stage, no cost
+            stages.append(self.redaction)
+        stages += [self.limits, self.metering]
         self.pipeline = Pipeline(
             self.routes,
             stages,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from . import pii, secrets
 from .custom import custom_finder
@@ -19,17 +19,17 @@ class Detector:
         phone_regions: Sequence[str] = ("US",),
         custom: Sequence[tuple[str, str]] = (),  # (name, pattern)
     ) -> None:
-        finders: dict[str, Finder] = {
-            "email": pii.find_email,
-            "phone": pii.phone_finder(phone_regions),
-            "credit_card": pii.find_credit_card,
-            "iban": pii.find_iban,
-            "us_ssn": pii.find_us_ssn,
-            "ip_address": pii.find_ip_address,
-            "secrets": secrets.find_secrets,
+        finders: dict[str, Callable[[], Finder]] = {
+            "email": lambda: pii.find_email,
+            "phone": lambda: pii.phone_finder(phone_regions),
+            "credit_card": lambda: pii.find_credit_card,
+            "iban": lambda: pii.find_iban,
+            "us_ssn": lambda: pii.find_us_ssn,
+            "ip_address": lambda: pii.find_ip_address,
+            "secrets": lambda: secrets.find_secrets,
         }
         self.entities = tuple(entities)
-        self._finders = [finders[e] for e in self.entities]
+        self._finders = [finders[e]() for e in self.entities]
         self._finders += [custom_finder(name, pattern) for name, pattern in custom]
         names = [*_PRIORITY, *(name for name, _ in custom)]
         self._rank = {name: i for i, name in enumerate(names)}
