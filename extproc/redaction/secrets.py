@@ -7,7 +7,7 @@ What is found (``SECRET_KINDS``), each span being the secret value only:
   character before must not be a letter or digit (so ``task-proj-…`` is not an
   OpenAI key, and a base64 blob that happens to hold ``AKIA`` is not an AWS key)
   and the body must not run on. A body that is a placeholder (``xxxx``,
-  ``your…``, ``EXAMPLE``, a run of one character, ``123456``/``abcdef``, or too
+  ``your…``, ``EXAMPLE``, a run of one character, ``12345678``/``abcdefgh``, or too
   little entropy) is not a secret. GitHub's classic tokens carry a CRC32 of their
   30 random characters in base62 as the last six: a token whose checksum holds is
   taken whatever it looks like; one whose checksum fails (hand-made fakes, which
@@ -93,15 +93,16 @@ _PLACEHOLDER_WORDS = (
     "replace",
     "fake",
 )
-# Runs such as 123456, abcdef: typed by a person, not drawn at random.
+# Runs such as 12345678, abcdefgh: typed by a person, not drawn at random. (Eight: six
+# turn up by chance in a Slack token's 40 digits one time in a few thousand.)
 _SEQUENCE_RE = re.compile(
     "|".join(
-        run[i : i + 6]
+        run[i : i + 8]
         for run in ("0123456789", "abcdefghijklmnopqrstuvwxyz")
-        for i in range(len(run) - 5)
+        for i in range(len(run) - 7)
     )
 )
-_REPEAT_RE = re.compile(r"(.)\1{5}")  # one character six times in a row
+_REPEAT_RE = re.compile(r"(.)\1{7}")  # one character 8 times in a row
 
 
 def _entropy(value: str) -> float:
@@ -110,20 +111,30 @@ def _entropy(value: str) -> float:
     return -sum(c / n * math.log2(c / n) for c in Counter(value).values())
 
 
+def _placeholder_word(lower: str) -> bool:
+    return any(word in lower for word in _PLACEHOLDER_WORDS)
+
+
+def _typed_run(lower: str) -> bool:
+    return _REPEAT_RE.search(lower) is not None or _SEQUENCE_RE.search(lower) is not None
+
+
 def _placeholder(value: str) -> bool:
     lower = value.lower()
-    return (
-        any(word in lower for word in _PLACEHOLDER_WORDS)
-        or _REPEAT_RE.search(lower) is not None
-        or _SEQUENCE_RE.search(lower) is not None
-    )
+    return _placeholder_word(lower) or _typed_run(lower)
 
 
 def _random_body(body: str) -> bool:
     """A token body as a provider issues it: no placeholder, some entropy. The
     prefix is the strong evidence, so the bar is low (random bodies of 16 characters
-    have entropy 2.5 at the very least; ``XXXX…`` has 0)."""
-    return not _placeholder(body) and _entropy(body) >= 2.2
+    have entropy 2.5 at the very least; ``XXXX…`` has 0). A placeholder word inside
+    a long random body (``…yIbyour_z…``: one ``sk-proj`` key in about 7,000) is
+    chance, not a placeholder: placeholders made of words have entropy below 4."""
+    lower = body.lower()
+    if _typed_run(lower):
+        return False
+    entropy = _entropy(body)
+    return entropy >= 2.2 and not (_placeholder_word(lower) and entropy < 4.0)
 
 
 # ---- provider tokens --------------------------------------------------------
@@ -498,7 +509,7 @@ _SCHEME = r"(?:(?i:bearer|basic|token|bot|apikey)[ \t]{1,4})?"
 _ASSIGN_RE = re.compile(
     r"""(?:\\?["'])?[ \t]{0,4}(?::=|=>|[:=])[ \t]{0,4}(?:"""
     r"""(?P<quote>\\?["'`])""" + _SCHEME + r"""(?P<quoted>[^\s"'`\\]{1,1024})(?=\\?["'`])"""
-    r"""|""" + _SCHEME + r"""(?P<value>[^\s"'`\\,;<>(){}\[\]=]{1,1024}={0,3}))"""
+    r"""|""" + _SCHEME + r"""(?P<value>[^\x00-\x20"'`\\,;<>(){}\[\]\x7f-\U0010ffff]{1,1024}))"""
 )
 _XML_VALUE_RE = re.compile(r">(?P<value>[^\s<>\"']{1,4096})</")
 _BEARER_VALUE_RE = re.compile(r"[ \t]{1,4}(?P<value>[A-Za-z0-9._~+/-]{8,4096}=*)")
@@ -518,9 +529,15 @@ _PLACEHOLDER_VALUES = frozenset(
         "password",
     )
 )
-_VALUE_SECRET_WORDS = ("password", "passwd", "secret", "token", "key", "test", "auth", "cred")
+# Long enough not to turn up in a random value by chance ("key" does, one in 2,000).
+_VALUE_SECRET_WORDS = ("password", "passwd", "secret", "token")
+# <API_KEY>, [token], {secret}, OPENAI_API_KEY: a name standing in for the value.
+_NAMED_PLACEHOLDER_RE = re.compile(
+    r"<[^<>]{1,64}>|\[[^\[\]]{1,64}\]|\{[^{}]{1,64}\}|[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+"
+)
 _CODE_REF_RE = re.compile(
-    r"(?:\$\{?|%|process\.env|os\.environ|env\.|getenv|self\.|this\.)"
+    r"\$\{|\$\(|%\(|\$[A-Za-z_][A-Za-z0-9_]{0,64}$|%[A-Za-z_][A-Za-z0-9_]{0,64}%$"
+    r"|(?:process\.env|os\.environ|env\.|getenv|self\.|this\.)"
     r"|[A-Za-z_$][A-Za-z_$]{0,64}(?:\.[A-Za-z_$][A-Za-z_$]{0,64}){1,8}$"
 )
 
@@ -547,7 +564,7 @@ def _generic_value(value: str) -> bool:
     lower = value.lower()
     if _placeholder(value) or any(w in lower for w in _VALUE_SECRET_WORDS):
         return False
-    if _CODE_REF_RE.match(value):
+    if _CODE_REF_RE.match(value) or _NAMED_PLACEHOLDER_RE.fullmatch(value):
         return False
     if value.isalpha():  # a word or an identifier unless long and random
         return n >= 16 and _entropy(value) >= 3.3
@@ -660,7 +677,7 @@ def _url_password(user: str, password: str) -> bool:
     lower = password.lower()
     if len(password) < 4 or lower == user.lower() or lower in _URL_PLACEHOLDERS:
         return False
-    if any(c in password for c in "${}<>*") or password.startswith("%("):
+    if _CODE_REF_RE.match(password) or any(c in password for c in "{}<>"):
         return False
     return not _placeholder(password)
 

@@ -139,6 +139,11 @@ POSITIVES = [
     ("generic_secret", "3b2e7a1c-9f41-4c8e-b0a2-6d5f1e9c7a34", "HEROKU_API_KEY={}"),
     ("generic_secret", rand(16), "postgres://app:{}@db.internal:5432/app"),
     ("generic_secret", rand(12), "redis://:{}@cache:6379/0"),
+    ("generic_secret", "uB=Yb!#1tT%PT1zIS_s^9", "パスワード password: {}。api_key=$SECRET_KEY"),
+    ("generic_secret", "%Idb-oJsSLti1r#I8Zq=I2ea", 'ADMIN_PASSWORD="{}"'),
+    ("generic_secret", "nd4dLw%huGwRAGDtkeYtgSik", "admin_password={} status=200"),  # "key"
+    ("slack_token", "xoxp-2932899108-0888888722500-4390865717-" + "c9f9c0b2" * 4, "{},"),
+    ("openai_key", f"sk-svcacct-{rand(80)}Ibyour_z", "API_KEY={}"),  # "your" by chance
     ("generic_secret", rand(20), "mongodb+srv://svc:{}@cluster0.example.net/db"),
 ]
 
@@ -221,6 +226,10 @@ NEAR_MISSES = [
     "password = ********",
     "password: [REDACTED]",
     "api_key=${OPENAI_API_KEY}",
+    'client = OpenAI(api_key="<API_KEY>")',
+    '{"GITHUB_TOKEN": "[token]", "secret": "{secret}"}',
+    "api_key=MY_API_KEY",
+    "sk-proj-your-api-key-goes-here-please-replace-it",
     "token: {{ secrets.GITHUB_TOKEN }}",
     "api_key = os.environ['OPENAI_API_KEY']",
     "password = request.form.password",
