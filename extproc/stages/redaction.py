@@ -196,6 +196,8 @@ class RedactionFlow(Flow):
             self.wants |= Phase.RESPONSE_HEADERS
 
     def on_request_body(self, ex: Exchange) -> Deny | Ask[Deny | None] | None:
+        if not ex.body:
+            return None  # nothing to check (a GET of stored completions, say)
         try:
             doc = ex.json()
         except BodyError as exc:

@@ -274,6 +274,16 @@ def test_a_body_that_cannot_be_read_follows_on_error(closed: bool) -> None:
     assert world.failures("failed_closed" if closed else "failed_open") == 1
 
 
+def test_a_request_without_a_body_has_nothing_to_check() -> None:
+    world = World(config(redaction={}))
+    run = world.pipeline.start(
+        "GET", "/v1/chat/completions", {"authorization": f"Bearer {world.key}"}, frozenset()
+    )
+    assert run.request_headers(end_of_stream=True) is not None
+    assert run.ex.outcome is None or run.ex.outcome.value == "forwarded"
+    assert world.failures("failed_closed") == 0
+
+
 class Broken(Detector):
     def __init__(self) -> None:
         super().__init__(())
