@@ -19,13 +19,14 @@ class BodyError(ValueError):
 
 
 class RequestBody:
-    __slots__ = ("_added", "_doc", "_rewritten", "raw")
+    __slots__ = ("_added", "_doc", "_rewritten", "raw", "required")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw  # as the client sent it
         self._doc: dict[str, Any] | None = None
         self._added: dict[str, Any] = {}  # top-level members the client did not send
         self._rewritten = False  # an edit that splicing cannot express
+        self.required = False  # an edit the request must not go out without
 
     def json(self) -> dict[str, Any]:
         """The body parsed once as a JSON object (raises BodyError)."""
@@ -50,14 +51,17 @@ class RequestBody:
             self._rewritten = True
         doc[name] = value
 
-    def edited(self) -> None:
-        """Say that the document returned by ``json()`` was changed in place."""
+    def edited(self, required: bool = False) -> None:
+        """Say that the document returned by ``json()`` was changed in place;
+        ``required``: the request must not go out as sent (a redaction)."""
         self._rewritten = True
+        self.required = self.required or required
 
     def written(self) -> bytes | None:
         """The body to send instead of ``raw``; None when nothing changed or when the
         document cannot be written out again (orjson writes at most 254 levels of
-        nesting but reads 1024): the request then goes on as the client sent it."""
+        nesting but reads 1024): the request then goes on as the client sent it,
+        unless an edit was ``required`` (the pipeline refuses it then)."""
         if self._doc is None:  # never parsed, so never edited
             return None
         if self._rewritten:

@@ -145,8 +145,15 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         if not models:
             raise ValueError("--models names no model; leave it out for a key that may use any")
     limits = keys.KeyLimits(**_limit_changes(args))
+    if args.redaction is not None:
+        _known_policy(args, args.redaction)
     key, record = keys.generate(
-        name=args.name, tenant=args.tenant, models=models or (), expires=expires, limits=limits
+        name=args.name,
+        tenant=args.tenant,
+        models=models or (),
+        expires=expires,
+        limits=limits,
+        redaction=args.redaction,
     )
     path = _keys_file(args)
     same_name = [r.id for r in keys.read_records(path) if r.name == args.name and r.active()]
@@ -168,12 +175,15 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
-    rows = [("ID", "NAME", "TENANT", "STATE", "EXPIRES (UTC)", "MODELS", "LIMITS")]
+    rows = [("ID", "NAME", "TENANT", "STATE", "EXPIRES (UTC)", "MODELS", "REDACTION", "LIMITS")]
     for r in keys.read_records(_keys_file(args)):
         state = "revoked" if r.revoked else "active" if r.active(now) else "expired"
         expires = r.expires.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if r.expires else "-"
         models = ",".join(r.models) or "*"
-        rows.append((r.id, r.name, r.tenant, state, expires, models, _limits_text(r.limits)))
+        policy = r.redaction or "-"
+        rows.append(
+            (r.id, r.name, r.tenant, state, expires, models, policy, _limits_text(r.limits))
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
@@ -209,6 +219,24 @@ def cmd_keys_limits(args: argparse.Namespace) -> int:
     except keys.AmbiguousName as exc:
         raise ValueError(f"{exc}; pick one by id (tollway keys limits ID ...)") from None
     return _report(changed, args.key, lambda r: f"{r.id} ({r.name}): {_limits_text(r.limits)}")
+
+
+def _known_policy(args: argparse.Namespace, name: str) -> None:
+    policies = _load(args.config).redaction_policies
+    if name not in policies:
+        known = ", ".join(sorted(policies)) or "none are configured"
+        raise ValueError(f"--redaction {name!r}: not in redaction_policies ({known})")
+
+
+def cmd_keys_redaction(args: argparse.Namespace) -> int:
+    policy = None if args.policy == "none" else args.policy
+    if policy is not None:
+        _known_policy(args, policy)
+    try:
+        changed = keys.set_redaction(_keys_file(args), args.key, policy)
+    except keys.AmbiguousName as exc:
+        raise ValueError(f"{exc}; pick one by id (tollway keys redaction ID ...)") from None
+    return _report(changed, args.key, lambda r: f"{r.id} ({r.name}): redaction {args.policy}")
 
 
 def _usd(value: float | None) -> str:
@@ -490,6 +518,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--models", help="comma-separated model allowlist; * wildcards allowed")
     s.add_argument("--expires", help="expiry: YYYY-MM-DD (end of day UTC) or ISO 8601 time")
     _limit_options(s, "")
+    s.add_argument("--redaction", metavar="POLICY", help="a policy of redaction_policies")
     s.set_defaults(func=cmd_keys_create)
     s = keys_parser("list", "list keys (ids, names, states; never secrets)")
     s.set_defaults(func=cmd_keys_list)
@@ -502,6 +531,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("key", help="key id or name")
     _limit_options(s, "; none clears it")
     s.set_defaults(func=cmd_keys_limits)
+    s = keys_parser(
+        "redaction",
+        "give a key a redaction policy by id or name, or none for its tenant's or the default",
+    )
+    s.add_argument("key", help="key id or name")
+    s.add_argument("policy", help="a policy of redaction_policies, or none")
+    s.set_defaults(func=cmd_keys_redaction)
 
     s = add(
         "spend",

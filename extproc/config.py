@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import yamltext
 from .kinds import ApiKind
+from .redaction.findings import DEFAULT_ENTITIES, ENTITIES
 
 ENV_PREFIX = "TOLLWAY__"
 _M = TypeVar("_M", bound=BaseModel)
@@ -158,6 +159,9 @@ class Upstream(_Model):
     credential: Credential | None = None
     # Turning auth off must be explicit: such a route needs no Tollway key.
     auth: bool = True
+    # False: prompts to this upstream are not redacted, whatever the key's policy
+    # (e.g. a model served in-house).
+    redaction: bool = True
     timeout_s: float = Field(600.0, gt=0)
 
     @field_validator("url")
@@ -395,6 +399,92 @@ class Reservations(_Model):
     default_output_tokens: int = Field(4096, ge=0)
 
 
+RedactionAction = Literal["mask", "placeholder", "hash", "block"]
+_DEFAULT_PHONE_REGIONS = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "BR", "IN", "JP")
+_CUSTOM_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def _block_secrets() -> dict[str, RedactionAction]:
+    return {"secrets": "block"}
+
+
+class SecretSource(_Model):
+    """A secret read at start: from an environment variable or a file."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> SecretSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of 'env' or 'file'")
+        return self
+
+
+class CustomPattern(_Model):
+    name: str  # the entity type it reports: in actions, placeholders and metrics
+    pattern: str
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not _CUSTOM_NAME.fullmatch(name) or name in ENTITIES:
+            raise ValueError(
+                f"{name!r}: use lower-case letters, digits and '_' (at most 40), "
+                "not a built-in entity's name"
+            )
+        return name
+
+
+class RedactionConfig(_Model):
+    """What is found in prompts and what replaces it (see README: Redaction)."""
+
+    entities: tuple[str, ...] = DEFAULT_ENTITIES
+    action: RedactionAction = "placeholder"
+    actions: dict[str, RedactionAction] = Field(default_factory=_block_secrets)
+    phone_regions: tuple[str, ...] = _DEFAULT_PHONE_REGIONS
+    responses: bool = False  # also redact what the model answers
+    restore: bool = False  # put the originals back into the answer, for placeholders
+    custom: tuple[CustomPattern, ...] = ()
+    on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    # The key of the `hash` action's HMAC (in a policy: default the main block's).
+    hash_key: SecretSource | None = None
+    tenants: tuple[str, ...] = ()  # in redaction_policies: the tenants it is for
+
+    @field_validator("entities")
+    @classmethod
+    def _check_entities(cls, entities: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [e for e in entities if e not in ENTITIES]
+        if unknown:
+            raise ValueError(
+                f"unknown entity type(s) {', '.join(unknown)}: use {', '.join(ENTITIES)} "
+                "(custom patterns are always on)"
+            )
+        return tuple(dict.fromkeys(entities))
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _check_regions(cls, regions: tuple[str, ...]) -> tuple[str, ...]:
+        import phonenumbers
+
+        unknown = [r for r in regions if r.upper() not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"unknown region(s) {', '.join(unknown)}: use ISO codes (US, DE)")
+        return tuple(r.upper() for r in regions)
+
+    @model_validator(mode="after")
+    def _check_actions(self) -> RedactionConfig:
+        names = [c.name for c in self.custom]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"custom pattern names must be unique: {', '.join(twice)}")
+        known = (*ENTITIES, *names)
+        unknown = [e for e in self.actions if e not in known]
+        if unknown:
+            raise ValueError(f"actions for unknown entity type(s): {', '.join(unknown)}")
+        return self
+
+
 class SentinelConfig(_Model):
     master: str  # the monitored master's name
     nodes: tuple[str, ...] = Field(min_length=1)  # sentinels, "host:port"
@@ -463,6 +553,10 @@ class Config(_Model):
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     limits: tuple[LimitRule, ...] = ()
     reservations: Reservations = Field(default_factory=Reservations)
+    # Off unless set (`redaction: {}` is on with the defaults). Policies are whole
+    # blocks that a key (its `redaction` name) or a tenant selects instead.
+    redaction: RedactionConfig | None = None
+    redaction_policies: dict[str, RedactionConfig] = Field(default_factory=dict)
 
     @field_validator("limits")
     @classmethod
@@ -483,6 +577,31 @@ class Config(_Model):
         return self
 
     store: StoreConfig = Field(default_factory=StoreConfig)
+
+    @model_validator(mode="after")
+    def _check_redaction(self) -> Config:
+        main_key = self.redaction.hash_key if self.redaction is not None else None
+        blocks = {"redaction": self.redaction} | {
+            f"redaction_policies.{name}": p for name, p in self.redaction_policies.items()
+        }
+        tenants: dict[str, str] = {}
+        for where, block in blocks.items():
+            if block is None:
+                continue
+            hashes = block.action == "hash" or "hash" in block.actions.values()
+            if hashes and block.hash_key is None and main_key is None:
+                raise ValueError(f"{where}: the hash action needs hash_key (env or file)")
+            if block.tenants and where == "redaction":
+                raise ValueError(
+                    "redaction.tenants: only a policy in redaction_policies has tenants"
+                )
+            for tenant in block.tenants:
+                if tenant in tenants:
+                    raise ValueError(
+                        f"tenant {tenant!r} is in two policies: {tenants[tenant]}, {where}"
+                    )
+                tenants[tenant] = where
+        return self
 
     @field_validator("upstreams")
     @classmethod

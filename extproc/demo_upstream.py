@@ -16,7 +16,12 @@ is always Gemini's and ``/v1/messages`` Anthropic's. An unknown endpoint is a 40
 API's format. Standard library only (:mod:`extproc.demo_http`).
 A request header ``x-demo-chunk-bytes: N`` makes SSE go out N bytes a write;
 ``x-demo-sse-whole`` sends it in one piece with a content-length.
-``GET /__demo/requests`` lists the last 100 requests (method, path, query, lowercased headers);
+``x-demo-echo: 1`` makes the reply the prompt's text as this upstream received it (every
+string of the prompt fields but roles, types, ids and names, joined by newlines; one word a
+stream chunk): what a provider would see, e.g. after Tollway's redaction; ``x-demo-reply:
+TEXT`` makes the reply TEXT (a model that writes something sensitive).
+``GET /__demo/requests`` lists the last 100 requests (method, path, query, lowercased headers,
+body as text; kept in this process's memory only);
 ``DELETE`` clears them; these debug routes never need a key. With ``provider_key`` set, requests
 need ``authorization: Bearer KEY`` (OpenAI), ``x-api-key: KEY`` (Anthropic; if that header is
 absent, a Bearer token as anthropic SDK 2.x sends) or ``x-goog-api-key: KEY`` (Gemini), else a
@@ -63,7 +68,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import orjson
@@ -100,6 +105,7 @@ class _Turn:
     cache_write: int
     reasoning: int
     pieces: tuple[str, ...]  # the reply, one word per element, re-joinable with "".join
+    whole: int = len(_WORDS)  # pieces of the whole reply (fewer: cut at the limit)
 
     @property
     def text(self) -> str:
@@ -107,7 +113,7 @@ class _Turn:
 
     @property
     def truncated(self) -> bool:
-        return self.completion < len(_WORDS)
+        return self.completion < self.whole
 
 
 def _chars(value: Any, depth: int = 0) -> int:
@@ -122,6 +128,67 @@ def _chars(value: Any, depth: int = 0) -> int:
     if isinstance(value, dict):
         return sum(_chars(value[k], depth + 1) for k in ("text", "content", "parts") if k in value)
     return 0
+
+
+# Where the APIs put what the model reads, and members inside them that are not text.
+_PROMPT_FIELDS = (
+    "instructions",
+    "system",
+    "systemInstruction",
+    "system_instruction",
+    "messages",
+    "prompt",
+    "input",
+    "contents",
+)
+_NOT_TEXT = frozenset(
+    {
+        "role",
+        "type",
+        "id",
+        "name",
+        "model",
+        "tool_call_id",
+        "tool_use_id",
+        "call_id",
+        "mime_type",
+        "mimeType",
+        "cache_control",
+        "status",
+        "index",
+        "detail",
+    }
+)
+
+
+def _texts(value: Any, out: list[str]) -> list[str]:
+    """Every string in a prompt field, in order, but for members that are not text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            stack.extend(v for k, v in reversed(item.items()) if k not in _NOT_TEXT)
+    return out
+
+
+def _echoed(request: Request, body: dict[str, Any], t: _Turn) -> _Turn:
+    """With ``x-demo-echo: 1`` the reply is the prompt's text as this upstream got it,
+    with ``x-demo-reply: TEXT`` that text; one word (and the spaces before it) a piece."""
+    reply = request.headers.get("x-demo-reply")
+    if reply is None:
+        if request.headers.get("x-demo-echo") != "1":
+            return t
+        texts: list[str] = []
+        for field in _PROMPT_FIELDS:
+            if field in body:
+                _texts(body[field], texts)
+        reply = "\n".join(texts)
+    pieces = tuple(re.findall(r"\s*\S+|\s+$", reply)) or ("",)
+    return replace(t, completion=len(pieces), reasoning=0, pieces=pieces, whole=len(pieces))
 
 
 def _tokens(chars: int) -> int:
@@ -236,6 +303,7 @@ def _chat_completions(request: Request) -> Reply:
         raise _ApiError(400, "'messages' must be a non-empty array")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     t = _turn(_model(body), _chars(messages), _limit(limit, "max_completion_tokens"))
+    t = _echoed(request, body, t)
     finish, stream = ("length" if t.truncated else "stop"), body.get("stream") is True
     kind = "chat.completion.chunk" if stream else "chat.completion"
     base = {"id": _id("chatcmpl-"), "object": kind, "created": int(time.time()), "model": t.model}
@@ -259,6 +327,7 @@ def _completions(request: Request) -> Reply:
     if not isinstance(prompt, str | list):
         raise _ApiError(400, "'prompt' must be a string or an array")
     t = _turn(_model(body), _chars(prompt), _limit(body.get("max_tokens"), "max_tokens"))
+    t = _echoed(request, body, t)
     finish = "length" if t.truncated else "stop"
     base = {"id": _id("cmpl-"), "object": "text_completion", "created": int(time.time())}
     base |= {"model": t.model, "system_fingerprint": _FINGERPRINT}
@@ -375,6 +444,7 @@ def _responses(request: Request) -> Reply:
     body = _json_body(request)
     chars = _chars(body.get("instructions")) + _chars(body.get("input"))
     t = _turn(_model(body), chars, _limit(body.get("max_output_tokens"), "max_output_tokens"))
+    t = _echoed(request, body, t)
     ids = {"resp": _id("resp_"), "msg": _id("msg_"), "rs": _id("rs_"), "created": int(time.time())}
     if body.get("stream") is True:
         return _sse(request, _responses_events(t, body, ids))
@@ -415,6 +485,7 @@ def _messages(request: Request) -> Reply:
         raise _ApiError(400, "max_tokens: Field required")
     chars = _chars(body.get("system")) + _chars(messages)
     t = _turn(_model(body), chars, _limit(body["max_tokens"], "max_tokens"))
+    t = _echoed(request, body, t)
     usage = {
         "input_tokens": t.prompt - t.cached - t.cache_write,
         "cache_creation_input_tokens": t.cache_write,
@@ -491,6 +562,7 @@ def _gemini(request: Request) -> Reply:
         raise _ApiError(400, "* GenerateContentRequest.contents: contents is not specified")
     chars = _chars(body.get("systemInstruction")) + _chars(contents)
     t = _turn(model, chars, _limit(config.get("maxOutputTokens"), "maxOutputTokens"))
+    t = _echoed(request, body, t)
     rid = _id("")
     if method == "generateContent":
         return _json(_gemini_chunk(t, t.text, t.completion, True, rid))
@@ -618,7 +690,8 @@ class App:
                 return Response(204)
             return _json(list(self.records))
         record = {"method": request.method, "path": request.path, "query": request.query}
-        self.records.append({**record, "headers": dict(request.headers)})
+        body = None if request.body is None else request.body.decode("utf-8", "replace")
+        self.records.append({**record, "headers": dict(request.headers), "body": body})
         style, handler = route(request.method, request.path, request.headers, request.query)
         if handler is None:
             message = f"Invalid URL ({request.method} {request.path})"

@@ -3,7 +3,8 @@
 The pipeline makes one for a ``text/event-stream`` response that some flow
 reads (``Exchange.events``). Each chunk is parsed once into events, each with
 its data parsed as JSON; every flow reads the same events, and a flow that
-declared ``edits_events`` may drop an event or replace its data. The writer
+declared ``edits_events`` may drop an event, replace its data, or put a new
+event before it. The writer
 then decides what the client gets: the chunk exactly as it came when nothing
 was edited and the chunk ended on an event boundary, else the complete events
 written out again, without the dropped ones. While an editing flow is
@@ -21,7 +22,7 @@ from .providers.sse import Event, Parsed, SSEParser
 
 
 class ResponseEvents:
-    __slots__ = ("_edits", "_parser", "_whole_before", "closed", "editable", "new")
+    __slots__ = ("_edits", "_inserts", "_parser", "_whole_before", "closed", "editable", "new")
 
     def __init__(self, max_event_bytes: int) -> None:
         # An event is kept whole until it ends (it may have to be written out again).
@@ -30,6 +31,7 @@ class ResponseEvents:
         self.new: list[Parsed] = []  # the events the last chunk completed
         self.closed = False
         self._edits: dict[int, str | None] | None = None  # id(event) -> new data, None: dropped
+        self._inserts: dict[int, list[Event]] = {}  # id(event) -> events to write before it
         self._whole_before = True
 
     @property
@@ -46,6 +48,7 @@ class ResponseEvents:
             events += parser.close()
             self.closed = True
         self._edits = None
+        self._inserts = {}
         self.new = [(e, _loads(e.data) if e.data[:1] in ("{", "[") else None) for e in events]
         return self.new
 
@@ -57,22 +60,27 @@ class ResponseEvents:
         """The client gets this event of the last chunk with ``data`` instead."""
         self._edit(event, data)
 
+    def insert_before(self, event: Event, new: Event) -> None:
+        """The client gets ``new`` just before this event of the last chunk."""
+        if not self.editable:
+            raise RuntimeError("a flow edited events without declaring edits_events")
+        self._inserts.setdefault(id(event), []).append(new)
+
     def write(self) -> bytes | None:
         """What the client gets for the last chunk; None: the chunk as it came."""
         if not self.editable:
             return None
-        if self._edits is None and self._whole_before and self._parser.at_boundary:
+        unedited = self._edits is None and not self._inserts
+        if unedited and self._whole_before and self._parser.at_boundary:
             return None
         edits = self._edits or {}
         out: list[str] = []
         for event, _ in self.new:
+            for new in self._inserts.get(id(event), ()):
+                _write(out, new.type, new.data)
             data = edits.get(id(event), event.data)
-            if data is None:
-                continue
-            if event.type != "message":
-                out.append(f"event: {event.type}\n")
-            out.extend(f"data: {line}\n" for line in data.split("\n"))
-            out.append("\n")
+            if data is not None:
+                _write(out, event.type, data)
         return "".join(out).encode()
 
     def _edit(self, event: Event, data: str | None) -> None:
@@ -81,6 +89,13 @@ class ResponseEvents:
         if self._edits is None:
             self._edits = {}
         self._edits[id(event)] = data
+
+
+def _write(out: list[str], kind: str, data: str) -> None:
+    if kind != "message":
+        out.append(f"event: {kind}\n")
+    out.extend(f"data: {line}\n" for line in data.split("\n"))
+    out.append("\n")
 
 
 def _loads(data: str) -> Any:

@@ -150,6 +150,7 @@ class KeyRecord:
     expires: datetime | None = None
     revoked: datetime | None = None
     limits: KeyLimits = NO_LIMITS
+    redaction: str | None = None  # a policy of redaction_policies, over the tenant's
     _model_re: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     def allows_model(self, model: str) -> bool:
@@ -183,6 +184,7 @@ def make_record(
     expires: datetime | None = None,
     revoked: datetime | None = None,
     limits: KeyLimits = NO_LIMITS,
+    redaction: str | None = None,
 ) -> KeyRecord:
     return KeyRecord(
         id=key_id,
@@ -194,6 +196,7 @@ def make_record(
         expires=expires,
         revoked=revoked,
         limits=limits,
+        redaction=redaction,
         _model_re=_compile_models(models),
     )
 
@@ -209,6 +212,7 @@ def generate(
     models: Sequence[str] = (),
     expires: datetime | None = None,
     limits: KeyLimits = NO_LIMITS,
+    redaction: str | None = None,
     now: datetime | None = None,
 ) -> tuple[str, KeyRecord]:
     """A new key and its record; the key itself is shown once and never stored."""
@@ -227,8 +231,15 @@ def generate(
         models=models,
         expires=expires,
         limits=limits,
+        redaction=check_policy_name(redaction),
     )
     return key, record
+
+
+def check_policy_name(name: str | None) -> str | None:
+    if name is not None and not _NAME_RE.fullmatch(name):
+        raise ValueError("redaction: a policy name of letters, digits, '.', '_' or '-'")
+    return name
 
 
 def parse_expiry(text: str) -> datetime:
@@ -286,6 +297,8 @@ def _to_yaml(record: KeyRecord) -> dict[str, Any]:
         item["revoked"] = record.revoked.isoformat()
     if record.limits != NO_LIMITS:
         item["limits"] = _limits_to_yaml(record.limits)
+    if record.redaction is not None:
+        item["redaction"] = record.redaction
     return item
 
 
@@ -361,6 +374,9 @@ def _from_yaml(item: Any, where: str) -> KeyRecord:
         raise KeysFileError(f"{where}.models: must be a list of model names")
     created = _moment(item["created"], f"{where}.created")
     assert created is not None
+    redaction = item.get("redaction")
+    if redaction is not None and not (isinstance(redaction, str) and _NAME_RE.fullmatch(redaction)):
+        raise KeysFileError(f"{where}.redaction: must be a policy name")
     return make_record(
         key_id=key_id,
         name=str(item["name"]),
@@ -372,6 +388,7 @@ def _from_yaml(item: Any, where: str) -> KeyRecord:
         revoked=_moment(item.get("revoked"), f"{where}.revoked"),
         # The id, not only the index: the operator fixes a key they know by id.
         limits=_limits_from_yaml(item.get("limits"), f"{where} (key {key_id}): limits"),
+        redaction=redaction,
     )
 
 
@@ -463,6 +480,22 @@ def set_limits(
         moment,
         lambda r: r.active(moment),
         lambda r: replace(r, limits=change(r.limits)),
+    )
+
+
+def set_redaction(
+    path: Path, key_id_or_name: str, policy: str | None, now: datetime | None = None
+) -> list[KeyRecord]:
+    """Give the active key with this id (or the one active key with this name) a
+    redaction policy by name, or None for its tenant's (or the default)."""
+    moment = now or datetime.now(UTC)
+    check_policy_name(policy)
+    return _update(
+        path,
+        key_id_or_name,
+        moment,
+        lambda r: r.active(moment),
+        lambda r: replace(r, redaction=policy),
     )
 
 

@@ -123,6 +123,21 @@ class Metrics:
         self.unmetered = {
             reason: unmetered.labels(reason) for reason in ("content_encoding", "body_too_large")
         }
+        # Redaction. Labels: entity type (built-in or a custom pattern's name), action.
+        self.redactions = Counter(
+            "tollway_redactions",
+            "Entities found in prompts or answers, by type and the action taken",
+            ["entity", "action", "where"],
+            registry=r,
+        )
+        self.redaction_failures = Counter(
+            "tollway_redaction_failures",
+            "Requests the redactor could not check, by what the policy did",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("failed_closed", "failed_open"):
+            self.redaction_failures.labels(outcome)
         # The quota store (Redis): see StoreMetrics.
         self.store_latency = Histogram(
             "tollway_store_latency_seconds",

@@ -35,6 +35,13 @@ INTERNAL_HEADER_PREFIX = "x-tollway-"
 _NO_ROUTE = Deny(
     404, "invalid_request_error", "unknown_url", "Unknown request URL.", "tollway_no_route"
 )
+_UNWRITABLE = Deny(
+    400,
+    "invalid_request_error",
+    "invalid_body",
+    "The request body is nested too deeply to be checked and written out again.",
+    "tollway_body_unwritable",
+)
 _STRENGTH = {BodyMode.NONE: 0, BodyMode.STREAMED: 1, BodyMode.BUFFERED: 2}
 
 T = TypeVar("T")
@@ -263,6 +270,8 @@ class Run:
                 if decision is not None:
                     return decision
         ex.new_body = ex.document.written()
+        if ex.new_body is None and ex.document.required:
+            return _UNWRITABLE  # a redacted body that cannot be written must not go as sent
         return None
 
     def _sent(self) -> None:

@@ -7,6 +7,7 @@ file keeps the previous table serving.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ from .stages.auth import AuthStage
 from .stages.credentials import CredentialStage
 from .stages.limits import LimitsStage
 from .stages.metering import MeteringStage
+from .stages.redaction import build as build_redaction
 from .store import Store
 from .store.memory import MemoryStore
 
@@ -45,6 +47,11 @@ def _stamp(path: Path) -> Stamp:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+async def _next_turn() -> None:
+    """Let the event loop run what is ready (other streams) before going on."""
+    await asyncio.sleep(0)
 
 
 class Runtime:
@@ -91,8 +98,14 @@ class Runtime:
             timeout_s=None,
             clock=clock,
         )
-        # Limits finish after metering (reverse order), so they settle what it read.
-        stages: list[Stage] = [self.auth, self.credentials, self.limits, self.metering]
+        self.redaction = build_redaction(config, self.metrics, _next_turn)
+        # Redaction reads the body before limits reserve for it (a refused request
+        # reserves nothing). Limits finish after metering (reverse order), so they
+        # settle what it read.
+        stages: list[Stage] = [self.auth, self.credentials]
+        if self.redaction:  # off: no stage, no cost
+            stages.append(self.redaction)
+        stages += [self.limits, self.metering]
         self.pipeline = Pipeline(
             self.routes,
             stages,

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from . import envoyconf, keys
-from .config import Config, Credential, Upstream, replicas_need_shared_store
+from .config import Config, Credential, RedactionConfig, Upstream, replicas_need_shared_store
 
 DEMO_PROVIDER_KEY = "sk-demo-provider-key"
 DEMO_KEY_ENV = "TOLLWAY_DEMO_PROVIDER_KEY"
@@ -291,9 +291,12 @@ def start(
             gateway.launch(
                 DEMO, [*argv, "--provider-key", DEMO_PROVIDER_KEY], child_env, log("demo")
             )
-            config = config.model_copy(
-                update={"upstreams": demo_upstreams(f"http://127.0.0.1:{demo_port}")}
-            )
+            demo_settings: dict[str, Any] = {
+                "upstreams": demo_upstreams(f"http://127.0.0.1:{demo_port}")
+            }
+            if config.redaction is None:  # the demo shows redaction at work
+                demo_settings["redaction"] = RedactionConfig()
+            config = config.model_copy(update=demo_settings)
         config, gateway.replicas = _pick_ports(config)
         gateway.config = config
         config_file = workdir / "tollway.yaml"
@@ -435,6 +438,15 @@ def _banner(
     key = demo_key or "<your tollway key>"
     shown = f'"{key}"'
     demo_line = f"  demo key    {demo_key}\n" if demo_key else ""
+    echo = ""
+    if demo_key and cfg.redaction is not None:
+        prompt = "Refund card 4111 1111 1111 1111 for jane.doe@example.com"
+        echo = f"""
+Redaction (`x-demo-echo: 1`: the demo upstream answers with the prompt it got):
+  curl -s {url}/v1/chat/completions -H 'authorization: Bearer {key}' \\
+    -H 'content-type: application/json' -H 'x-demo-echo: 1' \\
+    -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "{prompt}"}}]}}'
+"""
     if demo_key and demo_limits.rpm is not None:
         demo_line += (
             f"              limits: {demo_limits.rpm} requests a minute, "
@@ -458,7 +470,7 @@ Try it:
   curl -s {url}/v1/chat/completions -H 'authorization: Bearer {key}' \\
     -H 'content-type: application/json' \\
     -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
-
+{echo}
 Ctrl-C stops everything.
 """
 

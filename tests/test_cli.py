@@ -102,11 +102,11 @@ def test_key_limits_set_at_creation_changed_and_cleared(tmp_path: Path) -> None:
     listed = tollway("keys", "list", "--keys-file", str(file)).stdout
     assert re.search(r"\bLIMITS$", listed.splitlines()[0])
     assert re.search(
-        rf"^{record.id}\s+a\s.*\s\*\s+rpm=60 tpm=100000 concurrency=4 budget-usd=50/month$",
+        rf"^{record.id}\s+a\s.*\s\*\s+-\s+rpm=60 tpm=100000 concurrency=4 budget-usd=50/month$",
         listed,
         re.M,
     )
-    assert re.search(r"^\S+\s+plain\s.*\s\*\s+-$", listed, re.M)
+    assert re.search(r"^\S+\s+plain\s.*\s\*\s+-\s+-$", listed, re.M)
 
     changed = tollway(
         "keys", "limits", "--keys-file", str(file), "a", "--rpm", "120", "--budget-usd", "0.1/day"
@@ -309,3 +309,29 @@ def test_up_refuses_a_replica_count_out_of_range(tmp_path: Path, count: str, why
     assert result.returncode == 2
     assert result.stderr.startswith("tollway: --replicas: invalid configuration\n")
     assert "server.replicas" in result.stderr and why in result.stderr
+
+
+def test_key_redaction_policy_named_at_creation_changed_and_cleared(tmp_path: Path) -> None:
+    file = tmp_path / "keys.yaml"
+    config = tmp_path / "tollway.yaml"
+    config.write_text(
+        f"auth: {{keys_file: {file}}}\nredaction_policies: {{strict: {{action: mask}}}}\n"
+    )
+    unknown = tollway(
+        "keys", "create", "--config", str(config), "--name", "a", "--redaction", "lax"
+    )
+    assert unknown.returncode == 2 and "not in redaction_policies (strict)" in unknown.stderr
+    assert not file.exists() or keys.read_records(file) == []
+    made = tollway(
+        "keys", "create", "--config", str(config), "--name", "a", "--redaction", "strict"
+    )
+    assert made.returncode == 0, made.stderr
+    assert [r.redaction for r in keys.read_records(file)] == ["strict"]
+    listed = tollway("keys", "list", "--config", str(config)).stdout
+    assert re.search(r"\bREDACTION\s+LIMITS$", listed.splitlines()[0])
+    assert re.search(r"\sa\s.*\s\*\s+strict\s+-$", listed, re.M)
+    cleared = tollway("keys", "redaction", "--config", str(config), "a", "none")
+    assert cleared.returncode == 0 and "redaction none" in cleared.stdout
+    assert [r.redaction for r in keys.read_records(file)] == [None]
+    bad = tollway("keys", "redaction", "--config", str(config), "a", "lax")
+    assert bad.returncode == 2 and "lax" in bad.stderr

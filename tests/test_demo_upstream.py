@@ -628,6 +628,61 @@ def test_request_recording(http: httpx.Client, oai: openai.OpenAI) -> None:
     assert headers["authorization"] == f"Bearer {KEY}"
     assert headers["x-tollway-trace"] == "abc123"
     assert all(name == name.lower() for name in headers)
+    assert records[0]["body"] == "" and records[1]["body"] == "{}"
+
+
+def test_echo_answers_with_the_prompt_text_in_every_api(
+    oai: openai.OpenAI, claude: anthropic.Anthropic, http: httpx.Client
+) -> None:
+    echo = {"x-demo-echo": "1"}
+    chat = oai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi  there"},
+        ],
+        extra_headers=echo,
+    )
+    assert chat.choices[0].message.content == "Be brief.\nHi  there"
+    assert chat.choices[0].finish_reason == "stop" and chat.usage is not None
+    assert chat.usage.completion_tokens == 4  # one a word
+    stream = oai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "one two three"}]}],
+        stream=True,
+        extra_headers=echo,
+    )
+    pieces = [
+        c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
+    ]
+    assert pieces == ["one", " two", " three"]
+    message = claude.messages.create(
+        model="claude-3-5-haiku",
+        max_tokens=50,
+        system="S",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "A b"}]}],
+        extra_headers=echo,
+    )
+    assert message.content[0].text == "S\nA b"  # type: ignore[union-attr]
+    reply = oai.responses.create(
+        model="gpt-4o-mini", instructions="I", input="R s", extra_headers=echo
+    )
+    assert reply.output_text == "I\nR s"
+    gemini = http.post(
+        "/v1beta/models/gemini-2.0-flash:generateContent",
+        headers={"x-goog-api-key": KEY, **echo},
+        json={"contents": [{"role": "user", "parts": [{"text": "G h"}]}]},
+    ).json()
+    assert gemini["candidates"][0]["content"]["parts"][0]["text"] == "G h"
+
+
+def test_reply_header_sets_the_answer(oai: openai.OpenAI) -> None:
+    chat = oai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "anything"}],
+        extra_headers={"x-demo-reply": "Call me at +1 415 555 0100"},
+    )
+    assert chat.choices[0].message.content == "Call me at +1 415 555 0100"
 
 
 def test_recording_keeps_last_100(http: httpx.Client) -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from . import pii, secrets
 from .custom import custom_finder
 from .findings import DEFAULT_ENTITIES, Finder, Finding
 
+# A window of a long text is searched with this much text around it: before, for
+# context words; after, so that an entity starting in the window is seen whole
+# (a PEM private key block is the longest, a few KB).
+CONTEXT = 256
+MARGIN = 16 << 10
 # When two findings overlap, the longer wins; of equal length, the earlier here.
 _PRIORITY = ("secrets", "credit_card", "iban", "us_ssn", "phone", "email", "ip_address")
 
@@ -19,30 +25,57 @@ class Detector:
         phone_regions: Sequence[str] = ("US",),
         custom: Sequence[tuple[str, str]] = (),  # (name, pattern)
     ) -> None:
-        finders: dict[str, Finder] = {
-            "email": pii.find_email,
-            "phone": pii.phone_finder(phone_regions),
-            "credit_card": pii.find_credit_card,
-            "iban": pii.find_iban,
-            "us_ssn": pii.find_us_ssn,
-            "ip_address": pii.find_ip_address,
-            "secrets": secrets.find_secrets,
+        finders: dict[str, Callable[[], Finder]] = {
+            "email": lambda: pii.find_email,
+            "phone": lambda: pii.phone_finder(phone_regions),
+            "credit_card": lambda: pii.find_credit_card,
+            "iban": lambda: pii.find_iban,
+            "us_ssn": lambda: pii.find_us_ssn,
+            "ip_address": lambda: pii.find_ip_address,
+            "secrets": lambda: secrets.find_secrets,
         }
         self.entities = tuple(entities)
-        self._finders = [finders[e] for e in self.entities]
+        self._finders = [finders[e]() for e in self.entities]
         self._finders += [custom_finder(name, pattern) for name, pattern in custom]
         names = [*_PRIORITY, *(name for name, _ in custom)]
         self._rank = {name: i for i, name in enumerate(names)}
 
-    def find(self, text: str) -> list[Finding]:
-        """The findings in text order, none overlapping another."""
-        found = [f for finder in self._finders for f in finder(text)]
+    def find(self, text: str, start: int = 0, end: int | None = None) -> list[Finding]:
+        """The findings in text order, none overlapping another; with ``start`` and
+        ``end``, those that start in text[start:end] (looking ``MARGIN`` around it)."""
+        if start <= 0 and (end is None or end >= len(text)):
+            return self._resolve([f for finder in self._finders for f in finder(text)])
+        stop = len(text) if end is None else end
+        lo, hi = max(0, start - CONTEXT), min(len(text), stop + MARGIN)
+        piece = text[lo:hi]
+        return [
+            Finding(f.start + lo, f.end + lo, f.entity, f.kind)
+            for f in self._resolve([f for finder in self._finders for f in finder(piece)])
+            if start <= f.start + lo < stop
+        ]
+
+    def find_all(self, text: str, window: int) -> Iterator[list[Finding]]:
+        """``find(text)`` a window at a time (the caller may pause in between); an
+        entity that crosses a window's end is found in that window."""
+        last = 0
+        for start in range(0, max(len(text), 1), window):
+            found = [f for f in self.find(text, start, start + window) if f.start >= last]
+            if found:
+                last = found[-1].end
+            yield found
+
+    def _resolve(self, found: list[Finding]) -> list[Finding]:
+        """The longer of two overlapping findings wins (of equal length: _PRIORITY)."""
         if len(found) < 2:
             return found
         found.sort(key=lambda f: (f.start - f.end, self._rank.get(f.entity, len(self._rank))))
-        kept: list[Finding] = []
+        kept: list[Finding] = []  # by start; not overlapping, so ends are in order too
+        starts: list[int] = []
+        ends: list[int] = []
         for f in found:
-            if all(f.end <= k.start or f.start >= k.end for k in kept):
-                kept.append(f)
-        kept.sort(key=lambda f: f.start)
+            i = bisect_right(starts, f.start)
+            if (i == 0 or ends[i - 1] <= f.start) and (i == len(starts) or starts[i] >= f.end):
+                starts.insert(i, f.start)
+                ends.insert(i, f.end)
+                kept.insert(i, f)
         return kept

@@ -411,3 +411,62 @@ def test_replicas_need_no_shared_store_until_limits_exist() -> None:
     server.replicas > 1 need store.redis)."""
     many = config.Config(server=config.ServerConfig(replicas=4))
     assert config.replicas_need_shared_store(many) is None
+
+
+# ---- redaction -------------------------------------------------------------------
+
+
+def test_redaction_is_off_by_default_and_on_with_an_empty_block(tmp_path: Path) -> None:
+    assert config.load(None, environ={}).redaction is None
+    block = config.load(write(tmp_path, "redaction: {}\n"), environ={}).redaction
+    assert block is not None
+    assert block.entities == ("email", "phone", "credit_card", "iban", "us_ssn", "secrets")
+    assert (block.action, block.actions, block.on_error) == (
+        "placeholder",
+        {"secrets": "block"},
+        "fail_closed",
+    )
+    assert (
+        block.phone_regions[:3] == ("US", "GB", "DE") and not block.responses and not block.restore
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("redaction: {entities: [email, passport]}", "unknown entity type(s) passport"),
+        ("redaction: {action: scramble}", "redaction.action"),
+        ("redaction: {actions: {passport: mask}}", "actions for unknown entity type(s): passport"),
+        ("redaction: {phone_regions: [XX]}", "unknown region(s) XX"),
+        ("redaction: {custom: [{name: email, pattern: x}]}", "not a built-in entity's name"),
+        ("redaction: {custom: [{name: Bad-Name, pattern: x}]}", "lower-case letters"),
+        (
+            "redaction: {custom: [{name: a, pattern: x}, {name: a, pattern: y}]}",
+            "must be unique: a",
+        ),
+        ("redaction: {action: hash}", "redaction: the hash action needs hash_key"),
+        (
+            "redaction_policies: {p: {actions: {email: hash}}}",
+            "redaction_policies.p: the hash action needs hash_key",
+        ),
+        ("redaction: {hash_key: {env: A, file: b}}", "set exactly one of 'env' or 'file'"),
+        ("redaction: {tenants: [a]}", "only a policy in redaction_policies has tenants"),
+        (
+            "redaction_policies: {p: {tenants: [t]}, q: {tenants: [t]}}",
+            "tenant 't' is in two policies: redaction_policies.p, redaction_policies.q",
+        ),
+    ],
+)
+def test_redaction_mistakes_are_config_errors(tmp_path: Path, text: str, message: str) -> None:
+    assert message in load_error(write(tmp_path, text + "\n"))
+
+
+def test_a_policy_may_use_the_main_blocks_hash_key(tmp_path: Path) -> None:
+    text = "redaction: {hash_key: {env: K}}\nredaction_policies: {p: {action: hash}}\n"
+    loaded = config.load(write(tmp_path, text), environ={})
+    assert loaded.redaction_policies["p"].hash_key is None  # the stage uses the main one
+
+
+def test_a_route_can_turn_redaction_off(tmp_path: Path) -> None:
+    text = "upstreams: {local: {url: 'http://127.0.0.1:8000', redaction: false}}\n"
+    assert config.load(write(tmp_path, text), environ={}).upstreams["local"].redaction is False

@@ -1,0 +1,415 @@
+"""Redaction: PII and secrets out of the text a request sends to the model.
+
+At the request body the flow reads the texts its API sends the model
+(providers/texts.py), runs the policy's detectors over each, and either
+refuses the request (an entity whose action is ``block``: a 400 naming the
+entity types, never the values) or replaces every finding in place; the body
+is written out once, after every stage (body.py), with its new length.
+
+Which policy: the key's own (``keys create --redaction NAME``), else its
+tenant's (a policy listing the tenant), else ``redaction``; none on a route
+with ``redaction: false``. A body that cannot be read as the API's JSON, or a
+detector that fails, cannot be checked: refused unless the policy says
+``on_error: fail_open`` (counted either way).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+
+from .. import error_shapes
+from ..config import Config, ConfigError, RedactionConfig, SecretSource
+from ..decisions import Ask, BodyMode, Deny, Outcome, Phase, bad_request
+from ..events import ResponseEvents
+from ..exchange import BodyError, Exchange
+from ..kinds import Api
+from ..metrics import Metrics
+from ..providers.sse import Event
+from ..providers.texts import Slot, answer_slots, carrier, prompt_slots, stream_event, text_event
+from ..redaction.answer import AnswerText
+from ..redaction.detect import Detector
+from ..redaction.findings import Finding
+from ..redaction.policy import NAMES, Policy, Rewrite
+from . import Flow
+
+log = logging.getLogger("tollway")
+
+FAILED = Deny(
+    500,
+    "api_error",
+    "redaction_failed",
+    "The request could not be checked for sensitive data, so it was not sent.",
+    "tollway_redaction_failed",
+)
+# Prompts longer than this (in characters of text) are searched a window at a time.
+INLINE_CHARS = 64 << 10
+WINDOW_CHARS = 32 << 10
+
+UNKNOWN_POLICY = Deny(
+    500,
+    "api_error",
+    "redaction_policy_unknown",
+    "This key's redaction policy is not configured, so the request was not sent.",
+    "tollway_redaction_policy_unknown",
+)
+
+
+def build(
+    config: Config, metrics: Metrics, pause: Callable[[], Awaitable[None]] | None = None
+) -> RedactionStage:
+    """The stage of ``config``'s redaction blocks (reads the hash key once, here)."""
+    main = config.redaction
+    main_key = main.hash_key if main is not None else None
+    default = None if main is None else compile_policy("default", main, main_key)
+    policies = {
+        name: compile_policy(name, block, main_key)
+        for name, block in config.redaction_policies.items()
+    }
+    return RedactionStage(default, policies, metrics, config.max_body_bytes, pause)
+
+
+def compile_policy(name: str, block: RedactionConfig, main_key: SecretSource | None) -> Policy:
+    where = "redaction" if name == "default" else f"redaction_policies.{name}"
+    try:
+        detector = Detector(
+            block.entities, block.phone_regions, [(c.name, c.pattern) for c in block.custom]
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    names = (*block.entities, *(c.name for c in block.custom))
+    actions = {e: block.actions.get(e, block.action) for e in names}
+    source = block.hash_key or main_key
+    key = _read_secret(source, f"{where}.hash_key") if "hash" in actions.values() else None
+    return Policy(
+        name,
+        detector,
+        actions,
+        hash_key=key,
+        responses=block.responses,
+        restore=block.restore,
+        fails_closed=block.on_error == "fail_closed",
+        tenants=block.tenants,
+    )
+
+
+def _read_secret(source: SecretSource | None, where: str) -> bytes:
+    assert source is not None  # config refuses a hash action without a key
+    if source.env is not None:
+        value = os.environ.get(source.env, "")
+        what = f"environment variable {source.env}"
+    else:
+        assert source.file is not None
+        try:
+            value = source.file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read {source.file}: {exc.strerror}") from None
+        what = f"file {source.file}"
+    value = value.strip()
+    if len(value) < 16:
+        raise ConfigError(f"{where}: {what} must hold a key of 16 characters or more")
+    return value.encode()
+
+
+class RedactionStage:
+    def __init__(
+        self,
+        default: Policy | None,
+        policies: Mapping[str, Policy],
+        metrics: Metrics,
+        max_answer_bytes: int = 16 << 20,
+        pause: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        # Lets other streams run (the event loop's turn); None: every prompt inline.
+        self.pause = pause
+        self.max_answer_bytes = max_answer_bytes  # a JSON answer held whole at most
+        self.default = default
+        self.policies = dict(policies)
+        # A tenant's policy: the one that lists it (config allows one at most).
+        self.tenants = {t: p for p in policies.values() for t in p.tenants}
+        self.metrics = metrics
+        self._counters: dict[tuple[str, str, str], Any] = {}
+
+    def __bool__(self) -> bool:
+        return self.default is not None or bool(self.policies)
+
+    def start(self, ex: Exchange) -> RedactionFlow | Deny | None:
+        call = ex.call
+        if call is None or call.api is None or not call.route.upstream.redaction:
+            return None
+        identity = ex.identity
+        policy = self.default
+        if identity is not None:
+            if identity.redaction is not None:
+                found = self.policies.get(identity.redaction)
+                if found is None:
+                    log.error(
+                        "key %s names redaction policy %r, which is not configured",
+                        identity.id,
+                        identity.redaction,
+                    )
+                    return UNKNOWN_POLICY
+                policy = found
+            else:
+                policy = self.tenants.get(identity.tenant, policy)
+        if policy is None:
+            return None
+        return RedactionFlow(self, policy, call.api)
+
+    def count(self, entity: str, action: str, where: str, n: int) -> None:
+        child = self._counters.get((entity, action, where))
+        if child is None:
+            child = self._counters[entity, action, where] = self.metrics.redactions.labels(
+                entity, action, where
+            )
+        child.inc(n)
+
+
+class RedactionFlow(Flow):
+    __slots__ = (
+        "_chunks",
+        "_size",
+        "answer",
+        "api",
+        "edits_events",
+        "policy",
+        "rewrite",
+        "stage",
+        "wants",
+    )
+
+    def __init__(self, stage: RedactionStage, policy: Policy, api: Api) -> None:
+        self.stage = stage
+        self.policy = policy
+        self.api = api
+        self.rewrite = Rewrite(policy)
+        self.wants = Phase.REQUEST_BODY
+        self.answer: AnswerText | None = None
+        self.edits_events = False
+        self._chunks: list[bytes] = []  # a JSON answer, held until it is whole
+        self._size = 0
+        if policy.responses or policy.restore:
+            self.wants |= Phase.RESPONSE_HEADERS
+
+    def on_request_body(self, ex: Exchange) -> Deny | Ask[Deny | None] | None:
+        try:
+            doc = ex.json()
+        except BodyError as exc:
+            return self._unchecked(bad_request("invalid_body", f"{exc}; it cannot be checked"))
+        slots = prompt_slots(self.api, doc)
+        pause = self.stage.pause
+        if pause is not None and sum(len(c[k]) for c, k in slots) > INLINE_CHARS:
+            # A long prompt is searched a window at a time, and other streams run in
+            # between: the event loop never waits for more than one window.
+            return Ask(
+                "redaction",
+                lambda: self._find_paused(slots, pause),
+                lambda found: self._decide(ex, found),
+                lambda reason: self._unchecked(FAILED),
+                None,
+            )
+        try:
+            found = self._find(slots)
+        except Exception:
+            log.exception("redaction failed")
+            return self._unchecked(FAILED)
+        return self._decide(ex, found)
+
+    def _find(self, slots: list[Slot]) -> list[tuple[Slot, list[Finding]]]:
+        detector, rewrite = self.policy.detector, self.rewrite
+        found = []
+        for slot in slots:
+            container, key = slot
+            findings = detector.find(container[key])
+            if findings:
+                rewrite.check(findings)
+                found.append((slot, findings))
+        return found
+
+    async def _find_paused(
+        self, slots: list[Slot], pause: Callable[[], Awaitable[None]]
+    ) -> list[tuple[Slot, list[Finding]]]:
+        detector, rewrite = self.policy.detector, self.rewrite
+        found = []
+        since = 0  # characters searched since the last pause
+        for slot in slots:
+            container, key = slot
+            text = container[key]
+            findings: list[Finding] = []
+            for i, window in enumerate(detector.find_all(text, WINDOW_CHARS)):
+                findings += window
+                since += min(WINDOW_CHARS, len(text) - i * WINDOW_CHARS)
+                if since >= WINDOW_CHARS:
+                    await pause()
+                    since = 0
+            if findings:
+                rewrite.check(findings)
+                found.append((slot, findings))
+        return found
+
+    def _decide(self, ex: Exchange, found: list[tuple[Slot, list[Finding]]]) -> Deny | None:
+        rewrite = self.rewrite
+        if rewrite.blocked:
+            return self._blocked()
+        for (container, key), findings in found:
+            container[key] = rewrite.apply(container[key], findings)
+        if found:
+            assert ex.document is not None
+            ex.document.edited(required=True)
+            self._count("request")
+        return None
+
+    # ---- the answer ----
+
+    def on_response_headers(self, ex: Exchange) -> BodyMode:
+        if not 200 <= ex.status < 300:
+            return BodyMode.NONE
+        answer = AnswerText(self.rewrite, self.policy.responses, self.policy.restore)
+        if not answer.active:
+            return BodyMode.NONE  # restore only, and the request had no placeholders
+        encoding = ex.response_headers.get("content-encoding", "identity").lower()
+        if encoding not in ("identity", ""):
+            # Asked for plain text upstream (start); an upstream that compresses anyway
+            # cannot be read (counted; it goes on as it is).
+            self.stage.metrics.redaction_failures.labels("failed_open").inc()
+            log.warning("an answer came compressed (%s) and was not redacted", encoding)
+            return BodyMode.NONE
+        self.answer = answer
+        if ex.events is not None:
+            self.edits_events = True
+            return BodyMode.STREAMED
+        if not ex.response_headers.get("content-type", "").startswith("application/json"):
+            return BodyMode.NONE
+        ex.remove_response_headers.add("content-length")  # the body changes length
+        return BodyMode.STREAMED
+
+    def on_response_body(self, ex: Exchange, chunk: bytes, end: bool) -> bytes | None:
+        """A JSON answer is held until it is whole, then written out once."""
+        if self._size < 0:  # too large to check: the policy decided
+            return self._unchecked_answer(ex, b"", chunk, end)
+        self._size += len(chunk)
+        if self._size > self.stage.max_answer_bytes:
+            self._failed_answer()
+            self._size = -1
+            held, self._chunks = b"".join(self._chunks), []
+            return self._unchecked_answer(ex, held, chunk, end)
+        self._chunks.append(chunk)
+        if not end:
+            return b""
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        answer = self.answer
+        assert answer is not None
+        changed = False
+        for container, key in answer_slots(self.api, doc):
+            text = container[key]
+            new = answer.whole(text)
+            if new != text:
+                container[key] = new
+                changed = True
+        return orjson.dumps(doc) if changed else body
+
+    def on_response_events(self, ex: Exchange, events: ResponseEvents, end: bool) -> None:
+        answer, api = self.answer, self.api
+        assert answer is not None
+        for event, data in events.new:
+            if not isinstance(data, dict):
+                if event.data.strip() == "[DONE]":  # OpenAI: nothing may be held after it
+                    self._flush_all(events, event, {})
+                continue
+            found = stream_event(api, event.type, data)
+            if not found.pieces and not found.ends:
+                continue
+            changed = False
+            last = {s: i for i, (_, s) in enumerate(found.pieces) if s in found.ends}
+            for i, ((container, key), stream) in enumerate(found.pieces):
+                text = container[key]
+                if stream is None:
+                    new = answer.whole(text)
+                else:
+                    new = answer.piece(stream, text, last=last.get(stream) == i)
+                if new != text:
+                    container[key] = new
+                    changed = True
+            for stream in found.ends:
+                if stream in last:
+                    continue  # sent with its last piece
+                held = answer.flush(stream)
+                if not held:
+                    continue
+                slot = carrier(api, data, stream)
+                if slot is None:
+                    kind, text = text_event(api, data, stream, held)
+                    events.insert_before(event, Event(kind, text))
+                else:
+                    slot[0][slot[1]] = (slot[0].get(slot[1]) or "") + held
+                    changed = True
+            if changed:
+                events.replace(event, orjson.dumps(data).decode())
+        if end:
+            self._count("response")
+
+    def _flush_all(self, events: ResponseEvents, before: Event, data: dict[str, Any]) -> None:
+        answer = self.answer
+        assert answer is not None
+        for stream in answer.streams_held():
+            held = answer.flush(stream)
+            if held:
+                kind, text = text_event(self.api, data, stream, held)
+                events.insert_before(before, Event(kind, text))
+
+    def finish(self, ex: Exchange, outcome: Outcome) -> None:
+        self._count("response")
+
+    def _unchecked_answer(self, ex: Exchange, held: bytes, chunk: bytes, end: bool) -> bytes:
+        """Fail open: what was held and the rest as they come. Closed: nothing of it;
+        the body ends as an error document instead."""
+        if not self.policy.fails_closed:
+            return held + chunk
+        if not end:
+            return b""
+        message = "The answer was too large to be checked for sensitive data."
+        error = error_shapes.error_document(
+            ex.dialect, 502, "api_error", "redaction_failed", message
+        )
+        return orjson.dumps(error)
+
+    def _failed_answer(self) -> None:
+        outcome = "failed_closed" if self.policy.fails_closed else "failed_open"
+        self.stage.metrics.redaction_failures.labels(outcome).inc()
+
+    def _count(self, where: str) -> None:
+        counts = self.rewrite.counts
+        for (entity, action), n in counts.items():
+            self.stage.count(entity, action, where, n)
+        counts.clear()
+
+    def _blocked(self) -> Deny:
+        self._count("request")
+        blocked = self.rewrite.blocked
+        what = []
+        for entity in sorted(blocked):
+            name = NAMES.get(entity, entity)
+            kinds = ", ".join(sorted(k for k in blocked[entity] if k != entity))
+            what.append(f"{name} ({kinds})" if kinds else name)
+        return bad_request(
+            "sensitive_data_blocked",
+            f"The request was not sent: it contains {', '.join(what)}. "
+            "Remove it and send the request again.",
+        )
+
+    def _unchecked(self, denial: Deny) -> Deny | None:
+        """The body cannot be checked: the policy decides."""
+        closed = self.policy.fails_closed
+        self.stage.metrics.redaction_failures.labels(
+            "failed_closed" if closed else "failed_open"
+        ).inc()
+        return denial if closed else None
