@@ -1,31 +1,767 @@
-"""PII detectors: linear-time patterns find candidates, code validates them."""
+"""PII detectors: linear-time patterns find candidates, code validates them.
+
+Every pattern here is linear: repetitions are bounded, and no two quantified parts
+can match the same text. What a pattern cannot say (checksums, numbering plans,
+brand prefixes, context words) is checked in code, on candidates only.
+
+Scanning is what costs (Python's regex engine tries a pattern at every position of a
+text, ~10 ns a character for a pattern that starts with a class), so the scans are
+few: email looks for "@", IPv6 for ":", and the digit finders share one scan for
+runs of digits (``_numbers``), done once per text.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from itertools import pairwise
+
+from phonenumbers import COUNTRY_CODE_TO_REGION_CODE, PhoneMetadata
 
 from .findings import Finder, Finding
 
+# What may touch a number on either side without making it part of a longer token.
+_WORDY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_DIGITS = frozenset("0123456789")
+
+
+def _glued_after(text: str, end: int) -> bool:
+    """A letter, digit or decimal part (``.5``, ``,89``) right after ``end``."""
+    if end >= len(text):
+        return False
+    c = text[end]
+    return c in _WORDY or (c in ".,-" and end + 1 < len(text) and text[end + 1] in _DIGITS)
+
+
+def _decimal_before(text: str, start: int) -> bool:
+    """A digit joined to ``start`` by a decimal point or comma (0.4111...)."""
+    return start >= 2 and text[start - 1] in ".," and text[start - 2] in _DIGITS
+
+
+# Runs of digits and the separators numbers are written with, at least four
+# characters from digit to digit. Matched on a copy of the text with every digit
+# turned into 0, so that the engine can jump from one "0" to the next with a fast
+# search instead of trying a character class at each position.
+_SP = "\u00a0\u202f"  # no-break spaces (French writes "01 23 45 67 89" with them)
+_ZEROS = str.maketrans("123456789", "000000000")
+_NUMBER = re.compile(rf"0[0 {_SP}().\-/]{{2,}}0")
+
+
+@lru_cache(maxsize=2)
+def _numbers(text: str) -> tuple[tuple[int, int], ...]:
+    """The runs of digits in ``text`` (start, end). Cached for the last texts: every
+    digit finder of a Detector asks for the same text's runs in turn."""
+    return tuple(m.span() for m in _NUMBER.finditer(text.translate(_ZEROS)))
+
+
+def _near(pattern: re.Pattern[str], text: str, start: int, end: int) -> Iterator[re.Match[str]]:
+    """``pattern``'s matches that start in the run ``text[start:end]`` (lookbehinds
+    see the text before it, lookaheads two characters after it)."""
+    for m in pattern.finditer(text, start, end + 2):
+        if m.start() >= end:
+            return
+        yield m
+
+
+# --- email ------------------------------------------------------------------------
+
+# Letters, digits and hyphens of a domain label, Unicode letters (IDN) included but
+# not CJK (U+2E80 on), which sits next to an address without a space in between.
+_L = r"[^\W_\u2e80-\uffff\U00010000-\U0010ffff]"
+_DOMAIN = re.compile(
+    rf"(?:{_L}(?:(?:{_L}|-){{0,61}}{_L})?\.){{1,8}}"  # labels, each ending at its dot
+    r"(?:[^\W\d_\u2e80-\uffff\U00010000-\U0010ffff]{2,63}|xn--[a-z0-9]{1,59})"  # the TLD
+    r"(?![\w-]|\.\w)",
+    re.IGNORECASE,
+)
+_LOCAL_PUNCT = frozenset("._%+-")
+# File names that look like addresses (icon@2x.png): extensions that are no TLD.
+# (Not .py and .rs: Paraguay and Serbia.)
+_NOT_TLDS = frozenset(
+    ("png", "jpg", "jpeg", "gif", "svg", "webp", "bmp", "ico", "tif", "tiff", "heic", "js",
+     "mjs", "ts", "tsx", "jsx", "css", "scss", "json", "yaml", "yml", "toml", "lock", "txt",
+     "log", "pdf", "html", "htm", "xml", "csv", "tsv", "rb", "java", "kt", "swift")
+)  # fmt: skip
+
+
+def _local_char(c: str) -> bool:
+    if c.isascii():
+        return c.isalnum() or c in _LOCAL_PUNCT
+    return c.isalpha() and c < "\u2e80"
+
 
 def find_email(text: str) -> Iterator[Finding]:
-    raise NotImplementedError
+    """``local@domain.tld``: a dot-atom local part of at most 64 characters, a domain
+    of labels with a TLD of two letters or more (no ``user@localhost``)."""
+    at = text.find("@")
+    while at != -1:
+        start = at
+        while start > 0 and at - start <= 64 and _local_char(text[start - 1]):
+            start -= 1
+        while start < at and text[start] == ".":
+            start += 1
+        local = text[start:at]
+        m = _DOMAIN.match(text, at + 1)
+        if (
+            m is not None
+            and 0 < len(local) <= 64
+            and not (start > 0 and _local_char(text[start - 1]))  # longer than 64
+            and not local.endswith(".")
+            and ".." not in local
+            and m.group().rsplit(".", 1)[1].lower() not in _NOT_TLDS
+            # git@github.com:owner/repo is an SSH remote, not an address
+            and not (text.startswith(":", m.end()) and _glued_after(text, m.end() + 1))
+        ):
+            yield Finding(start, m.end(), "email", "email")
+            at = text.find("@", m.end())
+        else:
+            at = text.find("@", at + 1)
+
+
+# --- phone ------------------------------------------------------------------------
+
+# What may not come right before a phone number (or its + or parenthesis).
+_NOT_BEFORE_PHONE = _WORDY | frozenset("+#@$€£¥%.,/-")
+_GROUP = re.compile(r"[0-9]+")
+# What may stand between two groups of digits: ") ", " - ", "/", "-(", ".", ...
+_SEP = re.compile(rf"\)?[ {_SP}]?[-./]?[ {_SP}]?\(?")
+_EXTENSION = re.compile(r"[ ]?(?:x|ext\.?[ ]?)[0-9]{1,6}(?![0-9A-Za-z])", re.IGNORECASE)
+
+# Words that say a number is a phone number, in the languages of the regions we
+# validate: whole words, beginnings of words, and (for scripts without spaces
+# between words) parts of words. Lower case.
+_PHONE_WORDS = frozenset(
+    ("tel", "ph", "mob", "fax", "sms", "cell", "call", "dial", "ring", "text", "bel", "tél")
+)
+_PHONE_PREFIXES = (
+    "phone", "telef", "teléf", "télé", "telep", "mobil", "móvil", "movil", "celular",
+    "cellul", "calling", "called", "calls", "whatsapp", "contact", "kontakt", "reach",
+    "landline", "hotline", "handy", "rufnummer", "anruf", "numéro", "portable", "chiam",
+    "llam", "ligue", "ligar", "bellen", "mobiel", "faxnummer", "dial",
+)  # fmt: skip
+_PHONE_PARTS = ("電話", "携帯", "連絡", "tel", "फ़ोन", "फोन", "मोबाइल", "संपर्क")
+# Words that say a number is something else: an order, an invoice, a version.
+_NUMBER_WORDS = frozenset(
+    ("id", "no", "nr", "num", "ref", "inv", "po", "case", "part", "ver", "v", "sku", "txn",
+     "acct", "isbn", "build", "serial", "item", "art")
+)  # fmt: skip
+_NUMBER_PREFIXES = (
+    "order", "invoice", "ticket", "tracking", "reference", "account", "serial",
+    "confirmation", "booking", "transaction", "version", "release", "bestell", "rechnung",
+    "kundennummer", "commande", "facture", "pedido", "factura", "ordine", "fattura",
+    "bestelling", "factuur", "isbn",
+)  # fmt: skip
+_NUMBER_PARTS = ("注文", "請求", "オーダー", "ऑर्डर")
+_WORD = re.compile(r"\w+")
+
+
+def _word_kind(word: str) -> int:
+    """1 for a word for phone, -1 for a word for another number, else 0."""
+    if word in _PHONE_WORDS or word.startswith(_PHONE_PREFIXES):
+        return 1
+    if word in _NUMBER_WORDS or word.startswith(_NUMBER_PREFIXES):
+        return -1
+    if not word.isascii():
+        if any(p in word for p in _PHONE_PARTS):
+            return 1
+        if any(p in word for p in _NUMBER_PARTS):
+            return -1
+    return 0
+
+
+# National prefixes people commonly leave out (Indian mobiles: 98765 43210).
+_PREFIX_OPTIONAL = frozenset(("IN",))
+_TYPES = (
+    "premium_rate",
+    "toll_free",
+    "shared_cost",
+    "voip",
+    "personal_number",
+    "pager",
+    "uan",
+    "voicemail",
+    "fixed_line",
+    "mobile",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Desc:
+    """One number type of a plan: its lengths and its pattern."""
+
+    lengths: frozenset[int]
+    pattern: re.Pattern[str]
+
+    def matches(self, nsn: str) -> bool:
+        return (not self.lengths or len(nsn) in self.lengths) and bool(self.pattern.fullmatch(nsn))
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One region's numbering plan from phonenumbers' metadata, compiled. ``valid``
+    and ``strip`` do what ``phonenumbers.parse`` and ``is_valid_number`` do, without
+    the parsing and objects around them (about 40 µs a number)."""
+
+    region: str
+    country_code: str
+    general: re.Pattern[str]
+    lengths: tuple[int, ...]  # sorted
+    local_lengths: frozenset[int]
+    types: tuple[_Desc, ...]
+    prefix: str | None
+    prefix_for_parsing: re.Pattern[str] | None
+    transform: str | None
+    leading_digits: re.Pattern[str] | None
+    # (leading digits, pattern, whether its national format writes the prefix)
+    formats: tuple[tuple[re.Pattern[str] | None, re.Pattern[str], bool], ...]
+
+    def valid(self, nsn: str) -> bool:
+        if len(nsn) not in self.lengths or not self.general.fullmatch(nsn):
+            return False
+        return any(t.matches(nsn) for t in self.types)
+
+    def _length_ok(self, nsn: str) -> bool:
+        """Not too short, local-only or of an invalid length (too long is allowed)."""
+        n = len(nsn)
+        if n in self.local_lengths or n < self.lengths[0]:
+            return False
+        return n > self.lengths[-1] or n in self.lengths
+
+    def _strip_prefix(self, number: str) -> str:
+        if self.prefix_for_parsing is None or not number:
+            return number
+        m = self.prefix_for_parsing.match(number)
+        if m is None:
+            return number
+        groups = m.groups()
+        if not self.transform or not groups or groups[-1] is None:
+            stripped = number[m.end() :]
+        else:
+            stripped = self.prefix_for_parsing.sub(self.transform, number, count=1)
+        if self.general.fullmatch(number) and not self.general.fullmatch(stripped):
+            return number
+        return stripped
+
+    def strip(self, number: str) -> str:
+        """The national significant number of a number dialled in this region."""
+        stripped = self._strip_prefix(number)
+        return stripped if self._length_ok(stripped) else number
+
+    def national(self, digits: str) -> tuple[str, bool]:
+        """The national significant number of ``digits`` written nationally, and
+        whether they start with the national prefix or the country code (as
+        phonenumbers reads 1 415 555 2671 in the US)."""
+        cc = self.country_code
+        if digits.startswith(cc):
+            rest = self._strip_prefix(digits[len(cc) :])
+            too_long = len(digits) > self.lengths[-1]
+            if (not self.general.fullmatch(digits) and self.general.fullmatch(rest)) or too_long:
+                return self.strip(rest), True
+        nsn = self.strip(digits)
+        return nsn, nsn != digits
+
+    def writes_prefix(self, nsn: str) -> bool:
+        """Whether this region's national format of ``nsn`` starts with its prefix."""
+        for leading, pattern, with_prefix in self.formats:
+            if (leading is None or leading.match(nsn)) and pattern.fullmatch(nsn):
+                return with_prefix
+        return False
+
+
+def _compile_desc(desc: object) -> _Desc | None:
+    pattern = getattr(desc, "national_number_pattern", None)
+    if not pattern:
+        return None
+    lengths = frozenset(n for n in getattr(desc, "possible_length", ()) if n > 0)
+    return _Desc(lengths, re.compile(pattern))
+
+
+@cache
+def _plan(region: str) -> _Plan | None:
+    meta = PhoneMetadata.metadata_for_region(region)
+    if meta is None:
+        return None
+    general = meta.general_desc
+    if general is None:
+        return None
+    types = tuple(d for d in (_compile_desc(getattr(meta, t)) for t in _TYPES) if d is not None)
+    prefix = meta.national_prefix
+    formats = []
+    for f in meta.number_format:
+        leading = re.compile(f.leading_digits_pattern[-1]) if f.leading_digits_pattern else None
+        rule = f.national_prefix_formatting_rule or ""
+        with_prefix = prefix is not None and prefix != "" and prefix in rule.split("\\1")[0]
+        formats.append((leading, re.compile(f.pattern or "(?!)"), with_prefix))
+    return _Plan(
+        region=region,
+        country_code=str(meta.country_code),
+        general=re.compile(general.national_number_pattern or "(?!)"),
+        lengths=tuple(sorted(general.possible_length)),
+        local_lengths=frozenset(general.possible_length_local_only),
+        types=types,
+        prefix=prefix,
+        prefix_for_parsing=(
+            re.compile(meta.national_prefix_for_parsing)
+            if meta.national_prefix_for_parsing
+            else None
+        ),
+        transform=meta.national_prefix_transform_rule,
+        leading_digits=re.compile(meta.leading_digits) if meta.leading_digits else None,
+        formats=tuple(formats),
+    )
+
+
+@cache
+def _country(country_code: int) -> tuple[tuple[_Plan, ...], frozenset[int]]:
+    """The plans of a country code's regions, and every length they allow."""
+    plans = tuple(p for p in map(_plan, COUNTRY_CODE_TO_REGION_CODE.get(country_code, ())) if p)
+    return plans, frozenset(n for p in plans for n in p.lengths)
+
+
+def _valid_for_country(country_code: int, nsn: str) -> bool:
+    """``is_valid_number``: the region of a shared country code is the first whose
+    leading digits match, else the first whose plan has the number."""
+    plans, lengths = _country(country_code)
+    if len(nsn) not in lengths:
+        return False
+    for plan in plans:
+        if plan.leading_digits is not None:
+            if plan.leading_digits.match(nsn):
+                return plan.valid(nsn)
+        elif plan.valid(nsn):
+            return True
+    return False
+
+
+def _valid_international(digits: str) -> bool:
+    """``+digits``: a country code (they are prefix-free) and a valid number."""
+    for n in (1, 2, 3):
+        cc = int(digits[:n])
+        plans, _ = _country(cc)
+        if plans:
+            nsn = plans[0].strip(digits[n:])
+            return _valid_for_country(cc, nsn)
+    return False
+
+
+_DATE_SEPS = frozenset("-./")
+
+
+def _is_date(groups: Sequence[str]) -> bool:
+    """2024-01-15, 15.01.2024, 01/15/2024, 15/01/24 and the like."""
+    a, b, c = (len(g) for g in groups)
+    x, y, z = (int(g) for g in groups)
+    if (a, b, c) == (4, 2, 2):
+        return 1 <= y <= 12 and 1 <= z <= 31
+    if a <= 2 and b <= 2 and c in (2, 4):
+        return (1 <= x <= 31 and 1 <= y <= 12) or (1 <= x <= 12 and 1 <= y <= 31)
+    return False
+
+
+def _thousands(groups: Sequence[str]) -> bool:
+    return len(groups[0]) <= 3 and all(len(g) == 3 for g in groups[1:])
+
+
+class _PhoneFinder:
+    """Phone numbers: international (``+``/``00``) ones of any country, national ones
+    of ``regions`` when written like phone numbers or next to a word for phone. All
+    are valid by phonenumbers' metadata."""
+
+    def __init__(self, regions: Sequence[str]) -> None:
+        plans = [_plan(r.upper()) for r in regions]
+        unknown = [r for r, p in zip(regions, plans, strict=True) if p is None]
+        if unknown:
+            raise ValueError(f"unknown phone regions: {', '.join(unknown)}")
+        self._plans = tuple(p for p in plans if p is not None)
+
+    def __call__(self, text: str) -> Iterator[Finding]:
+        for start, end in _numbers(text):
+            if end - start >= 7:
+                yield from self._run(text, start, end)
+
+    def _run(self, text: str, start: int, end: int) -> Iterator[Finding]:
+        ext = _EXTENSION.match(text, end)
+        if _glued_after(text, end if ext is None else ext.end()):
+            return
+        lead = start - 1 if start > 0 and text[start - 1] in "+(" else start
+        if lead > 0 and text[lead - 1] in _NOT_BEFORE_PHONE:
+            return
+        # A run that continues a token of letters and digits (DE89 of an IBAN) is not one.
+        i = start
+        while i > 0 and text[i - 1] in " \u00a0":
+            i -= 1
+        if i != start:
+            token = text[max(0, i - 8) : i].rsplit(None, 1)[-1] if i else ""
+            if any(c in _DIGITS for c in token) and not token.isdigit():
+                return
+        spans = [m.span() for m in _GROUP.finditer(text, start, end)]
+        groups = [text[a:b] for a, b in spans]
+        seps = [text[a[1] : b[0]] for a, b in pairwise(spans)]
+        if any(not _SEP.fullmatch(s) for s in seps):
+            return
+        lengths = [len(g) for g in groups]
+        if len(groups) >= 3 and sum(lengths) >= 13 and all(n == 4 for n in lengths[:-1]):
+            return  # a card or account number in groups of four
+        # Several numbers in one run (030 1234567 / 030 7654321): from each group on,
+        # the longest valid window, one without a spaced slash inside if there is one.
+        slashed = [" / " in s for s in seps]
+        lo = 0
+        while lo < len(groups):
+            his: Sequence[int] = range(min(len(groups), lo + 8), lo, -1)
+            if any(slashed[lo:]):
+                his = sorted(his, key=lambda hi: sum(slashed[lo : hi - 1]))
+            for hi in his:
+                if not 7 <= sum(lengths[lo:hi]) <= 17:
+                    continue
+                s0 = lead if lo == 0 else spans[lo][0]
+                found = self._window(text, s0, spans[lo:hi], groups[lo:hi], seps[lo : hi - 1])
+                if found is not None:
+                    yield found
+                    lo = hi
+                    break
+            else:
+                lo += 1
+
+    def _window(
+        self,
+        text: str,
+        lead: int,
+        spans: Sequence[tuple[int, int]],
+        groups: Sequence[str],
+        seps: Sequence[str],
+    ) -> Finding | None:
+        """Whether ``groups`` (from ``lead``, a + or parenthesis before the first
+        group if there is one) is a phone number."""
+        if len(groups) == 3 and len(set(seps)) == 1 and seps[0] in _DATE_SEPS and _is_date(groups):
+            return None
+        start, end = spans[0][0], spans[-1][1]
+        plus = text[lead] == "+"
+        if plus or (text[lead] == "(" and seps and seps[0].startswith(")")):
+            start = lead  # +49 30..., (415) 555-2671: the area code's parenthesis
+        ext = _EXTENSION.match(text, end)
+        if ext is not None:
+            end = ext.end()
+        context = self._context(text, start, end)
+        if context is False:
+            return None
+        digits = "".join(groups)
+        if plus or digits.startswith("00"):
+            valid = _valid_international(digits if plus else digits[2:])
+        elif not (context or _formatted(groups, seps)):
+            return None
+        else:
+            valid = self._national(digits)
+        return Finding(start, end, "phone", "phone") if valid else None
+
+    def _national(self, digits: str) -> bool:
+        for plan in self._plans:
+            nsn, had_prefix = plan.national(digits)
+            if not _valid_for_country(int(plan.country_code), nsn):
+                continue
+            if had_prefix or plan.region in _PREFIX_OPTIONAL or not plan.writes_prefix(nsn):
+                return True
+        return False
+
+    @staticmethod
+    def _context(text: str, start: int, end: int) -> bool | None:
+        """True after a word for phone, False after a word for another number (order,
+        invoice, version) nearer than any for phone, or after a number sign; None
+        without either."""
+        before = text[max(0, start - 48) : start].lower()
+        if before.rstrip().endswith(("#", "№", "nº", "n°")):
+            return False
+        for word in reversed(_WORD.findall(before)):  # the nearest word decides
+            kind = _word_kind(word)
+            if kind:
+                return kind > 0
+        if any(_word_kind(w) > 0 for w in _WORD.findall(text[end : end + 16].lower())):
+            return True
+        return None
+
+
+def _formatted(groups: Sequence[str], seps: Sequence[str]) -> bool:
+    """Written the way phone numbers are: an area code in parentheses, or groups of
+    two digits or more (a lone leading trunk digit aside), not amounts like 1.234.567."""
+    if len(groups) < 2:
+        return False
+    if any(len(g) == 1 for g in groups[1:]):
+        return False
+    return not (all(s == "." for s in seps) and _thousands(groups))
 
 
 def phone_finder(regions: Sequence[str]) -> Finder:
-    raise NotImplementedError
+    return _PhoneFinder(regions)
+
+
+# --- credit cards -----------------------------------------------------------------
+
+
+def _span(lo: str, hi: str, lengths: Sequence[int]) -> tuple[str, str, frozenset[int]]:
+    return lo, hi, frozenset(lengths)
+
+
+_16_19 = range(16, 20)
+# Issuer identification number ranges (first digits, inclusive) and card lengths.
+_IIN = (
+    _span("4", "4", (13, 16, 19)),  # Visa
+    _span("51", "55", (16,)),  # Mastercard
+    _span("2221", "2720", (16,)),  # Mastercard 2-series
+    _span("34", "34", (15,)),  # American Express
+    _span("37", "37", (15,)),
+    _span("6011", "6011", _16_19),  # Discover
+    _span("644", "649", _16_19),
+    _span("65", "65", _16_19),
+    _span("622126", "622925", _16_19),
+    _span("3528", "3589", _16_19),  # JCB
+    _span("300", "305", range(14, 20)),  # Diners Club
+    _span("3095", "3095", range(14, 20)),
+    _span("36", "36", range(14, 20)),
+    _span("38", "39", range(14, 20)),
+    _span("62", "62", _16_19),  # UnionPay
+    _span("81", "81", _16_19),
+    _span("50", "50", range(12, 20)),  # Maestro
+    _span("56", "69", range(12, 20)),
+    _span("2200", "2204", _16_19),  # Mir
+    _span("60", "60", (16,)),  # RuPay (65 and 81 are above)
+    _span("82", "82", (16,)),
+    _span("508", "508", (16,)),
+    _span("353", "353", (16,)),
+    _span("356", "356", (16,)),
+    _span("2205", "2205", (16,)),  # BORICA
+    _span("1", "1", (15,)),  # UATP
+    _span("9792", "9792", (16,)),  # Troy
+)
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+
+
+def _luhn(digits: str) -> bool:
+    total = sum(map(int, digits[-1::-2])) + sum(_DOUBLED[int(d)] for d in digits[-2::-2])
+    return total % 10 == 0
+
+
+def _card_brand_ok(digits: str) -> bool:
+    n = len(digits)
+    return any(lo <= digits[: len(lo)] <= hi and n in lengths for lo, hi, lengths in _IIN)
+
+
+def _card_grouping(lengths: Sequence[int]) -> bool:
+    """4-4-4-4 (and 4-4-4-1..4, 4-4-4-4-1..3), Amex 4-6-5, Diners 4-6-4, or none."""
+    if len(lengths) == 1:
+        return True
+    if len(lengths) >= 3 and all(n == 4 for n in lengths[:-1]) and 1 <= lengths[-1] <= 4:
+        return True
+    return tuple(lengths) in ((4, 6, 5), (4, 6, 4))
 
 
 def find_credit_card(text: str) -> Iterator[Finding]:
-    raise NotImplementedError
+    """Card numbers of a known brand and length that pass the Luhn check, written
+    without separators or in one separator's usual groups."""
+    for start, end in _numbers(text):
+        if end - start < 12 or _glued_after(text, end) or _decimal_before(text, start):
+            continue
+        if text[start - 1 : start] in _WORDY:
+            continue
+        if end - start - text.count(" ", start, end) - text.count("-", start, end) < 12:
+            continue  # too few digits
+        groups = list(_GROUP.finditer(text, start, end))
+        seps = [text[a.end() : b.start()] for a, b in pairwise(groups)]
+        lengths = [len(g.group()) for g in groups]
+        # From each group on, the longest window of one separator that is a card.
+        lo = 0
+        while lo < len(groups):
+            for hi in range(min(len(groups), lo + 5), lo, -1):
+                if not 12 <= sum(lengths[lo:hi]) <= 19:
+                    continue
+                window = groups[lo:hi]
+                digits = "".join(g.group() for g in window)
+                if (
+                    len(set(seps[lo : hi - 1])) <= 1
+                    and set(seps[lo : hi - 1]) <= {" ", "-"}
+                    and (lo == 0 or "." not in seps[lo - 1])
+                    and (hi == len(groups) or "." not in seps[hi - 1])
+                    and _card_grouping(lengths[lo:hi])
+                    and _card_brand_ok(digits)
+                    and _luhn(digits)
+                ):
+                    yield Finding(window[0].start(), window[-1].end(), "credit_card", "credit_card")
+                    lo = hi
+                    break
+            else:
+                lo += 1
+
+
+# --- IBAN -------------------------------------------------------------------------
+
+# Lengths by country, from the SWIFT IBAN registry (release 2024).
+_IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22,
+    "BH": 22, "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24,
+    "DE": 22, "DJ": 27, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18,
+    "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27,
+    "GT": 28, "HN": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26,
+    "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20,
+    "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MN": 20,
+    "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24,
+    "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24,
+    "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25,
+    "SV": 28, "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+    "YE": 30,
+}  # fmt: skip
+_IBAN_HEAD = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z]{2}[0-9]{2}")
+_IBAN_RUN = re.compile(r"[A-Za-z]{2}[0-9]{2}(?:[ ]?[A-Za-z0-9]){11,30}")
+
+
+def _mod97(iban: str) -> int:
+    rearranged = iban[4:] + iban[:4]
+    return int("".join(str(int(c, 36)) for c in rearranged)) % 97
 
 
 def find_iban(text: str) -> Iterator[Finding]:
-    raise NotImplementedError
+    """IBANs of registry countries, of their country's length, checksum valid (mod 97),
+    compact or in groups of four; upper or lower case, not mixed."""
+    done = 0
+    for run_start, _ in _numbers(text):
+        # The country code and check digits start this run of digits or a token of
+        # letters and digits before it (GB82WEST1234...; GB82 WEST 1234 ...).
+        c = text[run_start - 1 : run_start]
+        if not (c.isalpha() or (c == " " and _letters_group(text[run_start - 6 : run_start]))):
+            continue
+        for head in _IBAN_HEAD.finditer(text, max(done, run_start - 40), run_start + 2):
+            found = _iban_at(text, head.start())
+            if found is not None:
+                done = found.end
+                yield found
+                break
+
+
+def _letters_group(before: str) -> bool:
+    """Whether ``before`` ends with a word of four letters and digits, then a space."""
+    group = before[-5:-1]
+    return (
+        len(before) == 6
+        and before[0] == " "
+        and group.isalnum()
+        and group.isascii()
+        and not group.isdigit()
+    )
+
+
+def _iban_at(text: str, start: int) -> Finding | None:
+    m = _IBAN_RUN.match(text, start)
+    if m is None:
+        return None
+    run = m.group()
+    length = _IBAN_LENGTHS.get(run[:2].upper())
+    if length is None:
+        return None
+    grouped = run[4:5] == " "
+    span = length + (length - 1) // 4 if grouped else length
+    iban = run[:span]
+    if len(iban) < span or _glued_after(text, start + span):
+        return None
+    if grouped and any(iban[i] != " " for i in range(4, span, 5)):
+        return None
+    compact = iban.replace(" ", "")
+    if len(compact) != length:
+        return None
+    letters = "".join(c for c in compact if c.isalpha())
+    if not (letters.isupper() or letters.islower()):
+        return None
+    if _mod97(compact.upper()) != 1:
+        return None
+    return Finding(start, start + span, "iban", "iban")
+
+
+# --- US social security numbers ---------------------------------------------------
+
+_SSN = re.compile(
+    r"(?<![A-Za-z0-9_\-])([0-9]{3})(?:([- ])([0-9]{2})\2([0-9]{4})|([0-9]{2})([0-9]{4}))"
+)
+# Printed on a wallet insert and in an advertisement, then voided by the SSA.
+_SSN_VOID = frozenset((("078", "05", "1120"), ("219", "09", "9999")))
+_SSN_CONTEXT = re.compile(r"ssn|social\s*security|soc\.?\s*sec|\bss\s?#|\bss\s?no")
 
 
 def find_us_ssn(text: str) -> Iterator[Finding]:
-    raise NotImplementedError
+    """AAA-GG-SSSS or AAA GG SSSS of a possible area, group and serial; nine bare
+    digits only after a word for social security number."""
+    for run_start, run_end in _numbers(text):
+        if run_end - run_start >= 9:
+            yield from _ssns(text, run_start, run_end)
+
+
+def _ssns(text: str, run_start: int, run_end: int) -> Iterator[Finding]:
+    for m in _near(_SSN, text, run_start, run_end):
+        start, end = m.start(), m.end()
+        if _glued_after(text, end) or _decimal_before(text, start):
+            continue
+        area = m.group(1)
+        group = m.group(3) or m.group(5)
+        serial = m.group(4) or m.group(6)
+        if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
+            continue
+        if (area, group, serial) in _SSN_VOID:
+            continue
+        if m.group(2) is None and not _SSN_CONTEXT.search(text[max(0, start - 40) : start].lower()):
+            continue
+        yield Finding(start, end, "us_ssn", "us_ssn")
+
+
+# --- IP addresses -----------------------------------------------------------------
+
+_IPV4 = re.compile(r"(?<![A-Za-z0-9_.])(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?![0-9A-Za-z_]|\.[0-9A-Za-z])")
+_NOT_IP = re.compile(
+    r"(?:\bv|version|\bver\.?|release|\bbuild|firmware|section|\bsec\.?|chapter|"
+    r"\bch\.?|figure|\bfig\.?|table|clause|§|rule|item|step|oid)[\s:=]*$"
+)
+# From a colon on; the up to four hex digits before it are found in code.
+_IPV6 = re.compile(r":[0-9A-Fa-f:.]{2,44}(?![A-Za-z0-9_:])")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _ipv4_ok(text: str, start: int, address: str) -> bool:
+    if any((len(o) > 1 and o[0] == "0") or int(o) > 255 for o in address.split(".")):
+        return False
+    if start >= 2 and text[start - 1] == "/" and text[start - 2].isalpha():
+        return False  # Chrome/120.0.0.0
+    return not _NOT_IP.search(text[max(0, start - 12) : start].lower())
 
 
 def find_ip_address(text: str) -> Iterator[Finding]:
-    raise NotImplementedError
+    """IPv4 (dotted quads of octets without leading zeros; not versions, section
+    numbers or OIDs) and IPv6 (``ipaddress``; not MAC addresses or times)."""
+    for run_start, run_end in _numbers(text):
+        if run_end - run_start >= 7:
+            for m in _near(_IPV4, text, run_start, run_end):
+                if _ipv4_ok(text, m.start(), m.group()):
+                    yield Finding(m.start(), m.end(), "ip_address", "ip_address")
+    if text.count(":") >= 2:
+        yield from _ipv6s(text)
+
+
+def _ipv6s(text: str) -> Iterator[Finding]:
+    for m in _IPV6.finditer(text):
+        start = m.start()
+        while start > 0 and m.start() - start < 4 and text[start - 1] in _HEX:
+            start -= 1
+        if start > 0 and (text[start - 1] in _WORDY or text[start - 1] in ":."):
+            continue
+        candidate = text[start : m.end()].rstrip(".")
+        if "::" not in candidate and candidate.count(":") < 6:
+            continue  # 12:30:45
+        if candidate.count(":") < 2:
+            continue
+        try:
+            address = ipaddress.IPv6Address(candidate)
+        except ValueError:
+            continue
+        parts = candidate.split(":")
+        if address.ipv4_mapped is None and "." not in candidate:
+            if sum(len(p) for p in parts) < 4:
+                continue  # ::1, 1::2 (a slice), ::
+            if "::" not in candidate and all(len(p) == 2 for p in parts):
+                continue  # an EUI-64 or MAC-like 00:1a:2b:...
+        yield Finding(start, start + len(candidate), "ip_address", "ip_address")
