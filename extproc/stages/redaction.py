@@ -352,7 +352,8 @@ class RedactionFlow(Flow):
                     kind, text = text_event(api, data, stream, held)
                     events.insert_before(event, Event(kind, text))
                 else:
-                    slot[0][slot[1]] = (slot[0].get(slot[1]) or "") + held
+                    container, key = slot
+                    container[key] = (container.get(key) or "") + held
                     changed = True
             if changed:
                 events.replace(event, orjson.dumps(data).decode())

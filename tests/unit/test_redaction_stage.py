@@ -253,7 +253,7 @@ def test_policy_by_key_then_tenant_then_default_and_route_off(
     assert hashed.startswith("mail [EMAIL_") and len(hashed) == len("mail [EMAIL_]") + 16
     assert world.sent(world.send(text, key=help_key)[0])["messages"][0]["content"] == hashed
     run, denied = world.send(text, "/trusted/v1/chat/completions")
-    assert denied is None and world.sent(run)["messages"][0]["content"] == f"mail {EMAIL}"
+    assert denied is None and run.ex.body is None  # not even read: no stage wanted it
 
 
 def test_a_key_naming_an_unknown_policy_is_refused() -> None:
@@ -302,14 +302,13 @@ def test_a_detector_fault_fails_closed_and_is_counted() -> None:
 
 
 def test_a_redacted_body_too_deep_to_write_out_again_is_refused_not_sent_as_is() -> None:
-    deep: Any = EMAIL
-    for _ in range(300):
-        deep = {"a": deep}
-    body = {
-        "model": "claude-3-5-haiku",
-        "max_tokens": 5,
-        "messages": [{"role": "assistant", "content": [{"type": "tool_use", "input": deep}]}],
-    }
+    deep = b'{"a":' * 300 + f'"{EMAIL}"'.encode() + b"}" * 300  # orjson reads it, cannot write it
+    content = b'[{"type": "tool_use", "input": ' + deep + b"}]"
+    body = (
+        b'{"model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": '
+        + content
+        + b"}]}"
+    )
     world = World(config(redaction={}))
     _, denied = world.send(body, "/v1/messages", **{"anthropic-version": "2023-06-01"})
     assert denied is not None and denied.status == 400 and "nested too deeply" in denied.message
