@@ -48,6 +48,59 @@ CHAT_COMPLETION = (
     'today?"}, "logprobs": null, "finish_reason": "stop"}], '
     '"usage": {"prompt_tokens": 11, "completion_tokens": 9, "total_tokens": 20}}'
 )
+# A 2 KB chat of four messages (a support conversation) for redaction: with an email, a
+# card and a phone in the last message, or with words of the same length instead.
+EMAIL, CARD, PHONE = "jane.doe@example.com", "4111 1111 1111 1111", "+1 415 555 0132"
+NEUTRAL = {EMAIL: "the usual work inbox", CARD: "my usual debit card", PHONE: "my mobile phone"}
+_SYSTEM = (
+    "You are the customer-support assistant of Northwind Outfitters, an online shop for "
+    "outdoor clothing and camping gear. Answer briefly and in a friendly tone. Never ask "
+    "for a full card number or a password. When an order cannot be found, ask for the "
+    "order number and for the email address used at checkout. Refunds go back to the "
+    "original payment method within five to seven working days; exchanges are free "
+    "within thirty days of delivery if the item is unworn and has its labels."
+)
+_FIRST = (
+    "Hi! I ordered a waterproof hiking jacket, size medium, in dark green, about two "
+    "weeks ago. The tracking page has said 'label created' since the first day and "
+    "nothing has moved since. I need the jacket for a trip to the mountains at the end "
+    "of next week, so I am getting a little worried. Could you check what happened?"
+)
+_ANSWER = (
+    "I'm sorry the jacket hasn't arrived yet, that must be frustrating with a trip "
+    "coming up. I couldn't find the order from your name alone. Could you tell me the "
+    "email address you used at checkout, and, if you have it, the order number from "
+    "the confirmation message? Then I can see whether the parcel left our warehouse."
+)
+_SECOND = (
+    "Sure. I used {email} when I ordered, and I paid with {card}. I can't find the "
+    "confirmation message anywhere, I think I deleted it by accident while cleaning up "
+    "my inbox last weekend. If the jacket can't arrive before Thursday, I would rather "
+    "cancel the order and get my money back, and buy one in a shop near me instead. If "
+    "it is easier to sort this out over the phone, you can call me on {phone} any day "
+    "after five in the afternoon, or in the morning before nine. Thanks a lot for "
+    "helping, and sorry for the long message! One more thing: the delivery address is "
+    "my office, not my home, so please make sure the courier knows that the reception "
+    "closes at six. If it has to be left somewhere, the neighbours on the ground floor "
+    "are happy to take parcels for us. Does it come with the small repair kit?"
+)
+
+
+def chat_2k_body(entities: bool = True) -> str:
+    values = {"email": EMAIL, "card": CARD, "phone": PHONE}
+    if not entities:
+        values = {k: NEUTRAL[v] for k, v in values.items()}
+    messages = [
+        {"role": "system", "content": _SYSTEM},
+        {"role": "user", "content": _FIRST},
+        {"role": "assistant", "content": _ANSWER},
+        {"role": "user", "content": _SECOND.format(**values)},
+    ]
+    return json.dumps({"model": "gpt-4o-mini", "max_tokens": 256, "messages": messages})
+
+
+CHAT_2K_BODY = chat_2k_body()
+REDACTED_PER_REQUEST = 3  # what the redaction defaults replace in CHAT_2K_BODY
 STREAM_HEADER = "x-bench-stream"  # the fast upstream answers with SSE when it is present
 STREAM_BODY = REQUEST_BODY[:-1] + ', "stream": true}'
 
@@ -72,10 +125,13 @@ CHAT_STREAM = (
 )
 
 
-# The Tollway a scenario goes through: "base" has no limits; the others have LIMIT_RULES
-# on the named quota store. Each is its own Tollway process behind its own front Envoy.
+# The Tollway a scenario goes through: "base" has no limits and no redaction; the limits
+# stacks have LIMIT_RULES on the named quota store; "redaction" has `redaction: {}` (the
+# defaults). Each is its own Tollway process behind its own front Envoy.
 BASE = "base"
-STACKS = (BASE, "limits-redis", "limits-memory")
+STACKS = (BASE, "limits-redis", "limits-memory")  # those of limits (limits_driver.py)
+REDACTION = "redaction"
+ALL_STACKS = (*STACKS, REDACTION)
 STORE_NAMES = {"limits-redis": "Redis", "limits-memory": "memory"}
 # Three rules that run on every request and never deny during a run (the point is their
 # cost): requests by key, tokens by tenant, dollars by tenant. The bench key's tenant is
@@ -96,13 +152,26 @@ class Scenario:
     headers: dict[str, str]
     about: str
     stack: str = BASE
-    base: str | None = None  # the same request without limits, to compare against
+    base: str | None = None  # the same request without limits or redaction, to compare
+
+    @property
+    def feature(self) -> str | None:
+        """What this scenario measures the cost of: "limits", "redaction" or nothing."""
+        if self.stack == BASE:
+            return None
+        return REDACTION if self.stack == REDACTION else "limits"
 
     def with_limits(self, stack: str) -> Scenario:
         about = f"{self.about}, {len(LIMIT_RULES)} limit rules, {STORE_NAMES[stack]} store"
         name = f"{self.name}+{stack}"
         return Scenario(
             name, self.method, self.path, self.body, self.headers, about, stack, self.name
+        )
+
+    def with_redaction(self, name: str) -> Scenario:
+        about = f"{self.about}, redaction (the defaults): 3 entities replaced"
+        return Scenario(
+            name, self.method, self.path, self.body, self.headers, about, REDACTION, self.name
         )
 
 
@@ -122,6 +191,16 @@ _STREAM = Scenario(
     {"content-type": "application/json", STREAM_HEADER: "1"},
     "metered SSE chat stream",
 )
+# The chat with CHAT_2K_BODY: the base to compare redaction with (the same body, so the
+# difference is redaction's work, not the larger body's cost in Envoy and metering).
+_CHAT_2K = Scenario(
+    "chat-2k",
+    "POST",
+    PATH,
+    CHAT_2K_BODY,
+    {"content-type": "application/json"},
+    f"metered JSON chat completion, a {len(CHAT_2K_BODY)}-byte body of 4 messages",
+)
 SCENARIOS = {
     s.name: s
     for s in (
@@ -129,12 +208,17 @@ SCENARIOS = {
         _CHAT,
         _STREAM,
         *(base.with_limits(stack) for base in (_CHAT, _STREAM) for stack in STACKS[1:]),
+        _CHAT_2K,
+        _CHAT_2K.with_redaction("chat+redaction"),
     )
 }
 DEFAULT_SCENARIOS = ("auth", "chat", "stream")
-# Targets for limits (DESIGN.md issue): over the same scenario without them, in one run.
-MAX_ADDED_CPU_US = 60.0
-MAX_RATIO_DROP = 0.10
+# Targets over the same scenario without the feature, in one run (the issues): added
+# Tollway CPU per request (None: no target), and the drop of the ratio to plain Envoy.
+TARGETS: dict[str, tuple[float | None, float]] = {
+    "limits": (60.0, 0.10),
+    REDACTION: (None, 0.15),
+}
 UPSTREAM_YAML = Path(__file__).with_name("upstream-envoy.yaml")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 60.0
@@ -153,6 +237,10 @@ class Target:
     @property
     def limits(self) -> bool:
         return bool(self.config.limits) and self.tollway is not None
+
+    @property
+    def redacts(self) -> bool:
+        return self.config.redaction is not None and self.tollway is not None
 
     @property
     def url(self) -> str:
@@ -177,6 +265,7 @@ class Sample:
     limit_allowed: float | None = None  # limit decisions "allowed" per request (all rules)
     limit_failed_closed: int | None = None  # store failures refused (503), summed
     limit_failed_open: int | None = None  # store failures let through, summed
+    redacted: float | None = None  # entities replaced per request
 
 
 def parse_args() -> argparse.Namespace:
@@ -202,6 +291,13 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.scenarios) - SCENARIOS.keys()
     if unknown:
         p.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    # A scenario measured against a base is judged against it in the same run only.
+    named = list(args.scenarios)
+    for name in named:
+        base = SCENARIOS[name].base
+        if base is not None and base not in args.scenarios:
+            print(f"adding {base}, the base of {name}", file=sys.stderr)
+            args.scenarios.insert(args.scenarios.index(name), base)
     if args.quick:
         args.duration, args.rounds, args.ttfb_requests = 3, 1, 50
     return args
@@ -220,19 +316,30 @@ def extproc_msgs_sent(admin_port: int) -> int:
     return sum(int(line.rpartition(":")[2]) for line in text.splitlines() if ":" in line)
 
 
-def limit_decisions(metrics_port: int) -> dict[tuple[str, str], float]:
-    """tollway_limit_decisions_total by (rule, outcome), from Tollway's /metrics."""
+def counter(metrics_port: int, name: str, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+    """The counter ``name`` (without _total) by the values of ``labels``, from Tollway's
+    /metrics."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    found: dict[tuple[str, str], float] = {}
+    found: dict[tuple[str, ...], float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "tollway_limit_decisions":
+        if family.name == name:
             for sample in family.samples:
                 if sample.name.endswith("_total"):
-                    labels = sample.labels
-                    found[labels["rule"], labels["outcome"]] = sample.value
+                    found[tuple(sample.labels[k] for k in labels)] = sample.value
     return found
+
+
+def limit_decisions(metrics_port: int) -> dict[tuple[str, ...], float]:
+    """tollway_limit_decisions_total by (rule, outcome)."""
+    return counter(metrics_port, "tollway_limit_decisions", ("rule", "outcome"))
+
+
+def redactions(metrics_port: int) -> float:
+    """Entities replaced in requests, all types (tollway_redactions_total)."""
+    found = counter(metrics_port, "tollway_redactions", ("where",))
+    return sum(v for (where,), v in found.items() if where == "request")
 
 
 def upstream_envoy_config(port: int, admin_port: int) -> dict[str, Any]:
@@ -277,7 +384,8 @@ def bench_config(
 
     Metrics are served (on a free port) so the limits stacks can show their decisions;
     an idle metrics thread costs nothing per request. The limits stacks add LIMIT_RULES
-    and their store: Redis at ``redis_url``, or memory (budgets saved next to the keys).
+    and their store: Redis at ``redis_url``, or memory (budgets saved next to the keys);
+    the redaction stack adds ``redaction: {}``.
     """
     upstream = {"url": f"http://127.0.0.1:{upstream_port}", "api": "openai", "prefixes": ["/v1/"]}
     settings: dict[str, Any] = {
@@ -287,7 +395,9 @@ def bench_config(
         "envoy": {"port": up.free_port(), "admin_port": up.free_port(), "concurrency": 1},
         "upstreams": {"openai": upstream},
     }
-    if stack != BASE:
+    if stack == REDACTION:
+        settings["redaction"] = {}
+    elif stack != BASE:
         settings["limits"] = LIMIT_RULES
     if stack == "limits-redis":
         assert redis_url is not None
@@ -385,7 +495,7 @@ def start_stack(
     key, record = keys.generate(name="bench", tenant="bench")
     keys.add(workdir / "keys.yaml", record)
     tollways: dict[str, Target] = {}
-    for stack in (s for s in STACKS if s == BASE or s in stacks):
+    for stack in (s for s in ALL_STACKS if s == BASE or s in stacks):
         store = redis_url = None
         if stack == "limits-redis":
             store, redis_url = start_redis(workdir, procs)
@@ -449,8 +559,9 @@ def run_wrk(url: str, script: Path, duration: int, connections: int) -> str:
 
 def measure(target: Target, script: Path, duration: int, connections: int) -> Sample:
     procs = [p for p in (target.envoy, target.tollway, target.store) if p is not None]
-    metrics_port = target.config.metrics.port if target.limits else None
+    metrics_port = target.config.metrics.port if target.limits or target.redacts else None
     decisions_before = limit_decisions(metrics_port) if metrics_port else {}
+    redacted_before = redactions(metrics_port) if metrics_port else 0.0
     msgs_before = extproc_msgs_sent(target.admin_port)
     before = [cpu_seconds(proc.pid) for proc in procs]
     output = run_wrk(target.url, script, duration, connections)
@@ -467,6 +578,16 @@ def measure(target: Target, script: Path, duration: int, connections: int) -> Sa
     )
     if metrics_port is None:
         return sample
+    if target.redacts:
+        redacted = redactions(metrics_port) - redacted_before
+        if redacted < REDACTED_PER_REQUEST * (requests - connections):
+            raise RuntimeError(
+                f"{target.name}: {redacted:.0f} entities replaced in {requests} requests,"
+                f" expected {REDACTED_PER_REQUEST} in each"
+            )
+        sample.redacted = redacted / requests
+    if not target.limits:
+        return sample
     after = limit_decisions(metrics_port)
     moved = {k: v - decisions_before.get(k, 0.0) for k, v in after.items()}
     check_decisions(target, moved, requests, connections)
@@ -479,7 +600,7 @@ def measure(target: Target, script: Path, duration: int, connections: int) -> Sa
 
 
 def check_decisions(
-    target: Target, moved: dict[tuple[str, str], float], requests: int, connections: int
+    target: Target, moved: dict[tuple[str, ...], float], requests: int, connections: int
 ) -> None:
     """Every rule decided (about) every request, and none was limited: the rules ran and
     nothing was denied. A request decided just before the measurement began may finish
@@ -525,18 +646,25 @@ def summarize(plain: Sample, tollway: Sample) -> dict[str, Any]:
     }
 
 
-def compare(result: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """What limits add over the same scenario without them, measured in the same run."""
+def compare(result: dict[str, Any], base: dict[str, Any], feature: str) -> dict[str, Any]:
+    """What limits or redaction add over the same scenario without them, in the same run."""
     added_cpu = result["tollway"]["tollway_cpu_us"] - base["tollway"]["tollway_cpu_us"]
     drop = 1 - result["ratio_rps"] / base["ratio_rps"]
+    max_cpu, max_drop = TARGETS[feature]
     return {
         "added_tollway_cpu_us": round(added_cpu, 1),
         "ratio_rps_drop": round(drop, 3),
-        "within_targets": added_cpu <= MAX_ADDED_CPU_US and drop <= MAX_RATIO_DROP,
+        "within_targets": (max_cpu is None or added_cpu <= max_cpu) and drop <= max_drop,
     }
 
 
-ROW = "{:<16}{:>9}{:>9}{:>9}{:>18}{:>20}"
+def targets_text(feature: str) -> tuple[str, str]:
+    """The targets of ``feature``: (added CPU, ratio drop), as the tables say them."""
+    max_cpu, max_drop = TARGETS[feature]
+    return ("none" if max_cpu is None else f"<= {max_cpu:.0f}"), f"{max_drop:.0%}"
+
+
+ROW = "{:<18}{:>9}{:>9}{:>9}{:>18}{:>20}"
 COST_ROW = "{:<24}{:>20}{:>11}{:>11}{:>12}{:>17}"
 
 
@@ -566,21 +694,28 @@ def print_table(scenario: Scenario, rows: list[tuple[str, Sample]], result: dict
             f" {ext.limit_failed_open} open"
             f"   non-2xx: {ext.non2xx}{store}"
         )
-    if "vs_base" in result:
+    if ext.redacted is not None:
+        print(f"entities replaced per request: {ext.redacted:.2f}   non-2xx: {ext.non2xx}")
+    if "vs_base" in result and scenario.feature is not None:
         vs = result["vs_base"]
+        cpu, drop = targets_text(scenario.feature)
         print(
             f"vs {scenario.base} in this run: {vs['added_tollway_cpu_us']:+.0f} us Tollway CPU/req"
-            f" (target <= {MAX_ADDED_CPU_US:.0f}),"
-            f" ratio rps {-vs['ratio_rps_drop']:+.1%} (target >= {-MAX_RATIO_DROP:.0%})"
+            f" (target: {cpu}), ratio rps {-vs['ratio_rps_drop']:+.1%} (target >= -{drop})"
         )
 
 
-def print_cost_table(scenarios: list[Scenario], results: dict[str, Any]) -> None:
-    """The limits rows next to the rows they are compared with: one table, one run."""
+def print_cost_tables(scenarios: list[Scenario], results: dict[str, Any]) -> None:
+    for feature in TARGETS:
+        print_cost_table(feature, [s for s in scenarios if s.feature == feature], results)
+
+
+def print_cost_table(feature: str, scenarios: list[Scenario], results: dict[str, Any]) -> None:
+    """The rows of ``feature`` next to the rows they are compared with: one table, one run."""
     rows = [s for s in scenarios if s.base is not None and "vs_base" in results[s.name]]
     if not rows:
         return
-    print("\n== cost of limits (difference against the same scenario without them, this run)")
+    print(f"\n== cost of {feature} (difference against the same scenario without it, this run)")
     print(
         COST_ROW.format(
             "scenario",
@@ -603,10 +738,8 @@ def print_cost_table(scenarios: list[Scenario], results: dict[str, Any]) -> None
             "-" if vs is None else ("yes" if vs["within_targets"] else "NO"),
         )
         print(COST_ROW.format(name, *cells))
-    print(
-        f"targets: added Tollway CPU <= {MAX_ADDED_CPU_US:.0f} us/req,"
-        f" ratio to plain Envoy drops by <= {MAX_RATIO_DROP:.0%}"
-    )
+    cpu, drop = targets_text(feature)
+    print(f"targets: added Tollway CPU {cpu} us/req, ratio to plain Envoy drops by <= {drop}")
 
 
 def run_rounds(
@@ -721,11 +854,11 @@ def main() -> int:
     for scenario in scenarios:
         pair = medians[scenario.name]
         summary = results[scenario.name] = summarize(pair[0], pair[1])
-        if scenario.base in results:
-            summary["vs_base"] = compare(summary, results[scenario.base])
+        if scenario.base in results and scenario.feature is not None:
+            summary["vs_base"] = compare(summary, results[scenario.base], scenario.feature)
         name = tollways[scenario.stack].name
         print_table(scenario, [(plain.name, pair[0]), (name, pair[1])], summary)
-    print_cost_table(scenarios, results)
+    print_cost_tables(scenarios, results)
     result["ttfb_stream"] = ttfb
     print(f"\n== time to first byte of a stream, unloaded ({args.ttfb_requests} requests each)")
     for target in (plain, tollway):

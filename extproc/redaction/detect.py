@@ -11,9 +11,12 @@ from .findings import DEFAULT_ENTITIES, Finder, Finding
 
 # A window of a long text is searched with this much text around it: before, for
 # context words; after, so that an entity starting in the window is seen whole
-# (a PEM private key block is the longest, a few KB).
+# (a PEM private key block is the longest, a few KB). PII is short (an email at most
+# 254 characters), so its finders look only SHORT_MARGIN past the window.
 CONTEXT = 256
 MARGIN = 16 << 10
+SHORT_MARGIN = 1 << 10
+_SHORT = ("email", "phone", "credit_card", "iban", "us_ssn", "ip_address")
 # When two findings overlap, the longer wins; of equal length, the earlier here.
 _PRIORITY = ("secrets", "credit_card", "iban", "us_ssn", "phone", "email", "ip_address")
 
@@ -37,20 +40,29 @@ class Detector:
         self.entities = tuple(entities)
         self._finders = [finders[e]() for e in self.entities]
         self._finders += [custom_finder(name, pattern) for name, pattern in custom]
+        margins = [SHORT_MARGIN if e in _SHORT else MARGIN for e in self.entities]
+        self._margins = margins + [MARGIN] * len(custom)
         names = [*_PRIORITY, *(name for name, _ in custom)]
         self._rank = {name: i for i, name in enumerate(names)}
 
     def find(self, text: str, start: int = 0, end: int | None = None) -> list[Finding]:
         """The findings in text order, none overlapping another; with ``start`` and
-        ``end``, those that start in text[start:end] (looking ``MARGIN`` around it)."""
+        ``end``, those that start in text[start:end] (looking around it: CONTEXT before,
+        a finder's margin after)."""
         if start <= 0 and (end is None or end >= len(text)):
             return self._resolve([f for finder in self._finders for f in finder(text)])
         stop = len(text) if end is None else end
-        lo, hi = max(0, start - CONTEXT), min(len(text), stop + MARGIN)
-        piece = text[lo:hi]
+        lo = max(0, start - CONTEXT)
+        pieces: dict[int, str] = {}  # by margin: each searched once
+        found: list[Finding] = []
+        for finder, margin in zip(self._finders, self._margins, strict=True):
+            piece = pieces.get(margin)
+            if piece is None:
+                piece = pieces[margin] = text[lo : min(len(text), stop + margin)]
+            found += finder(piece)
         return [
             Finding(f.start + lo, f.end + lo, f.entity, f.kind)
-            for f in self._resolve([f for finder in self._finders for f in finder(piece)])
+            for f in self._resolve(found)
             if start <= f.start + lo < stop
         ]
 
