@@ -338,8 +338,8 @@ def limit_decisions(metrics_port: int) -> dict[tuple[str, ...], float]:
 
 def redactions(metrics_port: int) -> float:
     """Entities replaced in requests, all types (tollway_redactions_total)."""
-    found = counter(metrics_port, "tollway_redactions", ("where",))
-    return sum(v for (where,), v in found.items() if where == "request")
+    found = counter(metrics_port, "tollway_redactions", ("entity", "action", "where"))
+    return sum(v for (_, _, where), v in found.items() if where == "request")
 
 
 def upstream_envoy_config(port: int, admin_port: int) -> dict[str, Any]:
@@ -661,7 +661,7 @@ def compare(result: dict[str, Any], base: dict[str, Any], feature: str) -> dict[
 def targets_text(feature: str) -> tuple[str, str]:
     """The targets of ``feature``: (added CPU, ratio drop), as the tables say them."""
     max_cpu, max_drop = TARGETS[feature]
-    return ("none" if max_cpu is None else f"<= {max_cpu:.0f}"), f"{max_drop:.0%}"
+    return ("none" if max_cpu is None else f"<= {max_cpu:.0f} us/req"), f"{max_drop:.0%}"
 
 
 ROW = "{:<18}{:>9}{:>9}{:>9}{:>18}{:>20}"
@@ -739,7 +739,7 @@ def print_cost_table(feature: str, scenarios: list[Scenario], results: dict[str,
         )
         print(COST_ROW.format(name, *cells))
     cpu, drop = targets_text(feature)
-    print(f"targets: added Tollway CPU {cpu} us/req, ratio to plain Envoy drops by <= {drop}")
+    print(f"targets: added Tollway CPU: {cpu}, ratio to plain Envoy drops by <= {drop}")
 
 
 def run_rounds(
