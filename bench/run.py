@@ -4,7 +4,8 @@ Three kinds of request (auth only, a metered JSON chat, a metered SSE stream), e
 under wrk load on both fronts, plus a sequential probe of time to first byte of a
 stream. On request, the chat and the stream again with three limit rules on, through
 a second Tollway whose quota store is a real redis-server or its own memory, so that
-the cost of limits reads as a difference against the same scenario in the same run.
+the cost of limits reads as a difference against the same scenario in the same run;
+and a 2 KB chat with and without redaction (`chat-2k`, `chat+redaction`), the same way.
 Run: .venv/bin/python bench/run.py [--duration 10] [--rounds 2] [--quick] [--scenarios ...]
 See bench/README.md for how to read the output.
 """
