@@ -29,16 +29,17 @@ _DIGITS = frozenset("0123456789")
 
 
 def _glued_after(text: str, end: int) -> bool:
-    """A letter, digit or decimal part (``.5``, ``,89``) right after ``end``."""
+    """A letter or digit right after ``end``, or a decimal part or the rest of a time
+    (``.5``, ``-7``, ``:30``). A comma is no glue: it separates CSV fields."""
     if end >= len(text):
         return False
     c = text[end]
-    return c in _WORDY or (c in ".,-" and end + 1 < len(text) and text[end + 1] in _DIGITS)
+    return c in _WORDY or (c in ".-:" and end + 1 < len(text) and text[end + 1] in _DIGITS)
 
 
 def _decimal_before(text: str, start: int) -> bool:
-    """A digit joined to ``start`` by a decimal point or comma (0.4111...)."""
-    return start >= 2 and text[start - 1] in ".," and text[start - 2] in _DIGITS
+    """A digit joined to ``start`` by a decimal point (0.4111...)."""
+    return start >= 2 and text[start - 1] == "." and text[start - 2] in _DIGITS
 
 
 # Runs of digits and the separators numbers are written with, at least four
@@ -74,7 +75,7 @@ _L = r"[^\W_\u2e80-\uffff\U00010000-\U0010ffff]"
 _DOMAIN = re.compile(
     rf"(?:{_L}(?:(?:{_L}|-){{0,61}}{_L})?\.){{1,8}}"  # labels, each ending at its dot
     r"(?:[^\W\d_\u2e80-\uffff\U00010000-\U0010ffff]{2,63}|xn--[a-z0-9]{1,59})"  # the TLD
-    r"(?![\w-]|\.\w)",
+    rf"(?!{_L}|[-_]|\.{_L})",  # (text in Japanese may follow without a space)
     re.IGNORECASE,
 )
 _LOCAL_PUNCT = frozenset("._%+-")
@@ -124,7 +125,7 @@ def find_email(text: str) -> Iterator[Finding]:
 # --- phone ------------------------------------------------------------------------
 
 # What may not come right before a phone number (or its + or parenthesis).
-_NOT_BEFORE_PHONE = _WORDY | frozenset("+#@$€£¥%.,/-")
+_NOT_BEFORE_PHONE = _WORDY | frozenset("+#@$€£¥%./-")
 _GROUP = re.compile(r"[0-9]+")
 # What may stand between two groups of digits: ") ", " - ", "/", "-(", ".", ...
 _SEP = re.compile(rf"\)?[ {_SP}]?[-./]?[ {_SP}]?\(?")
@@ -139,13 +140,13 @@ _PHONE_WORDS = frozenset(
 _PHONE_PREFIXES = (
     "phone", "telef", "teléf", "télé", "telep", "mobil", "móvil", "movil", "celular",
     "cellul", "calling", "called", "calls", "whatsapp", "contact", "kontakt", "reach",
-    "landline", "hotline", "handy", "rufnummer", "anruf", "numéro", "portable", "chiam",
+    "landline", "hotline", "handy", "ruf", "anruf", "numéro", "portable", "chiam",
     "llam", "ligue", "ligar", "bellen", "mobiel", "faxnummer", "dial",
 )  # fmt: skip
 _PHONE_PARTS = ("電話", "携帯", "連絡", "tel", "फ़ोन", "फोन", "मोबाइल", "संपर्क")
 # Words that say a number is something else: an order, an invoice, a version.
 _NUMBER_WORDS = frozenset(
-    ("id", "no", "nr", "num", "ref", "inv", "po", "case", "part", "ver", "v", "sku", "txn",
+    ("id", "ref", "inv", "po", "case", "part", "ver", "v", "sku", "txn", "oid",
      "acct", "isbn", "build", "serial", "item", "art")
 )  # fmt: skip
 _NUMBER_PREFIXES = (
@@ -403,14 +404,20 @@ class _PhoneFinder:
         if any(not _SEP.fullmatch(s) for s in seps):
             return
         lengths = [len(g) for g in groups]
-        if len(groups) >= 3 and sum(lengths) >= 13 and all(n == 4 for n in lengths[:-1]):
-            return  # a card or account number in groups of four
+        if not _phone_run(groups, lengths, seps):
+            return
+        if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
+            return  # the rest of an IBAN (NL91 ABNA 0417 1643 00)
+        dotted = all(s == "." for s in seps)
         # Several numbers in one run (030 1234567 / 030 7654321): from each group on,
         # the longest valid window, one without a spaced slash inside if there is one.
+        # Not in dotted runs (192.168.0.1, 1.2.840.113549): their parts are no phones.
         slashed = [" / " in s for s in seps]
         lo = 0
-        while lo < len(groups):
+        while lo < (1 if dotted else len(groups)):
             his: Sequence[int] = range(min(len(groups), lo + 8), lo, -1)
+            if dotted:
+                his = (len(groups),)
             if any(slashed[lo:]):
                 his = sorted(his, key=lambda hi: sum(slashed[lo : hi - 1]))
             for hi in his:
@@ -435,8 +442,13 @@ class _PhoneFinder:
     ) -> Finding | None:
         """Whether ``groups`` (from ``lead``, a + or parenthesis before the first
         group if there is one) is a phone number."""
-        if len(groups) == 3 and len(set(seps)) == 1 and seps[0] in _DATE_SEPS and _is_date(groups):
-            return None
+        if any(
+            seps[k] == seps[k + 1] and seps[k] in _DATE_SEPS and _is_date(groups[k : k + 3])
+            for k in range(len(groups) - 2)
+        ):
+            return None  # 2024-01-15, 2023-02-06 19 (:47)
+        if len(groups) == 3 and [len(g) for g in groups] == [3, 2, 4] and seps[0] == seps[1]:
+            return None  # written like a social security number
         start, end = spans[0][0], spans[-1][1]
         plus = text[lead] == "+"
         if plus or (text[lead] == "(" and seps and seps[0].startswith(")")):
@@ -470,16 +482,32 @@ class _PhoneFinder:
         """True after a word for phone, False after a word for another number (order,
         invoice, version) nearer than any for phone, or after a number sign; None
         without either."""
-        before = text[max(0, start - 48) : start].lower()
+        before = text[max(0, start - 48) : start].rsplit("\n", 1)[-1].lower()
         if before.rstrip().endswith(("#", "№", "nº", "n°")):
             return False
         for word in reversed(_WORD.findall(before)):  # the nearest word decides
             kind = _word_kind(word)
             if kind:
                 return kind > 0
-        if any(_word_kind(w) > 0 for w in _WORD.findall(text[end : end + 16].lower())):
+        after = text[end : end + 16].split("\n", 1)[0].lower()
+        if any(_word_kind(w) > 0 for w in _WORD.findall(after)):
             return True
         return None
+
+
+def _phone_run(groups: Sequence[str], lengths: Sequence[int], seps: Sequence[str]) -> bool:
+    """Whether a run of digits may hold phone numbers at all: not a card number,
+    not a dotted address, OID or version (1.2.840.113549, 10.0.19041.1)."""
+    digits = "".join(groups)
+    card = 12 <= len(digits) <= 19 and len(set(seps)) <= 1 and _card_grouping(lengths)
+    if card and (_luhn(digits) or (len(lengths) > 2 and all(n == 4 for n in lengths[:-1]))):
+        return False
+    if seps and all(s == "." for s in seps):
+        if len(groups) == 4 and all(n <= 3 for n in lengths):
+            return False
+        if any(n == 1 for n in lengths[1:]) or (lengths[0] == 1 and len(groups) >= 5):
+            return False
+    return True
 
 
 def _formatted(groups: Sequence[str], seps: Sequence[str]) -> bool:
@@ -515,7 +543,9 @@ _IIN = (
     _span("644", "649", _16_19),
     _span("65", "65", _16_19),
     _span("622126", "622925", _16_19),
-    _span("3528", "3589", _16_19),  # JCB
+    _span("3528", "3589", _16_19),  # JCB (and 35xx below)
+    _span("2131", "2131", (15,)),
+    _span("1800", "1800", (15,)),
     _span("300", "305", range(14, 20)),  # Diners Club
     _span("3095", "3095", range(14, 20)),
     _span("36", "36", range(14, 20)),
@@ -532,6 +562,10 @@ _IIN = (
     _span("356", "356", (16,)),
     _span("2205", "2205", (16,)),  # BORICA
     _span("1", "1", (15,)),  # UATP
+    _span("0604", "0604", range(12, 20)),  # Maestro (an old range, still in tables)
+    # The rest of 35xx for 16 to 19 digits: unassigned or JCB co-brands, and what
+    # test-card generators (Faker) write for JCB; a Luhn-valid 35... is a card.
+    _span("35", "35", _16_19),
     _span("9792", "9792", (16,)),  # Troy
 )
 _DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
@@ -562,35 +596,59 @@ def find_credit_card(text: str) -> Iterator[Finding]:
     for start, end in _numbers(text):
         if end - start < 12 or _glued_after(text, end) or _decimal_before(text, start):
             continue
-        if text[start - 1 : start] in _WORDY:
-            continue
         if end - start - text.count(" ", start, end) - text.count("-", start, end) < 12:
             continue  # too few digits
-        groups = list(_GROUP.finditer(text, start, end))
-        seps = [text[a.end() : b.start()] for a, b in pairwise(groups)]
-        lengths = [len(g.group()) for g in groups]
-        # From each group on, the longest window of one separator that is a card.
+        if text[start - 1 : start] in _WORDY or _joined_before(text, start):
+            continue  # the digits of a token (xoxb-8680200964-...)
+        if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
+            continue  # the rest of an IBAN (GB88 MIBG 5028 6203 0020 13)
+        groups = [text[a:b] for a, b in (m.span() for m in _GROUP.finditer(text, start, end))]
+        seps = [text[a:b] for a, b in _gaps(_GROUP.finditer(text, start, end))]
+        lengths = [len(g) for g in groups]
+        offsets = [m.start() for m in _GROUP.finditer(text, start, end)]
         lo = 0
         while lo < len(groups):
             for hi in range(min(len(groups), lo + 5), lo, -1):
-                if not 12 <= sum(lengths[lo:hi]) <= 19:
-                    continue
-                window = groups[lo:hi]
-                digits = "".join(g.group() for g in window)
-                if (
-                    len(set(seps[lo : hi - 1])) <= 1
-                    and set(seps[lo : hi - 1]) <= {" ", "-"}
-                    and (lo == 0 or "." not in seps[lo - 1])
-                    and (hi == len(groups) or "." not in seps[hi - 1])
-                    and _card_grouping(lengths[lo:hi])
-                    and _card_brand_ok(digits)
-                    and _luhn(digits)
-                ):
-                    yield Finding(window[0].start(), window[-1].end(), "credit_card", "credit_card")
+                if 12 <= sum(lengths[lo:hi]) <= 19 and _card_window(groups, seps, lo, hi):
+                    last = offsets[hi - 1] + lengths[hi - 1]
+                    yield Finding(offsets[lo], last, "credit_card", "credit_card")
                     lo = hi
                     break
             else:
                 lo += 1
+
+
+def _gaps(groups: Iterator[re.Match[str]]) -> Iterator[tuple[int, int]]:
+    for a, b in pairwise(groups):
+        yield a.end(), b.start()
+
+
+def _joined_before(text: str, start: int) -> bool:
+    """A letter or digit joined to ``start`` by a hyphen, dot or slash."""
+    return start >= 2 and text[start - 1] in "-./" and text[start - 2] in _WORDY
+
+
+def _card_window(groups: Sequence[str], seps: Sequence[str], lo: int, hi: int) -> bool:
+    """Whether ``groups[lo:hi]`` is a card number: one separator, a card's grouping,
+    not the middle of a longer grouping (5994 8928 0405 7650 is no card's 5994 8928
+    0405) or of a number joined by hyphens or decimal points; brand, Luhn."""
+    inner = set(seps[lo : hi - 1])
+    if len(inner) > 1 or not inner <= {" ", "-"}:
+        return False
+    lengths = [len(g) for g in groups[lo:hi]]
+    if not _card_grouping(lengths):
+        return False
+    before = seps[lo - 1] if lo > 0 else None
+    after = seps[hi - 1] if hi < len(groups) else None
+    if before in (".", "-") or after in (".", "-"):
+        return False
+    grouped = len(lengths) > 1
+    if grouped and inner == {before} and len(groups[lo - 1]) == 4:
+        return False
+    if grouped and inner == {after} and len(groups[hi]) == 4:
+        return False
+    digits = "".join(groups[lo:hi])
+    return _card_brand_ok(digits) and _luhn(digits)
 
 
 # --- IBAN -------------------------------------------------------------------------
