@@ -30,11 +30,16 @@ _DIGITS = frozenset("0123456789")
 
 def _glued_after(text: str, end: int) -> bool:
     """A letter or digit right after ``end``, or a decimal part or the rest of a time
-    (``.5``, ``-7``, ``:30``). A comma is no glue: it separates CSV fields."""
+    (``.5``, ``:30``, ``-X``). A comma is no glue: it separates CSV fields."""
     if end >= len(text):
         return False
     c = text[end]
-    return c in _WORDY or (c in ".-:" and end + 1 < len(text) and text[end + 1] in _DIGITS)
+    if c in _WORDY:
+        return True
+    if end + 1 >= len(text):
+        return False
+    after = text[end + 1]
+    return (c in ".:" and after in _DIGITS) or (c == "-" and after in _WORDY)
 
 
 def _decimal_before(text: str, start: int) -> bool:
@@ -128,7 +133,7 @@ def find_email(text: str) -> Iterator[Finding]:
 _NOT_BEFORE_PHONE = _WORDY | frozenset("+#@$€£¥%./-")
 _GROUP = re.compile(r"[0-9]+")
 # What may stand between two groups of digits: ") ", " - ", "/", "-(", ".", ...
-_SEP = re.compile(rf"\)?[ {_SP}]?[-./]?[ {_SP}]?\(?")
+_SEP = re.compile(rf"\)?(?:[ {_SP}]?[-/][ {_SP}]?|\.|[ {_SP}])?\(?")
 _EXTENSION = re.compile(r"[ ]?(?:x|ext\.?[ ]?)[0-9]{1,6}(?![0-9A-Za-z])", re.IGNORECASE)
 
 # Words that say a number is a phone number, in the languages of the regions we
@@ -141,22 +146,26 @@ _PHONE_PREFIXES = (
     "phone", "telef", "teléf", "télé", "telep", "mobil", "móvil", "movil", "celular",
     "cellul", "calling", "called", "calls", "whatsapp", "contact", "kontakt", "reach",
     "landline", "hotline", "handy", "ruf", "anruf", "numéro", "portable", "chiam",
-    "llam", "ligue", "ligar", "bellen", "mobiel", "faxnummer", "dial",
+    "llam", "llám", "appel", "ligue", "ligar", "bellen", "mobiel", "faxnummer", "dial",
 )  # fmt: skip
-_PHONE_PARTS = ("電話", "携帯", "連絡", "tel", "फ़ोन", "फोन", "मोबाइल", "संपर्क")
+_PHONE_PARTS = ("電話", "携帯", "連絡", "tel", "फ़ोन", "फोन", "मोबाइल", "संपर्क", "कॉल")
 # Words that say a number is something else: an order, an invoice, a version.
 _NUMBER_WORDS = frozenset(
     ("id", "ref", "inv", "po", "case", "part", "ver", "v", "sku", "txn", "oid",
-     "acct", "isbn", "build", "serial", "item", "art")
+     "acct", "isbn", "build", "serial", "item", "art", "zip", "plz", "cep", "ts", "exp",
+     "iat", "nbf", "epoch", "unix")
 )  # fmt: skip
 _NUMBER_PREFIXES = (
     "order", "invoice", "ticket", "tracking", "reference", "account", "serial",
     "confirmation", "booking", "transaction", "version", "release", "bestell", "rechnung",
     "kundennummer", "commande", "facture", "pedido", "factura", "ordine", "fattura",
-    "bestelling", "factuur", "isbn",
+    "bestelling", "factuur", "isbn", "postcode", "postal", "timestamp", "expires",
+    "created", "updated",
 )  # fmt: skip
 _NUMBER_PARTS = ("注文", "請求", "オーダー", "ऑर्डर")
-_WORD = re.compile(r"\w+")
+_WORD = re.compile(r"[^\W_]+")
+# Where the context of a value ends: its line, its CSV field, its clause.
+_FIELD_END = re.compile(r"[\n,;|\t。、]")
 
 
 def _word_kind(word: str) -> int:
@@ -390,38 +399,45 @@ class _PhoneFinder:
         lead = start - 1 if start > 0 and text[start - 1] in "+(" else start
         if lead > 0 and text[lead - 1] in _NOT_BEFORE_PHONE:
             return
-        # A run that continues a token of letters and digits (DE89 of an IBAN) is not one.
-        i = start
-        while i > 0 and text[i - 1] in " \u00a0":
-            i -= 1
-        if i != start:
-            token = text[max(0, i - 8) : i].rsplit(None, 1)[-1] if i else ""
-            if any(c in _DIGITS for c in token) and not token.isdigit():
-                return
         spans = [m.span() for m in _GROUP.finditer(text, start, end)]
-        groups = [text[a:b] for a, b in spans]
-        seps = [text[a[1] : b[0]] for a, b in pairwise(spans)]
-        if any(not _SEP.fullmatch(s) for s in seps):
-            return
-        lengths = [len(g) for g in groups]
-        if not _phone_run(groups, lengths, seps):
-            return
         if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
             return  # the rest of an IBAN (NL91 ABNA 0417 1643 00)
-        dotted = all(s == "." for s in seps)
+        # Segments of groups joined the way phone numbers are ("030 / 1234567", not
+        # "1234567. 12"); the first one may start with the + or parenthesis.
+        segment = [spans[0]]
+        for span in spans[1:]:
+            if _SEP.fullmatch(text, segment[-1][1], span[0]):
+                segment.append(span)
+            else:
+                yield from self._segment(text, lead, segment)
+                segment, lead = [span], span[0]
+        yield from self._segment(text, lead, segment)
+
+    def _segment(self, text: str, lead: int, spans: Sequence[tuple[int, int]]) -> Iterator[Finding]:
+        groups = [text[a:b] for a, b in spans]
+        seps = [text[a[1] : b[0]] for a, b in pairwise(spans)]
+        lengths = [len(g) for g in groups]
+        if text[lead] != "+" and not _phone_run(groups, lengths, seps):
+            return
+        dotted = bool(seps) and all(s == "." for s in seps)
         # Several numbers in one run (030 1234567 / 030 7654321): from each group on,
-        # the longest valid window, one without a spaced slash inside if there is one.
-        # Not in dotted runs (192.168.0.1, 1.2.840.113549): their parts are no phones.
+        # the longest valid window, one without a spaced slash inside if there is one,
+        # ending at a space or slash. Not in dotted runs (192.168.0.1, 1.2.840.113549).
         slashed = [" / " in s for s in seps]
         lo = 0
         while lo < (1 if dotted else len(groups)):
+            if lo > 0 and not _loose(seps[lo - 1]):
+                lo += 1
+                continue
             his: Sequence[int] = range(min(len(groups), lo + 8), lo, -1)
             if dotted:
                 his = (len(groups),)
-            if any(slashed[lo:]):
+            elif any(slashed[lo:]):
                 his = sorted(his, key=lambda hi: sum(slashed[lo : hi - 1]))
             for hi in his:
                 if not 7 <= sum(lengths[lo:hi]) <= 17:
+                    continue
+                if hi < len(groups) and not _loose(seps[hi - 1]):
                     continue
                 s0 = lead if lo == 0 else spans[lo][0]
                 found = self._window(text, s0, spans[lo:hi], groups[lo:hi], seps[lo : hi - 1])
@@ -447,7 +463,8 @@ class _PhoneFinder:
             for k in range(len(groups) - 2)
         ):
             return None  # 2024-01-15, 2023-02-06 19 (:47)
-        if len(groups) == 3 and [len(g) for g in groups] == [3, 2, 4] and seps[0] == seps[1]:
+        shape = [len(g) for g in groups]
+        if len(groups) == 3 and shape == [3, 2, 4] and seps[0] == seps[1]:
             return None  # written like a social security number
         start, end = spans[0][0], spans[-1][1]
         plus = text[lead] == "+"
@@ -457,12 +474,16 @@ class _PhoneFinder:
         if ext is not None:
             end = ext.end()
         context = self._context(text, start, end)
-        if context is False:
+        if context is False and not plus:  # (a + says phone louder than "ISBN" before)
             return None
         digits = "".join(groups)
         if plus or digits.startswith("00"):
             valid = _valid_international(digits if plus else digits[2:])
-        elif not (context or _formatted(groups, seps)):
+        elif (
+            not (context or _formatted(groups, seps))
+            or _not_national(shape, seps)
+            or (len(digits) <= 7 and not context)
+        ):
             return None
         else:
             valid = self._national(digits)
@@ -482,15 +503,25 @@ class _PhoneFinder:
         """True after a word for phone, False after a word for another number (order,
         invoice, version) nearer than any for phone, or after a number sign; None
         without either."""
-        before = text[max(0, start - 48) : start].rsplit("\n", 1)[-1].lower()
+        before = _FIELD_END.split(text[max(0, start - 48) : start])[-1].lower()
         if before.rstrip().endswith(("#", "№", "nº", "n°")):
             return False
-        for word in reversed(_WORD.findall(before)):  # the nearest word decides
-            kind = _word_kind(word)
-            if kind:
-                return kind > 0
-        after = text[end : end + 16].split("\n", 1)[0].lower()
-        if any(_word_kind(w) > 0 for w in _WORD.findall(after)):
+        # The nearest word decides; Devanagari and CJK words are looked for as parts
+        # (\w does not match Devanagari vowel signs, CJK needs no spaces).
+        phone = other = -1
+        for m in _WORD.finditer(before):
+            kind = _word_kind(m.group())
+            if kind > 0:
+                phone = m.end()
+            elif kind < 0:
+                other = m.end()
+        if not before.isascii():
+            phone = max(phone, *(before.rfind(p) for p in _PHONE_PARTS))
+        if phone != other:
+            return phone > other
+        # Hindi and Japanese put the verb after the number (मुझे ... पर कॉल करें).
+        after = _FIELD_END.split(text[end : end + 24], 1)[0]
+        if not after.isascii() and any(p in after for p in _PHONE_PARTS):
             return True
         return None
 
@@ -500,14 +531,29 @@ def _phone_run(groups: Sequence[str], lengths: Sequence[int], seps: Sequence[str
     not a dotted address, OID or version (1.2.840.113549, 10.0.19041.1)."""
     digits = "".join(groups)
     card = 12 <= len(digits) <= 19 and len(set(seps)) <= 1 and _card_grouping(lengths)
-    if card and (_luhn(digits) or (len(lengths) > 2 and all(n == 4 for n in lengths[:-1]))):
+    if card and len(lengths) > 2 and all(n == 4 for n in lengths[:-1]):
+        return False  # a card or account number in groups of four
+    if card and _card_brand_ok(digits) and _luhn(digits):
         return False
     if seps and all(s == "." for s in seps):
-        if len(groups) == 4 and all(n <= 3 for n in lengths):
+        if len(groups) == 2 or (len(groups) == 4 and all(n <= 3 for n in lengths)):
             return False
         if any(n == 1 for n in lengths[1:]) or (lengths[0] == 1 and len(groups) >= 5):
             return False
     return True
+
+
+def _loose(sep: str) -> bool:
+    """A separator that may end a phone number: a space or a slash, not 1-2 or 1.2."""
+    return " " in sep or "/" in sep or "\u00a0" in sep or "\u202f" in sep
+
+
+def _not_national(shape: Sequence[int], seps: Sequence[str]) -> bool:
+    """Groupings no national phone number is written in: a lone pair of digits at the
+    end (5733-0613-34, not 01 23 45 67 89), ZIP+4 and Brazilian postcodes."""
+    if len(shape) >= 2 and shape[-1] == 2 and shape[-2] != 2:
+        return True
+    return len(shape) == 2 and seps[0] == "-" and shape[0] == 5 and shape[1] in (3, 4)
 
 
 def _formatted(groups: Sequence[str], seps: Sequence[str]) -> bool:
