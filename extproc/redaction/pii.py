@@ -107,14 +107,15 @@ def find_email(text: str) -> Iterator[Finding]:
         start = at
         while start > 0 and at - start <= 64 and _local_char(text[start - 1]):
             start -= 1
+        too_long = at - start > 64
         while start < at and text[start] == ".":
             start += 1
         local = text[start:at]
         m = _DOMAIN.match(text, at + 1)
         if (
             m is not None
-            and 0 < len(local) <= 64
-            and not (start > 0 and _local_char(text[start - 1]))  # longer than 64
+            and local
+            and not too_long
             and not local.endswith(".")
             and ".." not in local
             and m.group().rsplit(".", 1)[1].lower() not in _NOT_TLDS
@@ -129,6 +130,9 @@ def find_email(text: str) -> Iterator[Finding]:
 
 # --- phone ------------------------------------------------------------------------
 
+# At most this many groups of digits in a run without other separators: a longer one
+# is a table or dump of numbers, and checking each window would cost too much.
+_MAX_GROUPS = 24
 # What may not come right before a phone number (or its + or parenthesis).
 _NOT_BEFORE_PHONE = _WORDY | frozenset("+#@$€£¥%./-")
 _GROUP = re.compile(r"[0-9]+")
@@ -290,8 +294,12 @@ def _compile_desc(desc: object) -> _Desc | None:
 
 
 @cache
-def _plan(region: str) -> _Plan | None:
-    meta = PhoneMetadata.metadata_for_region(region)
+def _plan(region: str, country_code: int = 0) -> _Plan | None:
+    """A region's plan; for "001" (Inmarsat, UIFN, ...) that of ``country_code``."""
+    if region == "001":
+        meta = PhoneMetadata.metadata_for_nongeo_region(country_code)
+    else:
+        meta = PhoneMetadata.metadata_for_region(region)
     if meta is None:
         return None
     general = meta.general_desc
@@ -327,7 +335,8 @@ def _plan(region: str) -> _Plan | None:
 @cache
 def _country(country_code: int) -> tuple[tuple[_Plan, ...], frozenset[int]]:
     """The plans of a country code's regions, and every length they allow."""
-    plans = tuple(p for p in map(_plan, COUNTRY_CODE_TO_REGION_CODE.get(country_code, ())) if p)
+    regions = COUNTRY_CODE_TO_REGION_CODE.get(country_code, ())
+    plans = tuple(p for p in (_plan(r, country_code) for r in regions) if p is not None)
     return plans, frozenset(n for p in plans for n in p.lengths)
 
 
@@ -417,6 +426,8 @@ class _PhoneFinder:
         groups = [text[a:b] for a, b in spans]
         seps = [text[a[1] : b[0]] for a, b in pairwise(spans)]
         lengths = [len(g) for g in groups]
+        if len(groups) > _MAX_GROUPS:
+            return  # a table of numbers, not phone numbers in text (and bounded work)
         if text[lead] != "+" and not _phone_run(groups, lengths, seps):
             return
         dotted = bool(seps) and all(s == "." for s in seps)
@@ -432,7 +443,7 @@ class _PhoneFinder:
             his: Sequence[int] = range(min(len(groups), lo + 8), lo, -1)
             if dotted:
                 his = (len(groups),)
-            elif any(slashed[lo:]):
+            elif any(slashed[lo : lo + 8]):
                 his = sorted(his, key=lambda hi: sum(slashed[lo : hi - 1]))
             for hi in his:
                 if not 7 <= sum(lengths[lo:hi]) <= 17:
@@ -793,7 +804,9 @@ def find_us_ssn(text: str) -> Iterator[Finding]:
     """AAA-GG-SSSS or AAA GG SSSS of a possible area, group and serial; nine bare
     digits only after a word for social security number."""
     for run_start, run_end in _numbers(text):
-        if run_end - run_start >= 9:
+        if run_end - run_start >= 9 and (
+            run_end - run_start <= 11 or " " in text[run_start:run_end]
+        ):  # (not inside one long token of digits and hyphens: no SSN is)
             yield from _ssns(text, run_start, run_end)
 
 
@@ -838,7 +851,8 @@ def find_ip_address(text: str) -> Iterator[Finding]:
     """IPv4 (dotted quads of octets without leading zeros; not versions, section
     numbers or OIDs) and IPv6 (``ipaddress``; not MAC addresses or times)."""
     for run_start, run_end in _numbers(text):
-        if run_end - run_start >= 7:
+        length = run_end - run_start
+        if length >= 7 and (length <= 15 or " " in text[run_start:run_end]):
             for m in _near(_IPV4, text, run_start, run_end):
                 if _ipv4_ok(text, m.start(), m.group()):
                     yield Finding(m.start(), m.end(), "ip_address", "ip_address")
