@@ -258,7 +258,7 @@ def carrier(api: Api, data: dict[str, Any], stream: Stream) -> Slot | None:
                 parts = content.setdefault("parts", []) if isinstance(content, dict) else None
                 if isinstance(parts, list):
                     parts.append({"text": ""})
-                    return (parts, len(parts) - 1)
+                    return (parts[-1], "text")
     return None
 
 
@@ -271,9 +271,9 @@ def text_event(api: Api, data: dict[str, Any], stream: Stream, text: str) -> tup
         kind = "content_block_delta"
         new = {"type": kind, "index": stream[1], "delta": {"type": "text_delta", "text": text}}
     elif api == "responses":
+        kind = "response.output_text.delta"
         fields = ("item_id", "output_index", "content_index", "sequence_number")
-        new = {"type": "response.output_text.delta", **{k: data[k] for k in fields if k in data}}
-        new["delta"] = text
+        new = {"type": kind, **{k: data[k] for k in fields if k in data}, "delta": text}
     elif api == "generate_content":
         content = {"role": "model", "parts": [{"text": text}]}
         new = {"candidates": [{"content": content, "index": stream[1]}]}
