@@ -484,12 +484,14 @@ class _PhoneFinder:
         ext = _EXTENSION.match(text, end)
         if ext is not None:
             end = ext.end()
-        context = self._context(text, start, end)
-        if context is False and not plus:  # (a + says phone louder than "ISBN" before)
-            return None
         digits = "".join(groups)
-        if plus or digits.startswith("00"):
-            valid = _valid_international(digits if plus else digits[2:])
+        if plus:  # (a + says phone louder than any word before it)
+            return Finding(start, end, "phone", "phone") if _valid_international(digits) else None
+        context = self._context(text, start, end)
+        if context is False:
+            return None
+        if digits.startswith("00"):
+            valid = _valid_international(digits[2:])
         elif (
             not (context or _formatted(groups, seps))
             or _not_national(shape, seps)
