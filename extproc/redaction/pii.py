@@ -532,11 +532,61 @@ class _PhoneFinder:
             phone = max(phone, *(before.rfind(p) for p in _PHONE_PARTS))
         if phone != other:
             return phone > other
+        header = _column_header(text, start)  # a table's cell: its column's name decides
+        if header is not None:
+            kinds = [_word_kind(m.group()) for m in _WORD.finditer(header.lower())]
+            if any(kinds):
+                return max(kinds) > 0
         # Hindi and Japanese put the verb after the number (मुझे ... पर कॉल करें).
         after = _FIELD_END.split(text[end : end + 24], 1)[0]
         if not after.isascii() and any(p in after for p in _PHONE_PARTS):
             return True
         return None
+
+
+_CELL_SEPS = (",", "\t", ";", "|")
+_HEADER_REACH = 8192  # how far back a table's first line is looked for
+
+
+def _column_header(text: str, start: int) -> str | None:
+    """The name of the column of the table cell at ``start`` (CSV, TSV): that cell
+    of the first line of the block of lines with as many cells as this one."""
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", start)
+    line = text[line_start : len(text) if line_end < 0 else line_end]
+    sep = next((s for s in _CELL_SEPS if s in line), None)
+    if sep is None:
+        return None
+    width = len(_cells(line, sep))
+    column = len(_cells(text[line_start:start], sep)) - 1
+    header = None
+    at, floor = line_start, max(0, start - _HEADER_REACH)
+    while at > floor:
+        above = text.rfind("\n", floor, at - 1) + 1
+        cells = _cells(text[above : at - 1], sep)
+        if len(cells) != width:
+            break
+        header, at = cells, above
+    return header[column] if header is not None else None
+
+
+def _cells(line: str, sep: str) -> list[str]:
+    """A line's cells; a separator inside double quotes does not split."""
+    if '"' not in line:
+        return line.split(sep)
+    cells: list[str] = []
+    cell: list[str] = []
+    quoted = False
+    for c in line:
+        if c == '"':
+            quoted = not quoted
+        elif c == sep and not quoted:
+            cells.append("".join(cell))
+            cell = []
+            continue
+        cell.append(c)
+    cells.append("".join(cell))
+    return cells
 
 
 def _phone_run(groups: Sequence[str], lengths: Sequence[int], seps: Sequence[str]) -> bool:

@@ -109,6 +109,19 @@ def test_phone(text: str, phones: list[str]) -> None:
     assert found(PHONE, text) == phones
 
 
+def test_a_table_columns_name_gives_its_bare_numbers_context() -> None:
+    table = (
+        "name,city,phone,order\n"
+        'Anna Weber,Berlin,03012345678,"1,5 kg"\n'
+        "Tom Brown,Leeds,01134960000,0305551234\n"
+    )
+    assert found(PHONE, table) == ["03012345678", "01134960000"]  # not the order column
+    tsv = "name\tTelefon\nAnna\t03012345678\n"
+    assert found(PHONE, tsv) == ["03012345678"]
+    # Without a header that names phones, bare national numbers stay unflagged.
+    assert found(PHONE, "name,city,ref\nAnna,Berlin,03012345678\n") == []
+
+
 @pytest.mark.parametrize(
     "text",
     [
