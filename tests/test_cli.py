@@ -266,6 +266,14 @@ def test_prices_into_a_closed_pipe_exits_quietly() -> None:
         ("pricing: {litellm_file: nope.json}\n", "nope.json: cannot read"),
         ("server:\n  tls: {cert_file: nope.pem, key_file: nope.key}\n", "server.tls.cert_file"),
         ("auth: {keys_file: bad-keys.yaml}\n", "bad-keys.yaml: not valid YAML"),
+        (
+            "redaction: {custom: [{name: ref, pattern: '(a)\\1'}]}\n",
+            "redaction: custom pattern 'ref'",
+        ),
+        (
+            "redaction: {action: hash, hash_key: {env: TOLLWAY_TEST_UNSET_HASH_KEY}}\n",
+            "redaction.hash_key: environment variable TOLLWAY_TEST_UNSET_HASH_KEY must hold",
+        ),
     ],
 )
 def test_check_config_refuses_what_serve_refuses(tmp_path: Path, text: str, problem: str) -> None:

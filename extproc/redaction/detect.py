@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from . import pii, secrets
 from .custom import custom_finder
-from .findings import DEFAULT_ENTITIES, Finder, Finding
+from .findings import DEFAULT_ENTITIES, Finder, Finding, resolve
 
 # A window of a long text is searched with this much text around it: before, for
 # context words; after, so that an entity starting in the window is seen whole
@@ -77,17 +76,5 @@ class Detector:
             yield found
 
     def _resolve(self, found: list[Finding]) -> list[Finding]:
-        """The longer of two overlapping findings wins (of equal length: _PRIORITY)."""
-        if len(found) < 2:
-            return found
-        found.sort(key=lambda f: (f.start - f.end, self._rank.get(f.entity, len(self._rank))))
-        kept: list[Finding] = []  # by start; not overlapping, so ends are in order too
-        starts: list[int] = []
-        ends: list[int] = []
-        for f in found:
-            i = bisect_right(starts, f.start)
-            if (i == 0 or ends[i - 1] <= f.start) and (i == len(starts) or starts[i] >= f.end):
-                starts.insert(i, f.start)
-                ends.insert(i, f.end)
-                kept.insert(i, f)
-        return kept
+        ranks, last = self._rank, len(self._rank)
+        return resolve(found, lambda f: ranks.get(f.entity, last))

@@ -29,16 +29,22 @@ _DIGITS = frozenset("0123456789")
 
 
 def _glued_after(text: str, end: int) -> bool:
-    """A letter, digit or decimal part (``.5``, ``,89``) right after ``end``."""
+    """A letter or digit right after ``end``, or a decimal part or the rest of a time
+    (``.5``, ``:30``, ``-X``). A comma is no glue: it separates CSV fields."""
     if end >= len(text):
         return False
     c = text[end]
-    return c in _WORDY or (c in ".,-" and end + 1 < len(text) and text[end + 1] in _DIGITS)
+    if c in _WORDY:
+        return True
+    if end + 1 >= len(text):
+        return False
+    after = text[end + 1]
+    return (c in ".:" and after in _DIGITS) or (c == "-" and after in _WORDY)
 
 
 def _decimal_before(text: str, start: int) -> bool:
-    """A digit joined to ``start`` by a decimal point or comma (0.4111...)."""
-    return start >= 2 and text[start - 1] in ".," and text[start - 2] in _DIGITS
+    """A digit joined to ``start`` by a decimal point (0.4111...)."""
+    return start >= 2 and text[start - 1] == "." and text[start - 2] in _DIGITS
 
 
 # Runs of digits and the separators numbers are written with, at least four
@@ -74,7 +80,7 @@ _L = r"[^\W_\u2e80-\uffff\U00010000-\U0010ffff]"
 _DOMAIN = re.compile(
     rf"(?:{_L}(?:(?:{_L}|-){{0,61}}{_L})?\.){{1,8}}"  # labels, each ending at its dot
     r"(?:[^\W\d_\u2e80-\uffff\U00010000-\U0010ffff]{2,63}|xn--[a-z0-9]{1,59})"  # the TLD
-    r"(?![\w-]|\.\w)",
+    rf"(?!{_L}|[-_]|\.{_L})",  # (text in Japanese may follow without a space)
     re.IGNORECASE,
 )
 _LOCAL_PUNCT = frozenset("._%+-")
@@ -101,14 +107,15 @@ def find_email(text: str) -> Iterator[Finding]:
         start = at
         while start > 0 and at - start <= 64 and _local_char(text[start - 1]):
             start -= 1
+        too_long = at - start > 64
         while start < at and text[start] == ".":
             start += 1
         local = text[start:at]
         m = _DOMAIN.match(text, at + 1)
         if (
             m is not None
-            and 0 < len(local) <= 64
-            and not (start > 0 and _local_char(text[start - 1]))  # longer than 64
+            and local
+            and not too_long
             and not local.endswith(".")
             and ".." not in local
             and m.group().rsplit(".", 1)[1].lower() not in _NOT_TLDS
@@ -123,11 +130,14 @@ def find_email(text: str) -> Iterator[Finding]:
 
 # --- phone ------------------------------------------------------------------------
 
+# At most this many groups of digits in a run without other separators: a longer one
+# is a table or dump of numbers, and checking each window would cost too much.
+_MAX_GROUPS = 24
 # What may not come right before a phone number (or its + or parenthesis).
-_NOT_BEFORE_PHONE = _WORDY | frozenset("+#@$€£¥%.,/-")
+_NOT_BEFORE_PHONE = _WORDY | frozenset("+#@$€£¥%./-")
 _GROUP = re.compile(r"[0-9]+")
 # What may stand between two groups of digits: ") ", " - ", "/", "-(", ".", ...
-_SEP = re.compile(rf"\)?[ {_SP}]?[-./]?[ {_SP}]?\(?")
+_SEP = re.compile(rf"\)?(?:[ {_SP}]?[-/][ {_SP}]?|\.|[ {_SP}])?\(?")
 _EXTENSION = re.compile(r"[ ]?(?:x|ext\.?[ ]?)[0-9]{1,6}(?![0-9A-Za-z])", re.IGNORECASE)
 
 # Words that say a number is a phone number, in the languages of the regions we
@@ -139,23 +149,27 @@ _PHONE_WORDS = frozenset(
 _PHONE_PREFIXES = (
     "phone", "telef", "teléf", "télé", "telep", "mobil", "móvil", "movil", "celular",
     "cellul", "calling", "called", "calls", "whatsapp", "contact", "kontakt", "reach",
-    "landline", "hotline", "handy", "rufnummer", "anruf", "numéro", "portable", "chiam",
-    "llam", "ligue", "ligar", "bellen", "mobiel", "faxnummer", "dial",
+    "landline", "hotline", "handy", "ruf", "anruf", "numéro", "portable", "chiam",
+    "llam", "llám", "appel", "ligue", "ligar", "bellen", "mobiel", "faxnummer", "dial",
 )  # fmt: skip
-_PHONE_PARTS = ("電話", "携帯", "連絡", "tel", "फ़ोन", "फोन", "मोबाइल", "संपर्क")
+_PHONE_PARTS = ("電話", "携帯", "連絡", "tel", "फ़ोन", "फोन", "मोबाइल", "संपर्क", "कॉल")
 # Words that say a number is something else: an order, an invoice, a version.
 _NUMBER_WORDS = frozenset(
-    ("id", "no", "nr", "num", "ref", "inv", "po", "case", "part", "ver", "v", "sku", "txn",
-     "acct", "isbn", "build", "serial", "item", "art")
+    ("id", "ref", "inv", "po", "case", "part", "ver", "v", "sku", "txn", "oid",
+     "acct", "isbn", "build", "serial", "item", "art", "zip", "plz", "cep", "ts", "exp",
+     "iat", "nbf", "epoch", "unix")
 )  # fmt: skip
 _NUMBER_PREFIXES = (
     "order", "invoice", "ticket", "tracking", "reference", "account", "serial",
     "confirmation", "booking", "transaction", "version", "release", "bestell", "rechnung",
     "kundennummer", "commande", "facture", "pedido", "factura", "ordine", "fattura",
-    "bestelling", "factuur", "isbn",
+    "bestelling", "factuur", "isbn", "postcode", "postal", "timestamp", "expires",
+    "created", "updated",
 )  # fmt: skip
 _NUMBER_PARTS = ("注文", "請求", "オーダー", "ऑर्डर")
-_WORD = re.compile(r"\w+")
+_WORD = re.compile(r"[^\W_]+")
+# Where the context of a value ends: its line, its CSV field, its clause.
+_FIELD_END = re.compile(r"[\n,;|\t。、]")
 
 
 def _word_kind(word: str) -> int:
@@ -280,8 +294,12 @@ def _compile_desc(desc: object) -> _Desc | None:
 
 
 @cache
-def _plan(region: str) -> _Plan | None:
-    meta = PhoneMetadata.metadata_for_region(region)
+def _plan(region: str, country_code: int = 0) -> _Plan | None:
+    """A region's plan; for "001" (Inmarsat, UIFN, ...) that of ``country_code``."""
+    if region == "001":
+        meta = PhoneMetadata.metadata_for_nongeo_region(country_code)
+    else:
+        meta = PhoneMetadata.metadata_for_region(region)
     if meta is None:
         return None
     general = meta.general_desc
@@ -317,7 +335,8 @@ def _plan(region: str) -> _Plan | None:
 @cache
 def _country(country_code: int) -> tuple[tuple[_Plan, ...], frozenset[int]]:
     """The plans of a country code's regions, and every length they allow."""
-    plans = tuple(p for p in map(_plan, COUNTRY_CODE_TO_REGION_CODE.get(country_code, ())) if p)
+    regions = COUNTRY_CODE_TO_REGION_CODE.get(country_code, ())
+    plans = tuple(p for p in (_plan(r, country_code) for r in regions) if p is not None)
     return plans, frozenset(n for p in plans for n in p.lengths)
 
 
@@ -389,32 +408,47 @@ class _PhoneFinder:
         lead = start - 1 if start > 0 and text[start - 1] in "+(" else start
         if lead > 0 and text[lead - 1] in _NOT_BEFORE_PHONE:
             return
-        # A run that continues a token of letters and digits (DE89 of an IBAN) is not one.
-        i = start
-        while i > 0 and text[i - 1] in " \u00a0":
-            i -= 1
-        if i != start:
-            token = text[max(0, i - 8) : i].rsplit(None, 1)[-1] if i else ""
-            if any(c in _DIGITS for c in token) and not token.isdigit():
-                return
         spans = [m.span() for m in _GROUP.finditer(text, start, end)]
+        if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
+            return  # the rest of an IBAN (NL91 ABNA 0417 1643 00)
+        # Segments of groups joined the way phone numbers are ("030 / 1234567", not
+        # "1234567. 12"); the first one may start with the + or parenthesis.
+        segment = [spans[0]]
+        for span in spans[1:]:
+            if _SEP.fullmatch(text, segment[-1][1], span[0]):
+                segment.append(span)
+            else:
+                yield from self._segment(text, lead, segment)
+                segment, lead = [span], span[0]
+        yield from self._segment(text, lead, segment)
+
+    def _segment(self, text: str, lead: int, spans: Sequence[tuple[int, int]]) -> Iterator[Finding]:
         groups = [text[a:b] for a, b in spans]
         seps = [text[a[1] : b[0]] for a, b in pairwise(spans)]
-        if any(not _SEP.fullmatch(s) for s in seps):
-            return
         lengths = [len(g) for g in groups]
-        if len(groups) >= 3 and sum(lengths) >= 13 and all(n == 4 for n in lengths[:-1]):
-            return  # a card or account number in groups of four
+        if len(groups) > _MAX_GROUPS:
+            return  # a table of numbers, not phone numbers in text (and bounded work)
+        if text[lead] != "+" and not _phone_run(groups, lengths, seps):
+            return
+        dotted = bool(seps) and all(s == "." for s in seps)
         # Several numbers in one run (030 1234567 / 030 7654321): from each group on,
-        # the longest valid window, one without a spaced slash inside if there is one.
+        # the longest valid window, one without a spaced slash inside if there is one,
+        # ending at a space or slash. Not in dotted runs (192.168.0.1, 1.2.840.113549).
         slashed = [" / " in s for s in seps]
         lo = 0
-        while lo < len(groups):
+        while lo < (1 if dotted else len(groups)):
+            if lo > 0 and not _loose(seps[lo - 1]):
+                lo += 1
+                continue
             his: Sequence[int] = range(min(len(groups), lo + 8), lo, -1)
-            if any(slashed[lo:]):
+            if dotted:
+                his = (len(groups),)
+            elif any(slashed[lo : lo + 8]):
                 his = sorted(his, key=lambda hi: sum(slashed[lo : hi - 1]))
             for hi in his:
                 if not 7 <= sum(lengths[lo:hi]) <= 17:
+                    continue
+                if hi < len(groups) and not _loose(seps[hi - 1]):
                     continue
                 s0 = lead if lo == 0 else spans[lo][0]
                 found = self._window(text, s0, spans[lo:hi], groups[lo:hi], seps[lo : hi - 1])
@@ -435,8 +469,14 @@ class _PhoneFinder:
     ) -> Finding | None:
         """Whether ``groups`` (from ``lead``, a + or parenthesis before the first
         group if there is one) is a phone number."""
-        if len(groups) == 3 and len(set(seps)) == 1 and seps[0] in _DATE_SEPS and _is_date(groups):
-            return None
+        if any(
+            seps[k] == seps[k + 1] and seps[k] in _DATE_SEPS and _is_date(groups[k : k + 3])
+            for k in range(len(groups) - 2)
+        ):
+            return None  # 2024-01-15, 2023-02-06 19 (:47)
+        shape = [len(g) for g in groups]
+        if len(groups) == 3 and shape == [3, 2, 4] and seps[0] == seps[1]:
+            return None  # written like a social security number
         start, end = spans[0][0], spans[-1][1]
         plus = text[lead] == "+"
         if plus or (text[lead] == "(" and seps and seps[0].startswith(")")):
@@ -444,13 +484,19 @@ class _PhoneFinder:
         ext = _EXTENSION.match(text, end)
         if ext is not None:
             end = ext.end()
+        digits = "".join(groups)
+        if plus:  # (a + says phone louder than any word before it)
+            return Finding(start, end, "phone", "phone") if _valid_international(digits) else None
         context = self._context(text, start, end)
         if context is False:
             return None
-        digits = "".join(groups)
-        if plus or digits.startswith("00"):
-            valid = _valid_international(digits if plus else digits[2:])
-        elif not (context or _formatted(groups, seps)):
+        if digits.startswith("00"):
+            valid = _valid_international(digits[2:])
+        elif (
+            not (context or _formatted(groups, seps))
+            or _not_national(shape, seps)
+            or (len(digits) <= 7 and not context)
+        ):
             return None
         else:
             valid = self._national(digits)
@@ -470,16 +516,107 @@ class _PhoneFinder:
         """True after a word for phone, False after a word for another number (order,
         invoice, version) nearer than any for phone, or after a number sign; None
         without either."""
-        before = text[max(0, start - 48) : start].lower()
+        before = _FIELD_END.split(text[max(0, start - 48) : start])[-1].lower()
         if before.rstrip().endswith(("#", "№", "nº", "n°")):
             return False
-        for word in reversed(_WORD.findall(before)):  # the nearest word decides
-            kind = _word_kind(word)
-            if kind:
-                return kind > 0
-        if any(_word_kind(w) > 0 for w in _WORD.findall(text[end : end + 16].lower())):
+        # The nearest word decides; Devanagari and CJK words are looked for as parts
+        # (\w does not match Devanagari vowel signs, CJK needs no spaces).
+        phone = other = -1
+        for m in _WORD.finditer(before):
+            kind = _word_kind(m.group())
+            if kind > 0:
+                phone = m.end()
+            elif kind < 0:
+                other = m.end()
+        if not before.isascii():
+            phone = max(phone, *(before.rfind(p) for p in _PHONE_PARTS))
+        if phone != other:
+            return phone > other
+        header = _column_header(text, start)  # a table's cell: its column's name decides
+        if header is not None:
+            kinds = [_word_kind(m.group()) for m in _WORD.finditer(header.lower())]
+            if any(kinds):
+                return max(kinds) > 0
+        # Hindi and Japanese put the verb after the number (मुझे ... पर कॉल करें).
+        after = _FIELD_END.split(text[end : end + 24], 1)[0]
+        if not after.isascii() and any(p in after for p in _PHONE_PARTS):
             return True
         return None
+
+
+_CELL_SEPS = (",", "\t", ";", "|")
+_HEADER_REACH = 8192  # how far back a table's first line is looked for
+
+
+def _column_header(text: str, start: int) -> str | None:
+    """The name of the column of the table cell at ``start`` (CSV, TSV): that cell
+    of the first line of the block of lines with as many cells as this one."""
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", start)
+    line = text[line_start : len(text) if line_end < 0 else line_end]
+    sep = next((s for s in _CELL_SEPS if s in line), None)
+    if sep is None:
+        return None
+    width = len(_cells(line, sep))
+    column = len(_cells(text[line_start:start], sep)) - 1
+    header = None
+    at, floor = line_start, max(0, start - _HEADER_REACH)
+    while at > floor:
+        above = text.rfind("\n", floor, at - 1) + 1
+        cells = _cells(text[above : at - 1], sep)
+        if len(cells) != width:
+            break
+        header, at = cells, above
+    return header[column] if header is not None else None
+
+
+def _cells(line: str, sep: str) -> list[str]:
+    """A line's cells; a separator inside double quotes does not split."""
+    if '"' not in line:
+        return line.split(sep)
+    cells: list[str] = []
+    cell: list[str] = []
+    quoted = False
+    for c in line:
+        if c == '"':
+            quoted = not quoted
+        elif c == sep and not quoted:
+            cells.append("".join(cell))
+            cell = []
+            continue
+        cell.append(c)
+    cells.append("".join(cell))
+    return cells
+
+
+def _phone_run(groups: Sequence[str], lengths: Sequence[int], seps: Sequence[str]) -> bool:
+    """Whether a run of digits may hold phone numbers at all: not a card number,
+    not a dotted address, OID or version (1.2.840.113549, 10.0.19041.1)."""
+    digits = "".join(groups)
+    card = 12 <= len(digits) <= 19 and len(set(seps)) <= 1 and _card_grouping(lengths)
+    if card and len(lengths) > 2 and all(n == 4 for n in lengths[:-1]):
+        return False  # a card or account number in groups of four
+    if card and _card_brand_ok(digits) and _luhn(digits):
+        return False
+    if seps and all(s == "." for s in seps):
+        if len(groups) == 2 or (len(groups) == 4 and all(n <= 3 for n in lengths)):
+            return False
+        if any(n == 1 for n in lengths[1:]) or (lengths[0] == 1 and len(groups) >= 5):
+            return False
+    return True
+
+
+def _loose(sep: str) -> bool:
+    """A separator that may end a phone number: a space or a slash, not 1-2 or 1.2."""
+    return " " in sep or "/" in sep or "\u00a0" in sep or "\u202f" in sep
+
+
+def _not_national(shape: Sequence[int], seps: Sequence[str]) -> bool:
+    """Groupings no national phone number is written in: a lone pair of digits at the
+    end (5733-0613-34, not 01 23 45 67 89), ZIP+4 and Brazilian postcodes."""
+    if len(shape) >= 2 and shape[-1] == 2 and shape[-2] != 2:
+        return True
+    return len(shape) == 2 and seps[0] == "-" and shape[0] == 5 and shape[1] in (3, 4)
 
 
 def _formatted(groups: Sequence[str], seps: Sequence[str]) -> bool:
@@ -515,7 +652,9 @@ _IIN = (
     _span("644", "649", _16_19),
     _span("65", "65", _16_19),
     _span("622126", "622925", _16_19),
-    _span("3528", "3589", _16_19),  # JCB
+    _span("3528", "3589", _16_19),  # JCB (and 35xx below)
+    _span("2131", "2131", (15,)),
+    _span("1800", "1800", (15,)),
     _span("300", "305", range(14, 20)),  # Diners Club
     _span("3095", "3095", range(14, 20)),
     _span("36", "36", range(14, 20)),
@@ -532,6 +671,10 @@ _IIN = (
     _span("356", "356", (16,)),
     _span("2205", "2205", (16,)),  # BORICA
     _span("1", "1", (15,)),  # UATP
+    _span("0604", "0604", range(12, 20)),  # Maestro (an old range, still in tables)
+    # The rest of 35xx for 16 to 19 digits: unassigned or JCB co-brands, and what
+    # test-card generators (Faker) write for JCB; a Luhn-valid 35... is a card.
+    _span("35", "35", _16_19),
     _span("9792", "9792", (16,)),  # Troy
 )
 _DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
@@ -562,35 +705,59 @@ def find_credit_card(text: str) -> Iterator[Finding]:
     for start, end in _numbers(text):
         if end - start < 12 or _glued_after(text, end) or _decimal_before(text, start):
             continue
-        if text[start - 1 : start] in _WORDY:
-            continue
         if end - start - text.count(" ", start, end) - text.count("-", start, end) < 12:
             continue  # too few digits
-        groups = list(_GROUP.finditer(text, start, end))
-        seps = [text[a.end() : b.start()] for a, b in pairwise(groups)]
-        lengths = [len(g.group()) for g in groups]
-        # From each group on, the longest window of one separator that is a card.
+        if text[start - 1 : start] in _WORDY or _joined_before(text, start):
+            continue  # the digits of a token (xoxb-8680200964-...)
+        if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
+            continue  # the rest of an IBAN (GB88 MIBG 5028 6203 0020 13)
+        groups = [text[a:b] for a, b in (m.span() for m in _GROUP.finditer(text, start, end))]
+        seps = [text[a:b] for a, b in _gaps(_GROUP.finditer(text, start, end))]
+        lengths = [len(g) for g in groups]
+        offsets = [m.start() for m in _GROUP.finditer(text, start, end)]
         lo = 0
         while lo < len(groups):
             for hi in range(min(len(groups), lo + 5), lo, -1):
-                if not 12 <= sum(lengths[lo:hi]) <= 19:
-                    continue
-                window = groups[lo:hi]
-                digits = "".join(g.group() for g in window)
-                if (
-                    len(set(seps[lo : hi - 1])) <= 1
-                    and set(seps[lo : hi - 1]) <= {" ", "-"}
-                    and (lo == 0 or "." not in seps[lo - 1])
-                    and (hi == len(groups) or "." not in seps[hi - 1])
-                    and _card_grouping(lengths[lo:hi])
-                    and _card_brand_ok(digits)
-                    and _luhn(digits)
-                ):
-                    yield Finding(window[0].start(), window[-1].end(), "credit_card", "credit_card")
+                if 12 <= sum(lengths[lo:hi]) <= 19 and _card_window(groups, seps, lo, hi):
+                    last = offsets[hi - 1] + lengths[hi - 1]
+                    yield Finding(offsets[lo], last, "credit_card", "credit_card")
                     lo = hi
                     break
             else:
                 lo += 1
+
+
+def _gaps(groups: Iterator[re.Match[str]]) -> Iterator[tuple[int, int]]:
+    for a, b in pairwise(groups):
+        yield a.end(), b.start()
+
+
+def _joined_before(text: str, start: int) -> bool:
+    """A letter or digit joined to ``start`` by a hyphen, dot or slash."""
+    return start >= 2 and text[start - 1] in "-./" and text[start - 2] in _WORDY
+
+
+def _card_window(groups: Sequence[str], seps: Sequence[str], lo: int, hi: int) -> bool:
+    """Whether ``groups[lo:hi]`` is a card number: one separator, a card's grouping,
+    not the middle of a longer grouping (5994 8928 0405 7650 is no card's 5994 8928
+    0405) or of a number joined by hyphens or decimal points; brand, Luhn."""
+    inner = set(seps[lo : hi - 1])
+    if len(inner) > 1 or not inner <= {" ", "-"}:
+        return False
+    lengths = [len(g) for g in groups[lo:hi]]
+    if not _card_grouping(lengths):
+        return False
+    before = seps[lo - 1] if lo > 0 else None
+    after = seps[hi - 1] if hi < len(groups) else None
+    if before in (".", "-") or after in (".", "-"):
+        return False
+    grouped = len(lengths) > 1
+    if grouped and inner == {before} and len(groups[lo - 1]) == 4:
+        return False
+    if grouped and inner == {after} and len(groups[hi]) == 4:
+        return False
+    digits = "".join(groups[lo:hi])
+    return _card_brand_ok(digits) and _luhn(digits)
 
 
 # --- IBAN -------------------------------------------------------------------------
@@ -689,7 +856,9 @@ def find_us_ssn(text: str) -> Iterator[Finding]:
     """AAA-GG-SSSS or AAA GG SSSS of a possible area, group and serial; nine bare
     digits only after a word for social security number."""
     for run_start, run_end in _numbers(text):
-        if run_end - run_start >= 9:
+        if run_end - run_start >= 9 and (
+            run_end - run_start <= 11 or " " in text[run_start:run_end]
+        ):  # (not inside one long token of digits and hyphens: no SSN is)
             yield from _ssns(text, run_start, run_end)
 
 
@@ -734,7 +903,8 @@ def find_ip_address(text: str) -> Iterator[Finding]:
     """IPv4 (dotted quads of octets without leading zeros; not versions, section
     numbers or OIDs) and IPv6 (``ipaddress``; not MAC addresses or times)."""
     for run_start, run_end in _numbers(text):
-        if run_end - run_start >= 7:
+        length = run_end - run_start
+        if length >= 7 and (length <= 15 or " " in text[run_start:run_end]):
             for m in _near(_IPV4, text, run_start, run_end):
                 if _ipv4_ok(text, m.start(), m.group()):
                     yield Finding(m.start(), m.end(), "ip_address", "ip_address")

@@ -54,7 +54,7 @@ from itertools import pairwise
 import orjson
 import re2  # type: ignore[import-untyped]
 
-from .findings import Finding
+from .findings import Finding, resolve
 
 SECRET_KINDS = (
     "openai_key",
@@ -730,18 +730,11 @@ def _candidates(text: str) -> Iterator[Finding]:
             yield found
 
 
+_KIND_RANK = {kind: i for i, kind in enumerate(SECRET_KINDS)}
+
+
 def find_secrets(text: str) -> Iterator[Finding]:
     """The secrets in ``text``; where two overlap, the longer wins (a token inside a
     private key block), and of two the same, the provider's kind (a generic value
     that is also a provider token)."""
-    found = list(_candidates(text))
-    if len(found) < 2:
-        yield from found
-        return
-    rank = {kind: i for i, kind in enumerate(SECRET_KINDS)}
-    found.sort(key=lambda f: (f.start - f.end, rank[f.kind]))
-    kept: list[Finding] = []
-    for f in found:
-        if all(f.end <= k.start or f.start >= k.end for k in kept):
-            kept.append(f)
-    yield from sorted(kept, key=lambda f: f.start)
+    yield from resolve(list(_candidates(text)), lambda f: _KIND_RANK[f.kind])

@@ -10,7 +10,13 @@ Which policy: the key's own (``keys create --redaction NAME``), else its
 tenant's (a policy listing the tenant), else ``redaction``; none on a route
 with ``redaction: false``. A body that cannot be read as the API's JSON, or a
 detector that fails, cannot be checked: refused unless the policy says
-``on_error: fail_open`` (counted either way).
+``on_error: fail_open`` (counted either way). A prompt longer than
+``INLINE_CHARS`` is searched a window at a time, other streams running in
+between (an Ask whose call pauses on the event loop).
+
+With ``responses`` or ``restore`` the flow also reads the answer: a JSON one
+held whole and written out once, an SSE one edited event by event with a few
+characters held back per text stream (redaction/answer.py).
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ from . import Flow
 
 log = logging.getLogger("tollway")
 
+# Prompts longer than this (in characters of text) are searched a window at a time.
+INLINE_CHARS = 64 << 10
+WINDOW_CHARS = 32 << 10
+
 FAILED = Deny(
     500,
     "api_error",
@@ -46,10 +56,6 @@ FAILED = Deny(
     "The request could not be checked for sensitive data, so it was not sent.",
     "tollway_redaction_failed",
 )
-# Prompts longer than this (in characters of text) are searched a window at a time.
-INLINE_CHARS = 64 << 10
-WINDOW_CHARS = 32 << 10
-
 UNKNOWN_POLICY = Deny(
     500,
     "api_error",
@@ -133,6 +139,7 @@ class RedactionStage:
         self.tenants = {t: p for p in policies.values() for t in p.tenants}
         self.metrics = metrics
         self._counters: dict[tuple[str, str, str], Any] = {}
+        self._warned: set[str] = set()
 
     def __bool__(self) -> bool:
         return self.default is not None or bool(self.policies)
@@ -147,11 +154,13 @@ class RedactionStage:
             if identity.redaction is not None:
                 found = self.policies.get(identity.redaction)
                 if found is None:
-                    log.error(
-                        "key %s names redaction policy %r, which is not configured",
-                        identity.id,
-                        identity.redaction,
-                    )
+                    if identity.id not in self._warned:  # once a key, not once a request
+                        self._warned.add(identity.id)
+                        log.error(
+                            "key %s names redaction policy %r, which is not configured",
+                            identity.id,
+                            identity.redaction,
+                        )
                     return UNKNOWN_POLICY
                 policy = found
             else:

@@ -34,7 +34,13 @@ ECHO = {"x-demo-echo": "1"}
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     def customize(config: Config) -> Config:
         demo = config.upstreams["openai"]
-        trusted = Upstream(url=demo.url, prefixes=("/trusted/",), mount="/trusted", redaction=False)
+        trusted = Upstream(
+            url=demo.url,
+            prefixes=("/unused/",),
+            mount="/trusted",
+            credential=demo.credential,
+            redaction=False,
+        )
         policies = {
             "strict": RedactionConfig(action="mask", responses=True),
             "support": RedactionConfig(restore=True, tenants=("helpdesk",)),

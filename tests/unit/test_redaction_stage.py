@@ -540,3 +540,29 @@ def test_a_gemini_stream_is_redacted_and_restored() -> None:
     )
     assert text == f"Noted {CARD}; and mine is [EMAIL_1]."
     assert got[-1][1]["usageMetadata"] == {"promptTokenCount": 3}
+
+
+def test_an_openai_stream_split_in_two_at_every_byte_offset_is_redacted() -> None:
+    world = World(config(redaction={"responses": True}))
+    chunks = [
+        {"id": "c", "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
+        for w in words(WRITTEN)
+    ]
+    chunks.append({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    wire = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    for cut in range(1, len(wire)):
+        run, _ = world.send(chat("hi", stream=True))
+        run.response_headers(200, {"content-type": "text/event-stream"})
+        out = b""
+        for piece, end in ((wire[:cut], False), (wire[cut:], True)):
+            got = run.response_body(piece, end)
+            out += piece if got is None else got
+        parser = SSEParser()
+        events = parser.feed(out) + parser.close()
+        text = "".join(
+            orjson.loads(e.data)["choices"][0]["delta"].get("content") or ""
+            for e in events
+            if e.data.startswith("{")
+        )
+        assert text == REDACTED, cut
+        assert events[-1].data == "[DONE]"
