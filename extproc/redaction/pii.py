@@ -54,13 +54,18 @@ def _decimal_before(text: str, start: int) -> bool:
 _SP = "\u00a0\u202f"  # no-break spaces (French writes "01 23 45 67 89" with them)
 _ZEROS = str.maketrans("123456789", "000000000")
 _NUMBER = re.compile(rf"0[0 {_SP}().\-/]{{2,}}0")
+_NUMBER_ANY = re.compile(rf"[0-9][0-9 {_SP}().\-/]{{2,}}[0-9]")  # the same, digits as they are
 
 
 @lru_cache(maxsize=2)
 def _numbers(text: str) -> tuple[tuple[int, int], ...]:
     """The runs of digits in ``text`` (start, end). Cached for the last texts: every
-    digit finder of a Detector asks for the same text's runs in turn."""
-    return tuple(m.span() for m in _NUMBER.finditer(text.translate(_ZEROS)))
+    digit finder of a Detector asks for the same text's runs in turn. With every
+    digit made 0 the scan is ~3x faster, but translate() is slow on text that is
+    not ASCII (55 ms a MB against 1)."""
+    if text.isascii():
+        return tuple(m.span() for m in _NUMBER.finditer(text.translate(_ZEROS)))
+    return tuple(m.span() for m in _NUMBER_ANY.finditer(text))
 
 
 def _near(pattern: re.Pattern[str], text: str, start: int, end: int) -> Iterator[re.Match[str]]:

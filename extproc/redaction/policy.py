@@ -67,11 +67,12 @@ class Policy:
 class Rewrite:
     """One request's replacements."""
 
-    __slots__ = ("_numbers", "blocked", "counts", "originals", "policy")
+    __slots__ = ("_last", "_numbers", "blocked", "counts", "originals", "policy")
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._numbers: dict[tuple[str, str], str] = {}  # (entity, value) -> placeholder
+        self._last: dict[str, int] = {}  # entity -> its last placeholder's number
         self.originals: dict[str, str] = {}  # placeholder -> value
         self.counts: dict[tuple[str, str], int] = {}  # (entity, action) -> replaced
         self.blocked: dict[str, set[str]] = {}  # entity -> kinds found, where it blocks
@@ -104,7 +105,7 @@ class Rewrite:
         if action == "placeholder":
             found = self._numbers.get((f.entity, value))
             if found is None:
-                number = sum(1 for e, _ in self._numbers if e == f.entity) + 1
+                number = self._last[f.entity] = self._last.get(f.entity, 0) + 1
                 found = self._numbers[f.entity, value] = f"[{label}_{number}]"
                 self.originals[found] = value
             return found
