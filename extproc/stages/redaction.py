@@ -48,6 +48,7 @@ log = logging.getLogger("tollway")
 # Prompts longer than this (in characters of text) are searched a window at a time.
 INLINE_CHARS = 64 << 10
 WINDOW_CHARS = 32 << 10
+_JOINT = "\n\n"  # between the texts of one request, searched as one
 
 FAILED = Deny(
     500,
@@ -231,35 +232,46 @@ class RedactionFlow(Flow):
         return self._decide(ex, found)
 
     def _find(self, slots: list[Slot]) -> list[tuple[Slot, list[Finding]]]:
-        detector, rewrite = self.policy.detector, self.rewrite
-        found = []
-        for slot in slots:
-            container, key = slot
-            findings = detector.find(container[key])
-            if findings:
-                rewrite.check(findings)
-                found.append((slot, findings))
-        return found
+        """All the texts searched as one (each finder called once, not once a text),
+        the findings handed back to their texts."""
+        texts = [container[key] for container, key in slots]
+        return self._per_slot(slots, texts, self.policy.detector.find(_JOINT.join(texts)))
 
     async def _find_paused(
         self, slots: list[Slot], pause: Callable[[], Awaitable[None]]
     ) -> list[tuple[Slot, list[Finding]]]:
-        detector, rewrite = self.policy.detector, self.rewrite
-        found = []
-        since = 0  # characters searched since the last pause
-        for slot in slots:
-            container, key = slot
-            text = container[key]
-            findings: list[Finding] = []
-            for i, window in enumerate(detector.find_all(text, WINDOW_CHARS)):
-                findings += window
-                since += min(WINDOW_CHARS, len(text) - i * WINDOW_CHARS)
-                if since >= WINDOW_CHARS:
-                    await pause()
-                    since = 0
-            if findings:
-                rewrite.check(findings)
-                found.append((slot, findings))
+        texts = [container[key] for container, key in slots]
+        joined = _JOINT.join(texts)
+        findings: list[Finding] = []
+        for window in self.policy.detector.find_all(joined, WINDOW_CHARS):
+            findings += window
+            await pause()
+        return self._per_slot(slots, texts, findings)
+
+    def _per_slot(
+        self, slots: list[Slot], texts: list[str], findings: list[Finding]
+    ) -> list[tuple[Slot, list[Finding]]]:
+        """Findings of the joined texts, by text; one across a joint is of neither."""
+        found: list[tuple[Slot, list[Finding]]] = []
+        if not findings:
+            return found
+        at, start = 0, 0  # the text findings[...] fall in, and where it starts
+        end = len(texts[0])
+        mine: list[Finding] = []
+        for f in findings:
+            while f.start >= end + len(_JOINT):
+                if mine:
+                    found.append((slots[at], mine))
+                    mine = []
+                at += 1
+                start = end + len(_JOINT)
+                end = start + len(texts[at])
+            if start <= f.start and f.end <= end:
+                mine.append(Finding(f.start - start, f.end - start, f.entity, f.kind))
+        if mine:
+            found.append((slots[at], mine))
+        for _, mine in found:
+            self.rewrite.check(mine)
         return found
 
     def _decide(self, ex: Exchange, found: list[tuple[Slot, list[Finding]]]) -> Deny | None:

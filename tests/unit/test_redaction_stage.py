@@ -114,6 +114,29 @@ def test_placeholders_replace_pii_in_what_the_provider_gets() -> None:
     )
 
 
+def test_entities_at_the_edges_of_many_texts_land_in_their_own_text() -> None:
+    world = World(config(redaction={}))
+    messages = [
+        {"role": "system", "content": EMAIL},
+        {"role": "user", "content": f"{CARD} is mine"},
+        {"role": "user", "content": ""},
+        {"role": "user", "content": f"mail {EMAIL}"},
+        {"role": "user", "content": "no entity here"},
+        {"role": "user", "content": [{"type": "text", "text": f"x {CARD}"}]},
+    ]
+    run, denied = world.send({"model": "gpt-4o", "messages": messages})
+    assert denied is None
+    sent = world.sent(run)["messages"]
+    assert [m["content"] for m in sent[:5]] == [
+        "[EMAIL_1]",
+        "[CREDIT_CARD_1] is mine",
+        "",
+        "mail [EMAIL_1]",
+        "no entity here",
+    ]
+    assert sent[5]["content"][0]["text"] == "x [CREDIT_CARD_1]"
+
+
 def test_a_request_without_entities_goes_as_sent_byte_for_byte() -> None:
     world = World(config(redaction={}))
     raw = b'{"model":"gpt-4o",  "messages":[{"role":"user","content":"Hello there"}]}'
@@ -566,3 +589,33 @@ def test_an_openai_stream_split_in_two_at_every_byte_offset_is_redacted() -> Non
         )
         assert text == REDACTED, cut
         assert events[-1].data == "[DONE]"
+
+
+async def test_a_long_prompt_is_searched_in_windows_pausing_between_them() -> None:
+    pauses = 0
+
+    async def pause() -> None:
+        nonlocal pauses
+        pauses += 1
+
+    cfg = config(redaction={})
+    metrics = Metrics()
+    world = World(cfg, stage=build(cfg, metrics, pause))
+    world.metrics = metrics
+    filler = "All quiet on the western front today. " * 3000  # ~114 K characters
+    messages = [
+        {"role": "user", "content": f"{filler}{EMAIL} {filler}"},
+        {"role": "user", "content": f"{CARD} {filler}"},
+    ]
+    run = world.pipeline.start(
+        "POST", "/v1/chat/completions", {"authorization": f"Bearer {world.key}"}, frozenset()
+    )
+    assert not isinstance(run.request_headers(), Deny)
+    pending = run.request_body(orjson.dumps({"model": "gpt-4o", "messages": messages}))
+    assert hasattr(pending, "__await__")  # not answered inline: the loop runs meanwhile
+    assert await pending is None  # type: ignore[misc]
+    sent = world.sent(run)["messages"]
+    assert sent[0]["content"] == f"{filler}[EMAIL_1] {filler}"
+    assert sent[1]["content"] == f"[CREDIT_CARD_1] {filler}"
+    assert pauses >= (2 * len(filler) + len(filler)) // (32 << 10)
+    assert world.count("email", "placeholder") == 1
