@@ -446,6 +446,8 @@ class RedactionConfig(_Model):
     responses: bool = False  # also redact what the model answers
     restore: bool = False  # put the originals back into the answer, for placeholders
     custom: tuple[CustomPattern, ...] = ()
+    # A gitleaks config (TOML) whose rules find more secrets (entity `secrets`).
+    gitleaks_file: Path | None = None
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     # The key of the `hash` action's HMAC (in a policy: default the main block's).
     hash_key: SecretSource | None = None

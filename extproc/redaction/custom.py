@@ -39,6 +39,7 @@ pattern has one (``token=(?P<secret>[a-z0-9]{32})`` redacts only the value).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -76,6 +77,10 @@ def compile_pattern(name: str, pattern: str) -> Any:  # an re2._Regexp (untyped)
         )
     if name in ENTITIES:
         raise PatternError(f"custom pattern name {name!r}: that is a built-in entity")
+    return _compile(pattern, f"custom pattern {name!r}")
+
+
+def _compile(pattern: str, what: str) -> Any:
     try:
         compiled = re2.compile(pattern, _options())
     except re2.error as exc:
@@ -86,11 +91,9 @@ def compile_pattern(name: str, pattern: str) -> Any:  # an re2._Regexp (untyped)
                 " (backreferences and lookaround cannot run in linear time, so they "
                 "are not supported)"
             )
-        raise PatternError(f"custom pattern {name!r}: {detail}{hint}") from None
+        raise PatternError(f"{what}: {detail}{hint}") from None
     if compiled.fullmatch("") is not None:
-        raise PatternError(
-            f"custom pattern {name!r}: matches the empty string (use + rather than *?)"
-        )
+        raise PatternError(f"{what}: matches the empty string (use + rather than *?)")
     return compiled
 
 
@@ -107,3 +110,112 @@ def custom_finder(name: str, pattern: str) -> Finder:
                 yield Finding(start, end, name, name)
 
     return find
+
+
+# ---- gitleaks rules ------------------------------------------------------------
+
+
+class GitleaksRule:
+    """One ``[[rules]]`` entry of a gitleaks config: what this importer uses of it."""
+
+    __slots__ = ("allow", "entropy", "group", "id", "keywords", "regex", "stopwords")
+
+    def __init__(self, item: dict[str, Any], where: str) -> None:
+        rule_id = item.get("id")
+        if not isinstance(rule_id, str) or not rule_id:
+            raise PatternError(f"{where}: a rule needs an id")
+        self.id = rule_id
+        where = f"{where} ({rule_id})"
+        self.regex = _compile(_text(item, "regex", where), where)
+        group = item.get("secretGroup", 0)
+        if not isinstance(group, int) or not 0 <= group <= self.regex.groups:
+            raise PatternError(f"{where}: secretGroup {group!r} is not a group")
+        self.group = group  # 0: the first group that matched, else the whole match
+        entropy = item.get("entropy", 0)
+        if not isinstance(entropy, int | float):
+            raise PatternError(f"{where}: entropy must be a number")
+        self.entropy = float(entropy)
+        self.keywords = tuple(str(k).lower() for k in item.get("keywords", ()))
+        allow = item.get("allowlist", {})
+        allows = item.get("allowlists", [allow] if isinstance(allow, dict) else [])
+        self.allow: list[Any] = []  # a secret these match is not one
+        self.stopwords: list[str] = []  # nor one that holds these
+        for entry in allows if isinstance(allows, list) else []:
+            if isinstance(entry, dict):
+                self.allow += [
+                    compile_pattern("gitleaks", str(p)) for p in entry.get("regexes", ())
+                ]
+                self.stopwords += [str(w).lower() for w in entry.get("stopwords", ())]
+
+    def span(self, m: Any) -> tuple[int, int]:
+        if self.group or not self.regex.groups:
+            return m.span(self.group)  # type: ignore[no-any-return]
+        for group in range(1, self.regex.groups + 1):
+            start, end = m.span(group)
+            if start < end:
+                return start, end
+        return m.span(0)  # type: ignore[no-any-return]
+
+
+def _text(item: dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise PatternError(f"{where}: {key} must be a non-empty string")
+    return value
+
+
+def load_gitleaks(toml_text: str, source: str = "gitleaks rules") -> list[GitleaksRule]:
+    """The rules of a gitleaks config (TOML) that match text: those with a ``regex``
+    (rules on file paths only are not for prompts)."""
+    import tomllib
+
+    try:
+        doc = tomllib.loads(toml_text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PatternError(f"{source}: not valid TOML: {exc}") from None
+    items = doc.get("rules", [])
+    if not isinstance(items, list):
+        raise PatternError(f"{source}: [[rules]] must be a list of tables")
+    return [
+        GitleaksRule(item, f"{source}: rule {i + 1}")
+        for i, item in enumerate(items)
+        if isinstance(item, dict) and "regex" in item
+    ]
+
+
+def gitleaks_finder(rules: list[GitleaksRule]) -> Finder:
+    """Secrets by the user's gitleaks rules: entity ``secrets``, kind the rule's id.
+
+    As gitleaks does: a rule runs only on a text holding one of its keywords (if
+    it has any); a secret below the rule's entropy, or matching its allowlist, is
+    not one."""
+
+    def find(text: str) -> Iterator[Finding]:
+        lower = text.lower()
+        ascii_text = text.isascii()
+        subject: str | bytes = text.encode("ascii") if ascii_text else text
+        for rule in rules:
+            if rule.keywords and not any(k in lower for k in rule.keywords):
+                continue
+            for m in rule.regex.finditer(subject):
+                start, end = rule.span(m)
+                if start >= end:
+                    continue
+                secret = text[start:end]
+                if rule.entropy and _entropy(secret) < rule.entropy:
+                    continue
+                if any(a.search(secret) for a in rule.allow) or any(
+                    w in secret.lower() for w in rule.stopwords
+                ):
+                    continue
+                yield Finding(start, end, "secrets", rule.id)
+
+    return find
+
+
+def _entropy(value: str) -> float:
+    counts: dict[str, int] = {}
+    for c in value:
+        counts[c] = counts.get(c, 0) + 1
+    n = len(value)
+    return -sum(k / n * math.log2(k / n) for k in counts.values())

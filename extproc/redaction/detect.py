@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from . import pii, secrets
-from .custom import custom_finder
+from .custom import GitleaksRule, custom_finder, gitleaks_finder
 from .findings import DEFAULT_ENTITIES, Finder, Finding, resolve
 
 # A window of a long text is searched with this much text around it: before, for
@@ -26,6 +26,7 @@ class Detector:
         entities: Iterable[str] = DEFAULT_ENTITIES,
         phone_regions: Sequence[str] = ("US",),
         custom: Sequence[tuple[str, str]] = (),  # (name, pattern)
+        gitleaks: Sequence[GitleaksRule] = (),  # rules that find more secrets
     ) -> None:
         finders: dict[str, Callable[[], Finder]] = {
             "email": lambda: pii.find_email,
@@ -39,8 +40,10 @@ class Detector:
         self.entities = tuple(entities)
         self._finders = [finders[e]() for e in self.entities]
         self._finders += [custom_finder(name, pattern) for name, pattern in custom]
+        if gitleaks:
+            self._finders.append(gitleaks_finder(list(gitleaks)))
         margins = [SHORT_MARGIN if e in _SHORT else MARGIN for e in self.entities]
-        self._margins = margins + [MARGIN] * len(custom)
+        self._margins = margins + [MARGIN] * (len(self._finders) - len(margins))
         names = [*_PRIORITY, *(name for name, _ in custom)]
         self._rank = {name: i for i, name in enumerate(names)}
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -38,6 +39,7 @@ from ..metrics import Metrics
 from ..providers.sse import Event
 from ..providers.texts import Slot, answer_slots, carrier, prompt_slots, stream_event, text_event
 from ..redaction.answer import AnswerText
+from ..redaction.custom import GitleaksRule, load_gitleaks
 from ..redaction.detect import Detector
 from ..redaction.findings import Finding
 from ..redaction.policy import NAMES, Policy, Rewrite
@@ -83,12 +85,18 @@ def build(
 def compile_policy(name: str, block: RedactionConfig, main_key: SecretSource | None) -> Policy:
     where = "redaction" if name == "default" else f"redaction_policies.{name}"
     try:
+        rules = _gitleaks(block.gitleaks_file, f"{where}.gitleaks_file")
         detector = Detector(
-            block.entities, block.phone_regions, [(c.name, c.pattern) for c in block.custom]
+            block.entities,
+            block.phone_regions,
+            [(c.name, c.pattern) for c in block.custom],
+            rules,
         )
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     names = (*block.entities, *(c.name for c in block.custom))
+    if rules and "secrets" not in names:
+        names += ("secrets",)
     actions = {e: block.actions.get(e, block.action) for e in names}
     source = block.hash_key or main_key
     key = _read_secret(source, f"{where}.hash_key") if "hash" in actions.values() else None
@@ -102,6 +110,16 @@ def compile_policy(name: str, block: RedactionConfig, main_key: SecretSource | N
         fails_closed=block.on_error == "fail_closed",
         tenants=block.tenants,
     )
+
+
+def _gitleaks(path: Path | None, where: str) -> list[GitleaksRule]:
+    if path is None:
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    return load_gitleaks(text, str(path))
 
 
 def _read_secret(source: SecretSource | None, where: str) -> bytes:

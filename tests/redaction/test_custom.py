@@ -64,3 +64,67 @@ def test_refused_pattern_says_why(pattern: str, message: str) -> None:
 def test_refused_name(name: str) -> None:
     with pytest.raises(PatternError, match="custom pattern name"):
         custom_finder(name, r"x+")
+
+
+# ---- gitleaks rules ----------------------------------------------------------------
+
+GITLEAKS = """
+title = "team rules"
+
+[[rules]]
+id = "acme-api-token"
+description = "ACME API token"
+regex = '''(?i)acme[_-]?token\\s*[:=]\\s*['"]?([a-z0-9]{24,40})'''
+entropy = 3.0
+keywords = ["acme"]
+[rules.allowlist]
+regexes = ['''^0+$''']
+stopwords = ["example"]
+
+[[rules]]
+id = "internal-host-cred"
+regex = '''svc://(?P<user>[a-z]+):([A-Za-z0-9]{12,})@'''
+secretGroup = 2
+
+[[rules]]
+id = "no-regex-rule"
+path = '''\\.pem$'''
+"""
+
+
+def test_gitleaks_rules_find_secrets_with_their_group_entropy_keywords_and_allowlist() -> None:
+    from extproc.redaction.custom import gitleaks_finder, load_gitleaks
+
+    rules = load_gitleaks(GITLEAKS)
+    assert [r.id for r in rules] == ["acme-api-token", "internal-host-cred"]  # path-only skipped
+    find = gitleaks_finder(rules)
+    token = "k3v9q2m7x1p8w4z6r5t0y2u8"
+    text = f"ACME_TOKEN = '{token}' and svc://deploy:Zq8Wm2Lk9Rt4Yp@db.internal"
+    got = [(text[f.start : f.end], f.entity, f.kind) for f in find(text)]
+    assert got == [
+        (token, "secrets", "acme-api-token"),
+        ("Zq8Wm2Lk9Rt4Yp", "secrets", "internal-host-cred"),
+    ]
+    low_entropy = "acme_token: aaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+    allowed = "acme_token: 000000000000000000000000"
+    stopword = "acme_token: example1234567890abcdefghij"
+    no_keyword = f"token = '{token}'"  # no "acme" in the text: the rule does not run
+    for quiet in (low_entropy, allowed, stopword, no_keyword):
+        assert list(find(quiet)) == [], quiet
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[[rules]]\nregex = 'x'\n", "rule 1: a rule needs an id"),
+        ("[[rules]]\nid = 'a'\nregex = '(a)\\1'\n", "cannot run in linear time"),
+        ("[[rules]]\nid = 'a'\nregex = 'x(y)'\nsecretGroup = 3\n", "secretGroup 3 is not a group"),
+        ("rules = [", "not valid TOML"),
+    ],
+)
+def test_bad_gitleaks_rules_are_refused_with_the_rule_named(toml: str, message: str) -> None:
+    from extproc.redaction.custom import PatternError, load_gitleaks
+
+    with pytest.raises(PatternError) as caught:
+        load_gitleaks(toml, "rules.toml")
+    assert message in str(caught.value) and "rules.toml" in str(caught.value)

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from extproc import error_shapes, keys
-from extproc.config import Config, Upstream
+from extproc.config import Config, ConfigError, Upstream
 from extproc.decisions import BodyMode, Deny, Phase
 from extproc.keys import KeyRecord
 from extproc.metrics import Metrics
@@ -619,3 +619,20 @@ async def test_a_long_prompt_is_searched_in_windows_pausing_between_them() -> No
     assert sent[1]["content"] == f"[CREDIT_CARD_1] {filler}"
     assert pauses >= (2 * len(filler) + len(filler)) // (32 << 10)
     assert world.count("email", "placeholder") == 1
+
+
+def test_gitleaks_rules_from_a_file_find_secrets_the_builtins_do_not(tmp_path: Any) -> None:
+    rules = tmp_path / "gitleaks.toml"
+    rules.write_text(
+        "[[rules]]\nid = 'acme-token'\nregex = '''acme_[a-z0-9]{20}'''\nkeywords = ['acme_']\n"
+    )
+    world = World(config(redaction={"gitleaks_file": str(rules)}))
+    _, denied = world.send(chat("use acme_k3v9q2m7x1p8w4z6r5t0 for the call"))
+    assert denied is not None and "secret (acme-token)" in denied.message
+    assert "acme_k3v9" not in denied.message
+    placeholder = World(config(redaction={"gitleaks_file": str(rules), "entities": ["email"]}))
+    _, denied = placeholder.send(chat("use acme_k3v9q2m7x1p8w4z6r5t0"))
+    assert denied is not None  # secrets keep their default action, block, when only rules find them
+    rules.write_text("[[rules]]\nid = 'bad'\nregex = '(a)\\1'\n")
+    with pytest.raises(ConfigError, match=r"redaction: .*gitleaks.toml: rule 1 \(bad\)"):
+        build(config(redaction={"gitleaks_file": str(rules)}), Metrics())
