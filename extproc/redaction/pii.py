@@ -144,6 +144,19 @@ _GROUP = re.compile(r"[0-9]+")
 # What may stand between two groups of digits: ") ", " - ", "/", "-(", ".", ...
 _SEP = re.compile(rf"\)?(?:[ {_SP}]?[-/][ {_SP}]?|\.|[ {_SP}])?\(?")
 _EXTENSION = re.compile(r"[ ]?(?:x|ext\.?[ ]?)[0-9]{1,6}(?![0-9A-Za-z])", re.IGNORECASE)
+_EXTENSION_FIRST = frozenset(" xXeE")
+# 4-4-4, 4-4-4-1..4 and 4-4-4-4-1..3 with one separator: what _phone_run rejects as a
+# card's grouping, found without taking the run apart.
+_CARD_RUN = re.compile(r"[0-9]{4}([ -])[0-9]{4}\1[0-9]{4}(?:\1[0-9]{4}\1[0-9]{1,3}|\1[0-9]{1,4})?")
+
+
+def _extension_end(text: str, end: int) -> int:
+    """Where an extension written after ``end`` (x123, ext. 45) ends, else ``end``."""
+    if text[end : end + 1] not in _EXTENSION_FIRST or end >= len(text):
+        return end
+    m = _EXTENSION.match(text, end)
+    return end if m is None else m.end()
+
 
 # Words that say a number is a phone number, in the languages of the regions we
 # validate: whole words, beginnings of words, and (for scripts without spaces
@@ -360,8 +373,10 @@ def _valid_for_country(country_code: int, nsn: str) -> bool:
     return False
 
 
+@lru_cache(maxsize=4096)
 def _valid_international(digits: str) -> bool:
-    """``+digits``: a country code (they are prefix-free) and a valid number."""
+    """``+digits``: a country code (they are prefix-free) and a valid number. Cached:
+    a chat sends its history again with every turn, and the numbers in it."""
     for n in (1, 2, 3):
         cc = int(digits[:n])
         plans, _ = _country(cc)
@@ -400,6 +415,7 @@ class _PhoneFinder:
         if unknown:
             raise ValueError(f"unknown phone regions: {', '.join(unknown)}")
         self._plans = tuple(p for p in plans if p is not None)
+        self._national = lru_cache(maxsize=4096)(self._national_uncached)
 
     def __call__(self, text: str) -> Iterator[Finding]:
         for start, end in _numbers(text):
@@ -407,15 +423,20 @@ class _PhoneFinder:
                 yield from self._run(text, start, end)
 
     def _run(self, text: str, start: int, end: int) -> Iterator[Finding]:
-        ext = _EXTENSION.match(text, end)
-        if _glued_after(text, end if ext is None else ext.end()):
+        after = _extension_end(text, end)
+        if _glued_after(text, after):
             return
         lead = start - 1 if start > 0 and text[start - 1] in "+(" else start
         if lead > 0 and text[lead - 1] in _NOT_BEFORE_PHONE:
             return
-        spans = [m.span() for m in _GROUP.finditer(text, start, end)]
         if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
             return  # the rest of an IBAN (NL91 ABNA 0417 1643 00)
+        if text[lead] != "+" and _CARD_RUN.fullmatch(text, start, end):
+            return  # a card or account number in groups of four (as _phone_run says)
+        spans = [m.span() for m in _GROUP.finditer(text, start, end)]
+        if len(spans) == 1:  # (no separators: most runs)
+            yield from self._segment(text, lead, spans)
+            return
         # Segments of groups joined the way phone numbers are ("030 / 1234567", not
         # "1234567. 12"); the first one may start with the + or parenthesis.
         segment = [spans[0]]
@@ -428,21 +449,36 @@ class _PhoneFinder:
         yield from self._segment(text, lead, segment)
 
     def _segment(self, text: str, lead: int, spans: Sequence[tuple[int, int]]) -> Iterator[Finding]:
+        if len(spans) > _MAX_GROUPS:
+            return  # a table of numbers, not phone numbers in text (and bounded work)
+        lengths = [b - a for a, b in spans]
+        total = sum(lengths)
+        if total < 7:
+            return  # too few digits for any window
+        plus = text[lead] == "+"
+        if total > 17 and len(spans) == 1:
+            return  # too many digits for any window
         groups = [text[a:b] for a, b in spans]
         seps = [text[a[1] : b[0]] for a, b in pairwise(spans)]
-        lengths = [len(g) for g in groups]
-        if len(groups) > _MAX_GROUPS:
-            return  # a table of numbers, not phone numbers in text (and bounded work)
-        if text[lead] != "+" and not _phone_run(groups, lengths, seps):
+        if not plus and not _phone_run(groups, lengths, seps):
             return
         dotted = bool(seps) and all(s == "." for s in seps)
         # Several numbers in one run (030 1234567 / 030 7654321): from each group on,
         # the longest valid window, one without a spaced slash inside if there is one,
         # ending at a space or slash. Not in dotted runs (192.168.0.1, 1.2.840.113549).
+        loose = [_loose(s) for s in seps]
         slashed = [" / " in s for s in seps]
+        # dates[k]: groups k, k+1 and k+2 are a date (2024-01-15, 15.01.2024)
+        dates = [
+            seps[k] == seps[k + 1] and seps[k] in _DATE_SEPS and _is_date(groups[k : k + 3])
+            for k in range(len(groups) - 2)
+        ]
+        reach = [0]  # reach[i]: the digits of groups[:i]
+        for n in lengths:
+            reach.append(reach[-1] + n)
         lo = 0
         while lo < (1 if dotted else len(groups)):
-            if lo > 0 and not _loose(seps[lo - 1]):
+            if lo > 0 and not loose[lo - 1]:
                 lo += 1
                 continue
             his: Sequence[int] = range(min(len(groups), lo + 8), lo, -1)
@@ -451,10 +487,12 @@ class _PhoneFinder:
             elif any(slashed[lo : lo + 8]):
                 his = sorted(his, key=lambda hi: sum(slashed[lo : hi - 1]))
             for hi in his:
-                if not 7 <= sum(lengths[lo:hi]) <= 17:
+                if not 7 <= reach[hi] - reach[lo] <= 17:
                     continue
-                if hi < len(groups) and not _loose(seps[hi - 1]):
+                if hi < len(groups) and not loose[hi - 1]:
                     continue
+                if any(dates[lo : hi - 2]):
+                    continue  # 2024-01-15, 2023-02-06 19 (:47)
                 s0 = lead if lo == 0 else spans[lo][0]
                 found = self._window(text, s0, spans[lo:hi], groups[lo:hi], seps[lo : hi - 1])
                 if found is not None:
@@ -473,12 +511,8 @@ class _PhoneFinder:
         seps: Sequence[str],
     ) -> Finding | None:
         """Whether ``groups`` (from ``lead``, a + or parenthesis before the first
-        group if there is one) is a phone number."""
-        if any(
-            seps[k] == seps[k + 1] and seps[k] in _DATE_SEPS and _is_date(groups[k : k + 3])
-            for k in range(len(groups) - 2)
-        ):
-            return None  # 2024-01-15, 2023-02-06 19 (:47)
+        group if there is one, no date among them) is a phone number. The checks
+        that need no context come first: the words around a number cost the most."""
         shape = [len(g) for g in groups]
         if len(groups) == 3 and shape == [3, 2, 4] and seps[0] == seps[1]:
             return None  # written like a social security number
@@ -486,28 +520,24 @@ class _PhoneFinder:
         plus = text[lead] == "+"
         if plus or (text[lead] == "(" and seps and seps[0].startswith(")")):
             start = lead  # +49 30..., (415) 555-2671: the area code's parenthesis
-        ext = _EXTENSION.match(text, end)
-        if ext is not None:
-            end = ext.end()
+        end = _extension_end(text, end)
         digits = "".join(groups)
         if plus:  # (a + says phone louder than any word before it)
             return Finding(start, end, "phone", "phone") if _valid_international(digits) else None
-        context = self._context(text, start, end)
-        if context is False:
-            return None
         if digits.startswith("00"):
-            valid = _valid_international(digits[2:])
-        elif (
-            not (context or _formatted(groups, seps))
-            or _not_national(shape, seps)
-            or (len(digits) <= 7 and not context)
-        ):
-            return None
+            if not _valid_international(digits[2:]):
+                return None
+            word = self._context(text, start, end)
         else:
-            valid = self._national(digits)
-        return Finding(start, end, "phone", "phone") if valid else None
+            if _not_national(shape, seps):
+                return None
+            needs_word = len(digits) <= 7 or not _formatted(groups, seps)
+            word = self._context(text, start, end)
+            if word is False or (needs_word and not word) or not self._national(digits):
+                return None
+        return None if word is False else Finding(start, end, "phone", "phone")
 
-    def _national(self, digits: str) -> bool:
+    def _national_uncached(self, digits: str) -> bool:
         for plan in self._plans:
             nsn, had_prefix = plan.national(digits)
             if not _valid_for_country(int(plan.country_code), nsn):
@@ -716,25 +746,31 @@ def find_credit_card(text: str) -> Iterator[Finding]:
             continue  # the digits of a token (xoxb-8680200964-...)
         if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
             continue  # the rest of an IBAN (GB88 MIBG 5028 6203 0020 13)
-        groups = [text[a:b] for a, b in (m.span() for m in _GROUP.finditer(text, start, end))]
-        seps = [text[a:b] for a, b in _gaps(_GROUP.finditer(text, start, end))]
-        lengths = [len(g) for g in groups]
-        offsets = [m.start() for m in _GROUP.finditer(text, start, end)]
+        whole = _CARD_RUN.fullmatch(text, start, end)
+        if whole is not None or (end - start <= 19 and text[start:end].isdigit()):
+            digits = text[start:end] if whole is None else text[start:end].replace(whole[1], "")
+            if _card_brand_ok(digits) and _luhn(digits):  # (the first window tried below)
+                yield Finding(start, end, "credit_card", "credit_card")
+                continue
+        spans = [m.span() for m in _GROUP.finditer(text, start, end)]
+        lengths = [b - a for a, b in spans]
+        # A card is one group of 12 to 19 digits or groups starting with one of four.
+        if 4 not in lengths and not any(12 <= n <= 19 for n in lengths):
+            continue
+        groups = [text[a:b] for a, b in spans]
+        seps = [text[a[1] : b[0]] for a, b in pairwise(spans)]
         lo = 0
         while lo < len(groups):
+            if lengths[lo] != 4 and not 12 <= lengths[lo] <= 19:
+                lo += 1
+                continue
             for hi in range(min(len(groups), lo + 5), lo, -1):
                 if 12 <= sum(lengths[lo:hi]) <= 19 and _card_window(groups, seps, lo, hi):
-                    last = offsets[hi - 1] + lengths[hi - 1]
-                    yield Finding(offsets[lo], last, "credit_card", "credit_card")
+                    yield Finding(spans[lo][0], spans[hi - 1][1], "credit_card", "credit_card")
                     lo = hi
                     break
             else:
                 lo += 1
-
-
-def _gaps(groups: Iterator[re.Match[str]]) -> Iterator[tuple[int, int]]:
-    for a, b in pairwise(groups):
-        yield a.end(), b.start()
 
 
 def _joined_before(text: str, start: int) -> bool:
@@ -786,9 +822,12 @@ _IBAN_HEAD = re.compile(r"(?<![A-Za-z0-9_])[A-Za-z]{2}[0-9]{2}")
 _IBAN_RUN = re.compile(r"[A-Za-z]{2}[0-9]{2}(?:[ ]?[A-Za-z0-9]){11,30}")
 
 
+# Letters as the numbers mod 97 counts them (A = 10, ..., Z = 35).
+_IBAN_LETTERS = str.maketrans({c: str(int(c, 36)) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"})
+
+
 def _mod97(iban: str) -> int:
-    rearranged = iban[4:] + iban[:4]
-    return int("".join(str(int(c, 36)) for c in rearranged)) % 97
+    return int((iban[4:] + iban[:4]).translate(_IBAN_LETTERS)) % 97
 
 
 def find_iban(text: str) -> Iterator[Finding]:

@@ -161,6 +161,15 @@ def test_phone_regions_limit_national_forms_only() -> None:
     assert entities(us, "(415) 555-2671") == {("phone", "phone")}
 
 
+def test_phone_validity_cache_is_per_finder() -> None:
+    """A national number valid in one finder's regions is not taken from its cache by
+    a finder of other regions; found again, it is found the same."""
+    de = pii.phone_finder(["DE"])
+    assert found(de, "Tel. 030 12345678") == ["030 12345678"]
+    assert found(pii.phone_finder(["US"]), "Tel. 030 12345678") == []
+    assert found(de, "ruf an: 030 12345678") == ["030 12345678"]
+
+
 def test_phone_unknown_region_is_refused() -> None:
     with pytest.raises(ValueError, match="XX"):
         pii.phone_finder(["US", "XX"])
@@ -249,6 +258,28 @@ def test_credit_card_near_misses(text: str) -> None:
 
 
 # --- IBAN -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "cards"),
+    [
+        # the whole run a card in groups of four, or one group: taken without windows
+        ("4111-1111-1111-1111", ["4111-1111-1111-1111"]),
+        ("4111111111111111", ["4111111111111111"]),
+        ("5500 0000 0000 0004 and 5500 0000 0000 0004", ["5500 0000 0000 0004"] * 2),
+        # the whole run no card: its windows still are looked at
+        ("4111 1111 1111 1111 123", ["4111 1111 1111 1111"]),
+        ("4111 1111 1111 1112", []),
+        ("pay 4111 1111 1111 1111 1111", []),
+    ],
+)
+def test_credit_card_whole_run_or_windows(text: str, cards: list[str]) -> None:
+    assert found(pii.find_credit_card, text) == cards
+
+
+def test_phone_skips_card_groupings_without_plus() -> None:
+    assert found(PHONE, "call 4111 1111 1111") == []
+    assert found(PHONE, "card 4111 1111 1111 1111, phone +1 415 555 0132") == ["+1 415 555 0132"]
 
 
 @pytest.mark.parametrize(
