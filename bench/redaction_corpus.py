@@ -29,6 +29,7 @@ from faker import Faker
 from faker.providers.address.it_IT import Provider as _ItalianAddress
 
 from extproc.keys import PREFIX as TOLLWAY_PREFIX
+from extproc.redaction.secrets import SECRET_KINDS
 
 # The locales and the phone region of each.
 REGIONS = {
@@ -45,22 +46,6 @@ REGIONS = {
 }
 LOCALES = tuple(REGIONS)
 SHAPES = ("chat", "ticket", "multilingual", "csv", "json", "env", "log", "code")
-ENTITIES = ("email", "phone", "credit_card", "iban", "us_ssn", "ip_address", "secrets")
-SECRET_KINDS = (
-    "openai_key",
-    "anthropic_key",
-    "aws_access_key",
-    "aws_secret_key",
-    "github_token",
-    "gitlab_token",
-    "slack_token",
-    "stripe_key",
-    "google_api_key",
-    "jwt",
-    "private_key",
-    "tollway_key",
-    "generic_secret",
-)
 DECOY_KINDS = (
     "uuid",
     "git_sha",

@@ -129,19 +129,24 @@ class AuthConfig(_Model):
     keys_file: Path = Path("tollway-keys.yaml")
 
 
-class Credential(_Model):
-    """Where the provider's key comes from: an environment variable or a file."""
+class SecretSource(_Model):
+    """A secret read at start: from an environment variable or a file."""
 
     env: str | None = None
     file: Path | None = None
-    # Override the header the key is sent in (default: the provider's own).
-    header: str | None = None
 
     @model_validator(mode="after")
-    def _exactly_one_source(self) -> Credential:
+    def _exactly_one_source(self) -> SecretSource:
         if (self.env is None) == (self.file is None):
             raise ValueError("set exactly one of 'env' or 'file'")
         return self
+
+
+class Credential(SecretSource):
+    """Where the provider's key comes from: an environment variable or a file."""
+
+    # Override the header the key is sent in (default: the provider's own).
+    header: str | None = None
 
 
 class Upstream(_Model):
@@ -406,19 +411,6 @@ _CUSTOM_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 def _block_secrets() -> dict[str, RedactionAction]:
     return {"secrets": "block"}
-
-
-class SecretSource(_Model):
-    """A secret read at start: from an environment variable or a file."""
-
-    env: str | None = None
-    file: Path | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one_source(self) -> SecretSource:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("set exactly one of 'env' or 'file'")
-        return self
 
 
 class CustomPattern(_Model):
