@@ -102,7 +102,8 @@ _SEQUENCE_RE = re.compile(
         for i in range(len(run) - 7)
     )
 )
-_REPEAT_RE = re.compile(r"(.)\1{7}")  # one character 8 times in a row
+# One character 8 times in a row (\1 written out: twice as fast as \1{7} in ``re``).
+_REPEAT_RE = re.compile(r"(.)\1\1\1\1\1\1\1")
 
 
 def _entropy(value: str) -> float:
@@ -155,11 +156,9 @@ def _random_body(body: str) -> bool:
     a long random body (``…yIbyour_z…``: one ``sk-proj`` key in about 7,000) is
     chance, not a placeholder: placeholders made of words have entropy below 4."""
     lower = body.lower()
-    if _typed_run(lower):
+    if _typed_run(lower) or not _entropy_at_least(body, 2.2):
         return False
-    if _entropy_at_least(body, 4.0):
-        return True
-    return _entropy_at_least(body, 2.2) and not _placeholder_word(lower)
+    return not _placeholder_word(lower) or _entropy_at_least(body, 4.0)
 
 
 # ---- provider tokens --------------------------------------------------------
@@ -194,9 +193,12 @@ def _github(m: re.Match[str]) -> bool:
     return _github_checksum_ok(token) or _random_body(token[4:])
 
 
+_DIGIT_RE = re.compile("[0-9]")
+
+
 def _slack(m: re.Match[str]) -> bool:
     body = m.group("body")
-    return _random_body(body.replace("-", "")) and any(c.isdigit() for c in body)
+    return _DIGIT_RE.search(body) is not None and _random_body(body.replace("-", ""))
 
 
 def _jwt(m: re.Match[str]) -> bool:
@@ -556,6 +558,7 @@ _PLACEHOLDER_VALUES = frozenset(
 )
 # Long enough not to turn up in a random value by chance ("key" does, one in 2,000).
 _VALUE_SECRET_WORDS = ("password", "passwd", "secret", "token")
+_VALUE_WORD_RE = re.compile("|".join(map(re.escape, _PLACEHOLDER_WORDS + _VALUE_SECRET_WORDS)))
 # <API_KEY>, [token], {secret}, OPENAI_API_KEY: a name standing in for the value.
 _NAMED_PLACEHOLDER_RE = re.compile(
     r"<[^<>]{1,64}>|\[[^\[\]]{1,64}\]|\{[^{}]{1,64}\}|[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+"
@@ -584,10 +587,10 @@ def _generic_value(value: str) -> bool:
     """A value that looks like a secret rather than a word, a number, a placeholder
     or a reference to where the secret lives."""
     n = len(value)
-    if n < 8 or value.lower() in _PLACEHOLDER_VALUES or value.isdigit():
+    if n < 8 or value.isdigit():
         return False
     lower = value.lower()
-    if _placeholder(value) or any(w in lower for w in _VALUE_SECRET_WORDS):
+    if lower in _PLACEHOLDER_VALUES or _VALUE_WORD_RE.search(lower) or _typed_run(lower):
         return False
     if _CODE_REF_RE.match(value) or _NAMED_PLACEHOLDER_RE.fullmatch(value):
         return False
@@ -603,12 +606,13 @@ def _name_start(text: str, end: int) -> int:
     return start
 
 
+_NAME_END_RE = re.compile(f"[A-Za-z0-9_.-]{{0,{_NAME_MAX}}}")  # _IDENT_CHARS
+
+
 def _name_end(text: str, start: int) -> int:
-    end = start
-    limit = min(len(text), start + _NAME_MAX)
-    while end < limit and text[end] in _IDENT_CHARS:
-        end += 1
-    return end
+    m = _NAME_END_RE.match(text, start)
+    assert m is not None  # {0,…} always matches
+    return m.end()
 
 
 def _assignment_at(
@@ -649,7 +653,7 @@ def _bearer_at(text: str, start: int) -> Finding | None:
 
 def _secret_value(m: re.Match[str], name: str) -> Finding | None:
     text = m.string
-    group = "quoted" if "quoted" in m.re.groupindex and m.group("quoted") else "value"
+    group = "quoted" if m.re is _ASSIGN_RE and m.group("quoted") else "value"
     value_start, value_end = m.span(group)
     if group == "value":  # unquoted, the value may end a sentence
         while value_end > value_start and text[value_end - 1] in ".:!?":
