@@ -102,7 +102,8 @@ _SEQUENCE_RE = re.compile(
         for i in range(len(run) - 7)
     )
 )
-_REPEAT_RE = re.compile(r"(.)\1{7}")  # one character 8 times in a row
+# One character 8 times in a row (\1 written out: twice as fast as \1{7} in ``re``).
+_REPEAT_RE = re.compile(r"(.)\1\1\1\1\1\1\1")
 
 
 def _entropy(value: str) -> float:
@@ -111,12 +112,36 @@ def _entropy(value: str) -> float:
     return -sum(c / n * math.log2(c / n) for c in Counter(value).values())
 
 
+def _entropy_at_least(value: str, bits: float) -> bool:
+    """``_entropy(value) >= bits``, mostly without counting each character: ``k``
+    distinct characters give at most log2(k) bits, and at least what one character
+    ``n - k + 1`` times and the others once give. Random values (many distinct
+    characters) pass on the bound, runs of a few characters fail on it; only the ones
+    in between are counted. (Close to a bound the count decides.)"""
+    n, k = len(value), len(set(value))
+    if k < 2:  # no entropy
+        return bits <= 0
+    if math.log2(k) < bits - 1e-9:
+        return False
+    p = (n - k + 1) / n
+    if (k - 1) / n * math.log2(n) - p * math.log2(p) > bits + 1e-9:
+        return True
+    return _entropy(value) >= bits
+
+
+_PLACEHOLDER_WORD_RE = re.compile("|".join(map(re.escape, _PLACEHOLDER_WORDS)))
+# Each run of 8 holds one of these aligned runs of 4: a quick test before the regex.
+_SEQUENCE_QUARTERS = ("0123", "4567", "abcd", "efgh", "ijkl", "mnop", "qrst", "uvwx")
+
+
 def _placeholder_word(lower: str) -> bool:
-    return any(word in lower for word in _PLACEHOLDER_WORDS)
+    return _PLACEHOLDER_WORD_RE.search(lower) is not None
 
 
 def _typed_run(lower: str) -> bool:
-    return _REPEAT_RE.search(lower) is not None or _SEQUENCE_RE.search(lower) is not None
+    if _REPEAT_RE.search(lower) is not None:
+        return True
+    return any(q in lower for q in _SEQUENCE_QUARTERS) and _SEQUENCE_RE.search(lower) is not None
 
 
 def _placeholder(value: str) -> bool:
@@ -131,10 +156,9 @@ def _random_body(body: str) -> bool:
     a long random body (``…yIbyour_z…``: one ``sk-proj`` key in about 7,000) is
     chance, not a placeholder: placeholders made of words have entropy below 4."""
     lower = body.lower()
-    if _typed_run(lower):
+    if _typed_run(lower) or not _entropy_at_least(body, 2.2):
         return False
-    entropy = _entropy(body)
-    return entropy >= 2.2 and not (_placeholder_word(lower) and entropy < 4.0)
+    return not _placeholder_word(lower) or _entropy_at_least(body, 4.0)
 
 
 # ---- provider tokens --------------------------------------------------------
@@ -169,9 +193,12 @@ def _github(m: re.Match[str]) -> bool:
     return _github_checksum_ok(token) or _random_body(token[4:])
 
 
+_DIGIT_RE = re.compile("[0-9]")
+
+
 def _slack(m: re.Match[str]) -> bool:
     body = m.group("body")
-    return _random_body(body.replace("-", "")) and any(c.isdigit() for c in body)
+    return _DIGIT_RE.search(body) is not None and _random_body(body.replace("-", ""))
 
 
 def _jwt(m: re.Match[str]) -> bool:
@@ -331,7 +358,7 @@ _PEM_BODY_RE = re.compile(
     r"(?=[ \t]{0,8}(?:\r?\n|\\r?\\n|$)))*"
 )
 _PEM_MAX = 65536  # an RSA-16384 key is about 13 KB; past this it is not one block
-_BASE64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+_BASE64_64_RE = re.compile(r"(?:[^A-Za-z0-9+/]*+[A-Za-z0-9+/]){64}")  # 64 base64 characters
 
 
 class _PemEnds:
@@ -363,8 +390,8 @@ def _private_key_at(text: str, start: int, ends: _PemEnds) -> Finding | None:
         body = _PEM_BODY_RE.match(text, body_start)
         assert body is not None  # (…)* always matches
         body_end = stop = body.end()
-    base64_chars = sum(c in _BASE64_CHARS for c in text[body_start:body_end])
-    if base64_chars < 64:  # "-----BEGIN … KEY-----\n...\n-----END …" is no key
+    if _BASE64_64_RE.match(text, body_start, body_end) is None:
+        # "-----BEGIN … KEY-----\n...\n-----END …" is no key
         return None
     return Finding(start, stop, _ENTITY, "private_key")
 
@@ -531,6 +558,7 @@ _PLACEHOLDER_VALUES = frozenset(
 )
 # Long enough not to turn up in a random value by chance ("key" does, one in 2,000).
 _VALUE_SECRET_WORDS = ("password", "passwd", "secret", "token")
+_VALUE_WORD_RE = re.compile("|".join(map(re.escape, _PLACEHOLDER_WORDS + _VALUE_SECRET_WORDS)))
 # <API_KEY>, [token], {secret}, OPENAI_API_KEY: a name standing in for the value.
 _NAMED_PLACEHOLDER_RE = re.compile(
     r"<[^<>]{1,64}>|\[[^\[\]]{1,64}\]|\{[^{}]{1,64}\}|[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+"
@@ -559,16 +587,16 @@ def _generic_value(value: str) -> bool:
     """A value that looks like a secret rather than a word, a number, a placeholder
     or a reference to where the secret lives."""
     n = len(value)
-    if n < 8 or value.lower() in _PLACEHOLDER_VALUES or value.isdigit():
+    if n < 8 or value.isdigit():
         return False
     lower = value.lower()
-    if _placeholder(value) or any(w in lower for w in _VALUE_SECRET_WORDS):
+    if lower in _PLACEHOLDER_VALUES or _VALUE_WORD_RE.search(lower) or _typed_run(lower):
         return False
     if _CODE_REF_RE.match(value) or _NAMED_PLACEHOLDER_RE.fullmatch(value):
         return False
     if value.isalpha():  # a word or an identifier unless long and random
-        return n >= 16 and _entropy(value) >= 3.3
-    return _entropy(value) >= min(2.8, math.log2(n) - 0.8)
+        return n >= 16 and _entropy_at_least(value, 3.3)
+    return _entropy_at_least(value, min(2.8, math.log2(n) - 0.8))
 
 
 def _name_start(text: str, end: int) -> int:
@@ -578,26 +606,33 @@ def _name_start(text: str, end: int) -> int:
     return start
 
 
+_NAME_END_RE = re.compile(f"[A-Za-z0-9_.-]{{0,{_NAME_MAX}}}")  # _IDENT_CHARS
+
+
 def _name_end(text: str, start: int) -> int:
-    end = start
-    limit = min(len(text), start + _NAME_MAX)
-    while end < limit and text[end] in _IDENT_CHARS:
-        end += 1
-    return end
+    m = _NAME_END_RE.match(text, start)
+    assert m is not None  # {0,…} always matches
+    return m.end()
 
 
-def _assignment_at(text: str, keyword_start: int) -> tuple[Finding | None, int]:
+def _assignment_at(
+    text: str, keyword_start: int, names: dict[str, bool]
+) -> tuple[Finding | None, int]:
     """The value assigned to the name around a keyword (``db_password`` around
     ``pass``), if the name says secret and the value looks like one; and where the
     value ends (a name inside it is part of it, not a name: ``a=b=c=…`` is looked at
-    once, not once a name)."""
+    once, not once a name). ``names`` remembers which names say secret (a text
+    assigns the same few names over and over)."""
     start, name_end = _name_start(text, keyword_start), _name_end(text, keyword_start)
     name = text[start:name_end].strip(".-")
     if name.lower() == "key" and text[start - 1 : start] == " ":
         # "API key: …" in prose: the qualifier is the word before.
         before = _name_start(text, start - 1)
         name = text[before : start - 1] + "_" + name
-    if not _secret_name(name):
+    secret = names.get(name)
+    if secret is None:
+        secret = names[name] = _secret_name(name)
+    if not secret:
         return None, name_end
     if text[start - 1 : start] == "<" and text[name_end : name_end + 1] == ">":
         m = _XML_VALUE_RE.match(text, name_end)
@@ -618,7 +653,7 @@ def _bearer_at(text: str, start: int) -> Finding | None:
 
 def _secret_value(m: re.Match[str], name: str) -> Finding | None:
     text = m.string
-    group = "quoted" if "quoted" in m.re.groupindex and m.group("quoted") else "value"
+    group = "quoted" if m.re is _ASSIGN_RE and m.group("quoted") else "value"
     value_start, value_end = m.span(group)
     if group == "value":  # unquoted, the value may end a sentence
         while value_end > value_start and text[value_end - 1] in ".:!?":
@@ -687,45 +722,49 @@ def _url_password(user: str, password: str) -> bool:
 
 # One pass of RE2 (a DFA: linear, and fast on literal alternations, where ``re`` tries
 # each alternative at every position) finds where a secret may start; the rules then
-# run there only.
+# run there only. No groups: the matched text says what was found (a prefix is one of
+# the literals; a name starts with a keyword and ends with a separator, ``bearer``
+# with a blank), and each group costs RE2's Python wrapper time at every match.
 def _longest(prefix: str) -> tuple[int, str]:
     return -len(prefix), prefix
 
 
+_PEM_PREFIX, _URL_PREFIX = "-----BEGIN ", "://"
+_SCAN_PREFIXES = frozenset({*_RULES_BY_PREFIX, _PEM_PREFIX, _URL_PREFIX})
 _SCAN = re2.compile(
-    "(?P<prefix>"
     # Longest first: RE2 takes the first alternative that matches (sk-ant- before sk-).
-    + "|".join(
-        re.escape(p) for p in sorted({*_RULES_BY_PREFIX, "-----BEGIN ", "://"}, key=_longest)
-    )
-    + ")|(?P<name>(?i:"
+    "|".join(re.escape(p) for p in sorted(_SCAN_PREFIXES, key=_longest))
+    + "|(?i:"
     + "|".join(_KEYWORDS)
-    + r""")[A-Za-z0-9_.-]{0,64}[ \t]{0,4}[=:>"'\\])|(?P<bearer>(?i:bearer)[ \t])"""
+    + r""")[A-Za-z0-9_.-]{0,64}[ \t]{0,4}[=:>"'\\]|(?i:bearer)[ \t]"""
 )
 
 
 def _candidates(text: str) -> Iterator[Finding]:
-    # RE2 maps offsets back from UTF-8 for a str; ASCII bytes need no mapping.
-    subject: str | bytes = text.encode("ascii") if text.isascii() else text
+    # RE2 reports offsets in the UTF-8 of a str and its wrapper maps each back, at a
+    # cost per match; in bytes with one byte a character (anything not ASCII made
+    # "?", which no pattern of the scan takes) the offsets are the text's own.
+    subject = text.encode("ascii", "replace")
     pem_ends = _PemEnds(text)
+    names: dict[str, bool] = {}
     value_end = 0
     for m in _SCAN.finditer(subject):
-        start, kind = m.start(), m.lastgroup
+        start, end = m.span()
+        matched = text[start:end]
         found: Finding | None
-        if kind == "prefix":
-            prefix = text[start : m.end()]
-            if prefix == "-----BEGIN ":
+        if matched in _SCAN_PREFIXES:
+            if matched == _PEM_PREFIX:
                 found = _private_key_at(text, start, pem_ends)
-            elif prefix == "://":
+            elif matched == _URL_PREFIX:
                 found = _url_password_at(text, start)
             else:
-                found = _token_at(text, start, prefix)
-        elif kind == "name":
+                found = _token_at(text, start, matched)
+        elif matched[-1] in " \t":  # "bearer " (a name ends with a separator or quote)
+            found = _bearer_at(text, start)
+        else:
             if start < value_end:
                 continue
-            found, value_end = _assignment_at(text, start)
-        else:
-            found = _bearer_at(text, start)
+            found, value_end = _assignment_at(text, start, names)
         if found is not None:
             yield found
 

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.redaction.secrets import SECRET_KINDS, find_secrets
+from extproc.redaction.findings import Finding
+from extproc.redaction.secrets import SECRET_KINDS, _entropy, _entropy_at_least, find_secrets
 
 RNG = random.Random(20261202)
 ALNUM = string.ascii_letters + string.digits
@@ -183,6 +184,26 @@ def test_offsets_are_characters_in_non_ascii_text() -> None:
     token = github_classic()
     text = f"Voilà mon jeton 🔑 : {token} — merci"
     assert found(text) == [("github_token", token)]
+
+
+def test_text_that_is_no_utf8_is_scanned() -> None:
+    # A lone surrogate (from a JSON "\\ud800") cannot be encoded; the text is still read.
+    # Keywords spelled with characters that fold to ASCII (the long s, the Kelvin sign)
+    # are no names.
+    value = rand(24, ALNUM + "#!%")
+    text = f'x\ud800 \u017fecret="{value}" to\u212aen="{value}" db_password="{value}"'
+    start = text.rindex(value)
+    assert list(find_secrets(text)) == [
+        Finding(start, start + len(value), "secrets", "generic_secret")
+    ]
+
+
+@given(
+    st.text(alphabet="aab0123-_XYZ\u00e9", max_size=80),
+    st.one_of(st.sampled_from([2.2, 2.8, 3.3, 4.0]), st.floats(0.0, 7.0)),
+)
+def test_entropy_bounds_decide_as_the_count_does(value: str, bits: float) -> None:
+    assert _entropy_at_least(value, bits) == (_entropy(value) >= bits)
 
 
 # Texts with no secret in them: placeholders, look-alikes, public material, prose.
