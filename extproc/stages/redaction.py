@@ -49,7 +49,7 @@ log = logging.getLogger("tollway")
 
 # Prompts longer than this (in characters of text) are searched a window at a time.
 INLINE_CHARS = 64 << 10
-WINDOW_CHARS = 32 << 10
+WINDOW_CHARS = 16 << 10
 _JOINT = "\n\n"  # between the texts of one request, searched as one
 
 FAILED = Deny(
