@@ -416,11 +416,16 @@ class _PhoneFinder:
             raise ValueError(f"unknown phone regions: {', '.join(unknown)}")
         self._plans = tuple(p for p in plans if p is not None)
         self._national = lru_cache(maxsize=4096)(self._national_uncached)
+        self._tables: dict[tuple[int, str, int], list[str]] = {}
 
     def __call__(self, text: str) -> Iterator[Finding]:
-        for start, end in _numbers(text):
-            if end - start >= 7:
-                yield from self._run(text, start, end)
+        self._tables = {}  # this text's table headers, by line (see _column_header)
+        try:
+            for start, end in _numbers(text):
+                if end - start >= 7:
+                    yield from self._run(text, start, end)
+        finally:
+            self._tables = {}
 
     def _run(self, text: str, start: int, end: int) -> Iterator[Finding]:
         after = _extension_end(text, end)
@@ -546,8 +551,7 @@ class _PhoneFinder:
                 return True
         return False
 
-    @staticmethod
-    def _context(text: str, start: int, end: int) -> bool | None:
+    def _context(self, text: str, start: int, end: int) -> bool | None:
         """True after a word for phone, False after a word for another number (order,
         invoice, version) nearer than any for phone, or after a number sign; None
         without either."""
@@ -567,7 +571,8 @@ class _PhoneFinder:
             phone = max(phone, *(before.rfind(p) for p in _PHONE_PARTS))
         if phone != other:
             return phone > other
-        header = _column_header(text, start)  # a table's cell: its column's name decides
+        # A table's cell: its column's name decides.
+        header = _column_header(text, start, self._tables)
         if header is not None:
             kinds = [_word_kind(m.group()) for m in _WORD.finditer(header.lower())]
             if any(kinds):
@@ -583,9 +588,13 @@ _CELL_SEPS = (",", "\t", ";", "|")
 _HEADER_REACH = 8192  # how far back a table's first line is looked for
 
 
-def _column_header(text: str, start: int) -> str | None:
+def _column_header(
+    text: str, start: int, tables: dict[tuple[int, str, int], list[str]]
+) -> str | None:
     """The name of the column of the table cell at ``start`` (CSV, TSV): that cell
-    of the first line of the block of lines with as many cells as this one."""
+    of the first line of the block of lines with as many cells as this one.
+    ``tables`` remembers, by (line start, separator, width), each line's first
+    line of its block, so a long table is walked up once, not once a row."""
     line_start = text.rfind("\n", 0, start) + 1
     line_end = text.find("\n", start)
     line = text[line_start : len(text) if line_end < 0 else line_end]
@@ -594,14 +603,23 @@ def _column_header(text: str, start: int) -> str | None:
         return None
     width = len(_cells(line, sep))
     column = len(_cells(text[line_start:start], sep)) - 1
-    header = None
+    walked: list[int] = []  # lines above of the same width, nearest first
+    header: list[str] | None = None
     at, floor = line_start, max(0, start - _HEADER_REACH)
     while at > floor:
         above = text.rfind("\n", floor, at - 1) + 1
+        known = tables.get((above, sep, width))
+        if known is not None:
+            header = known
+            break
         cells = _cells(text[above : at - 1], sep)
         if len(cells) != width:
             break
+        walked.append(above)
         header, at = cells, above
+    if header is not None:
+        for line_at in walked:
+            tables[line_at, sep, width] = header
     return header[column] if header is not None else None
 
 
