@@ -13,7 +13,7 @@ from .findings import DEFAULT_ENTITIES, Finder, Finding, resolve
 # (a PEM private key block is the longest, a few KB). PII is short (an email at most
 # 254 characters), so its finders look only SHORT_MARGIN past the window.
 CONTEXT = 256
-MARGIN = 16 << 10
+MARGIN = 8 << 10  # an 8192-bit RSA key in PEM is about 6.3 KB
 SHORT_MARGIN = 1 << 10
 _SHORT = ("email", "phone", "credit_card", "iban", "us_ssn", "ip_address")
 # When two findings overlap, the longer wins; of equal length, the earlier here.
