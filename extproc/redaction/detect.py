@@ -51,6 +51,12 @@ class Detector:
         """The findings in text order, none overlapping another; with ``start`` and
         ``end``, those that start in text[start:end] (looking around it: CONTEXT before,
         a finder's margin after)."""
+        try:
+            return self._find(text, start, end)
+        finally:
+            pii.forget_texts()
+
+    def _find(self, text: str, start: int, end: int | None) -> list[Finding]:
         if start <= 0 and (end is None or end >= len(text)):
             return self._resolve([f for finder in self._finders for f in finder(text)])
         stop = len(text) if end is None else end

@@ -68,6 +68,11 @@ def _numbers(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(m.span() for m in _NUMBER_ANY.finditer(text))
 
 
+def forget_texts() -> None:
+    """Drop the texts ``_numbers`` remembers: no prompt outlives its search."""
+    _numbers.cache_clear()
+
+
 def _near(pattern: re.Pattern[str], text: str, start: int, end: int) -> Iterator[re.Match[str]]:
     """``pattern``'s matches that start in the run ``text[start:end]`` (lookbehinds
     see the text before it, lookaheads two characters after it)."""

@@ -61,3 +61,11 @@ def test_the_longer_of_two_overlapping_findings_wins() -> None:
     assert [(text[f.start : f.end], f.entity) for f in detector.find(text)] == [
         ("jane.doe@example.com", "email")
     ]
+
+
+def test_no_prompt_text_is_kept_after_a_search() -> None:
+    from extproc.redaction import pii
+
+    detector = Detector(ENTITIES, ("US",))
+    detector.find("call +1 415 555 0100 about card 4111 1111 1111 1111")
+    assert pii._numbers.cache_info().currsize == 0
