@@ -4,9 +4,9 @@ The pipeline makes one for a ``text/event-stream`` response that some flow
 reads (``Exchange.events``). Each chunk is parsed once into events, each with
 its data parsed as JSON; every flow reads the same events, and a flow that
 declared ``edits_events`` may drop an event, replace its data, or put a new
-event before it. The writer
-then decides what the client gets: the chunk exactly as it came when nothing
-was edited and the chunk ended on an event boundary, else the complete events
+event before it. The writer then decides what the client gets: the chunk
+exactly as it came when nothing was edited and the chunk ended on an event
+boundary, else the complete events
 written out again, without the dropped ones. While an editing flow is
 present, an unfinished event is held back until it is complete: it may still
 have to go.
