@@ -6,10 +6,9 @@ its data parsed as JSON; every flow reads the same events, and a flow that
 declared ``edits_events`` may drop an event, replace its data, or put a new
 event before it. The writer then decides what the client gets: the chunk
 exactly as it came when nothing was edited and the chunk ended on an event
-boundary, else the complete events
-written out again, without the dropped ones. While an editing flow is
-present, an unfinished event is held back until it is complete: it may still
-have to go.
+boundary, else the complete events written out again, without the dropped
+ones. While an editing flow is present, an unfinished event is held back
+until it is complete: it may still have to go.
 """
 
 from __future__ import annotations
