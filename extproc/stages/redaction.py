@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import orjson
 
 from .. import error_shapes
 from ..config import Config, ConfigError, RedactionConfig, SecretSource
-from ..decisions import Ask, BodyMode, Deny, Outcome, Phase, bad_request
+from ..decisions import Ask, BackendUnavailable, BodyMode, Deny, Outcome, Phase, bad_request
 from ..events import ResponseEvents
 from ..exchange import BodyError, Exchange
 from ..kinds import Api
@@ -59,6 +60,13 @@ FAILED = Deny(
     "The request could not be checked for sensitive data, so it was not sent.",
     "tollway_redaction_failed",
 )
+TOO_LONG = Deny(
+    503,
+    "api_error",
+    "redaction_timeout",
+    "The prompt is too long to be checked for sensitive data in time, so it was not sent.",
+    "tollway_redaction_timeout",
+)
 UNKNOWN_POLICY = Deny(
     500,
     "api_error",
@@ -79,7 +87,9 @@ def build(
         name: compile_policy(name, block, main_key)
         for name, block in config.redaction_policies.items()
     }
-    return RedactionStage(default, policies, metrics, config.max_body_bytes, pause)
+    # A long prompt's search must end before Envoy stops waiting for the answer.
+    budget = 0.75 * config.envoy.extproc_message_timeout_s
+    return RedactionStage(default, policies, metrics, config.max_body_bytes, pause, budget)
 
 
 def compile_policy(name: str, block: RedactionConfig, main_key: SecretSource | None) -> Policy:
@@ -148,9 +158,11 @@ class RedactionStage:
         metrics: Metrics,
         max_answer_bytes: int = 16 << 20,
         pause: Callable[[], Awaitable[None]] | None = None,
+        budget_s: float = 1.5,
     ) -> None:
         # Lets other streams run (the event loop's turn); None: every prompt inline.
         self.pause = pause
+        self.budget_s = budget_s  # a long prompt's search, at most
         self.max_answer_bytes = max_answer_bytes  # a JSON answer held whole at most
         self.default = default
         self.policies = dict(policies)
@@ -239,7 +251,7 @@ class RedactionFlow(Flow):
                 "redaction",
                 lambda: self._find_paused(slots, pause),
                 lambda found: self._decide(ex, found),
-                lambda reason: self._unchecked(FAILED),
+                lambda reason: self._unchecked(TOO_LONG if reason == "timeout" else FAILED),
                 None,
             )
         try:
@@ -261,8 +273,13 @@ class RedactionFlow(Flow):
         texts = [container[key] for container, key in slots]
         joined = _JOINT.join(texts)
         findings: list[Finding] = []
+        deadline = time.monotonic() + self.stage.budget_s
         for window in self.policy.detector.find_all(joined, WINDOW_CHARS):
             findings += window
+            if time.monotonic() > deadline:
+                # Envoy would give up on this message soon: answer (the policy decides)
+                # and stop working for a request that is about to fail anyway.
+                raise BackendUnavailable("timeout")
             await pause()
         return self._per_slot(slots, texts, findings)
 

@@ -636,3 +636,27 @@ def test_gitleaks_rules_from_a_file_find_secrets_the_builtins_do_not(tmp_path: A
     rules.write_text("[[rules]]\nid = 'bad'\nregex = '(a)\\1'\n")
     with pytest.raises(ConfigError, match=r"redaction: .*gitleaks.toml: rule 1 \(bad\)"):
         build(config(redaction={"gitleaks_file": str(rules)}), Metrics())
+
+
+@pytest.mark.parametrize("closed", [True, False])
+async def test_a_long_prompt_that_cannot_be_searched_in_time_follows_on_error(closed: bool) -> None:
+    async def pause() -> None:
+        pass
+
+    cfg = config(redaction={"on_error": "fail_closed" if closed else "fail_open"})
+    metrics = Metrics()
+    stage = RedactionStage(build(cfg, metrics).default, {}, metrics, pause=pause, budget_s=0.0)
+    world = World(cfg, stage=stage)
+    world.metrics = metrics
+    run = world.pipeline.start(
+        "POST", "/v1/chat/completions", {"authorization": f"Bearer {world.key}"}, frozenset()
+    )
+    assert not isinstance(run.request_headers(), Deny)
+    text = f"{EMAIL} " + "filler text " * 20000
+    pending = run.request_body(orjson.dumps(chat(text)))
+    denied = await pending  # type: ignore[misc]
+    if closed:
+        assert denied is not None and (denied.status, denied.code) == (503, "redaction_timeout")
+    else:
+        assert denied is None and world.sent(run)["messages"][0]["content"] == text
+    assert world.failures("failed_closed" if closed else "failed_open") == 1
