@@ -137,3 +137,21 @@ def test_redact_then_restore_leaves_the_clients_own_value() -> None:
     assert a.whole(f"You sent [CREDIT_CARD_1]; mine is {CARD}.") == (
         f"You sent {CARD}; mine is **** **** **** 1111."
     )
+
+
+def test_the_first_text_goes_out_once_the_window_has_filled() -> None:
+    """Time to first token grows by the time the model takes to write WINDOW
+    characters: with pieces of 4 characters (about a token each), the client sees
+    the first text at the piece that completes the window (a word boundary)."""
+    a = answer()
+    words = ("The weather today is mild and dry with a light breeze from the west, " * 3).split(" ")
+    sent_at = None
+    total = 0
+    for i, word in enumerate(words):
+        total += len(word) + 1
+        if a.piece(("choice", 0), word + " ") and sent_at is None:
+            sent_at = (i + 1, total)
+    assert sent_at is not None
+    pieces, chars = sent_at
+    assert WINDOW < chars <= WINDOW + max(len(w) + 1 for w in words)
+    assert pieces <= WINDOW // 3  # ~12 tokens of 4 characters
