@@ -155,6 +155,28 @@ _EXTENSION_FIRST = frozenset(" xXeE")
 _CARD_RUN = re.compile(r"[0-9]{4}([ -])[0-9]{4}\1[0-9]{4}(?:\1[0-9]{4}\1[0-9]{1,3}|\1[0-9]{1,4})?")
 
 
+# A run's groups of digits and what separates them: [group, sep, group, ...].
+_PARTS = re.compile(r"([^0-9]+)")
+# Three groups a window of seven digits or more cannot leave out: 3-2-4 with one
+# separator twice (no phone number is written so), and the dates _is_date knows.
+_SSN_RUN = re.compile(r"[0-9]{3}([^0-9]+)[0-9]{2}\1[0-9]{4}")
+_DATE_RUN = re.compile(
+    r"[0-9]{4}([-./])[0-9]{2}\1[0-9]{2}|[0-9]{1,2}([-./])[0-9]{1,2}\2(?:[0-9]{4}|[0-9]{2})"
+)
+
+
+def _is_date_run(run: str) -> bool:
+    """Whether a run is one date and nothing else: no window of a phone number's
+    length in it leaves the date out (the other groups are too short)."""
+    return _DATE_RUN.fullmatch(run) is not None and _is_date(_PARTS.split(run)[::2])
+
+
+@cache
+def _joins(sep: str) -> bool:
+    """Whether ``sep`` may stand between two groups of one phone number."""
+    return _SEP.fullmatch(sep) is not None
+
+
 def _extension_end(text: str, end: int) -> int:
     """Where an extension written after ``end`` (x123, ext. 45) ends, else ``end``."""
     if text[end : end + 1] not in _EXTENSION_FIRST or end >= len(text):
@@ -425,14 +447,18 @@ class _PhoneFinder:
 
     def __call__(self, text: str) -> Iterator[Finding]:
         self._tables = {}  # this text's table headers, by line (see _column_header)
+        found: list[Finding] = []
         try:
             for start, end in _numbers(text):
                 if end - start >= 7:
-                    yield from self._run(text, start, end)
+                    self._run(text, start, end, found)
         finally:
             self._tables = {}
+        return iter(found)
 
-    def _run(self, text: str, start: int, end: int) -> Iterator[Finding]:
+    def _run(self, text: str, start: int, end: int, found: list[Finding]) -> None:
+        """The phone numbers in the run of digits ``text[start:end]``, appended to
+        ``found``. Most runs are rejected whole here, before they are taken apart."""
         after = _extension_end(text, end)
         if _glued_after(text, after):
             return
@@ -441,35 +467,72 @@ class _PhoneFinder:
             return
         if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
             return  # the rest of an IBAN (NL91 ABNA 0417 1643 00)
-        if text[lead] != "+" and _CARD_RUN.fullmatch(text, start, end):
+        plus = text[lead] == "+"
+        if not plus and _CARD_RUN.fullmatch(text, start, end):
             return  # a card or account number in groups of four (as _phone_run says)
-        spans = [m.span() for m in _GROUP.finditer(text, start, end)]
-        if len(spans) == 1:  # (no separators: most runs)
-            yield from self._segment(text, lead, spans)
+        run = text[start:end]
+        if run.isdigit():  # (no separators: most runs)
+            self._bare(text, lead, start, end, after, run, found)
             return
+        if _SSN_RUN.fullmatch(run) or _is_date_run(run):
+            return  # an SSN's shape (123-45-6789) or one date (2024-01-15): no window
+        parts = _PARTS.split(run)
+        groups, seps = parts[::2], parts[1::2]
+        if end - start - sum(map(len, seps)) < 7:
+            return  # too few digits for any window
+        starts = [start]
+        for g, sep in zip(groups, seps, strict=False):
+            starts.append(starts[-1] + len(g) + len(sep))
         # Segments of groups joined the way phone numbers are ("030 / 1234567", not
         # "1234567. 12"); the first one may start with the + or parenthesis.
-        segment = [spans[0]]
-        for span in spans[1:]:
-            if _SEP.fullmatch(text, segment[-1][1], span[0]):
-                segment.append(span)
-            else:
-                yield from self._segment(text, lead, segment)
-                segment, lead = [span], span[0]
-        yield from self._segment(text, lead, segment)
+        lo = 0
+        for k, sep in enumerate(seps):
+            if not _joins(sep):
+                self._segment(text, lead, starts[lo : k + 1], groups[lo : k + 1], seps[lo:k], found)
+                lo, lead = k + 1, starts[k + 1]
+        self._segment(text, lead, starts[lo:], groups[lo:], seps[lo:], found)
 
-    def _segment(self, text: str, lead: int, spans: Sequence[tuple[int, int]]) -> Iterator[Finding]:
-        if len(spans) > _MAX_GROUPS:
+    def _bare(
+        self, text: str, lead: int, start: int, end: int, after: int, run: str, found: list[Finding]
+    ) -> None:
+        """A run of digits alone (what _segment and _window say of one group)."""
+        n = end - start
+        if n > 17:
+            return  # too many digits for any window
+        if text[lead] == "+":
+            if _valid_international(run):
+                found.append(Finding(lead, after, "phone", "phone"))
+            return
+        if n >= 12 and _card_brand_ok(run) and _luhn(run):
+            return  # a card number
+        if run.startswith("00"):
+            if not _valid_international(run[2:]):
+                return
+            if self._context(text, start, after) is not False:
+                found.append(Finding(start, after, "phone", "phone"))
+            return
+        # One group is no format: a word for phone must say it is one.
+        if self._context(text, start, after) is True and self._national(run):
+            found.append(Finding(start, after, "phone", "phone"))
+
+    def _segment(
+        self,
+        text: str,
+        lead: int,
+        starts: Sequence[int],
+        groups: Sequence[str],
+        seps: Sequence[str],
+        found: list[Finding],
+    ) -> None:
+        if len(groups) > _MAX_GROUPS:
             return  # a table of numbers, not phone numbers in text (and bounded work)
-        lengths = [b - a for a, b in spans]
+        lengths = [len(g) for g in groups]
         total = sum(lengths)
         if total < 7:
             return  # too few digits for any window
         plus = text[lead] == "+"
-        if total > 17 and len(spans) == 1:
+        if total > 17 and len(groups) == 1:
             return  # too many digits for any window
-        groups = [text[a:b] for a, b in spans]
-        seps = [text[a[1] : b[0]] for a, b in pairwise(spans)]
         if not plus and not _phone_run(groups, lengths, seps):
             return
         dotted = bool(seps) and all(s == "." for s in seps)
@@ -503,10 +566,11 @@ class _PhoneFinder:
                     continue
                 if any(dates[lo : hi - 2]):
                     continue  # 2024-01-15, 2023-02-06 19 (:47)
-                s0 = lead if lo == 0 else spans[lo][0]
-                found = self._window(text, s0, spans[lo:hi], groups[lo:hi], seps[lo : hi - 1])
-                if found is not None:
-                    yield found
+                s0 = lead if lo == 0 else starts[lo]
+                e0 = starts[hi - 1] + lengths[hi - 1]
+                window = self._window(text, s0, starts[lo], e0, groups[lo:hi], seps[lo : hi - 1])
+                if window is not None:
+                    found.append(window)
                     lo = hi
                     break
             else:
@@ -516,7 +580,8 @@ class _PhoneFinder:
         self,
         text: str,
         lead: int,
-        spans: Sequence[tuple[int, int]],
+        start: int,
+        end: int,
         groups: Sequence[str],
         seps: Sequence[str],
     ) -> Finding | None:
@@ -526,7 +591,6 @@ class _PhoneFinder:
         shape = [len(g) for g in groups]
         if len(groups) == 3 and shape == [3, 2, 4] and seps[0] == seps[1]:
             return None  # written like a social security number
-        start, end = spans[0][0], spans[-1][1]
         plus = text[lead] == "+"
         if plus or (text[lead] == "(" and seps and seps[0].startswith(")")):
             start = lead  # +49 30..., (415) 555-2671: the area code's parenthesis
@@ -632,18 +696,17 @@ def _cells(line: str, sep: str) -> list[str]:
     """A line's cells; a separator inside double quotes does not split."""
     if '"' not in line:
         return line.split(sep)
-    cells: list[str] = []
-    cell: list[str] = []
-    quoted = False
-    for c in line:
-        if c == '"':
-            quoted = not quoted
-        elif c == sep and not quoted:
-            cells.append("".join(cell))
-            cell = []
-            continue
-        cell.append(c)
-    cells.append("".join(cell))
+    # Between the quotes: the pieces at odd places of a split at every quote.
+    cells = [""]
+    for i, piece in enumerate(line.split('"')):
+        if i:
+            cells[-1] += '"'
+        if i % 2:
+            cells[-1] += piece
+        else:
+            first, *rest = piece.split(sep)
+            cells[-1] += first
+            cells += rest
     return cells
 
 
