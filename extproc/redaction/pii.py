@@ -155,20 +155,26 @@ _EXTENSION_FIRST = frozenset(" xXeE")
 _CARD_RUN = re.compile(r"[0-9]{4}([ -])[0-9]{4}\1[0-9]{4}(?:\1[0-9]{4}\1[0-9]{1,3}|\1[0-9]{1,4})?")
 
 
+# A letter or digit right after a run (not one that may start an extension: x, ext),
+# or before it (not a +, which makes the character before it the one that counts).
+_GLUED = _WORDY - frozenset("xXeE")
+_BUTTED = _NOT_BEFORE_PHONE - frozenset("+")
 # A run's groups of digits and what separates them: [group, sep, group, ...].
 _PARTS = re.compile(r"([^0-9]+)")
-# Three groups a window of seven digits or more cannot leave out: 3-2-4 with one
-# separator twice (no phone number is written so), and the dates _is_date knows.
-_SSN_RUN = re.compile(r"[0-9]{3}([^0-9]+)[0-9]{2}\1[0-9]{4}")
-_DATE_RUN = re.compile(
-    r"[0-9]{4}([-./])[0-9]{2}\1[0-9]{2}|[0-9]{1,2}([-./])[0-9]{1,2}\2(?:[0-9]{4}|[0-9]{2})"
+# Runs in which no window of a phone number's length leaves out three groups that
+# say it is none: 3-2-4 with one separator twice (as _window says), or one date
+# (as _is_date says: 2024-01-15, 15.01.2024, 1/15/24).
+_DAY = r"(?:0?[1-9]|[12][0-9]|3[01])"
+_MONTH = r"(?:0?[1-9]|1[0-2])"
+_NO_WINDOW = re.compile(
+    r"[0-9]{3}([^0-9]+)[0-9]{2}\1[0-9]{4}"
+    r"|[0-9]{4}([-./])(?:0[1-9]|1[0-2])\2(?:0[1-9]|[12][0-9]|3[01])"
+    rf"|{_DAY}([-./]){_MONTH}\3(?:[0-9]{{4}}|[0-9]{{2}})"
+    rf"|{_MONTH}([-./]){_DAY}\4(?:[0-9]{{4}}|[0-9]{{2}})"
 )
-
-
-def _is_date_run(run: str) -> bool:
-    """Whether a run is one date and nothing else: no window of a phone number's
-    length in it leaves the date out (the other groups are too short)."""
-    return _DATE_RUN.fullmatch(run) is not None and _is_date(_PARTS.split(run)[::2])
+# Runs _phone_run rejects whole when no + comes before them: a card's or account's
+# groups of four (_CARD_RUN), two groups joined by a point (a decimal).
+_NOT_PHONE_RUN = re.compile(rf"{_CARD_RUN.pattern}|[0-9]+\.[0-9]+")
 
 
 @cache
@@ -217,6 +223,7 @@ _WORD = re.compile(r"[^\W_]+")
 _FIELD_END = re.compile(r"[\n,;|\t。、]")
 
 
+@lru_cache(maxsize=4096)
 def _word_kind(word: str) -> int:
     """1 for a word for phone, -1 for a word for another number, else 0."""
     if word in _PHONE_WORDS or word.startswith(_PHONE_PREFIXES):
@@ -448,10 +455,17 @@ class _PhoneFinder:
     def __call__(self, text: str) -> Iterator[Finding]:
         self._tables = {}  # this text's table headers, by line (see _column_header)
         found: list[Finding] = []
+        run = self._run
         try:
             for start, end in _numbers(text):
-                if end - start >= 7:
-                    self._run(text, start, end, found)
+                # What _run rejects first, without a call: most runs of dense text.
+                if (
+                    end - start < 7
+                    or text[end : end + 1] in _GLUED
+                    or text[start - 1 : start] in _BUTTED
+                ):
+                    continue
+                run(text, start, end, found)
         finally:
             self._tables = {}
         return iter(found)
@@ -459,23 +473,29 @@ class _PhoneFinder:
     def _run(self, text: str, start: int, end: int, found: list[Finding]) -> None:
         """The phone numbers in the run of digits ``text[start:end]``, appended to
         ``found``. Most runs are rejected whole here, before they are taken apart."""
-        after = _extension_end(text, end)
+        after = _extension_end(text, end) if text[end : end + 1] in _EXTENSION_FIRST else end
         if _glued_after(text, after):
             return
-        lead = start - 1 if start > 0 and text[start - 1] in "+(" else start
-        if lead > 0 and text[lead - 1] in _NOT_BEFORE_PHONE:
-            return
-        if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
+        lead = start
+        if start > 0 and text[start - 1] in "+(":
+            lead = start - 1
+            if lead > 0 and text[lead - 1] in _NOT_BEFORE_PHONE:
+                return
+        # (else the character before is no _BUTTED one: __call__ looked)
+        if (
+            text[start - 6 : start - 5] == " "
+            and _letters_group(text[start - 6 : start])
+            and _IBAN_HEAD.search(text, start - 40, start)
+        ):
             return  # the rest of an IBAN (NL91 ABNA 0417 1643 00)
-        plus = text[lead] == "+"
-        if not plus and _CARD_RUN.fullmatch(text, start, end):
-            return  # a card or account number in groups of four (as _phone_run says)
         run = text[start:end]
         if run.isdigit():  # (no separators: most runs)
             self._bare(text, lead, start, end, after, run, found)
             return
-        if _SSN_RUN.fullmatch(run) or _is_date_run(run):
-            return  # an SSN's shape (123-45-6789) or one date (2024-01-15): no window
+        if _NO_WINDOW.fullmatch(run):
+            return
+        if text[lead] != "+" and _NOT_PHONE_RUN.fullmatch(run):
+            return  # a card or account number in groups of four, a decimal
         parts = _PARTS.split(run)
         groups, seps = parts[::2], parts[1::2]
         if end - start - sum(map(len, seps)) < 7:
@@ -801,14 +821,23 @@ _IIN = (
 _DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 
 
+_DOUBLE = str.maketrans("0123456789", "".join(map(str, _DOUBLED)))
+
+
 def _luhn(digits: str) -> bool:
-    total = sum(map(int, digits[-1::-2])) + sum(_DOUBLED[int(d)] for d in digits[-2::-2])
+    total = sum(map(int, digits[-1::-2])) + sum(map(int, digits[-2::-2].translate(_DOUBLE)))
     return total % 10 == 0
 
 
 def _card_brand_ok(digits: str) -> bool:
-    n = len(digits)
-    return any(lo <= digits[: len(lo)] <= hi and n in lengths for lo, hi, lengths in _IIN)
+    return _brand_ok(digits[:6], len(digits))
+
+
+@lru_cache(maxsize=4096)
+def _brand_ok(head: str, n: int) -> bool:
+    """Whether a card of ``n`` digits starting with ``head`` (its first six: no IIN
+    range here is longer) has a known brand."""
+    return any(lo <= head[: len(lo)] <= hi and n in lengths for lo, hi, lengths in _IIN)
 
 
 def _card_grouping(lengths: Sequence[int]) -> bool:
