@@ -17,7 +17,6 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from itertools import pairwise
 
 from phonenumbers import COUNTRY_CODE_TO_REGION_CODE, PhoneMetadata
 
@@ -829,15 +828,27 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _brand_heads() -> dict[int, tuple[tuple[int, frozenset[str]], ...]]:
+    """By card length, the issuer ranges as sets of leading digits, by how many."""
+    heads: dict[tuple[int, int], set[str]] = {}
+    for lo, hi, lengths in _IIN:
+        for n in lengths:
+            size = len(lo)
+            heads.setdefault((n, size), set()).update(
+                str(i).zfill(size) for i in range(int(lo), int(hi) + 1)
+            )
+    by_length: dict[int, list[tuple[int, frozenset[str]]]] = {}
+    for (n, size), values in sorted(heads.items()):
+        by_length.setdefault(n, []).append((size, frozenset(values)))
+    return {n: tuple(v) for n, v in by_length.items()}
+
+
+_BRAND_HEADS = _brand_heads()
+
+
 def _card_brand_ok(digits: str) -> bool:
-    return _brand_ok(digits[:6], len(digits))
-
-
-@lru_cache(maxsize=4096)
-def _brand_ok(head: str, n: int) -> bool:
-    """Whether a card of ``n`` digits starting with ``head`` (its first six: no IIN
-    range here is longer) has a known brand."""
-    return any(lo <= head[: len(lo)] <= hi and n in lengths for lo, hi, lengths in _IIN)
+    # (the lengths are 12 to 19 digits: each range's leading digits are all there)
+    return any(digits[:size] in heads for size, heads in _BRAND_HEADS.get(len(digits), ()))
 
 
 def _card_grouping(lengths: Sequence[int]) -> bool:
@@ -853,7 +864,9 @@ def find_credit_card(text: str) -> Iterator[Finding]:
     """Card numbers of a known brand and length that pass the Luhn check, written
     without separators or in one separator's usual groups."""
     for start, end in _numbers(text):
-        if end - start < 12 or _glued_after(text, end) or _decimal_before(text, start):
+        if end - start < 12 or text[end : end + 1] in _WORDY:
+            continue
+        if _glued_after(text, end) or _decimal_before(text, start):
             continue
         if end - start - text.count(" ", start, end) - text.count("-", start, end) < 12:
             continue  # too few digits
@@ -861,19 +874,26 @@ def find_credit_card(text: str) -> Iterator[Finding]:
             continue  # the digits of a token (xoxb-8680200964-...)
         if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
             continue  # the rest of an IBAN (GB88 MIBG 5028 6203 0020 13)
-        whole = _CARD_RUN.fullmatch(text, start, end)
-        if whole is not None or (end - start <= 19 and text[start:end].isdigit()):
-            digits = text[start:end] if whole is None else text[start:end].replace(whole[1], "")
+        run = text[start:end]
+        if run.isdigit():  # one group: the whole run or nothing
+            if end - start <= 19 and _card_brand_ok(run) and _luhn(run):
+                yield Finding(start, end, "credit_card", "credit_card")
+            continue
+        whole = _CARD_RUN.fullmatch(run)
+        if whole is not None:
+            digits = run.replace(whole[1], "")
             if _card_brand_ok(digits) and _luhn(digits):  # (the first window tried below)
                 yield Finding(start, end, "credit_card", "credit_card")
                 continue
-        spans = [m.span() for m in _GROUP.finditer(text, start, end)]
-        lengths = [b - a for a, b in spans]
+        parts = _PARTS.split(run)
+        groups, seps = parts[::2], parts[1::2]
+        lengths = [len(g) for g in groups]
         # A card is one group of 12 to 19 digits or groups starting with one of four.
         if 4 not in lengths and not any(12 <= n <= 19 for n in lengths):
             continue
-        groups = [text[a:b] for a, b in spans]
-        seps = [text[a[1] : b[0]] for a, b in pairwise(spans)]
+        starts = [start]
+        for n, sep in zip(lengths, seps, strict=False):
+            starts.append(starts[-1] + n + len(sep))
         lo = 0
         while lo < len(groups):
             if lengths[lo] != 4 and not 12 <= lengths[lo] <= 19:
@@ -881,7 +901,8 @@ def find_credit_card(text: str) -> Iterator[Finding]:
                 continue
             for hi in range(min(len(groups), lo + 5), lo, -1):
                 if 12 <= sum(lengths[lo:hi]) <= 19 and _card_window(groups, seps, lo, hi):
-                    yield Finding(spans[lo][0], spans[hi - 1][1], "credit_card", "credit_card")
+                    last = starts[hi - 1] + lengths[hi - 1]
+                    yield Finding(starts[lo], last, "credit_card", "credit_card")
                     lo = hi
                     break
             else:
@@ -988,13 +1009,13 @@ def _iban_at(text: str, start: int) -> Finding | None:
     iban = run[:span]
     if len(iban) < span or _glued_after(text, start + span):
         return None
-    if grouped and any(iban[i] != " " for i in range(4, span, 5)):
-        return None
+    if grouped and iban[4::5].strip(" "):
+        return None  # (a space after each group of four)
     compact = iban.replace(" ", "")
     if len(compact) != length:
         return None
-    letters = "".join(c for c in compact if c.isalpha())
-    if not (letters.isupper() or letters.islower()):
+    # (digits have no case: the letters are all upper or all lower case)
+    if not (compact.isupper() or compact.islower()):
         return None
     if _mod97(compact.upper()) != 1:
         return None
