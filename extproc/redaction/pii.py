@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from itertools import accumulate
 
 from phonenumbers import COUNTRY_CODE_TO_REGION_CODE, PhoneMetadata
 
@@ -144,7 +146,6 @@ def find_email(text: str) -> Iterator[Finding]:
 _MAX_GROUPS = 24
 # What may not come right before a phone number (or its + or parenthesis).
 _NOT_BEFORE_PHONE = _WORDY | frozenset("+#@$€£¥%./-")
-_GROUP = re.compile(r"[0-9]+")
 # What may stand between two groups of digits: ") ", " - ", "/", "-(", ".", ...
 _SEP = re.compile(rf"\)?(?:[ {_SP}]?[-/][ {_SP}]?|\.|[ {_SP}])?\(?")
 _EXTENSION = re.compile(r"[ ]?(?:x|ext\.?[ ]?)[0-9]{1,6}(?![0-9A-Za-z])", re.IGNORECASE)
@@ -176,7 +177,7 @@ _NO_WINDOW = re.compile(
 _NOT_PHONE_RUN = re.compile(rf"{_CARD_RUN.pattern}|[0-9]+\.[0-9]+")
 
 
-@cache
+@lru_cache(maxsize=256)
 def _joins(sep: str) -> bool:
     """Whether ``sep`` may stand between two groups of one phone number."""
     return _SEP.fullmatch(sep) is not None
@@ -424,13 +425,22 @@ _DATE_SEPS = frozenset("-./")
 
 def _is_date(groups: Sequence[str]) -> bool:
     """2024-01-15, 15.01.2024, 01/15/2024, 15/01/24 and the like."""
-    a, b, c = (len(g) for g in groups)
-    x, y, z = (int(g) for g in groups)
-    if (a, b, c) == (4, 2, 2):
-        return 1 <= y <= 12 and 1 <= z <= 31
+    g0, g1, g2 = groups
+    a, b, c = len(g0), len(g1), len(g2)
+    if a == 4 and b == 2 and c == 2:
+        return 1 <= int(g1) <= 12 and 1 <= int(g2) <= 31
     if a <= 2 and b <= 2 and c in (2, 4):
+        x, y = int(g0), int(g1)
         return (1 <= x <= 31 and 1 <= y <= 12) or (1 <= x <= 12 and 1 <= y <= 31)
     return False
+
+
+def _has_date(groups: Sequence[str], seps: Sequence[str]) -> bool:
+    """Whether three groups in a row are a date (see ``dates`` in _segment)."""
+    return any(
+        seps[k] == seps[k + 1] and seps[k] in _DATE_SEPS and _is_date(groups[k : k + 3])
+        for k in range(len(groups) - 2)
+    )
 
 
 def _thousands(groups: Sequence[str]) -> bool:
@@ -555,35 +565,43 @@ class _PhoneFinder:
         if not plus and not _phone_run(groups, lengths, seps):
             return
         dotted = bool(seps) and all(s == "." for s in seps)
+        loose = [_loose(s) for s in seps]
+        if not any(loose):
+            # The one window a number may end at: the whole segment (in dotted runs,
+            # or of at most the eight groups a window may have).
+            if total <= 17 and (dotted or len(groups) <= 8) and not _has_date(groups, seps):
+                end = starts[-1] + lengths[-1]
+                window = self._window(text, lead, starts[0], end, groups, seps)
+                if window is not None:
+                    found.append(window)
+            return
         # Several numbers in one run (030 1234567 / 030 7654321): from each group on,
         # the longest valid window, one without a spaced slash inside if there is one,
         # ending at a space or slash. Not in dotted runs (192.168.0.1, 1.2.840.113549).
-        loose = [_loose(s) for s in seps]
-        slashed = [" / " in s for s in seps]
-        # dates[k]: groups k, k+1 and k+2 are a date (2024-01-15, 15.01.2024)
-        dates = [
-            seps[k] == seps[k + 1] and seps[k] in _DATE_SEPS and _is_date(groups[k : k + 3])
-            for k in range(len(groups) - 2)
-        ]
-        reach = [0]  # reach[i]: the digits of groups[:i]
-        for n in lengths:
-            reach.append(reach[-1] + n)
+        count = len(groups)
+        slashed = [" / " in s for s in seps] if any(" / " in s for s in seps) else None
+        dates = None  # dates[k]: groups k, k+1 and k+2 are a date (2024-01-15, 15.01.2024)
+        if any(s in _DATE_SEPS for s in seps):
+            dates = [
+                seps[k] == seps[k + 1] and seps[k] in _DATE_SEPS and _is_date(groups[k : k + 3])
+                for k in range(count - 2)
+            ]
+        reach = list(accumulate(lengths, initial=0))  # reach[i]: the digits of groups[:i]
         lo = 0
-        while lo < (1 if dotted else len(groups)):
+        while lo < count:
             if lo > 0 and not loose[lo - 1]:
                 lo += 1
                 continue
-            his: Sequence[int] = range(min(len(groups), lo + 8), lo, -1)
-            if dotted:
-                his = (len(groups),)
-            elif any(slashed[lo : lo + 8]):
+            # The windows from lo of 7 to 17 digits and at most eight groups, longest first.
+            top = min(count, lo + 8, bisect_right(reach, reach[lo] + 17) - 1)
+            bottom = max(lo + 1, bisect_left(reach, reach[lo] + 7))
+            his: Sequence[int] = range(top, bottom - 1, -1)
+            if slashed is not None and any(slashed[lo : lo + 8]):
                 his = sorted(his, key=lambda hi: sum(slashed[lo : hi - 1]))
             for hi in his:
-                if not 7 <= reach[hi] - reach[lo] <= 17:
+                if hi < count and not loose[hi - 1]:
                     continue
-                if hi < len(groups) and not loose[hi - 1]:
-                    continue
-                if any(dates[lo : hi - 2]):
+                if dates is not None and any(dates[lo : hi - 2]):
                     continue  # 2024-01-15, 2023-02-06 19 (:47)
                 s0 = lead if lo == 0 else starts[lo]
                 e0 = starts[hi - 1] + lengths[hi - 1]
@@ -746,6 +764,7 @@ def _phone_run(groups: Sequence[str], lengths: Sequence[int], seps: Sequence[str
     return True
 
 
+@lru_cache(maxsize=256)
 def _loose(sep: str) -> bool:
     """A separator that may end a phone number: a space or a slash, not 1-2 or 1.2."""
     return " " in sep or "/" in sep or "\u00a0" in sep or "\u202f" in sep
@@ -1035,28 +1054,30 @@ _SSN_CONTEXT = re.compile(r"ssn|social\s*security|soc\.?\s*sec|\bss\s?#|\bss\s?n
 def find_us_ssn(text: str) -> Iterator[Finding]:
     """AAA-GG-SSSS or AAA GG SSSS of a possible area, group and serial; nine bare
     digits only after a word for social security number."""
+    found: list[Finding] = []
     for run_start, run_end in _numbers(text):
-        if run_end - run_start >= 9 and (
-            run_end - run_start <= 11 or " " in text[run_start:run_end]
-        ):  # (not inside one long token of digits and hyphens: no SSN is)
-            yield from _ssns(text, run_start, run_end)
-
-
-def _ssns(text: str, run_start: int, run_end: int) -> Iterator[Finding]:
-    for m in _near(_SSN, text, run_start, run_end):
-        start, end = m.start(), m.end()
-        if _glued_after(text, end) or _decimal_before(text, start):
-            continue
-        area = m.group(1)
-        group = m.group(3) or m.group(5)
-        serial = m.group(4) or m.group(6)
-        if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
-            continue
-        if (area, group, serial) in _SSN_VOID:
-            continue
-        if m.group(2) is None and not _SSN_CONTEXT.search(text[max(0, start - 40) : start].lower()):
-            continue
-        yield Finding(start, end, "us_ssn", "us_ssn")
+        length = run_end - run_start
+        if length < 9 or (length > 11 and " " not in text[run_start:run_end]):
+            continue  # (not inside one long token of digits and hyphens: no SSN is)
+        for m in _SSN.finditer(text, run_start, run_end + 2):  # (as _near)
+            start, end = m.span()
+            if start >= run_end:
+                break
+            if _glued_after(text, end) or _decimal_before(text, start):
+                continue
+            area = m.group(1)
+            group = m.group(3) or m.group(5)
+            serial = m.group(4) or m.group(6)
+            if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
+                continue
+            if (area, group, serial) in _SSN_VOID:
+                continue
+            if m.group(2) is None and not _SSN_CONTEXT.search(
+                text[max(0, start - 40) : start].lower()
+            ):
+                continue
+            found.append(Finding(start, end, "us_ssn", "us_ssn"))
+    return iter(found)
 
 
 # --- IP addresses -----------------------------------------------------------------
