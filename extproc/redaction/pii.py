@@ -159,6 +159,7 @@ _CARD_RUN = re.compile(r"[0-9]{4}([ -])[0-9]{4}\1[0-9]{4}(?:\1[0-9]{4}\1[0-9]{1,
 # or before it (not a +, which makes the character before it the one that counts).
 _GLUED = _WORDY - frozenset("xXeE")
 _BUTTED = _NOT_BEFORE_PHONE - frozenset("+")
+_POINTS = frozenset(".:")
 # A run's groups of digits and what separates them: [group, sep, group, ...].
 _PARTS = re.compile(r"([^0-9]+)")
 # Runs in which no window of a phone number's length leaves out three groups that
@@ -468,12 +469,11 @@ class _PhoneFinder:
         try:
             for start, end in _numbers(text):
                 # What _run rejects first, without a call: most runs of dense text.
-                if (
-                    end - start < 7
-                    or text[end : end + 1] in _GLUED
-                    or text[start - 1 : start] in _BUTTED
-                ):
+                if end - start < 7 or text[start - 1 : start] in _BUTTED:
                     continue
+                after = text[end : end + 1]
+                if after in _GLUED or (after in _POINTS and text[end + 1 : end + 2] in _DIGITS):
+                    continue  # (12:30, 1.5: what _glued_after says without an extension)
                 run(text, start, end, found)
         finally:
             self._tables = {}
