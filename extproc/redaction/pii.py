@@ -672,17 +672,22 @@ class _PhoneFinder:
             return False
         # The nearest word decides; Devanagari and CJK words are looked for as parts
         # (\w does not match Devanagari vowel signs, CJK needs no spaces).
-        phone = other = -1
-        for m in _WORD.finditer(before):
-            kind = _word_kind(m.group())
-            if kind > 0:
-                phone = m.end()
-            elif kind < 0:
-                other = m.end()
-        if not before.isascii():
+        if before.isascii():
+            for word in reversed(_WORD.findall(before)):
+                kind = _word_kind(word)
+                if kind:
+                    return kind > 0
+        else:
+            phone = other = -1
+            for m in _WORD.finditer(before):
+                kind = _word_kind(m.group())
+                if kind > 0:
+                    phone = m.end()
+                elif kind < 0:
+                    other = m.end()
             phone = max(phone, *(before.rfind(p) for p in _PHONE_PARTS))
-        if phone != other:
-            return phone > other
+            if phone != other:
+                return phone > other
         # A table's cell: its column's name decides.
         header = _column_header(text, start, self._tables)
         if header is not None:
