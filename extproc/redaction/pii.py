@@ -900,15 +900,19 @@ def find_credit_card(text: str) -> Iterator[Finding]:
     """Card numbers of a known brand and length that pass the Luhn check, written
     without separators or in one separator's usual groups."""
     for start, end in _numbers(text):
-        if end - start < 12 or text[end : end + 1] in _WORDY:
-            continue
+        if end - start < 12 or text[end : end + 1] in _WORDY or text[start - 1 : start] in _WORDY:
+            continue  # (a letter or digit either side: what the calls below say first)
         if _glued_after(text, end) or _decimal_before(text, start):
             continue
         if end - start - text.count(" ", start, end) - text.count("-", start, end) < 12:
             continue  # too few digits
-        if text[start - 1 : start] in _WORDY or _joined_before(text, start):
+        if _joined_before(text, start):
             continue  # the digits of a token (xoxb-8680200964-...)
-        if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
+        if (
+            text[start - 6 : start - 5] == " "
+            and _letters_group(text[start - 6 : start])
+            and _IBAN_HEAD.search(text, start - 40, start)
+        ):
             continue  # the rest of an IBAN (GB88 MIBG 5028 6203 0020 13)
         run = text[start:end]
         if run.isdigit():  # one group: the whole run or nothing
