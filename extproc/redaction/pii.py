@@ -284,6 +284,8 @@ class _Plan:
     lengths: tuple[int, ...]  # sorted
     local_lengths: frozenset[int]
     types: tuple[_Desc, ...]
+    # By length: the patterns of the types a number of that length may be, as one
+    typed: dict[int, re.Pattern[str]]
     prefix: str | None
     prefix_for_parsing: re.Pattern[str] | None
     transform: str | None
@@ -292,9 +294,10 @@ class _Plan:
     formats: tuple[tuple[re.Pattern[str] | None, re.Pattern[str], bool], ...]
 
     def valid(self, nsn: str) -> bool:
-        if len(nsn) not in self.lengths or not self.general.fullmatch(nsn):
+        typed = self.typed.get(len(nsn))  # (None: not a length of this plan)
+        if typed is None or not self.general.fullmatch(nsn):
             return False
-        return any(t.matches(nsn) for t in self.types)
+        return typed.fullmatch(nsn) is not None
 
     def _length_ok(self, nsn: str) -> bool:
         """Not too short, local-only or of an invalid length (too long is allowed)."""
@@ -352,6 +355,13 @@ def _compile_desc(desc: object) -> _Desc | None:
     return _Desc(lengths, re.compile(pattern))
 
 
+def _typed(types: Sequence[_Desc], n: int) -> re.Pattern[str]:
+    """One pattern for the types a number of ``n`` digits may be: it matches a whole
+    number if one of theirs does."""
+    patterns = [t.pattern.pattern for t in types if not t.lengths or n in t.lengths]
+    return re.compile("|".join(f"(?:{p})" for p in patterns) or "(?!)")
+
+
 @cache
 def _plan(region: str, country_code: int = 0) -> _Plan | None:
     """A region's plan; for "001" (Inmarsat, UIFN, ...) that of ``country_code``."""
@@ -379,6 +389,7 @@ def _plan(region: str, country_code: int = 0) -> _Plan | None:
         lengths=tuple(sorted(general.possible_length)),
         local_lengths=frozenset(general.possible_length_local_only),
         types=types,
+        typed={n: _typed(types, n) for n in general.possible_length},
         prefix=prefix,
         prefix_for_parsing=(
             re.compile(meta.national_prefix_for_parsing)
