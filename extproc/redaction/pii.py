@@ -526,9 +526,10 @@ class _PhoneFinder:
         groups, seps = parts[::2], parts[1::2]
         if end - start - sum(map(len, seps)) < 7:
             return  # too few digits for any window
-        starts = [start]
-        for g, sep in zip(groups, seps, strict=False):
-            starts.append(starts[-1] + len(g) + len(sep))
+        starts = list(accumulate(map(len, parts), initial=start))[::2]
+        if all(map(_joins, seps)):  # (most runs: one segment)
+            self._segment(text, lead, starts, groups, seps, found)
+            return
         # Segments of groups joined the way phone numbers are ("030 / 1234567", not
         # "1234567. 12"); the first one may start with the + or parenthesis.
         lo = 0
@@ -572,7 +573,7 @@ class _PhoneFinder:
     ) -> None:
         if len(groups) > _MAX_GROUPS:
             return  # a table of numbers, not phone numbers in text (and bounded work)
-        lengths = [len(g) for g in groups]
+        lengths = list(map(len, groups))
         total = sum(lengths)
         if total < 7:
             return  # too few digits for any window
@@ -581,8 +582,8 @@ class _PhoneFinder:
             return  # too many digits for any window
         if not plus and not _phone_run(groups, lengths, seps):
             return
-        dotted = bool(seps) and all(s == "." for s in seps)
-        loose = [_loose(s) for s in seps]
+        dotted = bool(seps) and seps.count(".") == len(seps)
+        loose = list(map(_loose, seps))
         if not any(loose):
             # The one window a number may end at: the whole segment (in dotted runs,
             # or of at most the eight groups a window may have).
