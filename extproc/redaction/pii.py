@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from itertools import pairwise
+from itertools import accumulate
 
 from phonenumbers import COUNTRY_CODE_TO_REGION_CODE, PhoneMetadata
 
@@ -54,7 +55,9 @@ def _decimal_before(text: str, start: int) -> bool:
 _SP = "\u00a0\u202f"  # no-break spaces (French writes "01 23 45 67 89" with them)
 _ZEROS = str.maketrans("123456789", "000000000")
 _NUMBER = re.compile(rf"0[0 {_SP}().\-/]{{2,}}0")
-_NUMBER_ANY = re.compile(rf"[0-9][0-9 {_SP}().\-/]{{2,}}[0-9]")  # the same, digits as they are
+
+
+_ZERO_BYTES = bytes.maketrans(b"123456789", b"000000000")
 
 
 @lru_cache(maxsize=2)
@@ -62,10 +65,14 @@ def _numbers(text: str) -> tuple[tuple[int, int], ...]:
     """The runs of digits in ``text`` (start, end). Cached for the last texts: every
     digit finder of a Detector asks for the same text's runs in turn. With every
     digit made 0 the scan is ~3x faster, but translate() is slow on text that is
-    not ASCII (55 ms a MB against 1)."""
+    not ASCII (55 ms a MB against 1): there the digits are made 0 in its UTF-8
+    (where the bytes of digits are digits only), ~3 ms a MB."""
     if text.isascii():
-        return tuple(m.span() for m in _NUMBER.finditer(text.translate(_ZEROS)))
-    return tuple(m.span() for m in _NUMBER_ANY.finditer(text))
+        zeros = text.translate(_ZEROS)
+    else:
+        utf8 = text.encode("utf-8", "surrogatepass")
+        zeros = utf8.translate(_ZERO_BYTES).decode("utf-8", "surrogatepass")
+    return tuple([m.span() for m in _NUMBER.finditer(zeros)])
 
 
 def forget_texts() -> None:
@@ -145,7 +152,6 @@ def find_email(text: str) -> Iterator[Finding]:
 _MAX_GROUPS = 24
 # What may not come right before a phone number (or its + or parenthesis).
 _NOT_BEFORE_PHONE = _WORDY | frozenset("+#@$€£¥%./-")
-_GROUP = re.compile(r"[0-9]+")
 # What may stand between two groups of digits: ") ", " - ", "/", "-(", ".", ...
 _SEP = re.compile(rf"\)?(?:[ {_SP}]?[-/][ {_SP}]?|\.|[ {_SP}])?\(?")
 _EXTENSION = re.compile(r"[ ]?(?:x|ext\.?[ ]?)[0-9]{1,6}(?![0-9A-Za-z])", re.IGNORECASE)
@@ -153,6 +159,35 @@ _EXTENSION_FIRST = frozenset(" xXeE")
 # 4-4-4, 4-4-4-1..4 and 4-4-4-4-1..3 with one separator: what _phone_run rejects as a
 # card's grouping, found without taking the run apart.
 _CARD_RUN = re.compile(r"[0-9]{4}([ -])[0-9]{4}\1[0-9]{4}(?:\1[0-9]{4}\1[0-9]{1,3}|\1[0-9]{1,4})?")
+
+
+# A letter or digit right after a run (not one that may start an extension: x, ext),
+# or before it (not a +, which makes the character before it the one that counts).
+_GLUED = _WORDY - frozenset("xXeE")
+_BUTTED = _NOT_BEFORE_PHONE - frozenset("+")
+_POINTS = frozenset(".:")
+# A run's groups of digits and what separates them: [group, sep, group, ...].
+_PARTS = re.compile(r"([^0-9]+)")
+# Runs in which no window of a phone number's length leaves out three groups that
+# say it is none: 3-2-4 with one separator twice (as _window says), or one date
+# (as _is_date says: 2024-01-15, 15.01.2024, 1/15/24).
+_DAY = r"(?:0?[1-9]|[12][0-9]|3[01])"
+_MONTH = r"(?:0?[1-9]|1[0-2])"
+_NO_WINDOW = re.compile(
+    r"[0-9]{3}([^0-9]+)[0-9]{2}\1[0-9]{4}"
+    r"|[0-9]{4}([-./])(?:0[1-9]|1[0-2])\2(?:0[1-9]|[12][0-9]|3[01])"
+    rf"|{_DAY}([-./]){_MONTH}\3(?:[0-9]{{4}}|[0-9]{{2}})"
+    rf"|{_MONTH}([-./]){_DAY}\4(?:[0-9]{{4}}|[0-9]{{2}})"
+)
+# Runs _phone_run rejects whole when no + comes before them: a card's or account's
+# groups of four (_CARD_RUN), two groups joined by a point (a decimal).
+_NOT_PHONE_RUN = re.compile(rf"{_CARD_RUN.pattern}|[0-9]+\.[0-9]+")
+
+
+@lru_cache(maxsize=256)
+def _joins(sep: str) -> bool:
+    """Whether ``sep`` may stand between two groups of one phone number."""
+    return _SEP.fullmatch(sep) is not None
 
 
 def _extension_end(text: str, end: int) -> int:
@@ -195,6 +230,7 @@ _WORD = re.compile(r"[^\W_]+")
 _FIELD_END = re.compile(r"[\n,;|\t。、]")
 
 
+@lru_cache(maxsize=4096)
 def _word_kind(word: str) -> int:
     """1 for a word for phone, -1 for a word for another number, else 0."""
     if word in _PHONE_WORDS or word.startswith(_PHONE_PREFIXES):
@@ -248,6 +284,8 @@ class _Plan:
     lengths: tuple[int, ...]  # sorted
     local_lengths: frozenset[int]
     types: tuple[_Desc, ...]
+    # By length: the patterns of the types a number of that length may be, as one
+    typed: dict[int, re.Pattern[str]]
     prefix: str | None
     prefix_for_parsing: re.Pattern[str] | None
     transform: str | None
@@ -256,9 +294,10 @@ class _Plan:
     formats: tuple[tuple[re.Pattern[str] | None, re.Pattern[str], bool], ...]
 
     def valid(self, nsn: str) -> bool:
-        if len(nsn) not in self.lengths or not self.general.fullmatch(nsn):
+        typed = self.typed.get(len(nsn))  # (None: not a length of this plan)
+        if typed is None or not self.general.fullmatch(nsn):
             return False
-        return any(t.matches(nsn) for t in self.types)
+        return typed.fullmatch(nsn) is not None
 
     def _length_ok(self, nsn: str) -> bool:
         """Not too short, local-only or of an invalid length (too long is allowed)."""
@@ -316,6 +355,13 @@ def _compile_desc(desc: object) -> _Desc | None:
     return _Desc(lengths, re.compile(pattern))
 
 
+def _typed(types: Sequence[_Desc], n: int) -> re.Pattern[str]:
+    """One pattern for the types a number of ``n`` digits may be: it matches a whole
+    number if one of theirs does."""
+    patterns = [t.pattern.pattern for t in types if not t.lengths or n in t.lengths]
+    return re.compile("|".join(f"(?:{p})" for p in patterns) or "(?!)")
+
+
 @cache
 def _plan(region: str, country_code: int = 0) -> _Plan | None:
     """A region's plan; for "001" (Inmarsat, UIFN, ...) that of ``country_code``."""
@@ -343,6 +389,7 @@ def _plan(region: str, country_code: int = 0) -> _Plan | None:
         lengths=tuple(sorted(general.possible_length)),
         local_lengths=frozenset(general.possible_length_local_only),
         types=types,
+        typed={n: _typed(types, n) for n in general.possible_length},
         prefix=prefix,
         prefix_for_parsing=(
             re.compile(meta.national_prefix_for_parsing)
@@ -396,13 +443,22 @@ _DATE_SEPS = frozenset("-./")
 
 def _is_date(groups: Sequence[str]) -> bool:
     """2024-01-15, 15.01.2024, 01/15/2024, 15/01/24 and the like."""
-    a, b, c = (len(g) for g in groups)
-    x, y, z = (int(g) for g in groups)
-    if (a, b, c) == (4, 2, 2):
-        return 1 <= y <= 12 and 1 <= z <= 31
+    g0, g1, g2 = groups
+    a, b, c = len(g0), len(g1), len(g2)
+    if a == 4 and b == 2 and c == 2:
+        return 1 <= int(g1) <= 12 and 1 <= int(g2) <= 31
     if a <= 2 and b <= 2 and c in (2, 4):
+        x, y = int(g0), int(g1)
         return (1 <= x <= 31 and 1 <= y <= 12) or (1 <= x <= 12 and 1 <= y <= 31)
     return False
+
+
+def _has_date(groups: Sequence[str], seps: Sequence[str]) -> bool:
+    """Whether three groups in a row are a date (see ``dates`` in _segment)."""
+    return any(
+        seps[k] == seps[k + 1] and seps[k] in _DATE_SEPS and _is_date(groups[k : k + 3])
+        for k in range(len(groups) - 2)
+    )
 
 
 def _thousands(groups: Sequence[str]) -> bool:
@@ -425,88 +481,151 @@ class _PhoneFinder:
 
     def __call__(self, text: str) -> Iterator[Finding]:
         self._tables = {}  # this text's table headers, by line (see _column_header)
+        found: list[Finding] = []
+        run = self._run
         try:
             for start, end in _numbers(text):
-                if end - start >= 7:
-                    yield from self._run(text, start, end)
+                # What _run rejects first, without a call: most runs of dense text.
+                if end - start < 7 or text[start - 1 : start] in _BUTTED:
+                    continue
+                after = text[end : end + 1]
+                if after in _GLUED or (after in _POINTS and text[end + 1 : end + 2] in _DIGITS):
+                    continue  # (12:30, 1.5: what _glued_after says without an extension)
+                run(text, start, end, found)
         finally:
             self._tables = {}
+        return iter(found)
 
-    def _run(self, text: str, start: int, end: int) -> Iterator[Finding]:
-        after = _extension_end(text, end)
+    def _run(self, text: str, start: int, end: int, found: list[Finding]) -> None:
+        """The phone numbers in the run of digits ``text[start:end]``, appended to
+        ``found``. Most runs are rejected whole here, before they are taken apart."""
+        after = _extension_end(text, end) if text[end : end + 1] in _EXTENSION_FIRST else end
         if _glued_after(text, after):
             return
-        lead = start - 1 if start > 0 and text[start - 1] in "+(" else start
-        if lead > 0 and text[lead - 1] in _NOT_BEFORE_PHONE:
-            return
-        if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
+        lead = start
+        if start > 0 and text[start - 1] in "+(":
+            lead = start - 1
+            if lead > 0 and text[lead - 1] in _NOT_BEFORE_PHONE:
+                return
+        # (else the character before is no _BUTTED one: __call__ looked)
+        if (
+            text[start - 6 : start - 5] == " "
+            and _letters_group(text[start - 6 : start])
+            and _IBAN_HEAD.search(text, start - 40, start)
+        ):
             return  # the rest of an IBAN (NL91 ABNA 0417 1643 00)
-        if text[lead] != "+" and _CARD_RUN.fullmatch(text, start, end):
-            return  # a card or account number in groups of four (as _phone_run says)
-        spans = [m.span() for m in _GROUP.finditer(text, start, end)]
-        if len(spans) == 1:  # (no separators: most runs)
-            yield from self._segment(text, lead, spans)
+        run = text[start:end]
+        if run.isdigit():  # (no separators: most runs)
+            self._bare(text, lead, start, end, after, run, found)
+            return
+        if _NO_WINDOW.fullmatch(run):
+            return
+        if text[lead] != "+" and _NOT_PHONE_RUN.fullmatch(run):
+            return  # a card or account number in groups of four, a decimal
+        parts = _PARTS.split(run)
+        groups, seps = parts[::2], parts[1::2]
+        if end - start - sum(map(len, seps)) < 7:
+            return  # too few digits for any window
+        starts = list(accumulate(map(len, parts), initial=start))[::2]
+        if all(map(_joins, seps)):  # (most runs: one segment)
+            self._segment(text, lead, starts, groups, seps, found)
             return
         # Segments of groups joined the way phone numbers are ("030 / 1234567", not
         # "1234567. 12"); the first one may start with the + or parenthesis.
-        segment = [spans[0]]
-        for span in spans[1:]:
-            if _SEP.fullmatch(text, segment[-1][1], span[0]):
-                segment.append(span)
-            else:
-                yield from self._segment(text, lead, segment)
-                segment, lead = [span], span[0]
-        yield from self._segment(text, lead, segment)
+        lo = 0
+        for k, sep in enumerate(seps):
+            if not _joins(sep):
+                self._segment(text, lead, starts[lo : k + 1], groups[lo : k + 1], seps[lo:k], found)
+                lo, lead = k + 1, starts[k + 1]
+        self._segment(text, lead, starts[lo:], groups[lo:], seps[lo:], found)
 
-    def _segment(self, text: str, lead: int, spans: Sequence[tuple[int, int]]) -> Iterator[Finding]:
-        if len(spans) > _MAX_GROUPS:
+    def _bare(
+        self, text: str, lead: int, start: int, end: int, after: int, run: str, found: list[Finding]
+    ) -> None:
+        """A run of digits alone (what _segment and _window say of one group)."""
+        n = end - start
+        if n > 17:
+            return  # too many digits for any window
+        if text[lead] == "+":
+            if _valid_international(run):
+                found.append(Finding(lead, after, "phone", "phone"))
+            return
+        if n >= 12 and _card_brand_ok(run) and _luhn(run):
+            return  # a card number
+        if run.startswith("00"):
+            if not _valid_international(run[2:]):
+                return
+            if self._context(text, start, after) is not False:
+                found.append(Finding(start, after, "phone", "phone"))
+            return
+        # One group is no format: a word for phone must say it is one.
+        if self._context(text, start, after) is True and self._national(run):
+            found.append(Finding(start, after, "phone", "phone"))
+
+    def _segment(
+        self,
+        text: str,
+        lead: int,
+        starts: Sequence[int],
+        groups: Sequence[str],
+        seps: Sequence[str],
+        found: list[Finding],
+    ) -> None:
+        if len(groups) > _MAX_GROUPS:
             return  # a table of numbers, not phone numbers in text (and bounded work)
-        lengths = [b - a for a, b in spans]
+        lengths = list(map(len, groups))
         total = sum(lengths)
         if total < 7:
             return  # too few digits for any window
         plus = text[lead] == "+"
-        if total > 17 and len(spans) == 1:
+        if total > 17 and len(groups) == 1:
             return  # too many digits for any window
-        groups = [text[a:b] for a, b in spans]
-        seps = [text[a[1] : b[0]] for a, b in pairwise(spans)]
         if not plus and not _phone_run(groups, lengths, seps):
             return
-        dotted = bool(seps) and all(s == "." for s in seps)
+        dotted = bool(seps) and seps.count(".") == len(seps)
+        loose = list(map(_loose, seps))
+        if not any(loose):
+            # The one window a number may end at: the whole segment (in dotted runs,
+            # or of at most the eight groups a window may have).
+            if total <= 17 and (dotted or len(groups) <= 8) and not _has_date(groups, seps):
+                end = starts[-1] + lengths[-1]
+                window = self._window(text, lead, starts[0], end, groups, seps)
+                if window is not None:
+                    found.append(window)
+            return
         # Several numbers in one run (030 1234567 / 030 7654321): from each group on,
         # the longest valid window, one without a spaced slash inside if there is one,
         # ending at a space or slash. Not in dotted runs (192.168.0.1, 1.2.840.113549).
-        loose = [_loose(s) for s in seps]
-        slashed = [" / " in s for s in seps]
-        # dates[k]: groups k, k+1 and k+2 are a date (2024-01-15, 15.01.2024)
-        dates = [
-            seps[k] == seps[k + 1] and seps[k] in _DATE_SEPS and _is_date(groups[k : k + 3])
-            for k in range(len(groups) - 2)
-        ]
-        reach = [0]  # reach[i]: the digits of groups[:i]
-        for n in lengths:
-            reach.append(reach[-1] + n)
+        count = len(groups)
+        slashed = [" / " in s for s in seps] if any(" / " in s for s in seps) else None
+        dates = None  # dates[k]: groups k, k+1 and k+2 are a date (2024-01-15, 15.01.2024)
+        if any(s in _DATE_SEPS for s in seps):
+            dates = [
+                seps[k] == seps[k + 1] and seps[k] in _DATE_SEPS and _is_date(groups[k : k + 3])
+                for k in range(count - 2)
+            ]
+        reach = list(accumulate(lengths, initial=0))  # reach[i]: the digits of groups[:i]
         lo = 0
-        while lo < (1 if dotted else len(groups)):
+        while lo < count:
             if lo > 0 and not loose[lo - 1]:
                 lo += 1
                 continue
-            his: Sequence[int] = range(min(len(groups), lo + 8), lo, -1)
-            if dotted:
-                his = (len(groups),)
-            elif any(slashed[lo : lo + 8]):
+            # The windows from lo of 7 to 17 digits and at most eight groups, longest first.
+            top = min(count, lo + 8, bisect_right(reach, reach[lo] + 17) - 1)
+            bottom = max(lo + 1, bisect_left(reach, reach[lo] + 7))
+            his: Sequence[int] = range(top, bottom - 1, -1)
+            if slashed is not None and any(slashed[lo : lo + 8]):
                 his = sorted(his, key=lambda hi: sum(slashed[lo : hi - 1]))
             for hi in his:
-                if not 7 <= reach[hi] - reach[lo] <= 17:
+                if hi < count and not loose[hi - 1]:
                     continue
-                if hi < len(groups) and not loose[hi - 1]:
-                    continue
-                if any(dates[lo : hi - 2]):
+                if dates is not None and any(dates[lo : hi - 2]):
                     continue  # 2024-01-15, 2023-02-06 19 (:47)
-                s0 = lead if lo == 0 else spans[lo][0]
-                found = self._window(text, s0, spans[lo:hi], groups[lo:hi], seps[lo : hi - 1])
-                if found is not None:
-                    yield found
+                s0 = lead if lo == 0 else starts[lo]
+                e0 = starts[hi - 1] + lengths[hi - 1]
+                window = self._window(text, s0, starts[lo], e0, groups[lo:hi], seps[lo : hi - 1])
+                if window is not None:
+                    found.append(window)
                     lo = hi
                     break
             else:
@@ -516,7 +635,8 @@ class _PhoneFinder:
         self,
         text: str,
         lead: int,
-        spans: Sequence[tuple[int, int]],
+        start: int,
+        end: int,
         groups: Sequence[str],
         seps: Sequence[str],
     ) -> Finding | None:
@@ -526,7 +646,6 @@ class _PhoneFinder:
         shape = [len(g) for g in groups]
         if len(groups) == 3 and shape == [3, 2, 4] and seps[0] == seps[1]:
             return None  # written like a social security number
-        start, end = spans[0][0], spans[-1][1]
         plus = text[lead] == "+"
         if plus or (text[lead] == "(" and seps and seps[0].startswith(")")):
             start = lead  # +49 30..., (415) 555-2671: the area code's parenthesis
@@ -565,17 +684,22 @@ class _PhoneFinder:
             return False
         # The nearest word decides; Devanagari and CJK words are looked for as parts
         # (\w does not match Devanagari vowel signs, CJK needs no spaces).
-        phone = other = -1
-        for m in _WORD.finditer(before):
-            kind = _word_kind(m.group())
-            if kind > 0:
-                phone = m.end()
-            elif kind < 0:
-                other = m.end()
-        if not before.isascii():
+        if before.isascii():
+            for word in reversed(_WORD.findall(before)):
+                kind = _word_kind(word)
+                if kind:
+                    return kind > 0
+        else:
+            phone = other = -1
+            for m in _WORD.finditer(before):
+                kind = _word_kind(m.group())
+                if kind > 0:
+                    phone = m.end()
+                elif kind < 0:
+                    other = m.end()
             phone = max(phone, *(before.rfind(p) for p in _PHONE_PARTS))
-        if phone != other:
-            return phone > other
+            if phone != other:
+                return phone > other
         # A table's cell: its column's name decides.
         header = _column_header(text, start, self._tables)
         if header is not None:
@@ -603,11 +727,17 @@ def _column_header(
     line_start = text.rfind("\n", 0, start) + 1
     line_end = text.find("\n", start)
     line = text[line_start : len(text) if line_end < 0 else line_end]
-    sep = next((s for s in _CELL_SEPS if s in line), None)
-    if sep is None:
+    for sep in _CELL_SEPS:
+        if sep in line:
+            break
+    else:
         return None
-    width = len(_cells(line, sep))
-    column = len(_cells(text[line_start:start], sep)) - 1
+    if '"' in line:
+        width = len(_cells(line, sep))
+        column = len(_cells(text[line_start:start], sep)) - 1
+    else:  # (what _cells would say, counted)
+        width = line.count(sep) + 1
+        column = text.count(sep, line_start, start)
     walked: list[int] = []  # lines above of the same width, nearest first
     header: list[str] | None = None
     at, floor = line_start, max(0, start - _HEADER_REACH)
@@ -632,18 +762,17 @@ def _cells(line: str, sep: str) -> list[str]:
     """A line's cells; a separator inside double quotes does not split."""
     if '"' not in line:
         return line.split(sep)
-    cells: list[str] = []
-    cell: list[str] = []
-    quoted = False
-    for c in line:
-        if c == '"':
-            quoted = not quoted
-        elif c == sep and not quoted:
-            cells.append("".join(cell))
-            cell = []
-            continue
-        cell.append(c)
-    cells.append("".join(cell))
+    # Between the quotes: the pieces at odd places of a split at every quote.
+    cells = [""]
+    for i, piece in enumerate(line.split('"')):
+        if i:
+            cells[-1] += '"'
+        if i % 2:
+            cells[-1] += piece
+        else:
+            first, *rest = piece.split(sep)
+            cells[-1] += first
+            cells += rest
     return cells
 
 
@@ -664,6 +793,7 @@ def _phone_run(groups: Sequence[str], lengths: Sequence[int], seps: Sequence[str
     return True
 
 
+@lru_cache(maxsize=256)
 def _loose(sep: str) -> bool:
     """A separator that may end a phone number: a space or a slash, not 1-2 or 1.2."""
     return " " in sep or "/" in sep or "\u00a0" in sep or "\u202f" in sep
@@ -738,14 +868,35 @@ _IIN = (
 _DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 
 
+_DOUBLE = str.maketrans("0123456789", "".join(map(str, _DOUBLED)))
+
+
 def _luhn(digits: str) -> bool:
-    total = sum(map(int, digits[-1::-2])) + sum(_DOUBLED[int(d)] for d in digits[-2::-2])
+    total = sum(map(int, digits[-1::-2])) + sum(map(int, digits[-2::-2].translate(_DOUBLE)))
     return total % 10 == 0
 
 
+def _brand_heads() -> dict[int, tuple[tuple[int, frozenset[str]], ...]]:
+    """By card length, the issuer ranges as sets of leading digits, by how many."""
+    heads: dict[tuple[int, int], set[str]] = {}
+    for lo, hi, lengths in _IIN:
+        for n in lengths:
+            size = len(lo)
+            heads.setdefault((n, size), set()).update(
+                str(i).zfill(size) for i in range(int(lo), int(hi) + 1)
+            )
+    by_length: dict[int, list[tuple[int, frozenset[str]]]] = {}
+    for (n, size), values in sorted(heads.items()):
+        by_length.setdefault(n, []).append((size, frozenset(values)))
+    return {n: tuple(v) for n, v in by_length.items()}
+
+
+_BRAND_HEADS = _brand_heads()
+
+
 def _card_brand_ok(digits: str) -> bool:
-    n = len(digits)
-    return any(lo <= digits[: len(lo)] <= hi and n in lengths for lo, hi, lengths in _IIN)
+    # (the lengths are 12 to 19 digits: each range's leading digits are all there)
+    return any(digits[:size] in heads for size, heads in _BRAND_HEADS.get(len(digits), ()))
 
 
 def _card_grouping(lengths: Sequence[int]) -> bool:
@@ -761,27 +912,40 @@ def find_credit_card(text: str) -> Iterator[Finding]:
     """Card numbers of a known brand and length that pass the Luhn check, written
     without separators or in one separator's usual groups."""
     for start, end in _numbers(text):
-        if end - start < 12 or _glued_after(text, end) or _decimal_before(text, start):
+        if end - start < 12 or text[end : end + 1] in _WORDY or text[start - 1 : start] in _WORDY:
+            continue  # (a letter or digit either side: what the calls below say first)
+        if _glued_after(text, end) or _decimal_before(text, start):
             continue
         if end - start - text.count(" ", start, end) - text.count("-", start, end) < 12:
             continue  # too few digits
-        if text[start - 1 : start] in _WORDY or _joined_before(text, start):
+        if _joined_before(text, start):
             continue  # the digits of a token (xoxb-8680200964-...)
-        if _letters_group(text[start - 6 : start]) and _IBAN_HEAD.search(text, start - 40, start):
+        if (
+            text[start - 6 : start - 5] == " "
+            and _letters_group(text[start - 6 : start])
+            and _IBAN_HEAD.search(text, start - 40, start)
+        ):
             continue  # the rest of an IBAN (GB88 MIBG 5028 6203 0020 13)
-        whole = _CARD_RUN.fullmatch(text, start, end)
-        if whole is not None or (end - start <= 19 and text[start:end].isdigit()):
-            digits = text[start:end] if whole is None else text[start:end].replace(whole[1], "")
+        run = text[start:end]
+        if run.isdigit():  # one group: the whole run or nothing
+            if end - start <= 19 and _card_brand_ok(run) and _luhn(run):
+                yield Finding(start, end, "credit_card", "credit_card")
+            continue
+        whole = _CARD_RUN.fullmatch(run)
+        if whole is not None:
+            digits = run.replace(whole[1], "")
             if _card_brand_ok(digits) and _luhn(digits):  # (the first window tried below)
                 yield Finding(start, end, "credit_card", "credit_card")
                 continue
-        spans = [m.span() for m in _GROUP.finditer(text, start, end)]
-        lengths = [b - a for a, b in spans]
+        parts = _PARTS.split(run)
+        groups, seps = parts[::2], parts[1::2]
+        lengths = [len(g) for g in groups]
         # A card is one group of 12 to 19 digits or groups starting with one of four.
         if 4 not in lengths and not any(12 <= n <= 19 for n in lengths):
             continue
-        groups = [text[a:b] for a, b in spans]
-        seps = [text[a[1] : b[0]] for a, b in pairwise(spans)]
+        starts = [start]
+        for n, sep in zip(lengths, seps, strict=False):
+            starts.append(starts[-1] + n + len(sep))
         lo = 0
         while lo < len(groups):
             if lengths[lo] != 4 and not 12 <= lengths[lo] <= 19:
@@ -789,7 +953,8 @@ def find_credit_card(text: str) -> Iterator[Finding]:
                 continue
             for hi in range(min(len(groups), lo + 5), lo, -1):
                 if 12 <= sum(lengths[lo:hi]) <= 19 and _card_window(groups, seps, lo, hi):
-                    yield Finding(spans[lo][0], spans[hi - 1][1], "credit_card", "credit_card")
+                    last = starts[hi - 1] + lengths[hi - 1]
+                    yield Finding(starts[lo], last, "credit_card", "credit_card")
                     lo = hi
                     break
             else:
@@ -896,13 +1061,13 @@ def _iban_at(text: str, start: int) -> Finding | None:
     iban = run[:span]
     if len(iban) < span or _glued_after(text, start + span):
         return None
-    if grouped and any(iban[i] != " " for i in range(4, span, 5)):
-        return None
+    if grouped and iban[4::5].strip(" "):
+        return None  # (a space after each group of four)
     compact = iban.replace(" ", "")
     if len(compact) != length:
         return None
-    letters = "".join(c for c in compact if c.isalpha())
-    if not (letters.isupper() or letters.islower()):
+    # (digits have no case: the letters are all upper or all lower case)
+    if not (compact.isupper() or compact.islower()):
         return None
     if _mod97(compact.upper()) != 1:
         return None
@@ -922,28 +1087,30 @@ _SSN_CONTEXT = re.compile(r"ssn|social\s*security|soc\.?\s*sec|\bss\s?#|\bss\s?n
 def find_us_ssn(text: str) -> Iterator[Finding]:
     """AAA-GG-SSSS or AAA GG SSSS of a possible area, group and serial; nine bare
     digits only after a word for social security number."""
+    found: list[Finding] = []
     for run_start, run_end in _numbers(text):
-        if run_end - run_start >= 9 and (
-            run_end - run_start <= 11 or " " in text[run_start:run_end]
-        ):  # (not inside one long token of digits and hyphens: no SSN is)
-            yield from _ssns(text, run_start, run_end)
-
-
-def _ssns(text: str, run_start: int, run_end: int) -> Iterator[Finding]:
-    for m in _near(_SSN, text, run_start, run_end):
-        start, end = m.start(), m.end()
-        if _glued_after(text, end) or _decimal_before(text, start):
-            continue
-        area = m.group(1)
-        group = m.group(3) or m.group(5)
-        serial = m.group(4) or m.group(6)
-        if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
-            continue
-        if (area, group, serial) in _SSN_VOID:
-            continue
-        if m.group(2) is None and not _SSN_CONTEXT.search(text[max(0, start - 40) : start].lower()):
-            continue
-        yield Finding(start, end, "us_ssn", "us_ssn")
+        length = run_end - run_start
+        if length < 9 or (length > 11 and " " not in text[run_start:run_end]):
+            continue  # (not inside one long token of digits and hyphens: no SSN is)
+        for m in _SSN.finditer(text, run_start, run_end + 2):  # (as _near)
+            start, end = m.span()
+            if start >= run_end:
+                break
+            if _glued_after(text, end) or _decimal_before(text, start):
+                continue
+            area = m.group(1)
+            group = m.group(3) or m.group(5)
+            serial = m.group(4) or m.group(6)
+            if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
+                continue
+            if (area, group, serial) in _SSN_VOID:
+                continue
+            if m.group(2) is None and not _SSN_CONTEXT.search(
+                text[max(0, start - 40) : start].lower()
+            ):
+                continue
+            found.append(Finding(start, end, "us_ssn", "us_ssn"))
+    return iter(found)
 
 
 # --- IP addresses -----------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import phonenumbers
 import pytest
@@ -403,6 +404,19 @@ def test_random_text_never_breaks_a_finder(entity: str, text: str) -> None:
     for f in FINDERS[entity](text):
         assert 0 <= f.start < f.end <= len(text)
         assert f.entity == f.kind == entity
+
+
+# The runs _numbers finds, matched on the digits as they are.
+RUNS = re.compile(r"[0-9][0-9 \u00a0\u202f().\-/]{2,}[0-9]")
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=NOISE | st.text(alphabet=st.sampled_from("0123456789 .-٣९\ud800日😀"), max_size=80))
+def test_numbers_are_the_runs_of_digits_in_any_text(text: str) -> None:
+    """Found with the digits made 0 (in UTF-8 for text that is not ASCII, lone
+    surrogates included), the runs are those of the text itself."""
+    pii.forget_texts()
+    assert pii._numbers(text) == tuple(m.span() for m in RUNS.finditer(text))
 
 
 @pytest.mark.parametrize(
