@@ -477,7 +477,7 @@ class _PhoneFinder:
             raise ValueError(f"unknown phone regions: {', '.join(unknown)}")
         self._plans = tuple(p for p in plans if p is not None)
         self._national = lru_cache(maxsize=4096)(self._national_uncached)
-        self._tables: dict[tuple[int, str, int], list[str]] = {}
+        self._tables: dict[tuple[int, str, int], tuple[int, list[str]]] = {}
 
     def __call__(self, text: str) -> Iterator[Finding]:
         self._tables = {}  # this text's table headers, by line (see _column_header)
@@ -718,12 +718,13 @@ _HEADER_REACH = 8192  # how far back a table's first line is looked for
 
 
 def _column_header(
-    text: str, start: int, tables: dict[tuple[int, str, int], list[str]]
+    text: str, start: int, tables: dict[tuple[int, str, int], tuple[int, list[str]]]
 ) -> str | None:
     """The name of the column of the table cell at ``start`` (CSV, TSV): that cell
-    of the first line of the block of lines with as many cells as this one.
-    ``tables`` remembers, by (line start, separator, width), each line's first
-    line of its block, so a long table is walked up once, not once a row."""
+    of the first line, at most _HEADER_REACH back, of the block of lines with as
+    many cells as this one. ``tables`` remembers, by (line start, separator,
+    width), where each line's block starts and its first line's cells, so a long
+    table is walked up once, not once a row; the answer is the same either way."""
     line_start = text.rfind("\n", 0, start) + 1
     line_end = text.find("\n", start)
     line = text[line_start : len(text) if line_end < 0 else line_end]
@@ -740,21 +741,25 @@ def _column_header(
         column = text.count(sep, line_start, start)
     walked: list[int] = []  # lines above of the same width, nearest first
     header: list[str] | None = None
+    top = -1  # where the block starts, once known
     at, floor = line_start, max(0, start - _HEADER_REACH)
     while at > floor:
         above = text.rfind("\n", floor, at - 1) + 1
         known = tables.get((above, sep, width))
-        if known is not None:
-            header = known
+        if known is not None and known[0] >= floor:
+            top, header = known
             break
         cells = _cells(text[above : at - 1], sep)
         if len(cells) != width:
+            top = at if walked else -1
             break
         walked.append(above)
         header, at = cells, above
-    if header is not None:
+    else:
+        top = at if at == 0 and walked else -1  # the text starts with the table
+    if top >= 0 and header is not None:
         for line_at in walked:
-            tables[line_at, sep, width] = header
+            tables[line_at, sep, width] = (top, header)
     return header[column] if header is not None else None
 
 

@@ -440,3 +440,20 @@ def test_long_adversarial_text_takes_linear_time(text: str) -> None:
     for finder in FINDERS.values():
         list(finder(text))
     assert time.perf_counter() - began < 2.0
+
+
+def test_a_long_tables_header_counts_within_reach_of_its_rows() -> None:
+    from extproc.redaction.detect import Detector
+
+    rows = [f"Person {i},0301234{i:04d}" for i in range(600)]
+    table = "name,phone\n" + "\n".join(rows) + "\n"
+    detector = Detector(("phone",), ("DE",))
+    whole = [table[f.start : f.end] for f in detector.find(table)]
+    numbers = [f"0301234{i:04d}" for i in range(600)]
+    first_row = len("name,phone\n")
+    # The header line is found from a number at most 8 KB below the first row.
+    assert whole == [n for n in numbers if table.index(n) < 8192 + first_row]
+    assert whole == [table[f.start : f.end] for f in detector.find(table)]  # the same again
+    # A long prompt searched a window at a time sees a header only in its own window.
+    windowed = [table[f.start : f.end] for w in detector.find_all(table, 2048) for f in w]
+    assert windowed == whole[: len(windowed)] and 0 < len(windowed) < len(whole)
