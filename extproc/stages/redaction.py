@@ -331,8 +331,8 @@ class RedactionFlow(Flow):
             return BodyMode.NONE  # restore only, and the request had no placeholders
         encoding = ex.response_headers.get("content-encoding", "identity").lower()
         if encoding not in ("identity", ""):
-            # Asked for plain text upstream (start); an upstream that compresses anyway
-            # cannot be read (counted; it goes on as it is).
+            # Envoy's route removes accept-encoding on the way up; an upstream that
+            # compresses anyway cannot be read (counted; it goes on as it is).
             self.stage.metrics.redaction_failures.labels("failed_open").inc()
             log.warning("an answer came compressed (%s) and was not redacted", encoding)
             return BodyMode.NONE
