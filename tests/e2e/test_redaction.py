@@ -289,3 +289,17 @@ def test_metrics_count_by_type_and_action_and_logs_hold_no_planted_value(stack: 
     )
     for planted in (EMAIL, CARD, IBAN, AWS, CARD.replace(" ", "")):
         assert planted not in logs
+
+
+def test_a_long_prompt_searched_window_by_window_reaches_the_provider_redacted(
+    stack: Stack,
+) -> None:
+    marker = tag()
+    filler = "The quarterly report shows revenue grew while costs fell. " * 6000  # ~350 K
+    prompt = f"{marker} {filler}card {CARD} at the end"
+    reply = oai(stack).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    sent = received(stack, marker)["messages"][0]["content"]
+    assert sent.endswith("card [CREDIT_CARD_1] at the end") and CARD not in sent
