@@ -84,6 +84,13 @@ def oai(stack: Stack, key: str = "", base: str = "/v1") -> openai.OpenAI:
     )
 
 
+def ask(client: openai.OpenAI, content: str, **extra: Any) -> Any:
+    """One user message as a chat completion (``stream=True``: the stream)."""
+    return client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": content}], **extra
+    )
+
+
 def received(stack: Stack, marker: str) -> dict[str, Any]:
     """The body the upstream received for the request whose prompt has ``marker``."""
     bodies = [
@@ -99,11 +106,7 @@ def tag() -> str:
 
 def test_openai_chat_reaches_the_provider_with_placeholders(stack: Stack) -> None:
     marker = tag()
-    reply = oai(stack).chat.completions.create(
-        model="gpt-4o-mini",
-        messages=[{"role": "user", "content": f"{marker} {PROMPT}"}],
-        extra_headers=ECHO,
-    )
+    reply = ask(oai(stack), f"{marker} {PROMPT}", extra_headers=ECHO)
     want = f"{marker} Refund card [CREDIT_CARD_1] to [IBAN_1] and mail [EMAIL_1]"
     assert reply.choices[0].message.content == want
     assert received(stack, marker)["messages"][0]["content"] == want
@@ -111,12 +114,7 @@ def test_openai_chat_reaches_the_provider_with_placeholders(stack: Stack) -> Non
 
 def test_a_streamed_chat_request_is_redacted_too(stack: Stack) -> None:
     marker = tag()
-    stream = oai(stack).chat.completions.create(
-        model="gpt-4o-mini",
-        messages=[{"role": "user", "content": f"{marker} {PROMPT}"}],
-        stream=True,
-        extra_headers=ECHO,
-    )
+    stream = ask(oai(stack), f"{marker} {PROMPT}", stream=True, extra_headers=ECHO)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == f"{marker} Refund card [CREDIT_CARD_1] to [IBAN_1] and mail [EMAIL_1]"
 
@@ -124,9 +122,7 @@ def test_a_streamed_chat_request_is_redacted_too(stack: Stack) -> None:
 def test_a_secret_is_refused_before_any_provider_sees_it(stack: Stack) -> None:
     marker = tag()
     with pytest.raises(openai.BadRequestError) as caught:
-        oai(stack).chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": f"{marker} my key {AWS}"}]
-        )
+        ask(oai(stack), f"{marker} my key {AWS}")
     error = caught.value.body
     assert isinstance(error, dict) and error["code"] == "sensitive_data_blocked"
     assert "aws_access_key" in error["message"] and AWS not in error["message"]
@@ -180,20 +176,12 @@ def test_google_genai_sdk_is_redacted_and_a_block_is_googles_400(stack: Stack) -
 def test_restore_gives_the_client_its_own_values_back_json_and_streamed(stack: Stack) -> None:
     client = oai(stack, stack.keys["helpdesk"])
     marker = tag()
-    reply = client.chat.completions.create(
-        model="gpt-4o-mini",
-        messages=[{"role": "user", "content": f"{marker} {PROMPT}"}],
-        extra_headers=ECHO,
-    )
+    reply = ask(client, f"{marker} {PROMPT}", extra_headers=ECHO)
     assert reply.choices[0].message.content == f"{marker} {PROMPT}"
     assert EMAIL not in orjson.dumps(received(stack, marker)).decode()
     marker = tag()
-    stream = client.chat.completions.create(
-        model="gpt-4o-mini",
-        messages=[{"role": "user", "content": f"{marker} {PROMPT}"}],
-        stream=True,
-        extra_headers={**ECHO, "x-demo-chunk-bytes": "7"},  # SSE split at arbitrary bytes
-    )
+    split = {**ECHO, "x-demo-chunk-bytes": "7"}  # SSE split at arbitrary bytes
+    stream = ask(client, f"{marker} {PROMPT}", stream=True, extra_headers=split)
     assert (
         "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         == f"{marker} {PROMPT}"
@@ -203,11 +191,7 @@ def test_restore_gives_the_client_its_own_values_back_json_and_streamed(stack: S
 def test_strict_masks_the_prompt_and_what_the_model_writes(stack: Stack) -> None:
     client = oai(stack, stack.keys["strict"])
     marker = tag()
-    reply = client.chat.completions.create(
-        model="gpt-4o-mini",
-        messages=[{"role": "user", "content": f"{marker} mail {EMAIL}"}],
-        extra_headers=ECHO,
-    )
+    reply = ask(client, f"{marker} mail {EMAIL}", extra_headers=ECHO)
     assert reply.choices[0].message.content == f"{marker} mail j***@example.com"
     said = f"Sure: your card {CARD} and IBAN {IBAN} are on file."
     masked = "Sure: your card **** **** **** 1111 and IBAN DE** **** **** **** **30 00 are on file."
@@ -238,11 +222,7 @@ def test_strict_masks_the_prompt_and_what_the_model_writes(stack: Stack) -> None
 
 def test_a_route_with_redaction_off_passes_the_prompt_as_sent(stack: Stack) -> None:
     marker = tag()
-    reply = oai(stack, base="/trusted/v1").chat.completions.create(
-        model="gpt-4o-mini",
-        messages=[{"role": "user", "content": f"{marker} {PROMPT}"}],
-        extra_headers=ECHO,
-    )
+    reply = ask(oai(stack, base="/trusted/v1"), f"{marker} {PROMPT}", extra_headers=ECHO)
     assert reply.choices[0].message.content == f"{marker} {PROMPT}"
 
 
@@ -268,9 +248,7 @@ def test_a_body_that_cannot_be_checked_is_refused_and_counted(stack: Stack) -> N
 def test_metrics_count_by_type_and_action_and_logs_hold_no_planted_value(stack: Stack) -> None:
     labels = {"entity": "credit_card", "action": "placeholder", "where": "request"}
     before = stack.metric("tollway_redactions_total", **labels)
-    oai(stack).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": PROMPT}]
-    )
+    ask(oai(stack), PROMPT)
     eventually(lambda: stack.metric("tollway_redactions_total", **labels) == before + 1)
     assert (
         stack.metric("tollway_redactions_total", entity="secrets", action="block", where="request")
@@ -297,9 +275,7 @@ def test_a_long_prompt_searched_window_by_window_reaches_the_provider_redacted(
     marker = tag()
     filler = "The quarterly report shows revenue grew while costs fell. " * 6000  # ~350 K
     prompt = f"{marker} {filler}card {CARD} at the end"
-    reply = oai(stack).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
-    )
+    reply = ask(oai(stack), prompt)
     assert reply.choices[0].finish_reason == "stop"
     sent = received(stack, marker)["messages"][0]["content"]
     assert sent.endswith("card [CREDIT_CARD_1] at the end") and CARD not in sent
