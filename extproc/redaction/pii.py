@@ -511,7 +511,7 @@ class _PhoneFinder:
         if (
             text[start - 6 : start - 5] == " "
             and _letters_group(text[start - 6 : start])
-            and _IBAN_HEAD.search(text, start - 40, start)
+            and _in_iban(text, start)
         ):
             return  # the rest of an IBAN (NL91 ABNA 0417 1643 00)
         run = text[start:end]
@@ -928,7 +928,7 @@ def find_credit_card(text: str) -> Iterator[Finding]:
         if (
             text[start - 6 : start - 5] == " "
             and _letters_group(text[start - 6 : start])
-            and _IBAN_HEAD.search(text, start - 40, start)
+            and _in_iban(text, start)
         ):
             continue  # the rest of an IBAN (GB88 MIBG 5028 6203 0020 13)
         run = text[start:end]
@@ -1053,7 +1053,17 @@ def _letters_group(before: str) -> bool:
     )
 
 
-def _iban_at(text: str, start: int) -> Finding | None:
+def _in_iban(text: str, start: int) -> bool:
+    """Whether ``start`` is inside something written like an IBAN (checksum or not):
+    its digits are not a card's or a phone's (GB88 MIBG 5028 6203 0020 13)."""
+    for m in _IBAN_HEAD.finditer(text, max(0, start - 40), start):
+        found = _iban_at(text, m.start(), checksum=False)
+        if found is not None and found.start < start < found.end:
+            return True
+    return False
+
+
+def _iban_at(text: str, start: int, checksum: bool = True) -> Finding | None:
     m = _IBAN_RUN.match(text, start)
     if m is None:
         return None
@@ -1074,7 +1084,7 @@ def _iban_at(text: str, start: int) -> Finding | None:
     # (digits have no case: the letters are all upper or all lower case)
     if not (compact.isupper() or compact.islower()):
         return None
-    if _mod97(compact.upper()) != 1:
+    if checksum and _mod97(compact.upper()) != 1:
         return None
     return Finding(start, start + span, "iban", "iban")
 

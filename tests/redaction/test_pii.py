@@ -457,3 +457,20 @@ def test_a_long_tables_header_counts_within_reach_of_its_rows() -> None:
     # A long prompt searched a window at a time sees a header only in its own window.
     windowed = [table[f.start : f.end] for w in detector.find_all(table, 2048) for f in w]
     assert windowed == whole[: len(windowed)] and 0 < len(windowed) < len(whole)
+
+
+@pytest.mark.parametrize(
+    "before",
+    ["te207f5e5 Refund card", "Order AB12: card", "ref xy99 then the card", "GB82 note: card"],
+)
+def test_a_four_letter_word_after_an_iban_like_head_is_not_an_iban(before: str) -> None:
+    """Found by CI: "card" (four letters) within 40 characters of "te20" made the
+    card below look like the rest of an IBAN, so it went out unredacted."""
+    text = f"{before} 4111 1111 1111 1111 to mail"
+    assert found(pii.find_credit_card, text) == ["4111 1111 1111 1111"]
+
+
+def test_the_digits_of_an_iban_are_not_a_card_or_a_phone_even_with_a_bad_checksum() -> None:
+    for iban in ("GB82 WEST 1234 5698 7654 32", "GB88 MIBG 5028 6203 0020 14"):
+        text = f"pay to {iban} today"
+        assert found(pii.find_credit_card, text) == [] and found(PHONE, text) == []
