@@ -84,6 +84,10 @@ def oai(stack: Stack, key: str = "", base: str = "/v1") -> openai.OpenAI:
     )
 
 
+def claude(stack: Stack, key: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=stack.url, api_key=key, max_retries=0, timeout=10)
+
+
 def ask(client: openai.OpenAI, content: str, **extra: Any) -> Any:
     """One user message as a chat completion (``stream=True``: the stream)."""
     return client.chat.completions.create(
@@ -131,9 +135,7 @@ def test_a_secret_is_refused_before_any_provider_sees_it(stack: Stack) -> None:
 
 def test_anthropic_sdk_system_and_tool_result_are_redacted(stack: Stack) -> None:
     marker = tag()
-    client = anthropic.Anthropic(
-        base_url=stack.url, api_key=stack.keys["alice"], max_retries=0, timeout=10
-    )
+    client = claude(stack, stack.keys["alice"])
     message = client.messages.create(
         model="claude-3-5-haiku",
         max_tokens=200,
@@ -208,10 +210,7 @@ def test_strict_masks_the_prompt_and_what_the_model_writes(stack: Stack) -> None
         elif event.type == "response.completed":
             done = event.response.output_text
     assert deltas == masked and done == masked
-    anthropic_client = anthropic.Anthropic(
-        base_url=stack.url, api_key=stack.keys["strict"], max_retries=0, timeout=10
-    )
-    with anthropic_client.messages.stream(
+    with claude(stack, stack.keys["strict"]).messages.stream(
         model="claude-3-5-haiku",
         max_tokens=100,
         messages=[{"role": "user", "content": "?"}],
