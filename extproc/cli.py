@@ -53,6 +53,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     from . import up
 
     cfg = _load(args.config)
+    if args.tls or args.tls_dir is not None:
+        tls_dir = (args.tls_dir or Path("tls")).absolute()
+        missing = [p for p in up.tls_files(tls_dir) if not p.is_file()]
+        if missing:
+            print(
+                f"tollway up: no certificates in {tls_dir} ({missing[0].name} is missing): "
+                f"make them with `tollway certs --dir {args.tls_dir or 'tls'}`",
+                file=sys.stderr,
+            )
+            return 2
+        cfg = config.override(cfg, {"tls": {"dir": tls_dir}}, "--tls")
     if args.port is not None:
         cfg = cfg.model_copy(update={"envoy": cfg.envoy.model_copy(update={"port": args.port})})
     if args.replicas is not None:
@@ -442,6 +453,27 @@ def cmd_spend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from . import certs
+
+    hosts = args.hosts or list(certs.FRONT_DOOR_HOSTS)
+    tollway_hosts = [*certs.TOLLWAY_HOSTS, *(args.tollway_hosts or ())]
+    had_ca = certs.files(args.dir, certs.CA).cert.exists()
+    written = certs.make(args.dir, hosts, tollway_hosts)
+    for path in written:
+        print(path)
+    ca = certs.files(args.dir, certs.CA).cert
+    print(
+        f"{'kept the CA in' if had_ca else 'a new CA:'} {ca} (clients trust this file)\n"
+        f"front door: {', '.join(hosts)}; Tollway: {', '.join(tollway_hosts)}; "
+        f"Envoy's client certificate: {certs.ENVOY_NAME}\n"
+        f"use them: tollway up --tls --tls-dir {args.dir}, "
+        f"or `tls: {{dir: {args.dir}}}` in the config",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_demo_upstream(args: argparse.Namespace) -> int:
     from . import demo_upstream
 
@@ -489,7 +521,31 @@ def parser() -> argparse.ArgumentParser:
         help=f"tollway serve processes behind Envoy, 1 to {config.MAX_REPLICAS} "
         "(default: server.replicas, 1)",
     )
+    s.add_argument(
+        "--tls",
+        action="store_true",
+        help="HTTPS front door and mTLS to Tollway, with the certificates of `tollway certs`",
+    )
+    s.add_argument(
+        "--tls-dir", type=Path, metavar="DIR", help="where those certificates are (default: ./tls)"
+    )
     s.set_defaults(func=cmd_up)
+
+    s = add("certs", "make a local CA and the certificates for `tollway up --tls` (files 0600)")
+    s.add_argument("--dir", type=Path, default=Path("tls"), help="where to write (default: ./tls)")
+    s.add_argument(
+        "--hosts",
+        nargs="+",
+        metavar="HOST",
+        help="names and addresses clients use for the front door (default: localhost 127.0.0.1)",
+    )
+    s.add_argument(
+        "--tollway-hosts",
+        nargs="+",
+        metavar="HOST",
+        help="more names Envoy dials Tollway by (always: tollway localhost 127.0.0.1)",
+    )
+    s.set_defaults(func=cmd_certs)
 
     s = add(
         "check-config",

@@ -48,6 +48,13 @@ class ConfigError(Exception):
     """A configuration problem, phrased for the operator."""
 
 
+def _as_dict(value: Any) -> dict[str, Any]:
+    """A section of the config as a dict, whether given as one or as a model."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_unset=True)
+    return dict(value or {})
+
+
 def _is_loopback(address: str) -> bool:
     if address == "localhost":
         return True
@@ -66,6 +73,24 @@ class TLSFiles(_Model):
     key_file: Path
     # When set, peers must present a certificate signed by this CA (mTLS).
     client_ca_file: Path | None = None
+    # server.tls only: the names (DNS, URI or IP SANs) a client certificate must carry
+    # one of; empty: any certificate client_ca_file signed.
+    client_sans: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _sans_need_ca(self) -> TLSFiles:
+        if self.client_sans and self.client_ca_file is None:
+            raise ValueError("client_sans needs client_ca_file (client certificates)")
+        return self
+
+
+class TLSDir(_Model):
+    """``tls: {dir: ./tls}``: the files `tollway certs --dir` makes (see certs.py),
+    for the front door (HTTPS), Tollway's gRPC port (mTLS; only Envoy's certificate
+    is accepted) and Envoy's connection to it. envoy.tls, server.tls or
+    envoy.extproc_client_tls set as well win over what it would set."""
+
+    dir: Path
 
 
 class ExtprocClientTLS(_Model):
@@ -551,6 +576,37 @@ class Config(_Model):
     # blocks that a key (its `redaction` name) or a tenant selects instead.
     redaction: RedactionConfig | None = None
     redaction_policies: dict[str, RedactionConfig] = Field(default_factory=dict)
+    tls: TLSDir | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_from_dir(cls, data: Any) -> Any:
+        tls = data.get("tls") if isinstance(data, dict) else None
+        folder = tls.get("dir") if isinstance(tls, dict) else getattr(tls, "dir", None)
+        if folder is None:
+            return data
+        from .certs import CA, ENVOY_CLIENT, ENVOY_NAME, FRONT_DOOR, TOLLWAY, files
+
+        folder = Path(folder)
+        ca = files(folder, CA).cert
+        front, tollway, client = (files(folder, s) for s in (FRONT_DOOR, TOLLWAY, ENVOY_CLIENT))
+        server, envoy = _as_dict(data.get("server")), _as_dict(data.get("envoy"))
+        defaults = (
+            (server, "tls", {
+                "cert_file": tollway.cert,
+                "key_file": tollway.key,
+                "client_ca_file": ca,
+                "client_sans": [ENVOY_NAME],
+            }),
+            (envoy, "tls", {"cert_file": front.cert, "key_file": front.key}),
+            (envoy, "extproc_client_tls", {
+                "ca_file": ca, "cert_file": client.cert, "key_file": client.key,
+            }),
+        )  # fmt: skip
+        for section, name, value in defaults:
+            if section.get(name) is None:
+                section[name] = value
+        return {**data, "server": server, "envoy": envoy}
 
     @field_validator("limits")
     @classmethod

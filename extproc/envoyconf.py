@@ -242,7 +242,10 @@ def _downstream_tls(files: TLSFiles) -> dict[str, Any]:
                 "private_key": {"filename": str(files.key_file)},
             }
         ],
-        "tls_params": {"tls_maximum_protocol_version": "TLSv1_3"},
+        "tls_params": {
+            "tls_minimum_protocol_version": "TLSv1_2",
+            "tls_maximum_protocol_version": "TLSv1_3",
+        },
     }
     if files.client_ca_file is not None:
         common["validation_context"] = {"trusted_ca": {"filename": str(files.client_ca_file)}}
@@ -359,7 +362,10 @@ def _extproc_tls(config: Config, host: str) -> dict[str, Any]:
     san_type = "IP_ADDRESS" if _is_ip(name) else "DNS"
     common: dict[str, Any] = {
         "alpn_protocols": ["h2"],
-        "tls_params": {"tls_maximum_protocol_version": "TLSv1_3"},
+        "tls_params": {  # (Tollway's port accepts TLS 1.3 only)
+            "tls_minimum_protocol_version": "TLSv1_3",
+            "tls_maximum_protocol_version": "TLSv1_3",
+        },
         "validation_context": {
             "trusted_ca": {"filename": str(client.ca_file)},
             "match_typed_subject_alt_names": [{"san_type": san_type, "matcher": {"exact": name}}],

@@ -25,11 +25,24 @@ log = logging.getLogger("tollway")
 
 
 class _Servicer(extproc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, new_processor: Callable[[], Processor], abandoned: Abandoned) -> None:
+    def __init__(
+        self,
+        new_processor: Callable[[], Processor],
+        abandoned: Abandoned,
+        client_sans: frozenset[str],
+    ) -> None:
         self.new_processor = new_processor
         self.abandoned = abandoned
+        self.client_sans = client_sans
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        if self.client_sans:
+            # grpc checks the CA only; the name is checked per stream (grpcio cannot
+            # refuse the connection itself, as the h2 transport does).
+            names = context.auth_context().get("x509_subject_alternative_name", [])
+            if not {n.decode() for n in names} & self.client_sans:
+                log.warning("refused a client certificate for %s", b", ".join(names).decode())
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate refused")
         processor = self.new_processor()
         pending: asyncio.Future[ProcessingResponse | None] | None = None
         # Envoy resets the stream when the request ends: the read (or the wait for a
@@ -67,6 +80,7 @@ class GrpcioServer:
         services: tuple[str, ...],
         max_message_bytes: int,
         credentials: grpc.ServerCredentials | None = None,
+        client_sans: frozenset[str] = frozenset(),
     ) -> None:
         self.server = grpc.aio.server(
             options=[
@@ -80,7 +94,7 @@ class GrpcioServer:
             ]
         )
         self.abandoned = Abandoned()  # reset while a reply was pending
-        servicer = _Servicer(new_processor, self.abandoned)
+        servicer = _Servicer(new_processor, self.abandoned, client_sans)
         extproc_grpc.add_ExternalProcessorServicer_to_server(servicer, self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -27,7 +27,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 from urllib.parse import quote
 
 import h2.config
@@ -115,6 +115,14 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        wanted = self.server.client_sans
+        if wanted:
+            names = peer_sans(transport.get_extra_info("peercert"))
+            if not names & wanted:
+                # Signed by the CA, but not Envoy's: another workload's certificate.
+                log.warning("refused a client certificate for %s", ", ".join(sorted(names)))
+                self.transport.abort()
+                return
         self.server.connections.add(self)
         self.h2.local_settings = h2.settings.Settings(
             client=False,
@@ -430,8 +438,10 @@ class H2Server:
         services: tuple[str, ...],
         max_message_bytes: int,
         ssl_context: ssl.SSLContext | None = None,
+        client_sans: frozenset[str] = frozenset(),
     ) -> None:
         self.new_processor = new_processor
+        self.client_sans = client_sans  # with mTLS: a client certificate must name one
         self.services = frozenset(services)  # the names health checks may ask about
         self.serving = False
         self.max_message_bytes = max_message_bytes
@@ -492,12 +502,20 @@ class H2Server:
 def server_ssl_context(
     cert_file: Path, key_file: Path, client_ca_file: Path | None
 ) -> ssl.SSLContext:
-    """TLS for the gRPC port: HTTP/2 by ALPN, client certificates required with a CA (mTLS)."""
+    """TLS for the gRPC port: TLS 1.3 (only Envoy connects, and it speaks 1.3), HTTP/2
+    by ALPN, client certificates required with a CA (mTLS)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.load_cert_chain(cert_file, key_file)
     context.set_alpn_protocols(["h2"])
     if client_ca_file is not None:
         context.load_verify_locations(client_ca_file)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def peer_sans(peercert: Any) -> set[str]:
+    """The names in a peer certificate's subjectAltName (as ``getpeercert()`` gives it)."""
+    if not peercert:
+        return set()
+    return {str(value) for _, value in peercert.get("subjectAltName", ())}

@@ -82,9 +82,11 @@ def _transport(config: Config, ready: Preflight) -> Transport:
         return StreamProcessor(ready.runtime.pipeline, ready.runtime.metrics)
 
     limit = config.max_body_bytes + 1024 * 1024  # the body plus headers and framing
+    tls = config.server.tls
+    sans = frozenset(tls.client_sans if tls is not None else ())
     if config.server.transport == "grpcio":
-        return GrpcioServer(new_processor, _HEALTH_SERVICES, limit, ready.grpc_credentials)
-    return H2Server(new_processor, _HEALTH_SERVICES, limit, ready.ssl_context)
+        return GrpcioServer(new_processor, _HEALTH_SERVICES, limit, ready.grpc_credentials, sans)
+    return H2Server(new_processor, _HEALTH_SERVICES, limit, ready.ssl_context, sans)
 
 
 async def _watch_files(runtime: Runtime, interval: float) -> None:

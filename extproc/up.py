@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from . import envoyconf, keys
+from . import certs, envoyconf, keys
 from .config import Config, Credential, RedactionConfig, Upstream, replicas_need_shared_store
 
 DEMO_PROVIDER_KEY = "sk-demo-provider-key"
@@ -98,9 +99,9 @@ def spawn(
         )
 
 
-def _get(url: str, timeout: float = 1.0) -> tuple[int, str]:
+def _get(url: str, timeout: float = 1.0, context: ssl.SSLContext | None = None) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, ""
@@ -203,7 +204,20 @@ class Gateway:
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.envoy.address}:{self.config.envoy.port}"
+        scheme = "https" if self.config.envoy.tls is not None else "http"
+        return f"{scheme}://{self.config.envoy.address}:{self.config.envoy.port}"
+
+    def front_door_context(self) -> ssl.SSLContext | None:
+        """How to reach the front door: trusting `tls.dir`'s CA; with a certificate
+        of the user's own (envoy.tls), unverified, since this only checks that our
+        own Envoy on this host answers."""
+        if self.config.envoy.tls is None:
+            return None
+        if self.config.tls is not None:
+            return ssl.create_default_context(
+                cafile=certs.files(self.config.tls.dir, certs.CA).cert
+            )
+        return ssl._create_unverified_context()  # noqa: S323
 
     def launch(self, name: str, argv: list[str], env: dict[str, str], log: Path | None) -> None:
         proc = spawn(argv, env=env, log=log)
@@ -317,7 +331,7 @@ def start(
             gateway.procs,
         )
         wait_until(
-            lambda: _get(f"{gateway.url}/healthz")[0] == 200,
+            lambda: _get(f"{gateway.url}/healthz", context=gateway.front_door_context())[0] == 200,
             timeout,
             "front door /healthz",
             gateway.procs,
@@ -394,6 +408,18 @@ class Supervisor:
 DEMO_LIMITS = keys.KeyLimits(rpm=30, budget_usd=Decimal("0.05"), budget_period="day")
 
 
+def tls_files(directory: Path) -> list[Path]:
+    """What `tollway up --tls` needs from `tollway certs --dir DIRECTORY`."""
+    pairs = [
+        certs.files(directory, stem)
+        for stem in (certs.FRONT_DOOR, certs.TOLLWAY, certs.ENVOY_CLIENT)
+    ]
+    return [
+        certs.files(directory, certs.CA).cert,
+        *(p for pair in pairs for p in (pair.cert, pair.key)),
+    ]
+
+
 def _demo_key(keys_file: Path, limits: keys.KeyLimits) -> str:
     """A fresh key named ``demo`` in ``keys_file``; earlier demo keys are revoked by id."""
     old = [r.id for r in keys.read_records(keys_file) if r.name == "demo" and r.revoked is None]
@@ -438,12 +464,30 @@ def _banner(
     key = demo_key or "<your tollway key>"
     shown = f'"{key}"'
     demo_line = f"  demo key    {demo_key}\n" if demo_key else ""
+    curl, clients = (
+        "curl -s",
+        """  openai      openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
+  anthropic   anthropic.Anthropic(base_url=url, api_key=KEY)
+  google-genai genai.Client(api_key=KEY, http_options={"base_url": url})
+""",
+    )
+    if cfg.tls is not None:
+        ca = certs.files(cfg.tls.dir, certs.CA).cert
+        curl = f"curl -s --cacert {ca}"
+        clients = f"""  (import ssl; ca = ssl.create_default_context(cafile="{ca}"))
+  openai      openai.OpenAI(base_url=f"{{url}}/v1", api_key=KEY,
+                            http_client=openai.DefaultHttpxClient(verify=ca))
+  anthropic   anthropic.Anthropic(base_url=url, api_key=KEY,
+                                  http_client=anthropic.DefaultHttpxClient(verify=ca))
+  google-genai genai.Client(api_key=KEY, http_options={{"base_url": url,
+                            "client_args": {{"verify": ca}}}})
+"""
     echo = ""
     if demo_key and cfg.redaction is not None:
         prompt = "Refund card 4111 1111 1111 1111 for jane.doe@example.com"
         echo = f"""
 Redaction (`x-demo-echo: 1`: the demo upstream answers with the prompt it got):
-  curl -s {url}/v1/chat/completions -H 'authorization: Bearer {key}' \\
+  {curl} {url}/v1/chat/completions -H 'authorization: Bearer {key}' \\
     -H 'content-type: application/json' -H 'x-demo-echo: 1' \\
     -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "{prompt}"}}]}}'
 """
@@ -461,13 +505,11 @@ Tollway is up.
 {_replica_lines(gateway)}  envoy admin http://{cfg.envoy.admin_address}:{cfg.envoy.admin_port}
 
 Clients (url = "{url}", KEY = {shown}):
-  openai      openai.OpenAI(base_url=f"{{url}}/v1", api_key=KEY)
-  anthropic   anthropic.Anthropic(base_url=url, api_key=KEY)
-  google-genai genai.Client(api_key=KEY, http_options={{"base_url": url}})
-  One provider per base URL, never ambiguous: {{url}}/openai/v1, {{url}}/anthropic, {{url}}/gemini
+{clients}  One provider per base URL, never ambiguous:
+              {{url}}/openai/v1, {{url}}/anthropic, {{url}}/gemini
 
 Try it:
-  curl -s {url}/v1/chat/completions -H 'authorization: Bearer {key}' \\
+  {curl} {url}/v1/chat/completions -H 'authorization: Bearer {key}' \\
     -H 'content-type: application/json' \\
     -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Hello"}}]}}'
 {echo}

@@ -83,3 +83,18 @@ def test_the_first_command_serves_a_chat_completion_and_stops_cleanly(
         assert "Traceback" not in run.stderr(), run.stderr()
     finally:
         run.kill()
+
+
+def test_certs_and_an_https_front_door_need_no_test_extra(fresh_venv: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    tollway = str(fresh_venv / "bin/tollway")
+    made = subprocess.run(
+        [tollway, "certs"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert made.returncode == 0, made.stderr
+    run = UpRun([tollway, "up", "--demo", "--tls", "--port", "0"], tmp_path, env)
+    try:
+        run.wait_banner(timeout=120)
+        assert run.url.startswith("https://"), run.stdout()
+    finally:
+        run.kill()

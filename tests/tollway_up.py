@@ -73,7 +73,7 @@ class UpRun:
             "the banner of tollway up",
         )
         out = self.stdout()
-        url = re.search(r"front door\s+(http://\S+)", out)
+        url = re.search(r"front door\s+(https?://\S+)", out)
         keys_file = re.search(r"keys file\s+(\S+)", out)
         assert url and keys_file, f"no banner; stdout:\n{out}\nstderr:\n{self.stderr()}"
         key = re.search(r"demo key\s+(tw_\S+)", out)
