@@ -470,3 +470,25 @@ def test_a_policy_may_use_the_main_blocks_hash_key(tmp_path: Path) -> None:
 def test_a_route_can_turn_redaction_off(tmp_path: Path) -> None:
     text = "upstreams: {local: {url: 'http://127.0.0.1:8000', redaction: false}}\n"
     assert config.load(write(tmp_path, text), environ={}).upstreams["local"].redaction is False
+
+
+def test_a_tls_dir_sets_every_side_and_what_is_written_out_wins(tmp_path: Path) -> None:
+    (tmp_path / "tollway.yaml").write_text(
+        "tls: {dir: certs}\nenvoy: {tls: {cert_file: /etc/mine.pem, key_file: /etc/mine-key.pem}}\n"
+    )
+    cfg = config.load(tmp_path / "tollway.yaml", environ={})
+    certs = tmp_path / "certs"
+    assert cfg.server.tls is not None and cfg.envoy.extproc_client_tls is not None
+    assert cfg.server.tls.cert_file == certs / "tollway.pem"
+    assert cfg.server.tls.client_ca_file == certs / "ca.pem"
+    assert cfg.server.tls.client_sans == ("envoy",)
+    assert cfg.envoy.extproc_client_tls.cert_file == certs / "envoy-client.pem"
+    assert cfg.envoy.tls is not None and cfg.envoy.tls.cert_file == Path("/etc/mine.pem")
+    # --tls on the command line does the same to a loaded config
+    again = config.override(config.load(None, environ={}), {"tls": {"dir": certs}}, "--tls")
+    assert again.envoy.tls is not None and again.envoy.tls.key_file == certs / "front-door-key.pem"
+
+
+def test_client_sans_need_client_certificates() -> None:
+    with pytest.raises(ValidationError, match="client_sans needs client_ca_file"):
+        config.TLSFiles(cert_file=Path("a"), key_file=Path("b"), client_sans=("envoy",))
