@@ -158,6 +158,14 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     limits = keys.KeyLimits(**_limit_changes(args))
     if args.redaction is not None:
         _known_policy(args, args.redaction)
+    roles = [r.strip() for r in (args.roles or "").split(",") if r.strip()]
+    if roles:
+        known = _load(args.config).roles
+        unknown = [r for r in roles if r not in known]
+        if unknown:
+            raise ValueError(
+                f"--roles: {', '.join(unknown)} not in roles ({', '.join(known) or 'none'})"
+            )
     key, record = keys.generate(
         name=args.name,
         tenant=args.tenant,
@@ -165,6 +173,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         expires=expires,
         limits=limits,
         redaction=args.redaction,
+        roles=roles,
     )
     path = _keys_file(args)
     same_name = [r.id for r in keys.read_records(path) if r.name == args.name and r.active()]
@@ -575,6 +584,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--expires", help="expiry: YYYY-MM-DD (end of day UTC) or ISO 8601 time")
     _limit_options(s, "")
     s.add_argument("--redaction", metavar="POLICY", help="a policy of redaction_policies")
+    s.add_argument(
+        "--roles", metavar="ROLE,...", help="roles of the config's roles: what it may do"
+    )
     s.set_defaults(func=cmd_keys_create)
     s = keys_parser("list", "list keys (ids, names, states; never secrets)")
     s.set_defaults(func=cmd_keys_list)

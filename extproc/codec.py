@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import orjson
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
@@ -15,10 +16,12 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     HeadersResponse,
     HttpHeaders,
     ImmediateResponse,
+    ProcessingRequest,
     ProcessingResponse,
     TrailersResponse,
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.json_format import MessageToDict
 
 from .decisions import BodyMode, Deny, Phase
 from .error_shapes import error_document
@@ -26,6 +29,8 @@ from .exchange import Exchange, MetadataValue
 from .kinds import Dialect
 
 METADATA_NAMESPACE = "tollway"
+JWT_NAMESPACE = "envoy.filters.http.jwt_authn"  # (envoyconf forwards it with identity.jwt)
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"  # request_attributes arrive under this
 # Metadata strings may come from clients (a model name): each is cut to this many
 # characters and marked, so that one request cannot write a megabyte into the access log.
 METADATA_MAX_CHARS = 256
@@ -59,6 +64,24 @@ def decode_headers(message: HttpHeaders) -> tuple[dict[str, str], frozenset[str]
         else:
             headers[name] = value
     return headers, frozenset(repeated)
+
+
+def decode_identity(request: ProcessingRequest) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """What Envoy established about the caller: jwt_authn's metadata (verified claims
+    by provider, or why a token failed) and the front-door client certificate's SANs."""
+    jwt: dict[str, Any] = {}
+    if request.HasField("metadata_context"):
+        found = request.metadata_context.filter_metadata.get(JWT_NAMESPACE)
+        if found is not None:
+            jwt = MessageToDict(found)
+    names: tuple[str, ...] = ()
+    if request.attributes:
+        attributes = request.attributes.get(ATTRIBUTES_KEY)
+        if attributes is not None:
+            names = tuple(
+                value.string_value for value in attributes.fields.values() if value.string_value
+            )
+    return jwt, names
 
 
 @cache

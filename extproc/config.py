@@ -189,6 +189,9 @@ class Upstream(_Model):
     credential: Credential | None = None
     # Turning auth off must be explicit: such a route needs no Tollway key.
     auth: bool = True
+    # Who may call it: a Tollway key, a JWT Envoy verified (identity.jwt), a front-door
+    # client certificate (identity.certs); tried in this order: jwt, key, cert.
+    identities: tuple[Literal["key", "jwt", "cert"], ...] = ("key",)
     # False: prompts to this upstream are not redacted, whatever the key's policy
     # (e.g. a model served in-house).
     redaction: bool = True
@@ -562,6 +565,71 @@ class StoreConfig(_Model):
     persist_every_s: float = Field(5.0, gt=0)
 
 
+class ClaimNames(_Model):
+    """Which claims of a verified JWT say who the caller is (dots reach into objects)."""
+
+    user: str = "sub"
+    tenant: str | None = None
+    roles: str | None = None  # a list of names, or one string of names with spaces
+
+
+class JwtProvider(_Model):
+    """A token issuer whose JWTs Envoy verifies (jwt_authn); Tollway reads the claims."""
+
+    issuer: str
+    audiences: tuple[str, ...] = Field(min_length=1)  # one must be in the token's aud
+    jwks_file: Path | None = None  # the issuer's public keys, or:
+    jwks_uri: str | None = None  # fetched by Envoy, and cached for jwks_cache_s
+    jwks_cache_s: int = Field(600, ge=1)
+    clock_skew_s: int = Field(60, ge=0)  # allowed for exp and nbf
+    claims: ClaimNames = Field(default_factory=ClaimNames)
+
+    @model_validator(mode="after")
+    def _one_jwks(self) -> JwtProvider:
+        if (self.jwks_file is None) == (self.jwks_uri is None):
+            raise ValueError("set exactly one of jwks_file and jwks_uri")
+        if self.jwks_uri is not None:
+            parts = urlsplit(self.jwks_uri)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("jwks_uri: must be an http:// or https:// URL")
+        return self
+
+
+class CertIdentity(_Model):
+    """Who a front-door client certificate's SAN is."""
+
+    tenant: str = ""
+    user: str | None = None  # default: the SAN itself
+    roles: tuple[str, ...] = ()
+
+
+class IdentityConfig(_Model):
+    """Identities beyond Tollway keys, for routes that accept them (upstreams.X.identities)."""
+
+    jwt: dict[str, JwtProvider] = Field(default_factory=dict)
+    # By the URI or DNS SAN of a certificate envoy.tls.client_ca_file signed.
+    certs: dict[str, CertIdentity] = Field(default_factory=dict)
+
+
+class RoleLimits(_Model):
+    """A role's limits for each identity that has it, as a key's own (tollway keys limits)."""
+
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    concurrency: int | None = Field(None, ge=1)
+    budget_usd: Decimal | None = Field(None, gt=0)
+    budget_period: Literal["day", "month"] | None = None
+
+
+class Role(_Model):
+    """What an identity with this role may do."""
+
+    models: tuple[str, ...] = ()  # * wildcards; empty: every model
+    routes: tuple[str, ...] = ()  # upstream names; empty: every route
+    limits: RoleLimits | None = None
+    redaction: str | None = None  # a policy of redaction_policies
+
+
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -577,6 +645,32 @@ class Config(_Model):
     redaction: RedactionConfig | None = None
     redaction_policies: dict[str, RedactionConfig] = Field(default_factory=dict)
     tls: TLSDir | None = None
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    roles: dict[str, Role] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_identity(self) -> Config:
+        for name, role in self.roles.items():
+            for route in role.routes:
+                if route not in self.upstreams:
+                    raise ValueError(f"roles.{name}.routes: no upstream {route!r}")
+            if role.redaction is not None and role.redaction not in self.redaction_policies:
+                raise ValueError(f"roles.{name}.redaction: no policy {role.redaction!r}")
+        for san, who in self.identity.certs.items():
+            unknown = [r for r in who.roles if r not in self.roles]
+            if unknown:
+                raise ValueError(f"identity.certs.{san}.roles: no role {unknown[0]!r}")
+        for name, upstream in self.upstreams.items():
+            if "jwt" in upstream.identities and not self.identity.jwt:
+                raise ValueError(f"upstreams.{name}.identities: jwt needs identity.jwt")
+            if "cert" in upstream.identities:
+                tls = self.envoy.tls
+                if not self.identity.certs or tls is None or tls.client_ca_file is None:
+                    raise ValueError(
+                        f"upstreams.{name}.identities: cert needs identity.certs and "
+                        "envoy.tls.client_ca_file"
+                    )
+        return self
 
     @model_validator(mode="before")
     @classmethod

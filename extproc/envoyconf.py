@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .codec import JWT_NAMESPACE
 from .config import Config, ConfigError, TLSFiles, Upstream
 from .error_shapes import error_document
 from .kinds import Dialect
@@ -232,7 +233,7 @@ def _local_reply_config(config: Config) -> dict[str, Any]:
     return {"mappers": mappers}
 
 
-def _downstream_tls(files: TLSFiles) -> dict[str, Any]:
+def _downstream_tls(files: TLSFiles, required: bool = True) -> dict[str, Any]:
     """Clients to Envoy; with client_ca_file, clients must present a certificate."""
     common: dict[str, Any] = {
         "alpn_protocols": ["h2", "http/1.1"],
@@ -254,7 +255,7 @@ def _downstream_tls(files: TLSFiles) -> dict[str, Any]:
         "typed_config": {
             "@type": f"{_T}extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             "common_tls_context": common,
-            "require_client_certificate": files.client_ca_file is not None,
+            "require_client_certificate": required and files.client_ca_file is not None,
         },
     }
 
@@ -396,12 +397,16 @@ def _is_ip(name: str) -> bool:
 
 
 def _upstream_cluster(name: str, upstream: Upstream) -> dict[str, Any]:
+    return _dns_cluster(f"upstream_{name}", upstream)
+
+
+def _dns_cluster(name: str, upstream: Upstream) -> dict[str, Any]:
     cluster: dict[str, Any] = {
-        "name": f"upstream_{name}",
+        "name": name,
         "type": "LOGICAL_DNS",
         "dns_lookup_family": "V4_PREFERRED",
         "connect_timeout": "5s",
-        "load_assignment": _endpoints(f"upstream_{name}", upstream.host, [upstream.port]),
+        "load_assignment": _endpoints(name, upstream.host, [upstream.port]),
     }
     if upstream.tls:
         cluster["transport_socket"] = {
@@ -533,8 +538,90 @@ def _routes(config: Config) -> list[dict[str, Any]]:
     return routes
 
 
-def _http_filters(config: Config) -> list[dict[str, Any]]:
+# Envoy's attributes of a front-door client certificate (first URI and DNS SAN).
+CERT_ATTRIBUTES = ("connection.uri_san_peer_certificate", "connection.dns_san_peer_certificate")
+# Where SDKs put what they are given as an API key: a JWT may come in any of them.
+_TOKEN_HEADERS = (("authorization", "Bearer "), ("x-api-key", ""), ("api-key", ""),
+                  ("x-goog-api-key", ""))  # fmt: skip
+
+
+def failed_key(provider: str) -> str:
+    """Where jwt_authn writes why a provider's token failed (Tollway answers the 401)."""
+    return f"failed:{provider}"
+
+
+def _jwks_cluster(provider: str) -> str:
+    return f"jwks_{provider}"
+
+
+def _jwt_authn(config: Config) -> dict[str, Any]:
+    """Envoy verifies JWTs (signature, issuer, audience, times) and hands the claims,
+    or why they failed, to Tollway as metadata. A request without a token, or with a
+    Tollway key instead, passes: Tollway decides per route what it needs."""
+    providers: dict[str, Any] = {}
+    for name, jwt in config.identity.jwt.items():
+        provider: dict[str, Any] = {
+            "issuer": jwt.issuer,
+            "audiences": list(jwt.audiences),
+            "clock_skew_seconds": jwt.clock_skew_s,
+            "from_headers": [
+                {"name": header, "value_prefix": prefix} for header, prefix in _TOKEN_HEADERS
+            ],
+            "from_params": [],  # (not ?access_token=: URLs end up in logs)
+            "forward": False,  # the IdP's token does not go to the model provider
+            "payload_in_metadata": name,
+            "failed_status_in_metadata": failed_key(name),
+        }
+        if jwt.jwks_file is not None:
+            provider["local_jwks"] = {"filename": str(jwt.jwks_file)}
+        else:
+            provider["remote_jwks"] = {
+                "http_uri": {
+                    "uri": jwt.jwks_uri,
+                    "cluster": _jwks_cluster(name),
+                    "timeout": "5s",
+                },
+                "cache_duration": f"{jwt.jwks_cache_s}s",
+                "async_fetch": {},  # fetched at start and on expiry, not by a request
+                "retry_policy": {"num_retries": 3},
+            }
+        providers[name] = provider
+    anyone = [{"provider_name": name} for name in providers]
+    return {
+        "name": JWT_NAMESPACE,
+        "typed_config": {
+            "@type": f"{_T}extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": providers,
+            "rules": [
+                {
+                    "match": {"prefix": "/"},
+                    "requires": {
+                        "requires_any": {"requirements": [*anyone, {"allow_missing_or_failed": {}}]}
+                    },
+                }
+            ],
+        },
+    }
+
+
+def _jwks_clusters(config: Config) -> list[dict[str, Any]]:
+    """Where Envoy fetches each remote JWKS from (over TLS for https://)."""
     return [
+        _dns_cluster(_jwks_cluster(name), Upstream(url=jwt.jwks_uri))
+        for name, jwt in config.identity.jwt.items()
+        if jwt.jwks_uri is not None
+    ]
+
+
+def _http_filters(config: Config) -> list[dict[str, Any]]:
+    metadata: dict[str, Any] = {"receiving_namespaces": {"untyped": ["tollway"]}}
+    if config.identity.jwt:
+        metadata["forwarding_namespaces"] = {"untyped": [JWT_NAMESPACE]}
+    extproc_extra: dict[str, Any] = {}
+    if config.identity.certs:
+        extproc_extra["request_attributes"] = list(CERT_ATTRIBUTES)
+    return [
+        *([_jwt_authn(config)] if config.identity.jwt else []),
         {
             # Before ext_proc: 413 on HTTP/1.1 and HTTP/2 alike.
             "name": "envoy.filters.http.body_size_limit",
@@ -569,7 +656,8 @@ def _http_filters(config: Config) -> list[dict[str, Any]]:
                     "request_trailer_mode": "SKIP",
                     "response_trailer_mode": "SKIP",
                 },
-                "metadata_options": {"receiving_namespaces": {"untyped": ["tollway"]}},
+                "metadata_options": metadata,
+                **extproc_extra,
             },
         },
         {
@@ -626,7 +714,10 @@ def render(config: Config, extproc_ports: Sequence[int] | None = None) -> dict[s
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
     }
     if envoy.tls is not None:
-        chain["transport_socket"] = _downstream_tls(envoy.tls)
+        # With identity.certs a certificate is one way in among others: asked for and
+        # checked when sent, not required.
+        required = not config.identity.certs
+        chain["transport_socket"] = _downstream_tls(envoy.tls, required)
     return {
         "admin": {
             "address": {
@@ -648,6 +739,7 @@ def render(config: Config, extproc_ports: Sequence[int] | None = None) -> dict[s
             "clusters": [
                 _extproc_cluster(config, extproc_ports or replica_ports(config)),
                 *(_upstream_cluster(name, up) for name, up in config.upstreams.items()),
+                *_jwks_clusters(config),
             ],
         },
     }

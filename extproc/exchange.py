@@ -29,6 +29,10 @@ class Exchange:
     call: Call | None  # the route and what the request calls there; None: no route
     now: float  # wall clock, seconds since the epoch
     identity: KeyRecord | None = None
+    # What Envoy verified: jwt_authn's claims (by provider) or why a token failed
+    # ("failed:PROVIDER"), and the SANs of a front-door client certificate.
+    jwt: dict[str, Any] = field(default_factory=dict)
+    peer_names: tuple[str, ...] = ()
     # Edits for the upstream request, applied by the codec.
     set_headers: dict[str, str] = field(default_factory=dict)
     remove_headers: set[str] = field(default_factory=set)

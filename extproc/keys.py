@@ -151,6 +151,10 @@ class KeyRecord:
     revoked: datetime | None = None
     limits: KeyLimits = NO_LIMITS
     redaction: str | None = None  # a policy of redaction_policies, over the tenant's
+    roles: tuple[str, ...] = ()  # names in the config's roles: what the key may do
+    # A key of the keys file, or an identity Envoy verified that Tollway made a record
+    # of for the request (stages/auth.py): a JWT's claims, a client certificate.
+    kind: Literal["key", "jwt", "cert"] = "key"
     _model_re: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     def allows_model(self, model: str) -> bool:
@@ -166,7 +170,7 @@ class KeyRecord:
         return self.revoked is None and (self.expires is None or self.expires > moment)
 
 
-def _compile_models(models: Sequence[str]) -> re.Pattern[str] | None:
+def compile_models(models: Sequence[str]) -> re.Pattern[str] | None:
     if not models:
         return None
     # fnmatch patterns become plain alternations of literals and ".*": linear.
@@ -185,6 +189,8 @@ def make_record(
     revoked: datetime | None = None,
     limits: KeyLimits = NO_LIMITS,
     redaction: str | None = None,
+    roles: Sequence[str] = (),
+    kind: Literal["key", "jwt", "cert"] = "key",
 ) -> KeyRecord:
     return KeyRecord(
         id=key_id,
@@ -197,7 +203,9 @@ def make_record(
         revoked=revoked,
         limits=limits,
         redaction=redaction,
-        _model_re=_compile_models(models),
+        roles=tuple(roles),
+        kind=kind,
+        _model_re=compile_models(models),
     )
 
 
@@ -213,6 +221,7 @@ def generate(
     expires: datetime | None = None,
     limits: KeyLimits = NO_LIMITS,
     redaction: str | None = None,
+    roles: Sequence[str] = (),
     now: datetime | None = None,
 ) -> tuple[str, KeyRecord]:
     """A new key and its record; the key itself is shown once and never stored."""
@@ -232,6 +241,7 @@ def generate(
         expires=expires,
         limits=limits,
         redaction=check_policy_name(redaction),
+        roles=[check_policy_name(r) or "" for r in roles],
     )
     return key, record
 
@@ -299,6 +309,8 @@ def _to_yaml(record: KeyRecord) -> dict[str, Any]:
         item["limits"] = _limits_to_yaml(record.limits)
     if record.redaction is not None:
         item["redaction"] = record.redaction
+    if record.roles:
+        item["roles"] = list(record.roles)
     return item
 
 
@@ -377,6 +389,11 @@ def _from_yaml(item: Any, where: str) -> KeyRecord:
     redaction = item.get("redaction")
     if redaction is not None and not (isinstance(redaction, str) and _NAME_RE.fullmatch(redaction)):
         raise KeysFileError(f"{where}.redaction: must be a policy name")
+    roles = item.get("roles") or []
+    if not isinstance(roles, list) or not all(
+        isinstance(r, str) and _NAME_RE.fullmatch(r) for r in roles
+    ):
+        raise KeysFileError(f"{where}.roles: must be a list of role names")
     return make_record(
         key_id=key_id,
         name=str(item["name"]),
@@ -389,6 +406,7 @@ def _from_yaml(item: Any, where: str) -> KeyRecord:
         # The id, not only the index: the operator fixes a key they know by id.
         limits=_limits_from_yaml(item.get("limits"), f"{where} (key {key_id}): limits"),
         redaction=redaction,
+        roles=roles,
     )
 
 

@@ -114,9 +114,11 @@ class StreamProcessor:
     def _request_headers(self, request: ProcessingRequest) -> Reply:
         message = request.request_headers
         headers, repeated = codec.decode_headers(message)
+        jwt, peer_names = codec.decode_identity(request)
         run = self._run = self._pipeline.start(
             headers.get(":method", ""), headers.get(":path", ""), headers, repeated
         )
+        run.ex.jwt, run.ex.peer_names = jwt, peer_names
         ended = message.end_of_stream
         decision = run.request_headers(ended)
         if isinstance(decision, Phase | Deny):  # decided now (checked first: an ABC check is slow)

@@ -19,6 +19,7 @@ from typing import Any
 from . import keys
 from .config import Config
 from .headroom import HeaderLimits
+from .identities import Identities, Roles
 from .limits.backend import open_quota
 from .limits.quota import Keys
 from .limits.rules import RuleSet
@@ -69,7 +70,9 @@ class Runtime:
         self._stamps: dict[Path, Stamp] = {}
         keys_file = config.auth.keys_file
         self._stamps[keys_file] = _stamp(keys_file)
-        self.auth = AuthStage(keys.KeyRing(keys.read_records(keys_file)))  # errors are fatal here
+        identities = Identities(config.identity, Roles(config.roles))
+        ring = keys.KeyRing(keys.read_records(keys_file))  # errors are fatal here
+        self.auth = AuthStage(ring, identities)
         if not len(self.auth.keys):
             log.warning("no API keys in %s yet: create one with `tollway keys create`", keys_file)
         self._count_keys()

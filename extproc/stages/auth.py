@@ -1,15 +1,19 @@
-"""Authenticate the caller with a Tollway key and enforce its model allowlist."""
+"""Authenticate the caller (a Tollway key, a JWT or a client certificate Envoy
+verified) and enforce what it may reach: its roles' routes and models, and a
+key's own model allowlist."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from urllib.parse import parse_qsl
 
 from .. import named_models
-from ..config import CREDENTIAL_HEADERS
+from ..config import CREDENTIAL_HEADERS, IdentityConfig
 from ..decisions import Deny, Phase, bad_request, forbidden, unauthorized
 from ..exchange import BodyError, Exchange
-from ..keys import KeyRecord, KeyRing
+from ..identities import Identities, Roles
+from ..keys import NO_LIMITS, PREFIX, KeyRecord, KeyRing
 from . import Flow
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -65,25 +69,107 @@ def presented_key(ex: Exchange) -> str | Deny | None:
     return found or (in_query[0] if in_query else None)
 
 
-def _model_denied(model: str) -> Deny:
-    return forbidden("model_not_allowed", f"This API key may not use the model '{model}'.")
+_NOUNS = {"key": "API key", "jwt": "token", "cert": "client certificate"}
+
+
+def _model_denied(access: _Access, model: str) -> Deny:
+    noun = _NOUNS[access.record.kind]
+    return forbidden("model_not_allowed", f"This {noun} may not use the model '{model}'.")
+
+
+def _token_failed(reason: str) -> Deny:
+    # Envoy's reason (expired, issuer, audience, signature): no secret in it.
+    return unauthorized("invalid_token", f"The token was not accepted: {reason}.")
+
+
+class _Access:
+    """What one request's identity may do on its route: the record's own allowlist
+    and, when it has roles, the models of the roles that grant the route."""
+
+    __slots__ = ("record", "role_models")
+
+    def __init__(
+        self, record: KeyRecord, role_models: tuple[re.Pattern[str] | None, ...] | None
+    ) -> None:
+        self.record = record
+        self.role_models = role_models  # None: the identity has no roles
+
+    @property
+    def restricts_models(self) -> bool:
+        roles = self.role_models
+        return self.record.restricts_models or (roles is not None and None not in roles)
+
+    def allows_model(self, model: str) -> bool:
+        if not self.record.allows_model(model):
+            return False
+        roles = self.role_models
+        return roles is None or any(p is None or p.fullmatch(model) for p in roles)
 
 
 class AuthStage:
-    """Routes with ``auth: false`` pass without a key; all others need one."""
+    """Routes with ``auth: false`` pass without an identity; all others need one of
+    those their upstream accepts (``identities``), tried in the order jwt, key, cert."""
 
-    def __init__(self, keys: KeyRing) -> None:
+    def __init__(self, keys: KeyRing, identities: Identities | None = None) -> None:
         self.keys = keys  # replaced whole when the keys file changes
+        self.identities = identities or Identities(IdentityConfig(), Roles({}))
+        self.roles = self.identities.roles
 
     def start(self, ex: Exchange) -> Flow | Deny | None:
-        if ex.route is not None and not ex.route.upstream.auth:
+        route = ex.route
+        if route is not None and not route.upstream.auth:
             ex.metadata["auth"] = "disabled"
             return None
-        key = presented_key(ex)
-        if key is None:
-            return _MISSING
+        accepts = route.upstream.identities if route is not None else ("key",)
+        found = self._identify(ex, accepts)
+        if isinstance(found, Deny):
+            return found
+        record = found
+        ex.identity = record
+        ex.metadata["tenant"] = record.tenant
+        ex.metadata["key_name"] = record.name
+        ex.metadata["auth"] = record.kind if record.kind != "key" else "ok"
+        ex.set_headers["x-tollway-key-id"] = record.id
+        ex.set_headers["x-tollway-tenant"] = record.tenant
+        role_models = None
+        if record.roles or record.kind != "key":
+            # An identity with roles (every JWT and certificate) reaches only what they grant.
+            role_models = self.roles.models_for(record.roles, route.name) if route else ()
+            if not role_models:
+                return forbidden(
+                    "route_not_allowed", f"This {_NOUNS[record.kind]} has no role for this route."
+                )
+            if record.kind == "key" and record.roles:
+                ex.identity = _with_role_policies(record, self.roles)
+        access = _Access(record, role_models)
+        if not access.restricts_models or ex.call is None:
+            return None
+        return _check_path_models(ex, access)
+
+    def _identify(self, ex: Exchange, accepts: tuple[str, ...]) -> KeyRecord | Deny:
+        failed: str | None = None
+        if "jwt" in accepts and ex.jwt:
+            token = self.identities.from_jwt(ex.jwt)
+            if isinstance(token, KeyRecord):
+                return token
+            failed = token  # unless a Tollway key was sent instead
+        key = presented_key(ex) if "key" in accepts or failed is not None else None
         if isinstance(key, Deny):
             return key
+        if key is not None and (failed is None or key.startswith(PREFIX)):
+            return self._key_record(ex, key) if "key" in accepts else _INVALID
+        if failed is not None:
+            return _token_failed(failed)
+        if "cert" in accepts and ex.peer_names:
+            record = self.identities.from_cert(ex.peer_names)
+            if record is not None:
+                return record
+            return unauthorized(
+                "unknown_client_certificate", "This client certificate is not known here."
+            )
+        return _MISSING
+
+    def _key_record(self, ex: Exchange, key: str) -> KeyRecord | Deny:
         record = self.keys.find(key)
         if record is None:
             return _INVALID
@@ -92,25 +178,31 @@ class AuthStage:
             return _REVOKED
         if record.expires is not None and record.expires.timestamp() <= ex.now:
             return _EXPIRED
-        ex.identity = record
-        ex.metadata["tenant"] = record.tenant
-        ex.metadata["key_name"] = record.name
-        ex.metadata["auth"] = "ok"
-        ex.set_headers["x-tollway-key-id"] = record.id
-        ex.set_headers["x-tollway-tenant"] = record.tenant
-        if not record.restricts_models or ex.call is None:
-            return None
-        return _check_path_models(ex, record)
+        return record
+
+
+def _with_role_policies(record: KeyRecord, roles: Roles) -> KeyRecord:
+    """A key's own limits and redaction policy, else its roles'."""
+    limits, redaction = roles.policies(record.roles)
+    if (record.limits != NO_LIMITS or limits == NO_LIMITS) and (
+        record.redaction is not None or redaction is None
+    ):
+        return record
+    return replace(
+        record,
+        limits=record.limits if record.limits != NO_LIMITS else limits,
+        redaction=record.redaction if record.redaction is not None else redaction,
+    )
 
 
 class _AllowlistFlow(Flow):
     """A restricted key's request with a body: every model it names must be allowed."""
 
-    __slots__ = ("record",)
+    __slots__ = ("access",)
     wants = Phase.REQUEST_BODY
 
-    def __init__(self, record: KeyRecord) -> None:
-        self.record = record
+    def __init__(self, access: _Access) -> None:
+        self.access = access
 
     def on_request_body(self, ex: Exchange) -> Deny | None:
         assert ex.call is not None  # a flow is only started on a route
@@ -121,7 +213,7 @@ class _AllowlistFlow(Flow):
             return bad_request(
                 "missing_model", "This API key is restricted to certain models: name the 'model'."
             )
-        return _check_models(ex, self.record, found)
+        return _check_models(ex, self.access, found)
 
 
 # Endpoints that fall back to a default model when none is named: a restricted
@@ -137,7 +229,7 @@ _REQUIRES_MODEL = re.compile(
 _OPAQUE = re.compile(r"/(?:v1|openai)/batches/?$")  # OpenAI and Azure
 
 
-def _check_path_models(ex: Exchange, record: KeyRecord) -> Flow | Deny | None:
+def _check_path_models(ex: Exchange, access: _Access) -> Flow | Deny | None:
     call = ex.call
     assert call is not None
     if call.path_model_unreadable:
@@ -149,13 +241,13 @@ def _check_path_models(ex: Exchange, record: KeyRecord) -> Flow | Deny | None:
             "uses cannot be checked.",
         )
     named: list[object] = [] if call.path_model is None else [call.path_model]
-    denied = _check_models(ex, record, [*named, *named_models.in_query(ex.query)])
+    denied = _check_models(ex, access, [*named, *named_models.in_query(ex.query)])
     if denied is not None:
         return denied
     if call.path_model is not None or ex.method not in _BODY_METHODS:
         return None
     # Only a restricted key pays for the body: any body may name a model.
-    return _AllowlistFlow(record)
+    return _AllowlistFlow(access)
 
 
 def _models_in_body(ex: Exchange) -> list[object] | Deny:
@@ -178,7 +270,7 @@ def _models_in_body(ex: Exchange) -> list[object] | Deny:
         )
 
 
-def _check_models(ex: Exchange, record: KeyRecord, named: list[object]) -> Deny | None:
+def _check_models(ex: Exchange, access: _Access, named: list[object]) -> Deny | None:
     gemini = ex.call is not None and ex.call.route.api == "gemini"
     for value in named:
         if not isinstance(value, str) or not value.strip():
@@ -186,6 +278,6 @@ def _check_models(ex: Exchange, record: KeyRecord, named: list[object]) -> Deny 
         # Gemini bodies name "models/gemini-2.0-flash" (or a Vertex resource path).
         model = value.rsplit("/", 1)[-1] if gemini else value
         ex.metadata.setdefault("request_model", model)
-        if not record.allows_model(model):
-            return _model_denied(model)
+        if not access.allows_model(model):
+            return _model_denied(access, model)
     return None
