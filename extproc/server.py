@@ -58,6 +58,9 @@ def preflight(config: Config, runtime: Runtime | None = None) -> Preflight:
     provider credentials (the Runtime) and the TLS files. ``tollway check-config`` runs
     exactly this; it raises what serve would refuse to start with."""
     runtime = runtime or Runtime(config)
+    for name, jwt in config.identity.jwt.items():  # (Envoy would not start without it)
+        if jwt.jwks_file is not None and not jwt.jwks_file.is_file():
+            raise ConfigError(f"identity.jwt.{name}.jwks_file: {jwt.jwks_file}: no such file")
     tls = config.server.tls
     if tls is None:
         return Preflight(runtime)
