@@ -98,6 +98,8 @@ class Identities:
         for name, provider in self._jwt.items():
             claims = found.get(name)
             if isinstance(claims, dict):
+                if not _claim(claims, provider.claims.user):
+                    return f"it has no '{provider.claims.user}' claim to say who it is"
                 return self._record("jwt", name, provider, claims)
         for name in self._jwt:
             failed = found.get(f"failed:{name}")

@@ -200,6 +200,19 @@ def test_roles_grant_routes_and_models(jwt_stack: Stack, idp: Issuer) -> None:
     assert _chat(jwt_stack, everything, model="gpt-4o").choices
 
 
+def test_a_token_only_counts_where_sdks_send_keys(jwt_stack: Stack, idp: Issuer) -> None:
+    token = idp.token(sub="q1", groups=["everything"])
+    in_query = httpx.post(
+        f"{jwt_stack.url}/v1/chat/completions",
+        params={"access_token": token},
+        json={"model": "gpt-4o-mini", "messages": CHAT},
+        timeout=10,
+    )
+    assert in_query.status_code == 401 and in_query.json()["error"]["code"] == "missing_api_key"
+    with pytest.raises(openai.AuthenticationError, match="no 'sub' claim"):
+        _chat(jwt_stack, idp.token(groups=["everything"]))
+
+
 def test_a_roles_limits_count_per_user(jwt_stack: Stack, idp: Issuer) -> None:
     first = idp.token(sub=f"t-{uuid.uuid4().hex[:8]}", groups=["tight"])
     second = idp.token(sub=f"t-{uuid.uuid4().hex[:8]}", groups=["tight"])

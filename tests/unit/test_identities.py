@@ -66,6 +66,9 @@ def test_claims_make_a_record_and_unknown_roles_are_dropped() -> None:
     failed = {"failed:corp": {"code": 16, "message": "Jwt is expired"}}
     assert IDENTITIES.from_jwt(failed) == "Jwt is expired"
     assert IDENTITIES.from_jwt({}) is None
+    assert IDENTITIES.from_jwt({"corp": {"org": {"id": "x"}}}) == (
+        "it has no 'sub' claim to say who it is"
+    )
 
 
 def test_a_certificate_is_known_by_its_san() -> None:
