@@ -174,6 +174,24 @@ def test_the_image_is_multi_stage_non_root_with_a_health_check_on_the_metrics_po
     assert f"{cli.CONFIG_ENV}=/etc/tollway/tollway.yaml" in env
 
 
+def test_the_build_context_is_what_the_image_copies_and_no_secret() -> None:
+    """.dockerignore admits only what the Dockerfile copies: not .venv, .env, tls/, keys."""
+    rules = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert rules[0] == "*"
+    admitted = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    copied = {
+        part.rstrip("/")
+        for line in _dockerfile()
+        if line.startswith("COPY ") and "--from=" not in line
+        for part in line.split()[1:-1]
+    }
+    assert admitted == copied == {"pyproject.toml", "README.md", "extproc"}
+
+
 def test_compose_runs_what_deploy_tollway_yaml_describes() -> None:
     services = _compose()["services"]
     cfg = _deploy_config()
