@@ -1,4 +1,4 @@
-"""The metrics port: Prometheus' ``/metrics`` as before, and ``/v1/spend``.
+"""The metrics port: Prometheus' ``/metrics``, ``/v1/spend``, and health probes.
 
 ``/metrics`` is prometheus_client's own WSGI app, so scrapes get what they got
 from ``start_http_server`` (content negotiation, gzip, ``name[]`` filters). Like
@@ -7,11 +7,17 @@ loop. ``/v1/spend`` reads the quota, whose state the loop owns and mutates: the
 read is handed to the loop and waited for with a deadline. It binds only where
 metrics bind (loopback by default) and is what ``tollway spend`` asks when the
 counters live in this process.
+
+``/healthz`` (liveness) answers 200 when the event loop runs a task within the
+deadline: a wedged loop is a process to restart. ``/readyz`` (readiness) asks
+``ready`` on the loop: 503 with the reason while the server drains or while the
+shared store (Redis, when configured) does not answer a PING.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
 import threading
@@ -31,8 +37,16 @@ from .limits.spend import Query, parse_query
 log = logging.getLogger("tollway")
 
 SPEND_PATH = "/v1/spend"
-_NO_SUCH_PATH = f"no such path: /metrics or {SPEND_PATH}"
+LIVE_PATH = "/healthz"
+READY_PATH = "/readyz"
+_NO_SUCH_PATH = f"no such path: /metrics, {SPEND_PATH}, {LIVE_PATH} or {READY_PATH}"
 Spend = Callable[[Query], Awaitable[dict[str, Any] | None]]
+# Why this process should get no traffic now (draining, store down), or None: ready.
+Ready = Callable[[], Awaitable[str | None]]
+
+
+async def _always_ready() -> str | None:
+    return None
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -52,9 +66,13 @@ class MetricsServer:
         loop: asyncio.AbstractEventLoop,
         *,
         timeout_s: float = 5.0,
+        ready: Ready = _always_ready,
+        probe_timeout_s: float = 1.0,
     ) -> None:
         self._metrics = make_wsgi_app(registry)
         self._spend = spend
+        self._ready = ready
+        self.probe_timeout_s = probe_timeout_s
         self._loop = loop
         self.timeout_s = timeout_s
         self._httpd: WSGIServer | None = None
@@ -85,6 +103,9 @@ class MetricsServer:
         if path == "/metrics":
             body: Iterable[bytes] = self._metrics(environ, start_response)
             return body
+        if path in (LIVE_PATH, READY_PATH):
+            status, doc = self._probe(path)
+            return _json(start_response, status, doc)
         if path != SPEND_PATH:
             return _json(start_response, 404, {"error": _NO_SUCH_PATH})
         if environ.get("REQUEST_METHOD") != "GET":
@@ -95,6 +116,27 @@ class MetricsServer:
             return _json(start_response, 400, {"error": str(exc)})
         status, answer = self._answer(query)
         return _json(start_response, status, answer)
+
+    def _probe(self, path: str) -> tuple[int, dict[str, Any]]:
+        """Liveness: the loop runs a callback in time. Readiness: ``ready`` says so in time."""
+        future: concurrent.futures.Future[str | None]
+        try:
+            if path == LIVE_PATH:
+                future = concurrent.futures.Future()
+                self._loop.call_soon_threadsafe(future.set_result, None)
+            else:
+                future = asyncio.run_coroutine_threadsafe(_reason(self._ready), self._loop)
+        except RuntimeError:  # the loop has closed: the server is stopping
+            return 503, {"status": "stopping"}
+        try:
+            reason = future.result(self.probe_timeout_s)
+        except TimeoutError:
+            future.cancel()
+            return 503, {"status": f"no answer within {self.probe_timeout_s:g}s"}
+        except Exception:
+            log.exception("readiness check failed")
+            return 503, {"status": "internal error"}
+        return (200, {"status": "ok"}) if reason is None else (503, {"status": reason})
 
     def _answer(self, query: Query) -> tuple[int, dict[str, Any]]:
         try:
@@ -116,6 +158,10 @@ class MetricsServer:
                 return 404, {"error": f"no key with id {query.key_id!r}"}
             return 404, {"error": f"no key has tenant {query.tenant!r}"}
         return 200, found
+
+
+async def _reason(check: Ready) -> str | None:
+    return await check()
 
 
 async def _call(spend: Spend, query: Query) -> dict[str, Any] | None:

@@ -21,7 +21,8 @@ from .config import Config
 from .headroom import HeaderLimits
 from .identities import Identities, Roles
 from .limits.backend import open_quota
-from .limits.quota import Keys
+from .limits.quota import Keys, StoreUnavailable
+from .limits.redis_store import RedisQuota
 from .limits.rules import RuleSet
 from .limits.spend import Query, find_subject, spend
 from .metrics import Metrics, StoreMetrics
@@ -137,6 +138,17 @@ class Runtime:
         return await spend(
             self.quota, stage.rules, stage.keys, subject, stage.clock(), query.period
         )
+
+    async def store_problem(self, timeout_s: float) -> str | None:
+        """Why the shared store cannot serve now (readiness), or None: the embedded
+        store always can; Redis must answer a PING within ``timeout_s``."""
+        if not isinstance(self.quota, RedisQuota):
+            return None
+        try:
+            await self.quota.ping(timeout_s)
+        except StoreUnavailable as exc:
+            return f"store {self.quota.name} unavailable ({exc.reason})"
+        return None
 
     def _backend_failed(self, stage: str, reason: str) -> None:
         self.metrics.backend_failures.labels(stage, reason).inc()

@@ -113,10 +113,22 @@ async def serve(
     runtime = ready.runtime
     server = _transport(config, ready)
     port = await server.start(config.server.address, config.server.port)
+    draining = False
+    probe_timeout_s = 1.0  # Redis' PING for /readyz
+
+    async def readiness() -> str | None:
+        if draining:
+            return "draining"
+        return await runtime.store_problem(probe_timeout_s)
+
     metrics_http: MetricsServer | None = None
     if config.metrics.enabled:
         metrics_http = MetricsServer(
-            runtime.metrics.registry, runtime.spend, asyncio.get_running_loop()
+            runtime.metrics.registry,
+            runtime.spend,
+            asyncio.get_running_loop(),
+            ready=readiness,
+            probe_timeout_s=probe_timeout_s + 0.5,  # the store's own deadline answers first
         )
         metrics_http.start(config.metrics.address, config.metrics.port)
     await server.set_serving(True)
@@ -141,6 +153,7 @@ async def serve(
         await stop.wait()
     finally:
         watcher.cancel()
+        draining = True  # /readyz: 503 (Kubernetes takes the pod out of its Service)
         # Tell Envoy's health checker first, keep serving while it moves away,
         # then refuse new streams and let in-flight ones finish.
         await server.set_serving(False)

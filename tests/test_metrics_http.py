@@ -95,3 +95,50 @@ async def test_a_late_or_failing_store_is_a_503(serving: tuple[str, list[Spend]]
         503,
         {"error": "the limits store is unavailable (breaker_open)"},
     )
+
+
+async def test_a_wedged_event_loop_fails_liveness() -> None:
+    """/healthz answers from the server's thread, but only with the loop's help: a loop
+    that runs nothing (a blocking call, a runaway regex) is a process to restart."""
+    import threading
+    import time
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = MetricsServer(CollectorRegistry(), _no_spend, loop, probe_timeout_s=0.3)
+    port = server.start("127.0.0.1", 0)
+    try:
+        status, _, body = await asyncio.to_thread(fetch, f"http://127.0.0.1:{port}/healthz")
+        assert (status, json.loads(body)) == (200, {"status": "ok"})
+        loop.call_soon_threadsafe(time.sleep, 1.5)
+        status, _, body = await asyncio.to_thread(fetch, f"http://127.0.0.1:{port}/healthz")
+        assert (status, json.loads(body)) == (503, {"status": "no answer within 0.3s"})
+    finally:
+        await asyncio.to_thread(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+async def test_readiness_says_why_not() -> None:
+    reasons: list[str | None] = ["draining"]
+
+    async def ready() -> str | None:
+        return reasons[0]
+
+    server = MetricsServer(CollectorRegistry(), _no_spend, asyncio.get_running_loop(), ready=ready)
+    port = server.start("127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{port}/readyz"
+        status, kind, body = await asyncio.to_thread(fetch, url)
+        assert (status, kind, json.loads(body)) == (503, "application/json", {"status": "draining"})
+        reasons[0] = None
+        status, _, body = await asyncio.to_thread(fetch, url)
+        assert (status, json.loads(body)) == (200, {"status": "ok"})
+    finally:
+        await asyncio.to_thread(server.close)
+
+
+async def _no_spend(query: Query) -> dict[str, Any] | None:
+    return None

@@ -427,6 +427,24 @@ class RedisQuota:
         await self.writer.drain(self.drain_s)
         await self.client.aclose()
 
+    async def ping(self, timeout_s: float) -> None:
+        """Redis answers PING within ``timeout_s``, or StoreUnavailable: for readiness
+        probes. Not counted by the breaker or the store metrics (a probe is not a request);
+        while the breaker is open this connects anew, as its probe would."""
+        try:
+            if isinstance(self.client, Connection):
+                deadline = asyncio.get_running_loop().time() + timeout_s
+                (reply,) = await self.client.execute([("PING",)], deadline)
+                if isinstance(reply, ReplyError):
+                    raise reply
+            else:
+                async with asyncio.timeout(timeout_s):
+                    await self.client.ping()
+        except TimeoutError:
+            raise StoreUnavailable("timeout") from None
+        except (RedisError, ReplyError, OSError) as e:
+            raise StoreUnavailable("error") from e
+
     # Internals ------------------------------------------------------------------
 
     def _flush_takes(self) -> None:
