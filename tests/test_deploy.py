@@ -246,8 +246,9 @@ def test_prometheus_scrapes_the_ports_tollway_and_envoy_serve_on() -> None:
 
 
 def test_the_tls_override_configures_both_hops_with_the_certs_files() -> None:
-    """compose.tls.yaml sets envoy.tls, server.tls and envoy.extproc_client_tls through
-    TOLLWAY__* variables, to files of ./tls mounted where each container reads them."""
+    """compose.tls.yaml sets envoy.tls, server.tls and envoy.extproc_client_tls (with
+    `tls: {dir}` through TOLLWAY__TLS__DIR) to files of ./tls mounted where each
+    container reads them; Tollway accepts Envoy's certificate only."""
     base, tls = _compose()["services"], _compose(COMPOSE_TLS)["services"]
     environ = tls["tollway"]["environment"]
     assert tls["envoy-config"]["environment"] == environ  # both hops: one config
@@ -256,6 +257,7 @@ def test_the_tls_override_configures_both_hops_with_the_certs_files() -> None:
     client = cfg.envoy.extproc_client_tls
     assert client is not None and client.cert_file is not None
     assert cfg.server.tls.client_ca_file is not None  # mTLS: Envoy must show its certificate
+    assert cfg.server.tls.client_sans == ("envoy",)  # and no other workload's
     assert not cfg.server.allow_plaintext
     names = {
         "ca.pem",
