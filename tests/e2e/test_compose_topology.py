@@ -18,12 +18,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import yaml
 
 from extproc import envoyconf, up
 from tests.redis_server import RedisServer
+from tests.tollway_up import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -151,6 +153,16 @@ def _ready(metrics_url: str) -> int:
 def test_two_replicas_from_the_compose_files_share_one_count_in_redis(topology: Topology) -> None:
     for metrics in topology.metrics:  # Redis is configured: readiness asked it
         assert _ready(metrics) == 200
+    # Envoy's workers may route to one replica for a second or two after both pass
+    # their health checks: wait (with keyless requests, which no limit counts) until
+    # both take streams, so the count below is shared, not the first replica's alone.
+    start = [_streams(m) for m in topology.metrics]
+
+    def both_serve() -> bool:
+        httpx.get(f"{topology.url}/v1/models", timeout=5)  # a 401 from either replica
+        return all(_streams(m) > s for m, s in zip(topology.metrics, start, strict=True))
+
+    eventually(both_serve, 20, "both replicas taking streams")
     before = [_streams(m) for m in topology.metrics]
     client = openai.OpenAI(base_url=f"{topology.url}/v1", api_key=topology.key, max_retries=0)
     allowed = limited = 0
