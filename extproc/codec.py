@@ -15,6 +15,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     HeadersResponse,
     HttpHeaders,
     ImmediateResponse,
+    ProcessingRequest,
     ProcessingResponse,
     TrailersResponse,
 )
@@ -43,6 +44,22 @@ CONTINUE_REQUEST_BODY = ProcessingResponse(request_body=BodyResponse())
 CONTINUE_RESPONSE_BODY = ProcessingResponse(response_body=BodyResponse())
 CONTINUE_REQUEST_TRAILERS = ProcessingResponse(request_trailers=TrailersResponse())
 CONTINUE_RESPONSE_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
+
+
+# Envoy's request_attributes (envoyconf.py asks for these) arrive with the request
+# headers under the filter's name.
+ATTRIBUTES = "envoy.filters.http.ext_proc"
+
+
+def peer(request: ProcessingRequest) -> tuple[str, str]:
+    """The client's address (``source.address``, with its port) and Envoy's request id
+    (``request.id``, the access log's ``x-request-id``); empty when Envoy sent none."""
+    if ATTRIBUTES not in request.attributes:
+        return "", ""
+    fields = request.attributes[ATTRIBUTES].fields
+    address = fields["source.address"].string_value if "source.address" in fields else ""
+    request_id = fields["request.id"].string_value if "request.id" in fields else ""
+    return address, request_id
 
 
 def decode_headers(message: HttpHeaders) -> tuple[dict[str, str], frozenset[str]]:

@@ -564,6 +564,8 @@ def _http_filters(config: Config) -> list[dict[str, Any]]:
                     "response_trailer_mode": "SKIP",
                 },
                 "metadata_options": {"receiving_namespaces": {"untyped": ["tollway"]}},
+                # With the request headers: the audit log's client address and request id.
+                "request_attributes": ["source.address", "request.id"],
             },
         },
         {

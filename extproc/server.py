@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from . import __version__, audit
 from .config import Config, ConfigError
 from .grpcio_server import GrpcioServer
 from .h2server import H2Server, server_ssl_context
@@ -96,6 +98,24 @@ async def _watch_files(runtime: Runtime, interval: float) -> None:
             log.exception("reload check failed")
 
 
+def _open_audit(config: Config, runtime: Runtime) -> audit.AuditLog | None:
+    """The runtime's audit log, opened from the config unless the caller attached one.
+    A file that cannot be opened stops the start: no serving unaudited."""
+    if runtime.audit is None:
+        try:
+            runtime.attach_audit(audit.open_log(config.audit, runtime.metrics))
+        except OSError as exc:
+            raise ConfigError(f"audit.file: {config.audit.file}: cannot open: {exc}") from None
+    return runtime.audit
+
+
+async def _summarise(log: audit.AuditLog, interval: float) -> None:
+    """Denials held back by the throttle are counted in one line per kind and interval."""
+    while True:
+        await asyncio.sleep(interval)
+        log.flush_suppressed()
+
+
 async def serve(
     config: Config,
     *,
@@ -106,6 +126,7 @@ async def serve(
     """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain."""
     ready = preflight(config, runtime)
     runtime = ready.runtime
+    audit_log = _open_audit(config, runtime)
     server = _transport(config, ready)
     port = await server.start(config.server.address, config.server.port)
     metrics_http: MetricsServer | None = None
@@ -123,6 +144,15 @@ async def serve(
         port,
         config.server.transport,
     )
+    if audit_log is not None:
+        audit_log.event(
+            "started",
+            version=__version__,
+            pid=os.getpid(),
+            address=f"{config.server.address}:{port}",
+            keys=len(runtime.auth.keys),
+            keys_file=str(config.auth.keys_file),
+        )
     if on_ready is not None:
         on_ready(port)
 
@@ -132,6 +162,11 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(_watch_files(runtime, config.server.reload_interval_s))
+    summaries = (
+        asyncio.create_task(_summarise(audit_log, config.audit.summary_interval_s))
+        if audit_log is not None
+        else None
+    )
     try:
         await stop.wait()
     finally:
@@ -153,4 +188,9 @@ async def serve(
             log.error("queued writes not finished within %.1fs", config.server.drain_timeout_s)
         if metrics_http is not None:  # served through the drain: scrapes see it
             await asyncio.to_thread(metrics_http.close)
+        if audit_log is not None:
+            if summaries is not None:
+                summaries.cancel()
+            audit_log.event("stopped", pid=os.getpid())
+            await asyncio.to_thread(audit_log.close)  # what is held back, then the queue
         log.info("stopped")
