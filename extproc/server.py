@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import grpc
 
 from . import __version__, audit
-from .config import Config, ConfigError
+from .config import STDOUT, Config, ConfigError
 from .grpcio_server import GrpcioServer
 from .h2server import H2Server, server_ssl_context
 from .metrics_http import MetricsServer
@@ -57,9 +57,11 @@ class Preflight:
 
 def preflight(config: Config, runtime: Runtime | None = None) -> Preflight:
     """Everything serve checks at start-up: the keys file, prices (with ``litellm_file``),
-    provider credentials (the Runtime) and the TLS files. ``tollway check-config`` runs
-    exactly this; it raises what serve would refuse to start with."""
+    provider credentials (the Runtime), the audit file's folder and the TLS files.
+    ``tollway check-config`` runs exactly this; it raises what serve would refuse to
+    start with."""
     runtime = runtime or Runtime(config)
+    _check_audit_file(config)
     tls = config.server.tls
     if tls is None:
         return Preflight(runtime)
@@ -77,6 +79,18 @@ def preflight(config: Config, runtime: Runtime | None = None) -> Preflight:
         return Preflight(runtime, grpc_credentials=credentials)
     context = server_ssl_context(tls.cert_file, tls.key_file, tls.client_ca_file)
     return Preflight(runtime, ssl_context=context)
+
+
+def _check_audit_file(config: Config) -> None:
+    """What would stop serve opening the audit file, found without creating it."""
+    file = config.audit.file
+    if not config.audit.enabled or file == STDOUT:
+        return
+    if not file.parent.is_dir():
+        raise ConfigError(f"audit.file: {file}: the folder {file.parent} does not exist")
+    target = file if file.exists() else file.parent
+    if not os.access(target, os.W_OK):
+        raise ConfigError(f"audit.file: {file}: {target} is not writable")
 
 
 def _transport(config: Config, ready: Preflight) -> Transport:

@@ -383,3 +383,14 @@ def test_with_stdout_as_the_audit_file_the_cli_writes_its_line_to_stderr(tmp_pat
     assert keys.PREFIX in key and "\n" not in key
     (line,) = [orjson.loads(x) for x in created.stderr.splitlines() if x.startswith("{")]
     assert (line["event"], line["key_id"]) == ("key_created", key[3:15])
+
+
+def test_serve_and_check_config_refuse_an_audit_file_they_could_not_write(tmp_path: Path) -> None:
+    config = tmp_path / "tollway.yaml"
+    config.write_text(
+        yaml.safe_dump({"auth": {"keys_file": "keys.yaml"}, "audit": {"file": "nowhere/a.log"}})
+    )
+    for args in (("check-config", str(config)), ("serve", "--config", str(config))):
+        refused = tollway(*args, cwd=tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        assert "audit.file" in refused.stderr and "does not exist" in refused.stderr
