@@ -129,26 +129,6 @@ class AuthConfig(_Model):
     keys_file: Path = Path("tollway-keys.yaml")
 
 
-STDOUT = Path("-")  # a path that means standard output (audit.file)
-
-
-class AuditConfig(_Model):
-    """The audit log (see audit.py): JSON lines of key changes, reloads and denials."""
-
-    enabled: bool = True
-    # "-": standard output (containers, systemd); else a file, mode 0600, rotated by size.
-    # The `tollway keys` commands append to the same file (to stderr when it is "-").
-    file: Path = STDOUT
-    max_bytes: int = Field(100 * 1024 * 1024, ge=4096)
-    backups: int = Field(5, ge=1, le=100)
-    # A flood of denials cannot fill the disk: each kind (an auth failure's reason, a
-    # limit rule) writes at most `denials_burst` lines at once and `denials_per_s` after;
-    # what is held back is counted in one "suppressed" line every `summary_interval_s`.
-    denials_per_s: float = Field(5.0, gt=0)
-    denials_burst: int = Field(50, ge=1)
-    summary_interval_s: float = Field(10.0, gt=0)
-
-
 class SecretSource(_Model):
     """A secret read at start: from an environment variable or a file."""
 
@@ -557,6 +537,26 @@ class StoreConfig(_Model):
     persist_every_s: float = Field(5.0, gt=0)
 
 
+STDOUT = Path("-")  # a path that means standard output (audit.file)
+
+
+class AuditConfig(_Model):
+    """The audit log (see audit.py): JSON lines of key changes, reloads and denials."""
+
+    enabled: bool = True
+    # "-": standard output (containers, systemd); else a file, mode 0600, rotated by size.
+    # The `tollway keys` commands append to the same file (to stderr when it is "-").
+    file: Path = STDOUT
+    max_bytes: int = Field(100 * 1024 * 1024, ge=4096)
+    backups: int = Field(5, ge=1, le=100)
+    # A flood of denials cannot fill the disk: each kind (an auth failure's reason, a
+    # limit rule) writes at most `denials_burst` lines at once and `denials_per_s` after;
+    # what is held back is counted in one "suppressed" line every `summary_interval_s`.
+    denials_per_s: float = Field(5.0, gt=0)
+    denials_burst: int = Field(50, ge=1)
+    summary_interval_s: float = Field(10.0, gt=0)
+
+
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -684,7 +684,8 @@ def _env_overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(raw) if raw else ""
+        # "-" alone is stdout (audit.file), not YAML's list of one null.
+        node[path[-1]] = yaml.safe_load(raw) if raw and raw != "-" else raw
     return tree
 
 

@@ -470,3 +470,17 @@ def test_a_policy_may_use_the_main_blocks_hash_key(tmp_path: Path) -> None:
 def test_a_route_can_turn_redaction_off(tmp_path: Path) -> None:
     text = "upstreams: {local: {url: 'http://127.0.0.1:8000', redaction: false}}\n"
     assert config.load(write(tmp_path, text), environ={}).upstreams["local"].redaction is False
+
+
+def test_the_audit_file_is_a_path_beside_the_config_or_dash_for_stdout(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    file = folder / "tollway.yaml"
+    file.write_text("audit: {file: audit/tollway.log}\n")
+    assert config.load(file, environ={}).audit.file == folder / "audit/tollway.log"
+    file.write_text("audit: {file: '-'}\n")
+    assert config.load(file, environ={}).audit.file == config.STDOUT
+    assert config.load(None, environ={}).audit.file == config.STDOUT  # on, to stdout
+    assert config.load(None, environ={}).audit.enabled
+    overridden = config.load(None, environ={"TOLLWAY__AUDIT__FILE": "-"})
+    assert overridden.audit.file == config.STDOUT
