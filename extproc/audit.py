@@ -420,7 +420,8 @@ class AuditLog:
         self._closed = True
         self.flush_suppressed()
         if self._queue is not None and self._thread is not None:
-            self._queue.put(None)
+            with contextlib.suppress(queue.Full):  # a stalled sink must not hang shutdown
+                self._queue.put(None, timeout=timeout)
             self._thread.join(timeout)
         self.sink.close()
 

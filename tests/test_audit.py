@@ -7,6 +7,8 @@ import os
 import pwd
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -306,6 +308,42 @@ def test_a_threaded_log_writes_off_the_caller_and_counts_what_it_cannot_write(
     assert (
         metrics.registry.get_sample_value("tollway_audit_dropped_total", {"reason": "error"}) == 1
     )
+
+
+def test_a_stalled_pipe_loses_lines_not_the_caller(tmp_path: Path) -> None:
+    """Nobody reads the pipe (a stuck log collector): the writer thread blocks once the
+    pipe is full, the queue fills, and further lines are dropped at once and counted."""
+    metrics = Metrics()
+    read_end, write_end = os.pipe()
+    log = audit.AuditLog(audit.StreamSink(write_end), metrics, threaded=True, max_queued=10)
+    for i in range(5000):  # ~300 KB of lines: far more than a pipe holds
+        log.event("keys_reloaded", n=i, pad="x" * 32)
+    dropped = metrics.registry.get_sample_value(
+        "tollway_audit_dropped_total", {"reason": "queue_full"}
+    )
+    assert dropped is not None and dropped > 1000
+    got: list[bytes] = []
+    with os.fdopen(read_end, "rb") as reader:
+        draining = threading.Thread(target=lambda: got.extend(reader.read().splitlines()))
+        draining.start()  # the collector wakes up: the queued lines reach it
+        log.close(timeout=5)
+        os.close(write_end)
+        draining.join(5)
+    assert len(got) + dropped == 5000
+    written = [orjson.loads(x)["n"] for x in got]
+    assert written == sorted(written) and written[0] == 0  # in order, gaps where dropped
+
+
+def test_closing_a_log_whose_sink_is_stalled_does_not_hang() -> None:
+    read_end, write_end = os.pipe()
+    log = audit.AuditLog(audit.StreamSink(write_end), threaded=True, max_queued=10)
+    for i in range(5000):
+        log.event("keys_reloaded", n=i, pad="x" * 32)
+    started = time.monotonic()
+    log.close(timeout=0.2)  # nobody ever reads: given up after the timeout
+    assert time.monotonic() - started < 2
+    os.close(read_end)  # the writer thread's blocked write fails (EPIPE), counted
+    # write_end stays open: the daemon writer may still hold it (no fd reused under it).
 
 
 def test_values_shaped_like_keys_keep_only_their_id() -> None:
