@@ -166,7 +166,11 @@ class StreamProcessor:
         self._count(run, deny.code)
         on_deny = self._pipeline.on_deny
         if on_deny is not None:
-            on_deny(run.ex, deny, self._peer)
+            try:
+                on_deny(run.ex, deny, self._peer)
+            except Exception:  # the audit must never change the answer
+                log.exception("audit of a denial failed", extra=logs.about(run.ex))
+                self._metrics.internal_errors.inc()
         return codec.immediate_response(deny, run.ex.metadata, run.ex.dialect)
 
     def _peer(self) -> tuple[str, str]:

@@ -432,3 +432,14 @@ def test_serve_and_check_config_refuse_an_audit_file_they_could_not_write(tmp_pa
         refused = tollway(*args, cwd=tmp_path)
         assert refused.returncode == 2, refused.stderr
         assert "audit.file" in refused.stderr and "does not exist" in refused.stderr
+
+
+def test_a_fault_in_the_audit_never_changes_the_answer(
+    tmp_path: Path, provider_keys_in_env: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime, log, _, made = runtime_with_audit(tmp_path, [0.0])
+    # A bug in the audit path (a TypeError, not the OSError the log counts itself).
+    log.sink.write = None  # type: ignore[method-assign,assignment]
+    reply = ask(runtime, request(made["gone"]))
+    assert reply.immediate_response.status.code == 401  # still the 401, not a 500
+    assert "audit of a denial failed" in caplog.text
