@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import math
 import os
 import sys
@@ -14,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, config, keys
+from . import __version__, audit, config, keys, logs
 
 if TYPE_CHECKING:
     from .limits.spend import Period, Subject
@@ -68,7 +67,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"envoy": cfg.envoy.model_copy(update={"port": args.port})})
     if args.replicas is not None:
         cfg = config.override(cfg, {"server": {"replicas": args.replicas}}, "--replicas")
-    return up.run(cfg, demo=args.demo)
+    return up.run(cfg, demo=args.demo, log_format=args.log_format)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -146,6 +145,47 @@ def _limits_text(limits: keys.KeyLimits) -> str:
     return " ".join(parts) or "-"
 
 
+def _keys_audit(args: argparse.Namespace) -> audit.AuditLog | None:
+    """The audit log a keys command appends to, opened before anything changes: a
+    change is never made unaudited. With ``audit.file: "-"`` it is stderr (stdout
+    carries the new key)."""
+    cfg = _load(args.config)
+    try:
+        return audit.open_log(cfg.audit, threaded=False, stdout_fd=2)
+    except OSError as exc:
+        why = f"audit.file: {cfg.audit.file}: cannot open: {exc}; nothing changed"
+        raise ValueError(why) from None
+
+
+_NOT_OPTIONS = frozenset({"func", "command", "keys_command"})
+
+
+def _audit_keys(
+    log: audit.AuditLog | None, args: argparse.Namespace, event: str, changed: list[keys.KeyRecord]
+) -> None:
+    """One line per key changed: by whom, the command and its options (a value shaped
+    like a key keeps only its id), and the key's public id."""
+    if log is None:
+        return
+    options = {
+        name: audit.public(str(value) if isinstance(value, Path) else value)
+        for name, value in vars(args).items()
+        if name not in _NOT_OPTIONS and value is not None
+    }
+    by = audit.operator()
+    for record in changed:
+        log.event(
+            event,
+            by=by,
+            command=f"keys {args.keys_command}",
+            options=options,
+            key_id=record.id,
+            key_name=record.name,
+            tenant=record.tenant,
+        )
+    log.close()
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     expires = keys.parse_expiry(args.expires) if args.expires else None
     if expires is not None and expires <= datetime.now(UTC):
@@ -176,8 +216,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         roles=roles,
     )
     path = _keys_file(args)
+    log = _keys_audit(args)
     same_name = [r.id for r in keys.read_records(path) if r.name == args.name and r.active()]
     keys.add(path, record)
+    _audit_keys(log, args, "key_created", [record])
     print(key)
     print(
         f"created key {record.id} ({record.name}, tenant {record.tenant}) in {path}; "
@@ -221,10 +263,12 @@ def _report(changed: list[keys.KeyRecord], key: str, line: Callable[[keys.KeyRec
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    path, log = _keys_file(args), _keys_audit(args)
     try:
-        changed = keys.revoke(_keys_file(args), args.key)
+        changed = keys.revoke(path, args.key)
     except keys.AmbiguousName as exc:
         raise ValueError(f"{exc}; revoke one by id (tollway keys revoke ID)") from None
+    _audit_keys(log, args, "key_revoked", changed)
     return _report(changed, args.key, lambda r: f"revoked {r.id} ({r.name})")
 
 
@@ -232,12 +276,12 @@ def cmd_keys_limits(args: argparse.Namespace) -> int:
     changes = _limit_changes(args)
     if not changes:
         raise ValueError("give a limit to set or clear: --rpm, --tpm, --concurrency, --budget-usd")
+    path, log = _keys_file(args), _keys_audit(args)
     try:
-        changed = keys.set_limits(
-            _keys_file(args), args.key, lambda limits: replace(limits, **changes)
-        )
+        changed = keys.set_limits(path, args.key, lambda limits: replace(limits, **changes))
     except keys.AmbiguousName as exc:
         raise ValueError(f"{exc}; pick one by id (tollway keys limits ID ...)") from None
+    _audit_keys(log, args, "key_changed", changed)
     return _report(changed, args.key, lambda r: f"{r.id} ({r.name}): {_limits_text(r.limits)}")
 
 
@@ -252,10 +296,12 @@ def cmd_keys_redaction(args: argparse.Namespace) -> int:
     policy = None if args.policy == "none" else args.policy
     if policy is not None:
         _known_policy(args, policy)
+    path, log = _keys_file(args), _keys_audit(args)
     try:
-        changed = keys.set_redaction(_keys_file(args), args.key, policy)
+        changed = keys.set_redaction(path, args.key, policy)
     except keys.AmbiguousName as exc:
         raise ValueError(f"{exc}; pick one by id (tollway keys redaction ID ...)") from None
+    _audit_keys(log, args, "key_changed", changed)
     return _report(changed, args.key, lambda r: f"{r.id} ({r.name}): redaction {args.policy}")
 
 
@@ -511,8 +557,17 @@ def parser() -> argparse.ArgumentParser:
             help=f"YAML config file (default: ${CONFIG_ENV} or built-in defaults)",
         )
 
+    def log_format_option(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--log-format",
+            choices=logs.FORMATS,
+            default="text",
+            help="Tollway's own log lines on stderr: text, or JSON lines (default: text)",
+        )
+
     s = add("serve", "run the ext_proc gRPC server that Envoy calls")
     config_option(s)
+    log_format_option(s)
     s.set_defaults(func=cmd_serve)
 
     s = add("up", "run the whole front door locally: Envoy + Tollway (Ctrl-C stops both)")
@@ -538,6 +593,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--tls-dir", type=Path, metavar="DIR", help="where those certificates are (default: ./tls)"
     )
+    log_format_option(s)
     s.set_defaults(func=cmd_up)
 
     s = add("certs", "make a local CA and the certificates for `tollway up --tls` (files 0600)")
@@ -638,11 +694,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(getattr(args, "log_format", "text"))
     try:
         code = int(args.func(args))
         sys.stdout.flush()  # a broken pipe shows here, not in the flush at exit

@@ -50,6 +50,22 @@ CONTINUE_REQUEST_TRAILERS = ProcessingResponse(request_trailers=TrailersResponse
 CONTINUE_RESPONSE_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
 
 
+# Envoy's request_attributes (envoyconf.py asks for these) arrive with the request
+# headers under the filter's name.
+ATTRIBUTES = "envoy.filters.http.ext_proc"
+
+
+def peer(request: ProcessingRequest) -> tuple[str, str]:
+    """The client's address (``source.address``, with its port) and Envoy's request id
+    (``request.id``, the access log's ``x-request-id``); empty when Envoy sent none."""
+    if ATTRIBUTES not in request.attributes:
+        return "", ""
+    fields = request.attributes[ATTRIBUTES].fields
+    address = fields["source.address"].string_value if "source.address" in fields else ""
+    request_id = fields["request.id"].string_value if "request.id" in fields else ""
+    return address, request_id
+
+
 def decode_headers(message: HttpHeaders) -> tuple[dict[str, str], frozenset[str]]:
     """Header map as a dict (repeats joined with ","), plus the names that repeat."""
     headers: dict[str, str] = {}

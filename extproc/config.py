@@ -630,6 +630,26 @@ class Role(_Model):
     redaction: str | None = None  # a policy of redaction_policies
 
 
+STDOUT = Path("-")  # a path that means standard output (audit.file)
+
+
+class AuditConfig(_Model):
+    """The audit log (see audit.py): JSON lines of key changes, reloads and denials."""
+
+    enabled: bool = True
+    # "-": standard output (containers, systemd); else a file, mode 0600, rotated by size.
+    # The `tollway keys` commands append to the same file (to stderr when it is "-").
+    file: Path = STDOUT
+    max_bytes: int = Field(100 * 1024 * 1024, ge=4096)
+    backups: int = Field(5, ge=1, le=100)
+    # A flood of denials cannot fill the disk: each kind (an auth failure's reason, a
+    # limit rule) writes at most `denials_burst` lines at once and `denials_per_s` after;
+    # what is held back is counted in one "suppressed" line every `summary_interval_s`.
+    denials_per_s: float = Field(5.0, gt=0)
+    denials_burst: int = Field(50, ge=1)
+    summary_interval_s: float = Field(10.0, gt=0)
+
+
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -701,6 +721,8 @@ class Config(_Model):
             if section.get(name) is None:
                 section[name] = value
         return {**data, "server": server, "envoy": envoy}
+
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @field_validator("limits")
     @classmethod
@@ -813,7 +835,8 @@ def _env_overrides(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(raw) if raw else ""
+        # "-" alone is stdout (audit.file), not YAML's list of one null.
+        node[path[-1]] = yaml.safe_load(raw) if raw and raw != "-" else raw
     return tree
 
 
@@ -898,7 +921,7 @@ def _absolute_paths(data: dict[str, Any], model: type[BaseModel], base: Path) ->
         if info is None:
             continue  # validation will name it
         kinds = _field_types(info.annotation)
-        if Path in kinds and isinstance(value, str) and value:
+        if Path in kinds and isinstance(value, str) and value and value != str(STDOUT):
             out[name] = str(_absolute(Path(value), base))
         elif kinds[0] is dict and isinstance(value, dict) and _is_model(kinds[1]):
             out[name] = {
@@ -920,7 +943,7 @@ def _resolve_paths(model: _M, base: Path) -> _M:
     for name in type(model).model_fields:
         value = getattr(model, name)
         if isinstance(value, Path):
-            new: Any = _absolute(value, base)
+            new: Any = value if value == STDOUT else _absolute(value, base)
         elif isinstance(value, BaseModel):
             new = _resolve_paths(value, base)
         elif isinstance(value, dict) and all(isinstance(v, BaseModel) for v in value.values()):

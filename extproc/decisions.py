@@ -43,7 +43,8 @@ class Deny:
     """Answer the client directly with an OpenAI-style JSON error.
 
     ``details`` is a snake_case reason for Envoy's access log
-    (%RESPONSE_CODE_DETAILS%); ``message`` is safe to show the client.
+    (%RESPONSE_CODE_DETAILS%); ``message`` is safe to show the client; ``audit``
+    holds facts for the audit log (which rule, whose counter), never a secret.
     """
 
     status: int
@@ -52,6 +53,7 @@ class Deny:
     message: str
     details: str
     headers: tuple[tuple[str, str], ...] = ()
+    audit: tuple[tuple[str, str], ...] = ()
 
 
 def unauthorized(code: str, message: str) -> Deny:

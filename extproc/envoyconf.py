@@ -617,9 +617,9 @@ def _http_filters(config: Config) -> list[dict[str, Any]]:
     metadata: dict[str, Any] = {"receiving_namespaces": {"untyped": ["tollway"]}}
     if config.identity.jwt:
         metadata["forwarding_namespaces"] = {"untyped": [JWT_NAMESPACE]}
-    extproc_extra: dict[str, Any] = {}
+    attributes = ["source.address", "request.id"]
     if config.identity.certs:
-        extproc_extra["request_attributes"] = list(CERT_ATTRIBUTES)
+        attributes += CERT_ATTRIBUTES
     return [
         *([_jwt_authn(config)] if config.identity.jwt else []),
         {
@@ -657,7 +657,9 @@ def _http_filters(config: Config) -> list[dict[str, Any]]:
                     "response_trailer_mode": "SKIP",
                 },
                 "metadata_options": metadata,
-                **extproc_extra,
+                # With the request headers: the audit log's client address and request
+                # id (and a client certificate's names, with identity.certs).
+                "request_attributes": attributes,
             },
         },
         {

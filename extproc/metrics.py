@@ -170,6 +170,26 @@ class Metrics:
                 self.store_errors.labels(op, reason)
         for reason in ("queue_full", "failed", "shutdown"):
             self.settlements_dropped.labels(reason)
+        self.audit_events = Counter(
+            "tollway_audit_events",
+            "Audit log lines, by event (key changes, reloads, denials, suppressed summaries)",
+            ["event"],
+            registry=r,
+        )
+        self.audit_suppressed = Counter(
+            "tollway_audit_suppressed",
+            "Denials not written to the audit log (throttled), by event",
+            ["event"],
+            registry=r,
+        )
+        self.audit_dropped = Counter(
+            "tollway_audit_dropped",
+            "Audit lines lost: the writer's queue was full or the write failed",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("queue_full", "error"):
+            self.audit_dropped.labels(reason)
 
 
 class StoreMetrics:

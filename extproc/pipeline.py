@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, TypeAlias, TypeVar, cast
 
+from . import logs
 from .body import RequestBody
 from .decisions import Ask, BackendUnavailable, BodyMode, Deny, Outcome, Phase
 from .events import ResponseEvents
@@ -60,6 +61,7 @@ class Pipeline:
         on_fault: Callable[[], None] = lambda: None,
         on_backend_failure: Callable[[str, str], None] = lambda stage, reason: None,
         max_event_bytes: int = 16 << 20,
+        on_deny: Callable[[Exchange, Deny, Callable[[], tuple[str, str]]], None] | None = None,
     ) -> None:
         self.routes = routes
         self.max_event_bytes = max_event_bytes  # one SSE event kept whole at most
@@ -68,6 +70,9 @@ class Pipeline:
         self.clock = clock
         self.on_fault = on_fault  # a flow faulted while finishing (logged; others go on)
         self.on_backend_failure = on_backend_failure  # (stage, "error" | "timeout")
+        # Every denial, told by the one place that answers Envoy, with a way to ask for
+        # the client's address and Envoy's request id (read only when needed): the audit.
+        self.on_deny = on_deny
 
     def start(
         self, method: str, path: str, headers: dict[str, str], repeated: frozenset[str]
@@ -201,7 +206,7 @@ class Run:
         try:
             call(*args)
         except Exception:
-            log.exception("fault while finishing a request")
+            log.exception("fault while finishing a request", extra=logs.about(self.ex))
             self._pipeline.on_fault()
 
     # The request phases are generators that yield an Ask when a stage needs I/O;
@@ -300,7 +305,7 @@ class Run:
                 answer = self._failed(ask, e.reason)
                 continue
             except Exception:
-                log.exception("backend of %s failed", ask.stage)
+                log.exception("backend of %s failed", ask.stage, extra=logs.about(self.ex))
                 answer = self._failed(ask, "error")
                 continue
             if inspect.isawaitable(value):
@@ -322,7 +327,7 @@ class Run:
             except BackendUnavailable as e:
                 answer = self._failed(ask, e.reason)
             except Exception:
-                log.exception("backend of %s failed", ask.stage)
+                log.exception("backend of %s failed", ask.stage, extra=logs.about(self.ex))
                 answer = self._failed(ask, "error")
             else:
                 answer = ask.resume(got)

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 
-from . import codec
+from . import codec, logs
 from .decisions import Deny, Outcome, Phase
 from .metrics import Metrics
 from .pipeline import Pipeline, Run
@@ -51,13 +51,14 @@ class StreamProcessor:
     failed (a fault in Tollway) and abandoned (the stream ended first).
     """
 
-    __slots__ = ("_metrics", "_pipeline", "_run", "_sent", "failed")
+    __slots__ = ("_headers", "_metrics", "_pipeline", "_run", "_sent", "failed")
 
     def __init__(self, pipeline: Pipeline, metrics: Metrics) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
         self._run: Run | None = None
         self._sent: codec.Sent = {}  # the access-log metadata Envoy already has
+        self._headers: ProcessingRequest | None = None  # its attributes, read on a denial
         metrics.streams.inc()
         # After a fault the stream has answered with a 500 and should end.
         self.failed = False
@@ -112,6 +113,7 @@ class StreamProcessor:
             run.close()
 
     def _request_headers(self, request: ProcessingRequest) -> Reply:
+        self._headers = request
         message = request.request_headers
         headers, repeated = codec.decode_headers(message)
         jwt, peer_names = codec.decode_identity(request)
@@ -150,9 +152,10 @@ class StreamProcessor:
 
     def _fault(self, kind: str | None) -> ProcessingResponse | None:
         """A fault inside Tollway: a 500, or the response let through unmetered."""
-        log.exception("fault while processing a %s message", kind)
-        self._metrics.internal_errors.inc()
         run = self._run
+        about = logs.about(run.ex if run is not None else None)
+        log.exception("fault while processing a %s message", kind, extra=about)
+        self._metrics.internal_errors.inc()
         if run is not None:
             run.finish(Outcome.FAILED)
         if kind in _RESPONSE_KINDS:  # the response is on its way: let it through unmetered
@@ -163,7 +166,17 @@ class StreamProcessor:
 
     def _deny(self, run: Run, deny: Deny) -> ProcessingResponse:
         self._count(run, deny.code)
+        on_deny = self._pipeline.on_deny
+        if on_deny is not None:
+            try:
+                on_deny(run.ex, deny, self._peer)
+            except Exception:  # the audit must never change the answer
+                log.exception("audit of a denial failed", extra=logs.about(run.ex))
+                self._metrics.internal_errors.inc()
         return codec.immediate_response(deny, run.ex.metadata, run.ex.dialect)
+
+    def _peer(self) -> tuple[str, str]:
+        return codec.peer(self._headers) if self._headers is not None else ("", "")
 
     def _count(self, run: Run, outcome: str) -> None:
         route = run.ex.route

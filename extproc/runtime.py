@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import keys
+from . import audit, keys
 from .config import Config
 from .headroom import HeaderLimits
 from .identities import Identities, Roles
@@ -69,6 +69,7 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.routes = RouteTable(config.upstreams)
         self._stamps: dict[Path, Stamp] = {}
+        self.audit: audit.AuditLog | None = None  # serve attaches it (attach_audit)
         keys_file = config.auth.keys_file
         self._stamps[keys_file] = _stamp(keys_file)
         identities = Identities(config.identity, Roles(config.roles))
@@ -121,6 +122,15 @@ class Runtime:
             on_backend_failure=self._backend_failed,
             max_event_bytes=config.max_body_bytes,
         )
+
+    def attach_audit(self, log: audit.AuditLog | None) -> None:
+        """Reloads and denials from now on go to ``log`` (serve's; None: not audited)."""
+        self.audit = log
+        self.pipeline.on_deny = log.denied if log is not None else None
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.event(event, **fields)
 
     async def aclose(self) -> None:
         """Shutdown: the backends write what they queued (settlements, usage records)."""
@@ -209,13 +219,19 @@ class Runtime:
             except keys.KeysFileError as exc:
                 log.error("keys file not reloaded, previous keys stay in force: %s", exc)
                 self.metrics.reloads.labels("keys", "error").inc()
+                self._audit("keys_reloaded", outcome="failed", file=str(keys_file), error=str(exc))
             else:
-                self.auth.keys = ring
+                old, self.auth.keys = self.auth.keys, ring
                 self._count_keys()
                 self.metrics.reloads.labels("keys", "ok").inc()
                 log.info("keys file reloaded: %d keys", len(ring))
+                changes = audit.key_changes(old, ring)
+                self._audit("keys_reloaded", outcome="ok", file=str(keys_file), **changes)
         files = self._credential_files()
         if any(_stamp(f) != self._stamps.get(f) for f in files):
-            self.credentials.provider_keys = self._provider_keys()
+            old_keys, new_keys = self.credentials.provider_keys, self._provider_keys()
+            self.credentials.provider_keys = new_keys
             self.metrics.reloads.labels("credentials", "ok").inc()
             log.info("provider credential files reloaded")
+            changes = audit.credential_changes(old_keys, new_keys)
+            self._audit("credentials_reloaded", outcome="ok", **changes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 from collections.abc import Callable
@@ -13,7 +14,8 @@ from typing import Any, Protocol
 
 import grpc
 
-from .config import Config, ConfigError
+from . import __version__, audit
+from .config import STDOUT, Config, ConfigError
 from .grpcio_server import GrpcioServer
 from .h2server import H2Server, server_ssl_context
 from .metrics_http import MetricsServer
@@ -55,12 +57,14 @@ class Preflight:
 
 def preflight(config: Config, runtime: Runtime | None = None) -> Preflight:
     """Everything serve checks at start-up: the keys file, prices (with ``litellm_file``),
-    provider credentials (the Runtime) and the TLS files. ``tollway check-config`` runs
-    exactly this; it raises what serve would refuse to start with."""
+    provider credentials (the Runtime), the audit file's folder and the TLS files.
+    ``tollway check-config`` runs exactly this; it raises what serve would refuse to
+    start with."""
     runtime = runtime or Runtime(config)
     for name, jwt in config.identity.jwt.items():  # (Envoy would not start without it)
         if jwt.jwks_file is not None and not jwt.jwks_file.is_file():
             raise ConfigError(f"identity.jwt.{name}.jwks_file: {jwt.jwks_file}: no such file")
+    _check_audit_file(config)
     tls = config.server.tls
     if tls is None:
         return Preflight(runtime)
@@ -78,6 +82,18 @@ def preflight(config: Config, runtime: Runtime | None = None) -> Preflight:
         return Preflight(runtime, grpc_credentials=credentials)
     context = server_ssl_context(tls.cert_file, tls.key_file, tls.client_ca_file)
     return Preflight(runtime, ssl_context=context)
+
+
+def _check_audit_file(config: Config) -> None:
+    """What would stop serve opening the audit file, found without creating it."""
+    file = config.audit.file
+    if not config.audit.enabled or file == STDOUT:
+        return
+    if not file.parent.is_dir():
+        raise ConfigError(f"audit.file: {file}: the folder {file.parent} does not exist")
+    target = file if file.exists() else file.parent
+    if not os.access(target, os.W_OK):
+        raise ConfigError(f"audit.file: {file}: {target} is not writable")
 
 
 def _transport(config: Config, ready: Preflight) -> Transport:
@@ -101,6 +117,24 @@ async def _watch_files(runtime: Runtime, interval: float) -> None:
             log.exception("reload check failed")
 
 
+def _open_audit(config: Config, runtime: Runtime) -> audit.AuditLog | None:
+    """The runtime's audit log, opened from the config unless the caller attached one.
+    A file that cannot be opened stops the start: no serving unaudited."""
+    if runtime.audit is None:
+        try:
+            runtime.attach_audit(audit.open_log(config.audit, runtime.metrics))
+        except OSError as exc:
+            raise ConfigError(f"audit.file: {config.audit.file}: cannot open: {exc}") from None
+    return runtime.audit
+
+
+async def _summarise(log: audit.AuditLog, interval: float) -> None:
+    """Denials held back by the throttle are counted in one line per kind and interval."""
+    while True:
+        await asyncio.sleep(interval)
+        log.flush_suppressed()
+
+
 async def serve(
     config: Config,
     *,
@@ -111,6 +145,7 @@ async def serve(
     """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain."""
     ready = preflight(config, runtime)
     runtime = ready.runtime
+    audit_log = _open_audit(config, runtime)
     server = _transport(config, ready)
     port = await server.start(config.server.address, config.server.port)
     draining = False
@@ -140,6 +175,15 @@ async def serve(
         port,
         config.server.transport,
     )
+    if audit_log is not None:
+        audit_log.event(
+            "started",
+            version=__version__,
+            pid=os.getpid(),
+            address=f"{config.server.address}:{port}",
+            keys=len(runtime.auth.keys),
+            keys_file=str(config.auth.keys_file),
+        )
     if on_ready is not None:
         on_ready(port)
 
@@ -149,6 +193,11 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(_watch_files(runtime, config.server.reload_interval_s))
+    summaries = (
+        asyncio.create_task(_summarise(audit_log, config.audit.summary_interval_s))
+        if audit_log is not None
+        else None
+    )
     try:
         await stop.wait()
     finally:
@@ -171,4 +220,9 @@ async def serve(
             log.error("queued writes not finished within %.1fs", config.server.drain_timeout_s)
         if metrics_http is not None:  # served through the drain: scrapes see it
             await asyncio.to_thread(metrics_http.close)
+        if audit_log is not None:
+            if summaries is not None:
+                summaries.cancel()
+            audit_log.event("stopped", pid=os.getpid())
+            await asyncio.to_thread(audit_log.close)  # what is held back, then the queue
         log.info("stopped")

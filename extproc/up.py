@@ -285,6 +285,7 @@ def start(
     log_to_files: bool = False,
     timeout: float = 60.0,
     env: dict[str, str] | None = None,
+    log_format: str = "text",
 ) -> Gateway:
     """Start everything and wait until Envoy reports Tollway healthy.
 
@@ -319,6 +320,7 @@ def start(
         ports = [replica.port for replica in gateway.replicas]
         envoy_file.write_text(envoyconf.render_yaml(config, extproc_ports=ports))
         serve = [sys.executable, "-m", "extproc", "serve", "--config", str(config_file)]
+        serve += ["--log-format", log_format]
         for i, replica in enumerate(gateway.replicas):
             name = "tollway" if len(gateway.replicas) == 1 else f"tollway-{i + 1}"
             gateway.launch(replica.name, serve, {**child_env, **replica.env()}, log(name))
@@ -517,7 +519,7 @@ Ctrl-C stops everything.
 """
 
 
-def run(config: Config, *, demo: bool) -> int:
+def run(config: Config, *, demo: bool, log_format: str = "text") -> int:
     """The `tollway up` command: start, print how to use it, supervise until a signal."""
     stopping = False
 
@@ -559,7 +561,7 @@ def run(config: Config, *, demo: bool) -> int:
     demo_key = _demo_key(keys_file, demo_limits) if demo else None
     workdir = Path(tempfile.mkdtemp(prefix="tollway-up-"))
     try:
-        gateway = start(config, workdir, demo=demo)
+        gateway = start(config, workdir, demo=demo, log_format=log_format)
     except RuntimeError as exc:
         print(f"tollway up: {exc}", file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import extproc
 from extproc import keys, server
-from extproc.config import Config, MetricsConfig, ServerConfig
+from extproc.config import AuditConfig, Config, MetricsConfig, ServerConfig
 from extproc.decisions import Ask, Deny, Outcome, forbidden
 from extproc.exchange import Exchange
 from extproc.grpcio_server import GrpcioServer
@@ -100,6 +100,7 @@ async def running(
         server=server_config,
         metrics=MetricsConfig(enabled=False),
         auth={"keys_file": keys_file},
+        audit=AuditConfig(file=tmp_path / "audit.log"),
     )  # type: ignore[arg-type]
     runtime = Runtime(config)
     stop, ready = asyncio.Event(), asyncio.get_running_loop().create_future()
@@ -113,6 +114,18 @@ async def running(
         stop.set()
         await h.channel.close()
         await asyncio.wait_for(task, 10)
+
+
+@TRANSPORTS
+async def test_serve_audits_its_start_a_denial_and_its_stop(tmp_path: Path, transport: str) -> None:
+    async with running(tmp_path, transport) as (h, _, _, _):
+        (answer,) = await h.exchange(request_headers("tw_0123456789ab_" + "x" * 43))
+        assert answer.immediate_response.status.code == 401
+    lines = [orjson.loads(x) for x in (tmp_path / "audit.log").read_bytes().splitlines()]
+    assert [e["event"] for e in lines] == ["started", "auth_failure", "stopped"]
+    assert (lines[1]["reason"], lines[1]["claimed_key_id"]) == ("invalid_api_key", "0123456789ab")
+    assert lines[1]["client"] == "" and "x" * 43 not in str(lines)  # no attributes sent here
+    assert h.metric("tollway_audit_events_total", {"event": "auth_failure"}) == 1
 
 
 @pytest.fixture(params=["h2", "grpcio"])
@@ -236,6 +249,7 @@ async def test_health_goes_not_serving_when_stopping(tmp_path: Path, transport: 
         server=ServerConfig(port=0, transport=transport, drain_delay_s=1.0, drain_timeout_s=1),
         metrics=MetricsConfig(enabled=False),
         auth={"keys_file": tmp_path / "keys.yaml"},
+        audit=AuditConfig(file=tmp_path / "audit.log"),
     )  # type: ignore[arg-type]
     stop, ready = asyncio.Event(), asyncio.get_running_loop().create_future()
     task = asyncio.create_task(server.serve(config, stop=stop, on_ready=ready.set_result))

@@ -193,7 +193,16 @@ class Plan:
     """What every request of one key, route and model takes: its rules, their
     counters (without this request's amounts) and metric children."""
 
-    __slots__ = ("allowed", "counters", "expires", "gauges", "has_budget", "rules", "source")
+    __slots__ = (
+        "allowed",
+        "counters",
+        "expires",
+        "gauges",
+        "has_budget",
+        "rules",
+        "source",
+        "subjects",
+    )
 
     def __init__(
         self,
@@ -208,15 +217,13 @@ class Plan:
         ip, lease_s = client_ip(ex), route.upstream.timeout_s + _SLACK_S
         self.source = source
         self.rules = rules = tuple(r for r in source if r.applies_to_model(model))
+        # What each rule counts by (client values hashed): the audit log names it too.
+        self.subjects = tuple(
+            rule.subject(ex.identity, route.name, model, ip, ex.headers) for rule in rules
+        )
         self.counters = tuple(
-            rule.counter(
-                stage.keys,
-                rule.subject(ex.identity, route.name, model, ip, ex.headers),
-                now,
-                0,
-                lease_s,
-            )
-            for rule in rules
+            rule.counter(stage.keys, subject, now, 0, lease_s)
+            for rule, subject in zip(rules, self.subjects, strict=True)
         )
         # Until the first of its budget windows ends (then the keys change).
         self.expires = min((c.window_end for c in self.counters if c.kind == "budget"), default=INF)
@@ -320,7 +327,7 @@ class LimitsFlow(Flow):
             assert verdict.denied_by is not None
             rule = self.rules[verdict.denied_by]
             stage.count(rule, "limited")
-            return _too_many(rule, verdict)
+            return _too_many(rule, verdict, self.plan.subjects[verdict.denied_by])
         self.taken = True
         for child in self.plan.allowed:
             child.inc()
@@ -365,7 +372,7 @@ def _tokens(rule: Rule, input_tokens: int, output_tokens: int) -> int:
     return input_tokens + output_tokens
 
 
-def _too_many(rule: Rule, verdict: Verdict) -> Deny:
+def _too_many(rule: Rule, verdict: Verdict, subject: str) -> Deny:
     retry = verdict.retry_after_s
     if rule.kind == "budget":
         message = f"Budget {rule.name!r} is spent for this {rule.per}."
@@ -384,7 +391,13 @@ def _too_many(rule: Rule, verdict: Verdict) -> Deny:
         seconds = max(1, math.ceil(retry))
         message += f" Retry in {seconds}s."
         headers = (("retry-after", str(seconds)),)
-    return Deny(429, kind, code, message, f"tollway_limited_{rule.kind}", headers)
+    audit = (
+        ("rule", rule.name),
+        ("kind", rule.kind),
+        ("by", ",".join(rule.by)),
+        ("subject", subject),
+    )
+    return Deny(429, kind, code, message, f"tollway_limited_{rule.kind}", headers, audit)
 
 
 def openai_duration(seconds: float) -> str:

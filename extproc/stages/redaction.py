@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from .. import error_shapes
+from .. import error_shapes, logs
 from ..config import Config, ConfigError, RedactionConfig, SecretSource
 from ..decisions import Ask, BackendUnavailable, BodyMode, Deny, Outcome, Phase, bad_request
 from ..events import ResponseEvents
@@ -191,6 +191,7 @@ class RedactionStage:
                             "key %s names redaction policy %r, which is not configured",
                             identity.id,
                             identity.redaction,
+                            extra=logs.about(ex),
                         )
                     return UNKNOWN_POLICY
                 policy = found
@@ -257,7 +258,7 @@ class RedactionFlow(Flow):
         try:
             found = self._find(slots)
         except Exception:
-            log.exception("redaction failed")
+            log.exception("redaction failed", extra=logs.about(ex))
             return self._unchecked(FAILED)
         return self._decide(ex, found)
 
@@ -334,7 +335,11 @@ class RedactionFlow(Flow):
             # Envoy's route removes accept-encoding on the way up; an upstream that
             # compresses anyway cannot be read (counted; it goes on as it is).
             self.stage.metrics.redaction_failures.labels("failed_open").inc()
-            log.warning("an answer came compressed (%s) and was not redacted", encoding)
+            log.warning(
+                "an answer came compressed (%s) and was not redacted",
+                encoding,
+                extra=logs.about(ex),
+            )
             return BodyMode.NONE
         self.answer = answer
         if ex.events is not None:

@@ -22,6 +22,8 @@ from extproc import keys, up
 from extproc.config import Config, Credential, EnvoyConfig, MetricsConfig, ServerConfig, Upstream
 from tests.redis_server import RedisServer, redis_server_binary
 
+from . import leaks
+
 PROVIDER_KEY = "sk-provider-secret-for-tests"
 PROVIDER_ENV = "TOLLWAY_TEST_PROVIDER_KEY"
 
@@ -95,6 +97,7 @@ def start_stack(
     *,
     drain_delay_s: float = 0.0,
     customize: Callable[[Config], Config] = lambda config: config,
+    log_format: str = "text",
 ) -> Stack:
     """A gateway in front of the demo upstream, with a fixed set of test keys.
 
@@ -104,12 +107,13 @@ def start_stack(
     """
     keys_file = workdir / "keys.yaml"
     made = _make_keys(keys_file)
+    leaks.watch(workdir, made)  # the dict: keys tests add later are checked too
     for attempt in (1, 2):
         try:
-            return _start(workdir, keys_file, made, drain_delay_s, customize)
+            return _start(workdir, keys_file, made, drain_delay_s, customize, log_format)
         except Exception as error:
             print(f"start_stack: attempt {attempt} failed, trying new ports: {error!r}")
-    return _start(workdir, keys_file, made, drain_delay_s, customize)
+    return _start(workdir, keys_file, made, drain_delay_s, customize, log_format)
 
 
 def _make_keys(keys_file: Path) -> dict[str, str]:
@@ -143,6 +147,7 @@ def _start(
     made: dict[str, str],
     drain_delay_s: float,
     customize: Callable[[Config], Config],
+    log_format: str,
 ) -> Stack:
     upstream_port = up.free_port()
     env = {**os.environ, PROVIDER_ENV: PROVIDER_KEY, up.DEMO_KEY_ENV: PROVIDER_KEY}
@@ -186,7 +191,14 @@ def _start(
         },
     )
     try:
-        gateway = up.start(customize(config), workdir, log_to_files=True, env=env, timeout=60)
+        gateway = up.start(
+            customize(config),
+            workdir,
+            log_to_files=True,
+            env=env,
+            timeout=60,
+            log_format=log_format,
+        )
     except BaseException:
         up.stop_all([demo])
         raise
@@ -206,6 +218,18 @@ def answers(url: str) -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log() -> Iterator[None]:
+    """After every e2e test and every stack has stopped: no Tollway, Envoy or audit log
+    of any stack holds a Tollway key, the provider key or a value a test planted."""
+    leaks.plant(PROVIDER_KEY)
+    yield
+    files = leaks.log_files()
+    assert files or not leaks.watched(), "no log found to check"
+    found = leaks.findings(files, leaks.secrets())
+    assert not found, "secrets in logs:\n" + "\n".join(found)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from . import leaks
+
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
@@ -60,7 +62,12 @@ class Issuer:
         header = {"alg": alg, "typ": "JWT", "kid": self.kid}
         signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(payload).encode())}"
         if alg == "none":
-            return f"{signing_input}."
-        der = (key or self.key).sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
-        r, s = decode_dss_signature(der)
-        return f"{signing_input}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+            token = f"{signing_input}."
+        else:
+            der = (key or self.key).sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+            r, s = decode_dss_signature(der)
+            signature = _b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+            token = f"{signing_input}.{signature}"
+            leaks.plant(signature)  # a token is a credential: no log may hold it
+        leaks.plant(token)
+        return token

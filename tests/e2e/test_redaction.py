@@ -18,6 +18,7 @@ from google.genai import errors as genai_errors
 from extproc import keys
 from extproc.config import Config, RedactionConfig, Upstream
 
+from . import leaks
 from .conftest import Stack, eventually, start_stack
 
 pytestmark = pytest.mark.e2e
@@ -28,6 +29,7 @@ IBAN = "DE89 3704 0044 0532 0130 00"
 AWS = "AKIA4HXQ7KPZ3MWRT2LB"
 PROMPT = f"Refund card {CARD} to {IBAN} and mail {EMAIL}"
 ECHO = {"x-demo-echo": "1"}
+leaks.plant(EMAIL, CARD, IBAN, AWS, CARD.replace(" ", ""))
 
 
 @pytest.fixture(scope="module")

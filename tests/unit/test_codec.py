@@ -8,8 +8,13 @@ import orjson
 import pytest
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
-from envoy.service.ext_proc.v3.external_processor_pb2 import HttpHeaders, ProcessingResponse
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    HttpHeaders,
+    ProcessingRequest,
+    ProcessingResponse,
+)
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.struct_pb2 import Struct, Value
 
 from extproc import codec
 from extproc.decisions import BodyMode, Deny, Phase, forbidden, unauthorized
@@ -422,3 +427,13 @@ def test_a_rewritten_body_gets_its_length_without_touching_the_exchange() -> Non
         ("content-length", b"8")
     ]
     assert ex.set_headers == {}
+
+
+def test_the_peer_is_read_from_envoys_request_attributes() -> None:
+    fields = {
+        "source.address": Value(string_value="10.0.0.9:5555"),
+        "request.id": Value(string_value="r1"),
+    }
+    message = ProcessingRequest(attributes={codec.ATTRIBUTES: Struct(fields=fields)})
+    assert codec.peer(message) == ("10.0.0.9:5555", "r1")
+    assert codec.peer(ProcessingRequest()) == ("", "")

@@ -492,3 +492,17 @@ def test_a_tls_dir_sets_every_side_and_what_is_written_out_wins(tmp_path: Path) 
 def test_client_sans_need_client_certificates() -> None:
     with pytest.raises(ValidationError, match="client_sans needs client_ca_file"):
         config.TLSFiles(cert_file=Path("a"), key_file=Path("b"), client_sans=("envoy",))
+
+
+def test_the_audit_file_is_a_path_beside_the_config_or_dash_for_stdout(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    file = folder / "tollway.yaml"
+    file.write_text("audit: {file: audit/tollway.log}\n")
+    assert config.load(file, environ={}).audit.file == folder / "audit/tollway.log"
+    file.write_text("audit: {file: '-'}\n")
+    assert config.load(file, environ={}).audit.file == config.STDOUT
+    assert config.load(None, environ={}).audit.file == config.STDOUT  # on, to stdout
+    assert config.load(None, environ={}).audit.enabled
+    overridden = config.load(None, environ={"TOLLWAY__AUDIT__FILE": "-"})
+    assert overridden.audit.file == config.STDOUT
