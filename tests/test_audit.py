@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +23,8 @@ from extproc.config import Config, LimitRule, MetricsConfig
 from extproc.metrics import Metrics
 from extproc.processor import StreamProcessor
 from extproc.runtime import Runtime
+
+from .tollway_up import tollway
 
 SECRET_PROMPT = "the launch code is swordfish-7731"
 
@@ -354,17 +354,6 @@ def test_values_shaped_like_keys_keep_only_their_id() -> None:
 
 
 # ---- the CLI ---------------------------------------------------------------------
-
-
-def tollway(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "extproc", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env={"PATH": "/usr/bin:/bin"},
-    )
 
 
 def test_every_key_command_that_changes_a_key_is_audited_with_who_and_the_options(

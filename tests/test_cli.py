@@ -14,16 +14,7 @@ import yaml
 
 from extproc import keys
 
-
-def tollway(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "extproc", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env={"PATH": "/usr/bin:/bin"},
-    )
+from .tollway_up import tollway
 
 
 def test_help_lists_every_subcommand_with_a_line_of_help() -> None:

@@ -209,13 +209,7 @@ def test_envoy_runs_the_rendering_of_the_same_config(tmp_path: Path) -> None:
     assert ipaddress.ip_address(cfg.envoy.admin_address).is_loopback  # admin stays in the pod
     out = tmp_path / "envoy.yaml"
     out.write_text(envoyconf.render_yaml(cfg))
-    result = subprocess.run(
-        [up.envoy_binary(), "--mode", "validate", "-c", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    _envoy_accepts(out)
 
 
 def test_services_reach_the_pods_and_the_ports_the_config_names() -> None:
@@ -425,8 +419,13 @@ def test_the_istio_example_matches_its_api_and_carries_the_rendered_filters(
     }
     out = tmp_path / "istio-gateway.yaml"
     out.write_text(yaml.safe_dump(wrapper))
+    _envoy_accepts(out)
+
+
+def _envoy_accepts(config_file: Path) -> None:
+    """Envoy 1.40 itself loads the file (`--mode validate`)."""
     result = subprocess.run(
-        [up.envoy_binary(), "--mode", "validate", "-c", str(out)],
+        [up.envoy_binary(), "--mode", "validate", "-c", str(config_file)],
         capture_output=True,
         text=True,
         timeout=60,

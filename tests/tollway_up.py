@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -89,3 +90,22 @@ class UpRun:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def tollway(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """`tollway ARGS` as a user runs it (this checkout's package); by default with a
+    bare environment, so nothing of the test's own leaks into the command."""
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={"PATH": "/usr/bin:/bin"} if env is None else env,
+        check=check,
+    )

@@ -25,7 +25,7 @@ import yaml
 
 from extproc import envoyconf, up
 from tests.redis_server import RedisServer
-from tests.tollway_up import eventually
+from tests.tollway_up import eventually, tollway
 
 pytestmark = pytest.mark.e2e
 
@@ -41,17 +41,6 @@ class Topology:
     metrics: list[str]  # each replica's metrics port, as Prometheus scrapes it
     env: dict[str, str]  # the loopback mapping every process got
     key: str  # made as compose's README says (`docker compose run --rm tollway keys create`)
-
-
-def _tollway(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "extproc", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=True,
-    )
 
 
 def _loopback(workdir: Path, redis: RedisServer, demo_port: int) -> dict[str, str]:
@@ -90,7 +79,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> It
         demo_args = [demo_cmd[0], "--port", str(demo_port), *demo_cmd[-2:]]  # --provider-key
         env = _loopback(workdir, redis, demo_port)
         create = ("keys", "create", "--name", "compose", "--rpm", str(RPM))
-        key = _tollway(*create, env=env).stdout.strip()
+        key = tollway(*create, env=env, check=True).stdout.strip()
         procs.append(
             up.spawn([sys.executable, "-m", "extproc", *demo_args], env, workdir / "demo.log")
         )
@@ -107,7 +96,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> It
         # compose's envoy-config service, then the one edit DNS makes there.
         render = compose["envoy-config"]["command"]
         envoy_file = workdir / "envoy.yaml"
-        _tollway(render[0], "--output", str(envoy_file), env=env)
+        tollway(render[0], "--output", str(envoy_file), env=env, check=True)
         rendered = yaml.safe_load(envoy_file.read_text())
         (cluster,) = [
             c

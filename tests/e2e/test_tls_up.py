@@ -32,27 +32,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc import certs, envoyconf
 
-from ..tollway_up import UpRun
+from ..tollway_up import UpRun, tollway
 from .certs import issue
 
 pytestmark = pytest.mark.e2e
 
 
-def _tollway(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "extproc", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpRun]:
     workdir = tmp_path_factory.mktemp("tls-up")
-    _tollway("certs", cwd=workdir)  # into ./tls, where `up --tls` looks
+    tollway("certs", cwd=workdir, check=True)  # into ./tls, where `up --tls` looks
     run = UpRun([sys.executable, "-m", "extproc", "up", "--demo", "--tls", "--port", "0"], workdir)
     try:
         run.wait_banner()
@@ -189,10 +178,14 @@ def test_tollway_accepts_envoys_certificate_only(up: UpRun, tmp_path: Path) -> N
 
 
 def test_certs_again_keeps_the_ca(tmp_path: Path) -> None:
-    _tollway("certs", "--dir", "out", "--hosts", "gateway.internal", "10.0.0.7", cwd=tmp_path)
+    tollway(
+        "certs", "--dir", "out", "--hosts", "gateway.internal", "10.0.0.7", cwd=tmp_path, check=True
+    )
     out = tmp_path / "out"
     ca, leaf = (out / "ca.pem").read_bytes(), (out / "front-door.pem").read_bytes()
-    again = _tollway("certs", "--dir", "out", "--tollway-hosts", "tollway.svc", cwd=tmp_path)
+    again = tollway(
+        "certs", "--dir", "out", "--tollway-hosts", "tollway.svc", cwd=tmp_path, check=True
+    )
     assert "kept the CA" in again.stderr
     assert (out / "ca.pem").read_bytes() == ca  # clients that trust it keep working
     assert (out / "front-door.pem").read_bytes() != leaf
