@@ -31,6 +31,8 @@ from .kinds import Dialect
 METADATA_NAMESPACE = "tollway"
 JWT_NAMESPACE = "envoy.filters.http.jwt_authn"  # (envoyconf forwards it with identity.jwt)
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"  # request_attributes arrive under this
+# Envoy's attributes of a front-door client certificate (its first URI and DNS SAN).
+CERT_ATTRIBUTES = ("connection.uri_san_peer_certificate", "connection.dns_san_peer_certificate")
 # Metadata strings may come from clients (a model name): each is cut to this many
 # characters and marked, so that one request cannot write a megabyte into the access log.
 METADATA_MAX_CHARS = 256
@@ -91,12 +93,15 @@ def decode_identity(request: ProcessingRequest) -> tuple[dict[str, Any], tuple[s
         if found is not None:
             jwt = MessageToDict(found)
     names: tuple[str, ...] = ()
-    if request.attributes:
-        attributes = request.attributes.get(ATTRIBUTES_KEY)
-        if attributes is not None:
-            names = tuple(
-                value.string_value for value in attributes.fields.values() if value.string_value
-            )
+    attributes = request.attributes.get(ATTRIBUTES_KEY) if request.attributes else None
+    if attributes is not None:
+        fields = attributes.fields
+        # (only these: the audit's source.address and request.id arrive here too)
+        names = tuple(
+            fields[name].string_value
+            for name in CERT_ATTRIBUTES
+            if name in fields and fields[name].string_value
+        )
     return jwt, names
 
 

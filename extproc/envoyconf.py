@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .codec import JWT_NAMESPACE
+from .codec import CERT_ATTRIBUTES, JWT_NAMESPACE
 from .config import Config, ConfigError, TLSFiles, Upstream
 from .error_shapes import error_document
 from .kinds import Dialect
@@ -538,8 +538,6 @@ def _routes(config: Config) -> list[dict[str, Any]]:
     return routes
 
 
-# Envoy's attributes of a front-door client certificate (first URI and DNS SAN).
-CERT_ATTRIBUTES = ("connection.uri_san_peer_certificate", "connection.dns_san_peer_certificate")
 # Where SDKs put what they are given as an API key: a JWT may come in any of them.
 _TOKEN_HEADERS = (("authorization", "Bearer "), ("x-api-key", ""), ("api-key", ""),
                   ("x-goog-api-key", ""))  # fmt: skip

@@ -318,7 +318,8 @@ def test_a_client_certificate_is_the_caller(cert_stack: tuple[Stack, Path], tmp_
         assert refused.status_code == 401
         assert refused.json()["error"]["code"] == "unknown_client_certificate"
     with _https(tls, None) as client:  # no certificate: a key, as before
-        assert client.post(f"{stack.url}/v1/chat/completions", json=chat).status_code == 401
+        missing = client.post(f"{stack.url}/v1/chat/completions", json=chat)
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
         with_key = client.post(
             f"{stack.url}/v1/chat/completions",
             json=chat,
