@@ -237,14 +237,16 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
-    rows = [("ID", "NAME", "TENANT", "STATE", "EXPIRES (UTC)", "MODELS", "REDACTION", "LIMITS")]
+    header = ("ID", "NAME", "TENANT", "STATE", "EXPIRES (UTC)", "MODELS", "ROLES", "REDACTION")
+    rows = [(*header, "LIMITS")]
     for r in keys.read_records(_keys_file(args)):
         state = "revoked" if r.revoked else "active" if r.active(now) else "expired"
         expires = r.expires.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if r.expires else "-"
         models = ",".join(r.models) or "*"
         policy = r.redaction or "-"
+        roles = ",".join(r.roles) or "-"
         rows.append(
-            (r.id, r.name, r.tenant, state, expires, models, policy, _limits_text(r.limits))
+            (r.id, r.name, r.tenant, state, expires, models, roles, policy, _limits_text(r.limits))
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:

@@ -328,9 +328,23 @@ def test_key_redaction_policy_named_at_creation_changed_and_cleared(tmp_path: Pa
     assert [r.redaction for r in keys.read_records(file)] == ["strict"]
     listed = tollway("keys", "list", "--config", str(config)).stdout
     assert re.search(r"\bREDACTION\s+LIMITS$", listed.splitlines()[0])
-    assert re.search(r"\sa\s.*\s\*\s+strict\s+-$", listed, re.M)
+    assert re.search(r"\sa\s.*\s\*\s+-\s+strict\s+-$", listed, re.M)  # (no roles: -)
     cleared = tollway("keys", "redaction", "--config", str(config), "a", "none")
     assert cleared.returncode == 0 and "redaction none" in cleared.stdout
     assert [r.redaction for r in keys.read_records(file)] == [None]
     bad = tollway("keys", "redaction", "--config", str(config), "a", "lax")
     assert bad.returncode == 2 and "lax" in bad.stderr
+
+
+def test_key_roles_must_be_the_configs_and_are_listed(tmp_path: Path) -> None:
+    file = tmp_path / "keys.yaml"
+    config = tmp_path / "tollway.yaml"
+    config.write_text(f"auth: {{keys_file: {file}}}\nroles: {{chat: {{}}, ops: {{}}}}\n")
+    unknown = tollway("keys", "create", "--config", str(config), "--name", "a", "--roles", "root")
+    assert unknown.returncode == 2 and "root not in roles (chat, ops)" in unknown.stderr
+    made = tollway("keys", "create", "--config", str(config), "--name", "a", "--roles", "chat,ops")
+    assert made.returncode == 0, made.stderr
+    assert [r.roles for r in keys.read_records(file)] == [("chat", "ops")]
+    listed = tollway("keys", "list", "--config", str(config)).stdout
+    assert re.search(r"\sROLES\s+REDACTION\s", listed.splitlines()[0])
+    assert re.search(r"\s\*\s+chat,ops\s+-\s+-$", listed, re.M)

@@ -126,6 +126,7 @@ class AuthStage:
             return found
         record = found
         ex.identity = record
+        ex.metadata["key_id"] = record.id  # (a JWT's or certificate's too: jwt:corp:USER)
         ex.metadata["tenant"] = record.tenant
         ex.metadata["key_name"] = record.name
         ex.metadata["auth"] = record.kind if record.kind != "key" else "ok"

@@ -142,6 +142,7 @@ def test_a_verified_token_is_the_caller_and_never_reaches_the_provider(
     assert seen["headers"]["x-tollway-tenant"] == "acme"  # the org claim
     line = eventually(lambda: _log_line(jwt_stack, f'"key_name":"{user}"'), 10, "access log")
     assert '"auth":"jwt"' in line and '"tenant":"acme"' in line
+    assert f'"key_id":"jwt:corp:{user}"' in line  # limits by key count per user
 
 
 @pytest.mark.parametrize(
