@@ -261,6 +261,9 @@ class EnvoyConfig(_Model):
     port: int = Field(8080, ge=0, le=65535)
     admin_address: str = "127.0.0.1"
     admin_port: int = Field(9901, ge=0, le=65535)
+    # A listener (on `address`) that serves Envoy's Prometheus stats and nothing else of
+    # the admin interface, for scrapers when the admin stays on loopback (Kubernetes).
+    stats_port: int | None = Field(None, ge=1, le=65535)
     # Downstream TLS (clients to Envoy); plaintext when absent.
     tls: TLSFiles | None = None
     # Envoy worker threads; 1 leaves the most CPU for Tollway on small hosts.

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .codec import CERT_ATTRIBUTES, JWT_NAMESPACE
-from .config import Config, ConfigError, TLSFiles, Upstream
+from .config import Config, ConfigError, EnvoyConfig, TLSFiles, Upstream
 from .error_shapes import error_document
 from .kinds import Dialect
 from .routes import (
@@ -667,6 +667,64 @@ def _http_filters(config: Config) -> list[dict[str, Any]]:
     ]
 
 
+STATS_PATH = "/stats/prometheus"
+_ADMIN_CLUSTER = "envoy_admin"
+
+
+def _stats_listener(envoy: EnvoyConfig, port: int) -> dict[str, Any]:
+    """Envoy's own /stats/prometheus, read from its admin interface on loopback: every
+    other path (and every other admin endpoint: /quitquitquit, /config_dump) is a 404."""
+    not_found = {"status": 404, "body": {"inline_string": "not found\n"}}
+    hcm = {
+        "@type": f"{_T}extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "stats",
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": f"{_T}extensions.filters.http.router.v3.Router"},
+            }
+        ],
+        "route_config": {
+            "name": "stats",
+            "virtual_hosts": [
+                {
+                    "name": "stats",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"path": STATS_PATH, "headers": [_method_is("GET")]},
+                            "route": {"cluster": _ADMIN_CLUSTER, "timeout": "5s"},
+                        },
+                        {"match": {"prefix": "/"}, "direct_response": not_found},
+                    ],
+                }
+            ],
+        },
+    }
+    return {
+        "name": "stats",
+        "address": {"socket_address": {"address": envoy.address, "port_value": port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                          "typed_config": hcm}]}
+        ],
+    }  # fmt: skip
+
+
+def _method_is(method: str) -> dict[str, Any]:
+    return {"name": ":method", "string_match": {"exact": method}}
+
+
+def _admin_cluster(envoy: EnvoyConfig) -> dict[str, Any]:
+    host = envoy.admin_address if envoy.admin_address not in ("0.0.0.0", "::") else "127.0.0.1"
+    return {
+        "name": _ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": _endpoints(_ADMIN_CLUSTER, host, [envoy.admin_port]),
+    }
+
+
 def render(config: Config, extproc_ports: Sequence[int] | None = None) -> dict[str, Any]:
     """Envoy's config; its Tollway cluster lists ``extproc_ports`` (default: replica_ports)."""
     envoy = config.envoy
@@ -734,12 +792,14 @@ def render(config: Config, extproc_ports: Sequence[int] | None = None) -> dict[s
                     # ext_proc buffers a request body in this much memory.
                     "per_connection_buffer_limit_bytes": config.max_body_bytes + 64 * 1024,
                     "filter_chains": [chain],
-                }
+                },
+                *([_stats_listener(envoy, envoy.stats_port)] if envoy.stats_port else []),
             ],
             "clusters": [
                 _extproc_cluster(config, extproc_ports or replica_ports(config)),
                 *(_upstream_cluster(name, up) for name, up in config.upstreams.items()),
                 *_jwks_clusters(config),
+                *([_admin_cluster(envoy)] if envoy.stats_port else []),
             ],
         },
     }

@@ -207,6 +207,11 @@ def test_envoy_runs_the_rendering_of_the_same_config(tmp_path: Path) -> None:
     for probe in ("livenessProbe", "readinessProbe"):
         assert envoy[probe]["httpGet"] == {"path": health["match"]["path"], "port": "http"}
     assert ipaddress.ip_address(cfg.envoy.admin_address).is_loopback  # admin stays in the pod
+    # Prometheus scrapes Envoy's stats on their own port, the one the config serves them on.
+    assert _port(envoy, "stats") == cfg.envoy.stats_port
+    annotations = _pod("envoy")["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(cfg.envoy.stats_port)
+    assert annotations["prometheus.io/path"] == envoyconf.STATS_PATH
     out = tmp_path / "envoy.yaml"
     out.write_text(envoyconf.render_yaml(cfg))
     _envoy_accepts(out)
@@ -278,7 +283,10 @@ def test_network_policies_allow_only_the_paths_the_topology_needs() -> None:
     ]
     assert _peers(tollway["egress"], "to") == [("dns", [53, 53]), (components["redis"], [6379])]
     envoy = _policy("envoy")
-    assert _peers(envoy["ingress"], "from") == [("any", [cfg.envoy.port])]
+    assert _peers(envoy["ingress"], "from") == [
+        ("any", [cfg.envoy.port]),
+        (monitoring, [cfg.envoy.stats_port]),  # its stats only; the admin stays on loopback
+    ]
     assert _peers(envoy["egress"], "to") == [
         ("dns", [53, 53]),
         (components["tollway"], [port]),
