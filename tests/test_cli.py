@@ -93,11 +93,11 @@ def test_key_limits_set_at_creation_changed_and_cleared(tmp_path: Path) -> None:
     listed = tollway("keys", "list", "--keys-file", str(file)).stdout
     assert re.search(r"\bLIMITS$", listed.splitlines()[0])
     assert re.search(
-        rf"^{record.id}\s+a\s.*\s\*\s+-\s+rpm=60 tpm=100000 concurrency=4 budget-usd=50/month$",
+        rf"^{record.id}\s+a\s.*\s\*\s+-\s+-\s+rpm=60 tpm=100000 concurrency=4 budget-usd=50/month$",
         listed,
         re.M,
     )
-    assert re.search(r"^\S+\s+plain\s.*\s\*\s+-\s+-$", listed, re.M)
+    assert re.search(r"^\S+\s+plain\s.*\s\*\s+-\s+-\s+-$", listed, re.M)  # roles, redaction, limits
 
     changed = tollway(
         "keys", "limits", "--keys-file", str(file), "a", "--rpm", "120", "--budget-usd", "0.1/day"

@@ -133,9 +133,10 @@ class AuthStage:
         ex.set_headers["x-tollway-key-id"] = record.id
         ex.set_headers["x-tollway-tenant"] = record.tenant
         role_models = None
-        if record.roles or record.kind != "key":
+        if route is not None and (record.roles or record.kind != "key"):
             # An identity with roles (every JWT and certificate) reaches only what they grant.
-            role_models = self.roles.models_for(record.roles, route.name) if route else ()
+            # (No route: Envoy answers 404, nothing is reached.)
+            role_models = self.roles.models_for(record.roles, route.name)
             if not role_models:
                 return forbidden(
                     "route_not_allowed", f"This {_NOUNS[record.kind]} has no role for this route."

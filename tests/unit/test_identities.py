@@ -110,3 +110,11 @@ def test_a_jwt_on_a_route_that_takes_keys_only_is_no_caller(route_path: str) -> 
     claims = {"corp": {"sub": "u1", "realm": {"roles": ["anything"]}}}
     denied = stage.start(_exchange(route_path, {}, jwt=claims))  # (identities: key only)
     assert isinstance(denied, Deny) and denied.code == "missing_api_key"
+
+
+def test_a_path_without_a_route_is_no_route_a_role_could_deny() -> None:
+    key, record = keys.generate(name="svc", roles=["chat"])
+    stage = AuthStage(KeyRing([record]), IDENTITIES)
+    ex = _exchange("/nowhere", bearer(key))
+    assert ex.route is None
+    assert stage.start(ex) is None  # (Envoy's 404, as for a key without roles)
