@@ -60,7 +60,9 @@ _MAX_CHARS = 256  # a client-controlled string (the path) is cut to this
 _KEY_ID = re.compile(r"tw_([0-9a-f]{12})_")
 _KEYLIKE = re.compile(r"tw_[0-9a-f]{12}_\S*")
 
-Peer = tuple[str, str]  # (client address, Envoy's request id), from Envoy's attributes
+# (client address, Envoy's request id) from Envoy's attributes; the id, when Envoy sends
+# no attribute for it, is its x-request-id header (the same value)
+Peer = tuple[str, str]
 
 
 class Sink(Protocol):

@@ -30,7 +30,9 @@ from .kinds import Dialect
 
 METADATA_NAMESPACE = "tollway"
 JWT_NAMESPACE = "envoy.filters.http.jwt_authn"  # (envoyconf forwards it with identity.jwt)
-ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"  # request_attributes arrive under this
+# Envoy's request_attributes (envoyconf.py asks for them) arrive with the request
+# headers under the filter's name.
+ATTRIBUTES = "envoy.filters.http.ext_proc"
 # Envoy's attributes of a front-door client certificate (its first URI and DNS SAN).
 CERT_ATTRIBUTES = ("connection.uri_san_peer_certificate", "connection.dns_san_peer_certificate")
 # Metadata strings may come from clients (a model name): each is cut to this many
@@ -50,11 +52,6 @@ CONTINUE_REQUEST_BODY = ProcessingResponse(request_body=BodyResponse())
 CONTINUE_RESPONSE_BODY = ProcessingResponse(response_body=BodyResponse())
 CONTINUE_REQUEST_TRAILERS = ProcessingResponse(request_trailers=TrailersResponse())
 CONTINUE_RESPONSE_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
-
-
-# Envoy's request_attributes (envoyconf.py asks for these) arrive with the request
-# headers under the filter's name.
-ATTRIBUTES = "envoy.filters.http.ext_proc"
 
 
 def peer(request: ProcessingRequest) -> tuple[str, str]:
@@ -93,10 +90,10 @@ def decode_identity(request: ProcessingRequest) -> tuple[dict[str, Any], tuple[s
         if found is not None:
             jwt = MessageToDict(found)
     names: tuple[str, ...] = ()
-    attributes = request.attributes.get(ATTRIBUTES_KEY) if request.attributes else None
+    attributes = request.attributes.get(ATTRIBUTES) if request.attributes else None
     if attributes is not None:
         fields = attributes.fields
-        # (only these: the audit's source.address and request.id arrive here too)
+        # (only these: the audit's source.address arrives here too)
         names = tuple(
             fields[name].string_value
             for name in CERT_ATTRIBUTES

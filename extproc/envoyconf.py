@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from .codec import CERT_ATTRIBUTES, JWT_NAMESPACE
-from .config import Config, ConfigError, EnvoyConfig, TLSFiles, Upstream
+from .config import CREDENTIAL_HEADERS, Config, ConfigError, EnvoyConfig, TLSFiles, Upstream
 from .error_shapes import error_document
+from .identities import failed_key
 from .kinds import Dialect
 from .routes import (
     ANTHROPIC_HEADER,
@@ -538,16 +539,6 @@ def _routes(config: Config) -> list[dict[str, Any]]:
     return routes
 
 
-# Where SDKs put what they are given as an API key: a JWT may come in any of them.
-_TOKEN_HEADERS = (("authorization", "Bearer "), ("x-api-key", ""), ("api-key", ""),
-                  ("x-goog-api-key", ""))  # fmt: skip
-
-
-def failed_key(provider: str) -> str:
-    """Where jwt_authn writes why a provider's token failed (Tollway answers the 401)."""
-    return f"failed:{provider}"
-
-
 def _jwks_cluster(provider: str) -> str:
     return f"jwks_{provider}"
 
@@ -562,8 +553,10 @@ def _jwt_authn(config: Config) -> dict[str, Any]:
             "issuer": jwt.issuer,
             "audiences": list(jwt.audiences),
             "clock_skew_seconds": jwt.clock_skew_s,
+            # Where SDKs put what they are given as an API key: a JWT may come in any.
             "from_headers": [
-                {"name": header, "value_prefix": prefix} for header, prefix in _TOKEN_HEADERS
+                {"name": h, "value_prefix": "Bearer " if h == "authorization" else ""}
+                for h in CREDENTIAL_HEADERS
             ],
             "from_params": [],  # (not ?access_token=: URLs end up in logs)
             "forward": False,  # the IdP's token does not go to the model provider
@@ -615,7 +608,8 @@ def _http_filters(config: Config) -> list[dict[str, Any]]:
     metadata: dict[str, Any] = {"receiving_namespaces": {"untyped": ["tollway"]}}
     if config.identity.jwt:
         metadata["forwarding_namespaces"] = {"untyped": [JWT_NAMESPACE]}
-    attributes = ["source.address", "request.id"]
+    # (Envoy's request id is its x-request-id header already: no attribute for it)
+    attributes = ["source.address"]
     if config.identity.certs:
         attributes += CERT_ATTRIBUTES
     return [
@@ -655,8 +649,8 @@ def _http_filters(config: Config) -> list[dict[str, Any]]:
                     "response_trailer_mode": "SKIP",
                 },
                 "metadata_options": metadata,
-                # With the request headers: the audit log's client address and request
-                # id (and a client certificate's names, with identity.certs).
+                # With the request headers: the audit log's client address (and a
+                # client certificate's names, with identity.certs).
                 "request_attributes": attributes,
             },
         },

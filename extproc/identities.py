@@ -25,6 +25,11 @@ _UNSAFE = re.compile(r"[^\x21-\x7e]")
 _MAX_CLAIM = 128
 
 
+def failed_key(provider: str) -> str:
+    """Where jwt_authn writes why a provider's token failed (envoyconf asks it to)."""
+    return f"failed:{provider}"
+
+
 def _clean(value: object) -> str:
     return _UNSAFE.sub("_", str(value))[:_MAX_CLAIM]
 
@@ -102,7 +107,7 @@ class Identities:
                     return f"it has no '{provider.claims.user}' claim to say who it is"
                 return self._record("jwt", name, provider, claims)
         for name in self._jwt:
-            failed = found.get(f"failed:{name}")
+            failed = found.get(failed_key(name))
             if isinstance(failed, dict):
                 return str(failed.get("message") or "Jwt verification fails")
         return None

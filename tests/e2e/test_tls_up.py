@@ -13,7 +13,6 @@ import re
 import socket
 import ssl
 import stat
-import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from google import genai
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc import certs, envoyconf
+from extproc import up as up_module
 
 from ..tollway_up import UpRun, tollway
 from .certs import issue
@@ -64,18 +64,12 @@ def test_certs_are_private_and_name_each_side(up: UpRun) -> None:
     tls = _workdir(up) / "tls"
     assert stat.S_IMODE(tls.stat().st_mode) == 0o700
     made = sorted(p.name for p in tls.iterdir())
-    assert made == sorted(p.name for p in [*certs_files(tls), tls / "ca-key.pem"])
+    assert made == sorted(p.name for p in [*up_module.tls_files(tls), tls / "ca-key.pem"])
     for path in tls.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert _sans(tls / "front-door.pem") == ["localhost", "127.0.0.1"]
     assert _sans(tls / "tollway.pem") == ["tollway", "localhost", "127.0.0.1"]
     assert _sans(tls / "envoy-client.pem") == ["envoy"]
-
-
-def certs_files(tls: Path) -> list[Path]:
-    stems = (certs.CA, certs.FRONT_DOOR, certs.TOLLWAY, certs.ENVOY_CLIENT)
-    pairs = [certs.files(tls, stem) for stem in stems]
-    return [pairs[0].cert, *(p for pair in pairs[1:] for p in (pair.cert, pair.key))]
 
 
 def test_the_three_sdks_over_https_trusting_the_ca(up: UpRun) -> None:
@@ -194,12 +188,6 @@ def test_certs_again_keeps_the_ca(tmp_path: Path) -> None:
 
 
 def test_up_tls_without_certificates_says_how_to_make_them(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "extproc", "up", "--tls", "--port", "0"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = tollway("up", "--tls", "--port", "0", cwd=tmp_path)
     assert done.returncode == 2
     assert "tollway certs --dir tls" in done.stderr
