@@ -134,8 +134,15 @@ _PLACEHOLDER_WORD_RE = re.compile("|".join(map(re.escape, _PLACEHOLDER_WORDS)))
 _SEQUENCE_QUARTERS = ("0123", "4567", "abcd", "efgh", "ijkl", "mnop", "qrst", "uvwx")
 
 
-def _placeholder_word(lower: str) -> bool:
-    return _PLACEHOLDER_WORD_RE.search(lower) is not None
+def _placeholder_word(value: str) -> bool:
+    """A placeholder word written as a word (``EXAMPLE``, ``your_key``, ``Fake``), not
+    letters of a random value that happen to spell one in mixed case (``…FaKE…``:
+    about one AWS secret key in 150)."""
+    for m in _PLACEHOLDER_WORD_RE.finditer(value.lower()):
+        word = value[m.start() : m.end()]
+        if word.islower() or word.isupper() or word.istitle() or not word.isalpha():
+            return True
+    return False
 
 
 def _typed_run(lower: str) -> bool:
@@ -145,8 +152,7 @@ def _typed_run(lower: str) -> bool:
 
 
 def _placeholder(value: str) -> bool:
-    lower = value.lower()
-    return _placeholder_word(lower) or _typed_run(lower)
+    return _placeholder_word(value) or _typed_run(value.lower())
 
 
 def _random_body(body: str) -> bool:
@@ -158,7 +164,7 @@ def _random_body(body: str) -> bool:
     lower = body.lower()
     if _typed_run(lower) or not _entropy_at_least(body, 2.2):
         return False
-    return not _placeholder_word(lower) or _entropy_at_least(body, 4.0)
+    return not _placeholder_word(body) or _entropy_at_least(body, 4.0)
 
 
 # ---- provider tokens --------------------------------------------------------
