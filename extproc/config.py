@@ -318,27 +318,53 @@ def _default_upstreams() -> dict[str, Upstream]:
     }
 
 
-class TierPrice(_Model):
-    """USD per 1M tokens. Cached reads and cache writes default to the input price,
-    reasoning to the output price: no discount is assumed where none is listed."""
+class Rates(_Model):
+    """USD per 1M tokens of each kind a provider bills at its own rate.
+
+    Only ``input`` is required. A kind without a rate is billed at the rate it is
+    a part of (cached audio -> cached -> input, a 1-hour cache write -> cache
+    write -> input, audio input -> input, audio output -> output), and its tokens
+    are counted as unpriced: the provider's bill may differ. Reasoning without a
+    rate of its own is output, as every provider bills it.
+    """
 
     input: float = Field(ge=0)
     output: float = Field(0, ge=0)
     cached_input: float | None = Field(None, ge=0)
-    cache_write: float | None = Field(None, ge=0)
+    cache_write: float | None = Field(None, ge=0)  # the default lifetime (Anthropic: 5 minutes)
+    cache_write_1h: float | None = Field(None, ge=0)
     reasoning: float | None = Field(None, ge=0)
+    input_audio: float | None = Field(None, ge=0)
+    input_image: float | None = Field(None, ge=0)
+    input_video: float | None = Field(None, ge=0)
+    cached_input_audio: float | None = Field(None, ge=0)
+    cached_input_image: float | None = Field(None, ge=0)
+    output_audio: float | None = Field(None, ge=0)
+    output_image: float | None = Field(None, ge=0)
 
 
-class LongContextPrice(TierPrice):
-    # Above this many input tokens, this tier prices the whole request.
+class LongContextPrice(Rates):
+    # Above this many input tokens, these rates price the whole request.
     threshold: int = Field(gt=0)
+
+
+class TierPrice(Rates):
+    long_context: LongContextPrice | None = None
+
+
+# The tiers a response may say served it, as Usage.service_tier names them.
+SERVICE_TIERS = ("flex", "priority", "batch")
+ServiceTier = Literal["flex", "priority", "batch"]
 
 
 class ModelPrice(TierPrice):
     provider: str | None = None
-    long_context: LongContextPrice | None = None
+    # Rates of the tiers other than standard (OpenAI and Gemini flex and priority...).
+    service_tiers: dict[ServiceTier, TierPrice] = Field(default_factory=dict)
     # Other names of the model (dated snapshots with the same price...).
     aliases: tuple[str, ...] = ()
+    # Where the prices came from (a LiteLLM entry, an override); shown by `tollway prices`.
+    source: str | None = None
 
 
 class PricingConfig(_Model):

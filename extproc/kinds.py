@@ -15,13 +15,19 @@ Api = Literal["chat", "completions", "embeddings", "responses", "messages", "gen
 
 @dataclass(slots=True)
 class Usage:
-    """Tokens of one request, as OpenTelemetry GenAI counts them.
+    """Tokens of one request, as OpenTelemetry GenAI counts them, with the kinds
+    providers bill at rates of their own.
 
-    ``input_tokens`` is every prompt token, cached or not; ``cached_input_tokens``
-    (read from a prompt cache) and ``cache_creation_tokens`` (written to one) are
-    parts of it. ``output_tokens`` is every generated token; ``reasoning_tokens``
-    is the part spent thinking. Providers report these differently (see each
-    reader); this is what they all become.
+    ``input_tokens`` is every prompt token, cached or not; the other input
+    counts are parts of it: read from a prompt cache (``cached_input_tokens``,
+    of which ``cached_audio_tokens`` and ``cached_image_tokens`` by modality),
+    written to one (``cache_creation_tokens``, of which
+    ``cache_creation_1h_tokens`` with a one-hour lifetime), and by modality
+    (audio, image, video; text is the rest). ``output_tokens`` is every
+    generated token; reasoning, audio and image tokens are parts of it.
+    ``service_tier`` is the tier that served the request ("" for standard).
+    Providers report these differently (see each reader); this is what they
+    all become.
     """
 
     input_tokens: int = 0
@@ -29,3 +35,26 @@ class Usage:
     cached_input_tokens: int = 0
     cache_creation_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_creation_1h_tokens: int = 0
+    cached_audio_tokens: int = 0
+    cached_image_tokens: int = 0
+    input_audio_tokens: int = 0
+    input_image_tokens: int = 0
+    input_video_tokens: int = 0
+    output_audio_tokens: int = 0
+    output_image_tokens: int = 0
+    # Reported kinds Tollway has no rate for (say, a new details field): priced as
+    # plain input or output, and counted as unpriced.
+    other_input_tokens: int = 0
+    other_output_tokens: int = 0
+    service_tier: str = ""
+
+
+def add_usage(a: Usage, b: Usage) -> Usage:
+    """Two parts of one request (say, an Anthropic compaction step and the answer)."""
+    counts = {
+        name: getattr(a, name) + getattr(b, name)
+        for name in Usage.__slots__  # type: ignore[attr-defined]
+        if name != "service_tier"
+    }
+    return Usage(**counts, service_tier=a.service_tier or b.service_tier)
