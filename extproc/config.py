@@ -196,6 +196,10 @@ class Upstream(_Model):
     # (e.g. a model served in-house).
     redaction: bool = True
     timeout_s: float = Field(600.0, gt=0)
+    # Which of the price table's provider names to try first for this upstream's
+    # models (`vertex_ai` tries `vertex_ai/<model>`); "" for none. Unset: `azure` for
+    # api azure, `vertex_ai` for a Gemini upstream on *aiplatform.googleapis.com.
+    prices: str | None = Field(None, pattern=r"^[a-z0-9_.-]*$")
 
     @field_validator("url")
     @classmethod

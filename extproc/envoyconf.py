@@ -66,6 +66,24 @@ ACCESS_LOG_FORMAT: dict[str, str] = {
     "cached_input_tokens": "%DYNAMIC_METADATA(tollway:cached_input_tokens)%",
     "cache_creation_tokens": "%DYNAMIC_METADATA(tollway:cache_creation_tokens)%",
     "reasoning_tokens": "%DYNAMIC_METADATA(tollway:reasoning_tokens)%",
+    # Only when the response reports them (null otherwise):
+    **{
+        field: f"%DYNAMIC_METADATA(tollway:{field})%"
+        for field in (
+            "cache_creation_1h_tokens",
+            "cached_audio_tokens",
+            "cached_image_tokens",
+            "input_audio_tokens",
+            "input_image_tokens",
+            "input_video_tokens",
+            "output_audio_tokens",
+            "output_image_tokens",
+            "other_input_tokens",
+            "other_output_tokens",
+            "service_tier",
+            "unpriced_tokens",
+        )
+    },
     "cost_usd": "%DYNAMIC_METADATA(tollway:cost_usd)%",
     "usage_estimated": "%DYNAMIC_METADATA(tollway:usage_estimated)%",
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 # Where a provider key goes and which error shape a route answers in.
@@ -52,9 +52,8 @@ class Usage:
 
 def add_usage(a: Usage, b: Usage) -> Usage:
     """Two parts of one request (say, an Anthropic compaction step and the answer)."""
-    counts = {
-        name: getattr(a, name) + getattr(b, name)
-        for name in Usage.__slots__  # type: ignore[attr-defined]
-        if name != "service_tier"
-    }
+    counts = {name: getattr(a, name) + getattr(b, name) for name in _COUNTS}
     return Usage(**counts, service_tier=a.service_tier or b.service_tier)
+
+
+_COUNTS = tuple(f.name for f in fields(Usage) if f.type == "int")

@@ -83,8 +83,8 @@ class Metrics:
         # price table's name, else "other"), provider (the route's API kind), api.
         self.tokens = Counter(
             "tollway_gen_ai_tokens",
-            "Tokens by type: input and output are totals; cached_input and cache_creation "
-            "are parts of input, reasoning a part of output. source: reported or estimated",
+            "Tokens by type: input and output are totals, every other type is a part of "
+            "one of them (README: Metering). source: reported or estimated",
             ["tenant", "model", "provider", "api", "type", "source"],
             registry=r,
         )
@@ -112,6 +112,13 @@ class Metrics:
             "tollway_gen_ai_unpriced_requests",
             "Metered requests whose model has no price (their cost counts as 0)",
             ["provider", "api"],
+            registry=r,
+        )
+        self.unpriced_tokens = Counter(
+            "tollway_gen_ai_unpriced_tokens",
+            "Tokens of a kind (or a service tier) the price table has no rate for, priced "
+            "at the rate they are a part of: the provider's bill may differ",
+            ["provider", "model", "kind", "service_tier"],
             registry=r,
         )
         unmetered = Counter(

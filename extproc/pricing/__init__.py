@@ -12,16 +12,17 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import ValidationError
 
-from ..config import ConfigError, ModelPrice, PricingConfig, TierPrice
+from ..config import ConfigError, ModelPrice, PricingConfig, Rates, TierPrice, Upstream
 from ..providers.usage import Usage
 from .litellm import load_litellm
 
-__all__ = ["OTHER", "PriceTable", "cost", "load_prices"]
+__all__ = ["OTHER", "PriceTable", "Priced", "buckets", "cost", "load_prices", "namespace"]
 
 OTHER = "other"  # the model label of everything not in the table
 _SNAPSHOT = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8}|-\d{4}|-\d{3}|-latest)$")
@@ -36,22 +37,33 @@ class PriceTable:
         for name, price in models.items():
             for alias in (name, *price.aliases):
                 self._names.setdefault(alias.lower(), name)
-        self._cache: dict[str, tuple[str, ModelPrice] | None] = {}
+        self._cache: dict[tuple[str, str | None], tuple[str, ModelPrice] | None] = {}
 
-    def lookup(self, model: str | None) -> tuple[str, ModelPrice] | None:
-        """(the table's name, its price) for a model as a response names it, or None."""
+    def lookup(
+        self, model: str | None, namespace: str | None = None
+    ) -> tuple[str, ModelPrice] | None:
+        """(the table's name, its price) for a model as a response names it, or None.
+
+        ``namespace`` is where the route's provider keeps its own prices
+        (``vertex_ai``, ``azure``): ``vertex_ai/<model>`` is looked up first.
+        """
         if not model:
             return None
-        if model in self._cache:
-            return self._cache[model]
-        found = self._find(model)
+        key = (model, namespace)
+        if key in self._cache:
+            return self._cache[key]
+        found = None
+        if namespace is not None:
+            found = self._find(f"{namespace}/{model.rpartition('/')[2]}")
+        if found is None:
+            found = self._find(model)
         if len(self._cache) < _CACHE_LIMIT:  # model names come from upstreams: bounded
-            self._cache[model] = found
+            self._cache[key] = found
         return found
 
-    def label(self, model: str | None) -> str:
+    def label(self, model: str | None, namespace: str | None = None) -> str:
         """A bounded metric label: the table's name for the model, else "other"."""
-        found = self.lookup(model)
+        found = self.lookup(model, namespace)
         return found[0] if found else OTHER
 
     def _find(self, model: str) -> tuple[str, ModelPrice] | None:
@@ -64,21 +76,120 @@ class PriceTable:
         return None
 
 
-def cost(price: ModelPrice, usage: Usage) -> float:
-    """USD for these tokens: each kind at its own rate, the long-context tier if over it."""
+class Priced(NamedTuple):
+    usd: float
+    # Tokens billed at the rate they are a part of, because the table has no rate
+    # of their own for this kind (and tier): (kind, tokens), e.g. ("input_audio", 120).
+    unpriced: tuple[tuple[str, int], ...]
+
+
+# A kind without a rate is billed at the first of these that has one.
+_PARENTS: dict[str, tuple[str, ...]] = {
+    "cached_input": ("input",),
+    "cached_input_audio": ("cached_input", "input"),
+    "cached_input_image": ("cached_input", "input"),
+    "cache_write": ("input",),
+    "cache_write_1h": ("cache_write", "input"),
+    "input_audio": ("input",),
+    "input_image": ("input",),
+    "input_video": ("input",),
+    "reasoning": ("output",),
+    "output_audio": ("output",),
+    "output_image": ("output",),
+}
+# Billed at their parent's rate by every provider: no rate of their own is no surprise.
+_SAME_AS_PARENT = frozenset({"reasoning"})
+
+
+def buckets(usage: Usage) -> list[tuple[str, int]]:
+    """The tokens of each kind, disjoint, in price-table terms; they sum to input + output.
+
+    Providers' counts may overlap more than they should (a cached count above the
+    prompt, say); each part is capped by what is left, so no token is billed twice.
+    """
+    left = usage.input_tokens
+    parts: list[tuple[str, int]] = []
+
+    def take(kind: str, tokens: int) -> int:
+        nonlocal left
+        n = min(max(tokens, 0), left)
+        left -= n
+        if n:
+            parts.append((kind, n))
+        return n
+
+    cached_audio = take("cached_input_audio", usage.cached_audio_tokens)
+    cached_image = take("cached_input_image", usage.cached_image_tokens)
+    take("cached_input", usage.cached_input_tokens - cached_audio - cached_image)
+    written_1h = take("cache_write_1h", usage.cache_creation_1h_tokens)
+    take("cache_write", usage.cache_creation_tokens - written_1h)
+    take("input_audio", usage.input_audio_tokens - cached_audio)
+    take("input_image", usage.input_image_tokens - cached_image)
+    take("input_video", usage.input_video_tokens)
+    take("other_input", usage.other_input_tokens)
+    take("input", left)
+    left = usage.output_tokens
+    take("reasoning", usage.reasoning_tokens)
+    take("output_audio", usage.output_audio_tokens)
+    take("output_image", usage.output_image_tokens)
+    take("other_output", usage.other_output_tokens)
+    take("output", left)
+    return parts
+
+
+def _rates(price: ModelPrice, usage: Usage) -> tuple[Rates, bool]:
+    """The rates that price this request, and whether they are the ones it was served at."""
     tier: TierPrice = price
-    if price.long_context is not None and usage.input_tokens > price.long_context.threshold:
-        tier = price.long_context
-    cached, written = usage.cached_input_tokens, usage.cache_creation_tokens
-    reasoning = usage.reasoning_tokens
-    per_million = (
-        max(usage.input_tokens - cached - written, 0) * tier.input
-        + cached * (tier.input if tier.cached_input is None else tier.cached_input)
-        + written * (tier.input if tier.cache_write is None else tier.cache_write)
-        + max(usage.output_tokens - reasoning, 0) * tier.output
-        + reasoning * (tier.output if tier.reasoning is None else tier.reasoning)
-    )
-    return per_million / 1_000_000
+    exact = True
+    if usage.service_tier:
+        served = price.service_tiers.get(usage.service_tier)  # type: ignore[call-overload]
+        if served is None:
+            exact = False  # a tier the table has no rates for: standard rates, flagged
+        else:
+            tier = served
+    base_long = price.long_context
+    long = tier.long_context
+    if long is not None and usage.input_tokens > long.threshold:
+        return long, exact
+    if long is None and base_long is not None and usage.input_tokens > base_long.threshold:
+        exact = False  # over the threshold in a tier whose long-context rates are unknown
+    return tier, exact
+
+
+def cost(price: ModelPrice, usage: Usage) -> Priced:
+    """USD for these tokens: each kind at its own rate, in the tier that served them,
+    the long-context rates if the prompt is over the threshold."""
+    rates, exact = _rates(price, usage)
+    total = 0.0
+    unpriced: list[tuple[str, int]] = []
+    for kind, tokens in buckets(usage):
+        if kind.startswith("other_"):  # a kind Tollway has no name for
+            rate, own = getattr(rates, kind[6:]), False
+        else:
+            rate, own = getattr(rates, kind), True
+            for parent in _PARENTS.get(kind, ()) if rate is None else ():
+                rate = getattr(rates, parent)
+                if rate is not None:
+                    own = kind in _SAME_AS_PARENT
+                    break
+        total += tokens * rate
+        if not (own and exact):
+            unpriced.append((kind, tokens))
+    return Priced(total / 1_000_000, tuple(unpriced))
+
+
+def namespace(upstream: Upstream) -> str | None:
+    """Where a route's provider keeps prices of its own in the table: the upstream's
+    ``prices`` setting, else ``azure`` for Azure OpenAI and ``vertex_ai`` for a Gemini
+    upstream on Vertex AI (``*aiplatform.googleapis.com``)."""
+    if upstream.prices is not None:
+        return upstream.prices or None
+    if upstream.api == "azure":
+        return "azure"
+    host = urlsplit(upstream.url).hostname or ""
+    if upstream.api == "gemini" and host.endswith("aiplatform.googleapis.com"):
+        return "vertex_ai"
+    return None
 
 
 def _shipped() -> tuple[dict[str, Any], str]:

@@ -20,6 +20,9 @@ class Reading:
     model: str | None
     usage: Usage
     estimated: bool  # no usage arrived: tokens estimated from the text that was delivered
+    # Steps priced apart (their model, None for the response's; their usage), summing
+    # to usage; empty when the whole usage is one step.
+    parts: tuple[tuple[str | None, Usage], ...] = ()
 
 
 class ResponseMeter:
@@ -60,7 +63,7 @@ class ResponseMeter:
     def reading(self) -> Reading:
         reader = self.reader
         if reader.usage is not None:
-            return Reading(reader.model, reader.usage, estimated=False)
+            return Reading(reader.model, reader.usage, estimated=False, parts=reader.parts)
         estimate = Usage(
             input_tokens=estimate_tokens(self._prompt_chars),
             output_tokens=estimate_tokens(reader.text_chars),

@@ -14,25 +14,56 @@ from __future__ import annotations
 from typing import Any
 
 from .sse import Event
-from .usage import Usage, UsageReader, count, text_length
+from .usage import Usage, UsageReader, count, service_tier, text_length
+
+# Parts of the prompt or the completion, by details field; text is the rest. Kinds
+# billed as plain input or output (predicted-output tokens) need no field here.
+_INPUT_DETAILS = {
+    "cached_tokens": "cached_input_tokens",
+    "cache_write_tokens": "cache_creation_tokens",
+    "audio_tokens": "input_audio_tokens",
+    "image_tokens": "input_image_tokens",
+}
+_OUTPUT_DETAILS = {
+    "reasoning_tokens": "reasoning_tokens",
+    "audio_tokens": "output_audio_tokens",
+    "image_tokens": "output_image_tokens",
+}
+_CACHED_DETAILS = {"audio_tokens": "cached_audio_tokens", "image_tokens": "cached_image_tokens"}
+_PLAIN = frozenset({"text_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens"})
 
 
-def _usage(raw: Any) -> Usage | None:
+def _details(raw: Any, fields: dict[str, str], other: str, into: dict[str, int]) -> None:
+    """Token counts of a details object into Usage fields; unknown ``*_tokens`` into ``other``."""
+    if not isinstance(raw, dict):
+        return
+    for name, value in raw.items():
+        tokens = count(value)
+        if not tokens:
+            continue
+        field = fields.get(name)
+        if field is not None:
+            into[field] = into.get(field, 0) + tokens
+        elif other and name.endswith("_tokens") and name not in _PLAIN:
+            into[other] = into.get(other, 0) + tokens
+
+
+def _usage(raw: Any, tier: str) -> Usage | None:
     if not isinstance(raw, dict):
         return None
-    details = raw.get("prompt_tokens_details") or raw.get("input_tokens_details")
+    parts: dict[str, int] = {}
+    input_details = raw.get("prompt_tokens_details") or raw.get("input_tokens_details")
+    _details(input_details, _INPUT_DETAILS, "other_input_tokens", parts)
+    if isinstance(input_details, dict):  # realtime and audio models: what was cached, by kind
+        _details(input_details.get("cached_tokens_details"), _CACHED_DETAILS, "", parts)
     output_details = raw.get("completion_tokens_details") or raw.get("output_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    reasoning = output_details.get("reasoning_tokens") if isinstance(output_details, dict) else None
+    _details(output_details, _OUTPUT_DETAILS, "other_output_tokens", parts)
     if "input_tokens" in raw or "output_tokens" in raw:  # the Responses API
         prompt, completion = raw.get("input_tokens"), raw.get("output_tokens")
     else:
         prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
     return Usage(
-        input_tokens=count(prompt),
-        output_tokens=count(completion),
-        cached_input_tokens=count(cached),
-        reasoning_tokens=count(reasoning),
+        input_tokens=count(prompt), output_tokens=count(completion), service_tier=tier, **parts
     )
 
 
@@ -60,21 +91,25 @@ class ChatReader(UsageReader):
             self._model(doc.get("model"))
             choices = doc.get("choices")
             self.text_chars += _choices_text(choices, "message") + _choices_text(choices, "text")
-            self.usage = _usage(doc.get("usage")) or self.usage
+            self.usage = (
+                _usage(doc.get("usage"), service_tier(doc.get("service_tier"))) or self.usage
+            )
 
     def on_event(self, event: Event, doc: Any) -> None:
         if isinstance(doc, dict):  # "[DONE]" and anything else not JSON are skipped
             self._model(doc.get("model"))
             choices = doc.get("choices")
             self.text_chars += _choices_text(choices, "delta") + _choices_text(choices, "text")
-            self.usage = _usage(doc.get("usage")) or self.usage
+            raw = doc.get("usage")
+            if raw is not None:  # the last chunk; every chunk names the tier
+                self.usage = _usage(raw, service_tier(doc.get("service_tier"))) or self.usage
 
 
 class EmbeddingsReader(UsageReader):
     def on_json(self, doc: Any) -> None:
         if isinstance(doc, dict):
             self._model(doc.get("model"))
-            self.usage = _usage(doc.get("usage")) or self.usage
+            self.usage = _usage(doc.get("usage"), "") or self.usage
 
     def on_event(self, event: Event, doc: Any) -> None:
         pass  # embeddings do not stream
@@ -101,7 +136,8 @@ class ResponsesReader(UsageReader):
 
     def _response(self, response: dict[str, Any], final: bool) -> None:
         self._model(response.get("model"))
-        self.usage = _usage(response.get("usage")) or self.usage
+        tier = service_tier(response.get("service_tier"))
+        self.usage = _usage(response.get("usage"), tier) or self.usage
         if final and not self.text_chars:
             self.text_chars = _output_text(response.get("output"))
 

@@ -296,7 +296,9 @@ class LimitsFlow(Flow):
         if plan.has_budget:
             found = stage.prices.lookup(model)
             if found is not None:
-                usd = cost(found[1], Usage(input_tokens=input_tokens, output_tokens=output_tokens))
+                usd = cost(
+                    found[1], Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+                ).usd
                 micro = math.ceil(usd * MICRO)
         amounts = []
         for rule in plan.rules:

@@ -15,21 +15,42 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..config import ModelPrice
 from ..decisions import BodyMode, Deny, Outcome, Phase
 from ..events import ResponseEvents
 from ..exchange import BodyError, Exchange
 from ..metrics import Metrics
-from ..pricing import OTHER, PriceTable, cost
+from ..pricing import OTHER, PriceTable, cost, namespace
 from ..providers import Api
 from ..providers.meter import Reading, ResponseMeter
 from ..providers.usage import Usage
+from ..routes import Route
 from ..store import Store, UsageRecord
 from . import Flow
 
 COST_HEADER = "x-tollway-cost-usd"
 # Streams of these APIs report usage only when asked (stream_options.include_usage).
 _ASK_FOR_USAGE: frozenset[Api] = frozenset({"chat", "completions"})
-TOKEN_TYPES = ("input", "output", "cached_input", "cache_creation", "reasoning")
+# tollway_gen_ai_tokens_total{type}: the Usage field each type counts.
+TOKEN_TYPES = {
+    "input": "input_tokens",
+    "output": "output_tokens",
+    "cached_input": "cached_input_tokens",
+    "cache_creation": "cache_creation_tokens",
+    "reasoning": "reasoning_tokens",
+    "cache_creation_1h": "cache_creation_1h_tokens",
+    "cached_audio": "cached_audio_tokens",
+    "cached_image": "cached_image_tokens",
+    "input_audio": "input_audio_tokens",
+    "input_image": "input_image_tokens",
+    "input_video": "input_video_tokens",
+    "output_audio": "output_audio_tokens",
+    "output_image": "output_image_tokens",
+    "other_input": "other_input_tokens",
+    "other_output": "other_output_tokens",
+}
+# In the access log always; the other kinds only when the response reports them.
+_ALWAYS_LOGGED = ("input", "output", "cached_input", "cache_creation", "reasoning")
 
 
 class MeteringStage:
@@ -52,18 +73,17 @@ class MeteringStage:
         self.clock = clock
         self.wall_clock = wall_clock
         # Labelled children, looked up once per label set: labels() is slow per call.
-        self._spend: dict[tuple[str, ...], tuple[list[Any], Any]] = {}
+        self._tokens: dict[tuple[str, ...], Any] = {}
+        self._cost: dict[tuple[str, ...], Any] = {}
         self._timing: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self._namespaces: dict[str, str | None] = {}  # by route name
 
-    def _spend_children(self, labels: tuple[str, str, str, str, str]) -> tuple[list[Any], Any]:
-        found = self._spend.get(labels)
+    def _child(
+        self, cache: dict[tuple[str, ...], Any], metric: Any, labels: tuple[str, ...]
+    ) -> Any:
+        found = cache.get(labels)
         if found is None:
-            tenant, model, provider, api, source = labels
-            tokens = self.metrics.tokens
-            found = self._spend[labels] = (
-                [tokens.labels(tenant, model, provider, api, kind, source) for kind in TOKEN_TYPES],
-                self.metrics.cost.labels(*labels),
-            )
+            found = cache[labels] = metric.labels(*labels)
         return found
 
     def _timing_children(self, labels: tuple[str, str, str]) -> tuple[Any, Any]:
@@ -84,6 +104,32 @@ class MeteringStage:
             ex.metadata["request_model"] = call.path_model
         return MeteringFlow(self, call.api, call.path_model)
 
+    def _namespace(self, route: Route) -> str | None:
+        if route.name not in self._namespaces:
+            self._namespaces[route.name] = namespace(route.upstream)
+        return self._namespaces[route.name]
+
+    def _price(
+        self, found: tuple[str, ModelPrice] | None, reading: Reading, where: str | None
+    ) -> tuple[float, list[tuple[str, int]], bool]:
+        """USD, the tokens priced at a rate not their own, and whether every step was priced."""
+        if not reading.parts:
+            if found is None:
+                return 0.0, [], False
+            priced = cost(found[1], reading.usage)
+            return priced.usd, list(priced.unpriced), True
+        usd, complete = 0.0, True
+        unpriced: list[tuple[str, int]] = []
+        for model, part in reading.parts:  # each step at its own model's prices
+            price = found if model is None else self.prices.lookup(model, where)
+            if price is None:
+                complete = False
+                continue
+            priced = cost(price[1], part)
+            usd += priced.usd
+            unpriced.extend(priced.unpriced)
+        return usd, unpriced, complete
+
     def record(self, ex: Exchange, m: MeteringFlow, reading: Reading) -> None:
         """One metered request: metrics, access-log metadata, cost header, usage record."""
         route = ex.route
@@ -92,44 +138,42 @@ class MeteringStage:
         ex.usage, ex.usage_estimated = reading.usage, reading.estimated
         usage = reading.usage
         model = reading.model or m.request_model
-        found = self.prices.lookup(model)
-        cost_usd = cost(found[1], usage) if found is not None else 0.0
+        where = self._namespace(route)
+        found = self.prices.lookup(model, where)
+        cost_usd, unpriced, complete = self._price(found, reading, where)
         ex.cost_usd = cost_usd
         label = found[0] if found is not None else OTHER
-        provider, identity = route.api, ex.identity
+        provider, identity, metrics = route.api, ex.identity, self.metrics
         tenant = identity.tenant if identity is not None and identity.tenant else "none"
         source = "estimated" if reading.estimated else "reported"
-        counters, spent = self._spend_children((tenant, label, provider, m.api, source))
-        counts = (
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.cached_input_tokens,
-            usage.cache_creation_tokens,
-            usage.reasoning_tokens,
-        )
-        for counter, tokens in zip(counters, counts, strict=True):
+        metadata = ex.metadata
+        for kind, field in TOKEN_TYPES.items():
+            tokens = getattr(usage, field)
             if tokens:
-                counter.inc(tokens)
-        spent.inc(cost_usd)
-        if found is None:
-            self.metrics.unpriced.labels(provider, m.api).inc()
+                labels = (tenant, label, provider, m.api, kind, source)
+                self._child(self._tokens, metrics.tokens, labels).inc(tokens)
+            if tokens or kind in _ALWAYS_LOGGED:
+                metadata[field] = tokens
+        self._child(self._cost, metrics.cost, (tenant, label, provider, m.api, source)).inc(
+            cost_usd
+        )
+        if not complete:
+            metrics.unpriced.labels(provider, m.api).inc()
+        if unpriced:
+            tier = usage.service_tier or "standard"
+            for kind, tokens in unpriced:
+                metrics.unpriced_tokens.labels(provider, label, kind, tier).inc(tokens)
+            metadata["unpriced_tokens"] = sum(tokens for _, tokens in unpriced)
+        if usage.service_tier:
+            metadata["service_tier"] = usage.service_tier
         duration, first_token = self._timing_children((provider, m.api, label))
         duration.observe(self.clock() - m.started)
         if m.first_byte is not None and m.sse:
             first_token.observe(m.first_byte - m.started)
-        ex.metadata.update(
-            {
-                "model": model or "",
-                "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens,
-                "cached_input_tokens": usage.cached_input_tokens,
-                "cache_creation_tokens": usage.cache_creation_tokens,
-                "reasoning_tokens": usage.reasoning_tokens,
-                "cost_usd": f"{cost_usd:.9f}",  # a decimal, like the cost header
-                "usage_estimated": reading.estimated,
-            }
-        )
-        if m.buffered and found is not None:
+        metadata["model"] = model or ""
+        metadata["cost_usd"] = f"{cost_usd:.9f}"  # a decimal, like the cost header
+        metadata["usage_estimated"] = reading.estimated
+        if m.buffered and complete:
             ex.set_response_headers[COST_HEADER] = f"{cost_usd:.9f}"
         self.store.record_usage(
             UsageRecord(
@@ -143,7 +187,7 @@ class MeteringStage:
                 usage=usage,
                 cost_usd=cost_usd,
                 estimated=reading.estimated,
-                priced=found is not None,
+                priced=complete,
             )
         )
 

@@ -63,7 +63,7 @@ def test_openai_cached_tokens_are_inside_the_prompt_and_priced_at_the_cached_rat
     )
     assert p.cached_input is not None
     expected = ((2306 - 1920) * p.input + 1920 * p.cached_input + 595 * p.output) / 1e6
-    assert cost(p, usage) == pytest.approx(expected, abs=1e-9)
+    assert cost(p, usage).usd == pytest.approx(expected, abs=1e-9)
 
 
 def test_anthropic_cache_reads_and_writes_each_have_a_rate() -> None:
@@ -71,7 +71,7 @@ def test_anthropic_cache_reads_and_writes_each_have_a_rate() -> None:
     assert p.cached_input is not None and p.cache_write is not None
     usage = Usage(11814, 42, cached_input_tokens=10240, cache_creation_tokens=1553)
     expected = (21 * p.input + 10240 * p.cached_input + 1553 * p.cache_write + 42 * p.output) / 1e6
-    assert cost(p, usage) == pytest.approx(expected, abs=1e-9)
+    assert cost(p, usage).usd == pytest.approx(expected, abs=1e-9)
 
 
 def test_gemini_thoughts_are_billed_as_output() -> None:
@@ -79,7 +79,7 @@ def test_gemini_thoughts_are_billed_as_output() -> None:
     usage = Usage(8192, 367, cached_input_tokens=6000, reasoning_tokens=356)
     assert p.cached_input is not None
     expected = (2192 * p.input + 6000 * p.cached_input + 367 * p.output) / 1e6
-    assert cost(p, usage) == pytest.approx(expected, abs=1e-9)
+    assert cost(p, usage).usd == pytest.approx(expected, abs=1e-9)
 
 
 def test_long_context_prices_the_whole_request_above_the_threshold() -> None:
@@ -88,8 +88,8 @@ def test_long_context_prices_the_whole_request_above_the_threshold() -> None:
     threshold, tier = p.long_context.threshold, p.long_context
     at = Usage(input_tokens=threshold, output_tokens=1000)
     above = Usage(input_tokens=threshold + 1, output_tokens=1000)
-    assert cost(p, at) == pytest.approx((threshold * p.input + 1000 * p.output) / 1e6, abs=1e-9)
-    assert cost(p, above) == pytest.approx(
+    assert cost(p, at).usd == pytest.approx((threshold * p.input + 1000 * p.output) / 1e6, abs=1e-9)
+    assert cost(p, above).usd == pytest.approx(
         ((threshold + 1) * tier.input + 1000 * tier.output) / 1e6, abs=1e-9
     )
 
@@ -99,8 +99,8 @@ def test_missing_cache_and_reasoning_prices_mean_no_discount() -> None:
     usage = Usage(
         1000, 500, cached_input_tokens=400, cache_creation_tokens=100, reasoning_tokens=200
     )
-    assert cost(p, usage) == pytest.approx((1000 * 1.0 + 500 * 4.0) / 1e6, abs=1e-12)
-    assert cost(ModelPrice(input=1.0, output=4.0, reasoning=8.0), usage) == pytest.approx(
+    assert cost(p, usage).usd == pytest.approx((1000 * 1.0 + 500 * 4.0) / 1e6, abs=1e-12)
+    assert cost(ModelPrice(input=1.0, output=4.0, reasoning=8.0), usage).usd == pytest.approx(
         (1000 * 1.0 + 300 * 4.0 + 200 * 8.0) / 1e6, abs=1e-12
     )
 
