@@ -22,7 +22,17 @@ from ..config import ConfigError, ModelPrice, PricingConfig, Rates, TierPrice, U
 from ..providers.usage import Usage
 from .litellm import load_litellm
 
-__all__ = ["OTHER", "PriceTable", "Priced", "buckets", "cost", "load_prices", "namespace"]
+__all__ = [
+    "OTHER",
+    "Bill",
+    "PriceTable",
+    "Priced",
+    "bill",
+    "buckets",
+    "cost",
+    "load_prices",
+    "namespace",
+]
 
 OTHER = "other"  # the model label of everything not in the table
 _SNAPSHOT = re.compile(r"(?:-\d{4}-\d{2}-\d{2}|-\d{8}|@\d{8}|-\d{4}|-\d{3}|-latest)$")
@@ -176,6 +186,44 @@ def cost(price: ModelPrice, usage: Usage) -> Priced:
         if not (own and exact):
             unpriced.append((kind, tokens))
     return Priced(total / 1_000_000, tuple(unpriced))
+
+
+class Bill(NamedTuple):
+    """What one response cost, priced step by step."""
+
+    name: str | None  # the table's name for the response's model; None: not priced
+    usd: float
+    unpriced: tuple[tuple[str, int], ...]  # as in Priced, over every step
+    complete: bool  # every step's model was in the table
+
+
+def bill(
+    table: PriceTable,
+    model: str | None,
+    usage: Usage,
+    parts: tuple[tuple[str | None, Usage], ...] = (),
+    where: str | None = None,
+) -> Bill:
+    """Price a response: its usage at its model's prices, or, when it reports steps of
+    its own (``parts``: a step's model, None for the response's), each step apart."""
+    found = table.lookup(model, where)
+    name = found[0] if found is not None else None
+    if not parts:
+        if found is None:
+            return Bill(None, 0.0, (), False)
+        usd, unpriced = cost(found[1], usage)
+        return Bill(name, usd, unpriced, True)
+    total, complete = 0.0, True
+    flagged: list[tuple[str, int]] = []
+    for step_model, step in parts:
+        price = found if step_model is None else table.lookup(step_model, where)
+        if price is None:
+            complete = False
+            continue
+        usd, unpriced = cost(price[1], step)
+        total += usd
+        flagged.extend(unpriced)
+    return Bill(name, total, tuple(flagged), complete)
 
 
 def namespace(upstream: Upstream) -> str | None:

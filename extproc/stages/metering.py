@@ -15,12 +15,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..config import ModelPrice
 from ..decisions import BodyMode, Deny, Outcome, Phase
 from ..events import ResponseEvents
 from ..exchange import BodyError, Exchange
 from ..metrics import Metrics
-from ..pricing import OTHER, PriceTable, cost, namespace
+from ..pricing import OTHER, PriceTable, bill, namespace
 from ..providers import Api
 from ..providers.meter import Reading, ResponseMeter
 from ..providers.usage import Usage
@@ -109,27 +108,6 @@ class MeteringStage:
             self._namespaces[route.name] = namespace(route.upstream)
         return self._namespaces[route.name]
 
-    def _price(
-        self, found: tuple[str, ModelPrice] | None, reading: Reading, where: str | None
-    ) -> tuple[float, list[tuple[str, int]], bool]:
-        """USD, the tokens priced at a rate not their own, and whether every step was priced."""
-        if not reading.parts:
-            if found is None:
-                return 0.0, [], False
-            priced = cost(found[1], reading.usage)
-            return priced.usd, list(priced.unpriced), True
-        usd, complete = 0.0, True
-        unpriced: list[tuple[str, int]] = []
-        for model, part in reading.parts:  # each step at its own model's prices
-            price = found if model is None else self.prices.lookup(model, where)
-            if price is None:
-                complete = False
-                continue
-            priced = cost(price[1], part)
-            usd += priced.usd
-            unpriced.extend(priced.unpriced)
-        return usd, unpriced, complete
-
     def record(self, ex: Exchange, m: MeteringFlow, reading: Reading) -> None:
         """One metered request: metrics, access-log metadata, cost header, usage record."""
         route = ex.route
@@ -138,11 +116,10 @@ class MeteringStage:
         ex.usage, ex.usage_estimated = reading.usage, reading.estimated
         usage = reading.usage
         model = reading.model or m.request_model
-        where = self._namespace(route)
-        found = self.prices.lookup(model, where)
-        cost_usd, unpriced, complete = self._price(found, reading, where)
+        priced = bill(self.prices, model, usage, reading.parts, self._namespace(route))
+        cost_usd, unpriced, complete = priced.usd, priced.unpriced, priced.complete
         ex.cost_usd = cost_usd
-        label = found[0] if found is not None else OTHER
+        label = priced.name or OTHER
         provider, identity, metrics = route.api, ex.identity, self.metrics
         tenant = identity.tenant if identity is not None and identity.tenant else "none"
         source = "estimated" if reading.estimated else "reported"
