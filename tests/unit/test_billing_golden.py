@@ -1,6 +1,6 @@
 """Golden billing cases: responses in each provider's wire format (written by hand from
 the providers' documented formats, tests/fixtures/billing/), the tokens they report,
-and what they cost, computed by hand as tokens × the published price of each kind.
+and what they cost, computed by hand as tokens times the published price of each kind.
 
 Every case is read whole, and split in two at every byte (JSON fed in chunks, SSE
 through the pipeline's event parser); the price table's rates are checked against
@@ -31,7 +31,7 @@ class Golden:
     api: Api
     model: str  # the price table's name the response's model resolves to
     usage: dict[str, Any]  # the Usage fields that are not 0
-    usd: float  # by hand: tokens × published USD per 1M tokens
+    usd: float  # by hand: tokens times the published USD per 1M tokens
     rates: dict[str, float]  # the published prices used above, as the table must have them
     unpriced: dict[str, int] = field(default_factory=dict)  # kind: tokens at a rate not theirs
     where: str | None = None  # the route's price namespace (Vertex AI: vertex_ai)

@@ -26,6 +26,9 @@ PRICES = PriceTable(
     {
         "gpt-4o": ModelPrice(provider="openai", input=2.5, output=10, cached_input=1.25),
         "o4-mini": ModelPrice(provider="openai", input=1.1, output=4.4, cached_input=0.275),
+        # No audio rates, and no flex tier: such tokens are billed as text, and flagged.
+        "gpt-audio": ModelPrice(provider="openai", input=2.5, output=10),
+        "claude-sonnet-4-6": ModelPrice(provider="anthropic", input=3, output=15),
     }
 )
 ALICE, ALICE_RECORD = new_key("alice", tenant="acme")
@@ -458,3 +461,60 @@ def test_a_request_tollway_answered_itself_is_never_metered(outcome: Outcome) ->
     assert w.moved() == []
     w.run(ex).finish(Outcome.ABANDONED)  # the stream closes later: finished already
     assert w.store.records == []
+
+
+def test_a_token_kind_without_a_rate_is_billed_at_its_parents_and_counted() -> None:
+    w = World()
+    ex = w.start(body=b'{"model": "gpt-audio", "modalities": ["text", "audio"]}')
+    w.respond(ex, "../billing/openai_audio.json")
+    (record,) = w.store.records
+    expected = (1500 * 2.5 + 900 * 10) / 1e6  # audio at the text rates
+    assert record.priced and record.cost_usd == pytest.approx(expected, abs=1e-12)
+    assert ex.set_response_headers[COST_HEADER] == f"{expected:.9f}"
+    assert ex.metadata["input_audio_tokens"] == 1200 and ex.metadata["unpriced_tokens"] == 1900
+    assert "input_image_tokens" not in ex.metadata  # kinds not reported are not logged
+    labels = {"provider": "openai", "model": "gpt-audio", "service_tier": "standard"}
+    unpriced = "tollway_gen_ai_unpriced_tokens_total"
+    assert w.sample(unpriced, **labels, kind="input_audio") == 1200
+    assert w.sample(unpriced, **labels, kind="output_audio") == 700
+    assert w.sample(unpriced, **labels, kind="input") == 0  # text has its rate
+    tokens = {"tenant": "acme", "model": "gpt-audio", "provider": "openai", "api": "chat"}
+    assert (
+        w.sample("tollway_gen_ai_tokens_total", **tokens, type="output_audio", source="reported")
+        == 700
+    )
+
+
+def test_a_tier_without_rates_is_billed_at_standard_and_counted() -> None:
+    w = World()
+    ex = w.start("/v1/responses")
+    body = orjson.loads((FIXTURES.parent / "billing" / "openai_responses_flex.json").read_bytes())
+    body["model"] = "gpt-4o"  # in the table, without flex rates
+    run = w.run(ex)
+    raw = orjson.dumps(body)
+    run.response_headers(200, {"content-type": "application/json", "content-length": str(len(raw))})
+    run.response_body(raw, end=True)
+    (record,) = w.store.records
+    assert record.usage.service_tier == "flex" and ex.metadata["service_tier"] == "flex"
+    expected = (6000 * 2.5 + 4000 * 1.25 + 3000 * 10) / 1e6
+    assert record.cost_usd == pytest.approx(expected, abs=1e-12)
+    labels = {"provider": "openai", "model": "gpt-4o", "service_tier": "flex"}
+    assert w.sample("tollway_gen_ai_unpriced_tokens_total", **labels, kind="input") == 6000
+    assert w.sample("tollway_gen_ai_unpriced_tokens_total", **labels, kind="cached_input") == 4000
+    assert w.sample("tollway_gen_ai_unpriced_tokens_total", **labels, kind="output") == 1000
+    assert w.sample("tollway_gen_ai_unpriced_tokens_total", **labels, kind="reasoning") == 2000
+
+
+def test_a_step_at_a_model_without_a_price_makes_the_request_unpriced() -> None:
+    w = World()
+    ex = w.start("/anthropic/v1/messages")
+    w.respond(ex, "../billing/anthropic_advisor.json")  # the advisor: claude-opus-4-6
+    (record,) = w.store.records
+    assert not record.priced
+    assert record.cost_usd == pytest.approx(((8000 + 9800) * 3 + 1000 * 15) / 1e6, abs=1e-12)
+    assert record.usage.input_tokens == 26800  # every step's tokens count
+    assert COST_HEADER not in ex.set_response_headers  # the cost would be short
+    assert (
+        w.sample("tollway_gen_ai_unpriced_requests_total", provider="anthropic", api="messages")
+        == 1
+    )

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from extproc.config import ConfigError, ModelPrice, PricingConfig
-from extproc.pricing import OTHER, PriceTable, cost, load_prices
+from extproc.pricing import OTHER, PriceTable, buckets, cost, load_prices
 from extproc.pricing.litellm import load_litellm
 from extproc.providers import Usage
 
@@ -185,3 +187,48 @@ def test_lookups_are_cached_but_bounded() -> None:
     for i in range(10_000):
         table.lookup(f"unknown-{i}")
     assert len(table._cache) <= 4096
+
+
+def test_a_kind_without_a_rate_falls_back_along_its_parents_and_is_flagged() -> None:
+    p = ModelPrice(input=1.0, output=4.0, cache_write=1.25)
+    usage = Usage(1000, 100, cache_creation_tokens=600, cache_creation_1h_tokens=400)
+    priced = cost(p, usage)
+    # 1-hour writes at the (5-minute) write rate, the nearest the table has: flagged.
+    assert priced.usd == pytest.approx((400 * 1.25 + 200 * 1.25 + 400 * 1.0 + 100 * 4) / 1e6)
+    assert priced.unpriced == (("cache_write_1h", 400),)
+
+
+def test_reasoning_without_a_rate_is_output_as_every_provider_bills_it() -> None:
+    priced = cost(ModelPrice(input=1.0, output=4.0), Usage(10, 100, reasoning_tokens=80))
+    assert priced == ((10 * 1.0 + 100 * 4.0) / 1e6, ())
+
+
+def test_over_the_threshold_in_a_tier_without_long_context_rates_is_flagged() -> None:
+    p = ModelPrice.model_validate(
+        {
+            "input": 1,
+            "output": 2,
+            "long_context": {"threshold": 1000, "input": 2, "output": 4},
+            "service_tiers": {"flex": {"input": 0.5, "output": 1}},
+        }
+    )
+    below = cost(p, Usage(1000, 10, service_tier="flex"))
+    assert below == ((1000 * 0.5 + 10 * 1) / 1e6, ())
+    above = cost(p, Usage(1001, 10, service_tier="flex"))
+    assert above.usd == pytest.approx((1001 * 0.5 + 10 * 1) / 1e6)
+    assert dict(above.unpriced) == {"input": 1001, "output": 10}
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=5000), min_size=15, max_size=15),
+    st.sampled_from(["", "flex", "priority", "other"]),
+)
+def test_no_token_is_billed_twice_however_the_parts_overlap(counts: list[int], tier: str) -> None:
+    usage = Usage(*counts, service_tier=tier)  # type: ignore[arg-type]
+    parts = buckets(usage)
+    assert sum(n for _, n in parts) == usage.input_tokens + usage.output_tokens
+    assert all(n > 0 for _, n in parts)
+    price = SHIPPED.lookup("gemini-2.5-flash")
+    assert price is not None
+    priced = cost(price[1], usage)
+    assert priced.usd >= 0
