@@ -2,9 +2,11 @@
 
 Chat completions, legacy completions and embeddings report ``usage`` with
 ``prompt_tokens`` and ``completion_tokens``; the Responses API with
-``input_tokens`` and ``output_tokens``. In both, the cached tokens are already
-*inside* the prompt count and the reasoning tokens *inside* the completion
-count, which is also how Usage counts them. A chat or completions stream
+``input_tokens`` and ``output_tokens``. In both, the details objects split the
+totals: cached reads, cache writes, audio and image tokens are *inside* the
+prompt count, reasoning, audio and image tokens *inside* the completion count,
+which is also how Usage counts them. ``service_tier`` (beside ``usage``) names
+the tier that served the request, billed at its own rates. A chat or completions stream
 reports usage only in its last chunk and only with
 ``stream_options.include_usage`` (Tollway asks for it).
 """
