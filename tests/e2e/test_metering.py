@@ -22,12 +22,12 @@ from extproc.config import Config, ModelPrice, PricingConfig, Upstream
 from extproc.pricing import cost as price_of
 from extproc.pricing import load_prices
 from extproc.providers import Usage
+from extproc.stages.metering import TOKEN_TYPES
 
 from .conftest import PROVIDER_KEY, Stack, eventually, start_stack
 
 pytestmark = pytest.mark.e2e
 
-TYPES = ("input", "output", "cached_input", "cache_creation", "reasoning")
 LONG = "word " * 1200  # over 4096 characters: the demo upstream reports half the prompt cached
 # Models the demo upstream treats specially, priced in config like a custom model.
 EXTRA_PRICES = {
@@ -76,14 +76,17 @@ def read(stack: Stack, labels: Labels) -> tuple[Usage, float, float]:
     def sample(name: str, **values: str) -> float:
         return samples.get((name, frozenset(values.items())), 0.0)
 
-    counts = [int(sample("tollway_gen_ai_tokens_total", **base, type=kind)) for kind in TYPES]
+    counts = {
+        field: int(sample("tollway_gen_ai_tokens_total", **base, type=kind))
+        for kind, field in TOKEN_TYPES.items()
+    }
     done = sample(
         "tollway_gen_ai_request_duration_seconds_count",
         provider=labels.provider,
         api=labels.api,
         model=labels.model,
     )
-    return Usage(*counts), sample("tollway_gen_ai_cost_usd_total", **base), done
+    return Usage(**counts), sample("tollway_gen_ai_cost_usd_total", **base), done
 
 
 def metered(
@@ -101,7 +104,7 @@ def metered(
     # is observed after the tokens and the cost), then read once more.
     eventually(lambda: read(stack, labels)[2] > done_before)
     after, spent, _ = read(stack, labels)
-    delta = Usage(*(getattr(after, f) - getattr(before, f) for f in Usage.__slots__))
+    delta = Usage(**{f: getattr(after, f) - getattr(before, f) for f in TOKEN_TYPES.values()})
     if logged:
         eventually(lambda: logged_as(stack.access_log()[log_before:], delta, spent - spent_before))
     return result, delta, spent - spent_before
@@ -134,7 +137,7 @@ def expected_cost(stack: Stack, model: str, usage: Usage) -> float:
     table = load_prices(stack.gateway.config.pricing)
     found = table.lookup(model)
     assert found is not None, model
-    return price_of(found[1], usage)
+    return price_of(found[1], usage).usd
 
 
 def oai(stack: Stack) -> openai.OpenAI:
