@@ -117,6 +117,43 @@ def buckets(usage: Usage) -> list[tuple[str, int]]:
     Providers' counts may overlap more than they should (a cached count above the
     prompt, say); each part is capped by what is left, so no token is billed twice.
     """
+    if (
+        usage.cache_creation_1h_tokens
+        or usage.cached_audio_tokens
+        or usage.cached_image_tokens
+        or usage.input_audio_tokens
+        or usage.input_image_tokens
+        or usage.input_video_tokens
+        or usage.output_audio_tokens
+        or usage.output_image_tokens
+        or usage.other_input_tokens
+        or usage.other_output_tokens
+    ):
+        return _buckets(usage)
+    # Most responses: text, perhaps cached, perhaps reasoning. The same split, faster.
+    parts = []
+    left = usage.input_tokens
+    cached = min(usage.cached_input_tokens, left)
+    if cached > 0:
+        parts.append(("cached_input", cached))
+        left -= cached
+    written = min(usage.cache_creation_tokens, left)
+    if written > 0:
+        parts.append(("cache_write", written))
+        left -= written
+    if left > 0:
+        parts.append(("input", left))
+    left = usage.output_tokens
+    reasoning = min(usage.reasoning_tokens, left)
+    if reasoning > 0:
+        parts.append(("reasoning", reasoning))
+        left -= reasoning
+    if left > 0:
+        parts.append(("output", left))
+    return parts
+
+
+def _buckets(usage: Usage) -> list[tuple[str, int]]:
     left = usage.input_tokens
     parts: list[tuple[str, int]] = []
 
@@ -166,22 +203,40 @@ def _rates(price: ModelPrice, usage: Usage) -> tuple[Rates, bool]:
     return tier, exact
 
 
+_RESOLVED: dict[int, tuple[Rates, dict[str, tuple[float, bool]]]] = {}
+
+
+def _resolve(rates: Rates) -> dict[str, tuple[float, bool]]:
+    """Each kind's rate in these rates, and whether it is the kind's own."""
+    resolved: dict[str, tuple[float, bool]] = {}
+    for kind in (*_PARENTS, "input", "output"):
+        rate, own = getattr(rates, kind), True
+        for parent in _PARENTS.get(kind, ()) if rate is None else ():
+            rate = getattr(rates, parent)
+            if rate is not None:
+                own = kind in _SAME_AS_PARENT
+                break
+        resolved[kind] = (rate, own)
+    # Kinds Tollway has no name for: the plain rate, never their own.
+    resolved["other_input"] = (rates.input, False)
+    resolved["other_output"] = (rates.output, False)
+    return resolved
+
+
 def cost(price: ModelPrice, usage: Usage) -> Priced:
     """USD for these tokens: each kind at its own rate, in the tier that served them,
     the long-context rates if the prompt is over the threshold."""
     rates, exact = _rates(price, usage)
+    found = _RESOLVED.get(id(rates))
+    if found is None:  # once per rates: price tables are immutable
+        if len(_RESOLVED) > _CACHE_LIMIT:
+            _RESOLVED.clear()
+        found = _RESOLVED[id(rates)] = (rates, _resolve(rates))  # kept alive: id stays its own
+    resolved = found[1]
     total = 0.0
     unpriced: list[tuple[str, int]] = []
     for kind, tokens in buckets(usage):
-        if kind.startswith("other_"):  # a kind Tollway has no name for
-            rate, own = getattr(rates, kind[6:]), False
-        else:
-            rate, own = getattr(rates, kind), True
-            for parent in _PARENTS.get(kind, ()) if rate is None else ():
-                rate = getattr(rates, parent)
-                if rate is not None:
-                    own = kind in _SAME_AS_PARENT
-                    break
+        rate, own = resolved[kind]
         total += tokens * rate
         if not (own and exact):
             unpriced.append((kind, tokens))
