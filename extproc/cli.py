@@ -365,13 +365,14 @@ def _print_price(model: str, name: str, price: ModelPrice) -> None:
     for label, values in rates:
         cells = [_usd(v).rjust(w) for v, w in zip(values, widths, strict=True)]
         print("  " + "  ".join([f"{label:<{first}}", *cells]))
-    for heading, tier in columns:
-        if isinstance(tier, LongContextPrice):
-            print(
-                f"  {heading}: above {tier.threshold:,} input tokens, "
-                "the whole request at these rates"
-            )
-    print("  (-: billed at the rate it is part of: cached audio as cached, cached as input...)")
+    thresholds = sorted({t.threshold for _, t in columns if isinstance(t, LongContextPrice)})
+    for threshold in thresholds:
+        print(
+            f"  {_threshold(threshold)}: above {threshold:,} input tokens, "
+            "the whole request at these rates"
+        )
+    if any(v is None for _, values in rates for v in values):
+        print("  -: at the rate it is a part of (cached audio: cached, cached: input...)")
 
 
 def cmd_prices(args: argparse.Namespace) -> int:
@@ -383,8 +384,13 @@ def cmd_prices(args: argparse.Namespace) -> int:
         if args.models:
             raise ValueError("--update-from writes a table: name no models with it")
         output = args.output or SHIPPED_TABLE
-        models = update_table(args.update_from, output, args.litellm_version)
+        skipped: list[str] = []
+        models = update_table(args.update_from, output, args.litellm_version, skipped=skipped)
         print(f"wrote {len(models)} models to {output} (LiteLLM {args.litellm_version})")
+        for name in skipped:
+            print(
+                f"note: overrides.yaml corrects {name}, not in the file: left out", file=sys.stderr
+            )
         return 0
     if args.output is not None:
         raise ValueError("--output is the table --update-from writes")
@@ -402,7 +408,7 @@ def cmd_prices(args: argparse.Namespace) -> int:
     version = f" from LiteLLM {table.litellm_version}" if table.litellm_version else ""
     print(f"USD per 1M tokens; price table last updated {table.last_updated}{version}")
     columns = ("MODEL", "PROVIDER", "INPUT", "OUTPUT", "CACHED", "CACHE_WRITE", "LONG_CONTEXT")
-    width = max((len(name) for name in table.models), default=5)
+    width = min(max((len(name) for name in table.models), default=5), 44)  # longer: pushed
     row = f"{{:<{width}}}  {{:<9}}  {{:>8}}  {{:>8}}  {{:>8}}  {{:>11}}  {{:<16}}  {{}}"
     print(row.format(*columns, "TIERS").rstrip())
     for name, p in sorted(table.models.items()):

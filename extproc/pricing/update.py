@@ -91,9 +91,10 @@ def read_overrides(path: Path | None = None) -> dict[str, Any]:
 
 
 def apply_overrides(
-    models: dict[str, ModelPrice], overrides: dict[str, Any]
+    models: dict[str, ModelPrice], overrides: dict[str, Any], skipped: list[str] | None = None
 ) -> dict[str, ModelPrice]:
-    """Tollway's corrections over the models, and the models it adds."""
+    """Tollway's corrections over the models, and the models it adds. A correction
+    (no input price) of a model the map no longer has is left out, and named in skipped."""
     from . import _validated
 
     result = dict(models)
@@ -102,7 +103,10 @@ def apply_overrides(
         if not isinstance(over, dict):
             raise ConfigError(f"overrides.yaml: models.{name}: expected a mapping")
         base = result.get(name)
-        if base is None:
+        if base is None and "input" not in over:
+            if skipped is not None:
+                skipped.append(name)
+        elif base is None:
             raw[name] = {**over, "source": "tollway"}
         else:
             merged = _merge(base.model_dump(exclude_none=True), over)
@@ -197,9 +201,11 @@ def update_table(
     litellm_version: str = "unknown",
     today: str | None = None,
     overrides: Path | None = None,
+    skipped: list[str] | None = None,
 ) -> dict[str, ModelPrice]:
     """Write the table from a LiteLLM file; the models it wrote."""
-    models = apply_overrides(select(load_litellm(litellm_file)), read_overrides(overrides))
+    selected = select(load_litellm(litellm_file))
+    models = apply_overrides(selected, read_overrides(overrides), skipped)
     text = render(models, today or datetime.date.today().isoformat(), litellm_version)
     target = output or SHIPPED_TABLE
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
