@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, audit, config, keys, logs
+from .config import LongContextPrice, ModelPrice, Rates
 
 if TYPE_CHECKING:
     from .limits.spend import Period, Subject
@@ -311,9 +312,88 @@ def _usd(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
+_RATE_NAMES = {
+    "input": "input",
+    "output": "output",
+    "cached_input": "cached input",
+    "cache_write": "cache write",
+    "cache_write_1h": "cache write 1h",
+    "reasoning": "reasoning",
+    "input_audio": "audio input",
+    "input_image": "image input",
+    "input_video": "video input",
+    "cached_input_audio": "cached audio input",
+    "cached_input_image": "cached image input",
+    "output_audio": "audio output",
+    "output_image": "image output",
+}
+
+
+def _threshold(tokens: int) -> str:
+    return f">{tokens // 1000}k" if tokens % 1000 == 0 else f">{tokens}"
+
+
+def _price_columns(price: ModelPrice) -> list[tuple[str, Rates]]:
+    """(heading, rates) of each tier that prices the model: standard, long context, service."""
+    columns: list[tuple[str, Rates]] = []
+    for name, tier in (("standard", price), *price.service_tiers.items()):
+        columns.append((name, tier))
+        if tier.long_context is not None:
+            columns.append((f"{name} {_threshold(tier.long_context.threshold)}", tier.long_context))
+    return columns
+
+
+def _print_price(model: str, name: str, price: ModelPrice) -> None:
+    print(f"{model}: {name} (input {_usd(price.input)}, output {_usd(price.output)})")
+    print(f"  source: {price.source or '-'}; provider: {price.provider or '-'}")
+    if price.aliases:
+        print(f"  aliases: {', '.join(price.aliases)}")
+    columns = _price_columns(price)
+    rates = [
+        (label, [getattr(tier, field) for _, tier in columns])
+        for field, label in _RATE_NAMES.items()
+        if any(getattr(tier, field) is not None for _, tier in columns)
+    ]
+    widths = [max(len(heading), 6) for heading, _ in columns]
+    first = max(len("USD per 1M tokens"), *(len(label) for label, _ in rates))
+    print(
+        "  "
+        + "  ".join(
+            [f"{'USD per 1M tokens':<{first}}", *map(str.rjust, [h for h, _ in columns], widths)]
+        )
+    )
+    for label, values in rates:
+        cells = [_usd(v).rjust(w) for v, w in zip(values, widths, strict=True)]
+        print("  " + "  ".join([f"{label:<{first}}", *cells]))
+    thresholds = sorted({t.threshold for _, t in columns if isinstance(t, LongContextPrice)})
+    for threshold in thresholds:
+        print(
+            f"  {_threshold(threshold)}: above {threshold:,} input tokens, "
+            "the whole request at these rates"
+        )
+    if any(v is None for _, values in rates for v in values):
+        print("  -: at the rate it is a part of (cached audio: cached, cached: input...)")
+
+
 def cmd_prices(args: argparse.Namespace) -> int:
     from .pricing import load_prices
 
+    if args.update_from is not None:
+        from .pricing.update import SHIPPED_TABLE, update_table
+
+        if args.models:
+            raise ValueError("--update-from writes a table: name no models with it")
+        output = args.output or SHIPPED_TABLE
+        skipped: list[str] = []
+        models = update_table(args.update_from, output, args.litellm_version, skipped=skipped)
+        print(f"wrote {len(models)} models to {output} (LiteLLM {args.litellm_version})")
+        for name in skipped:
+            print(
+                f"note: overrides.yaml corrects {name}, not in the file: left out", file=sys.stderr
+            )
+        return 0
+    if args.output is not None:
+        raise ValueError("--output is the table --update-from writes")
     table = load_prices(_load(args.config).pricing)
     if args.models:  # how names as upstreams send them resolve
         missing = 0
@@ -323,18 +403,22 @@ def cmd_prices(args: argparse.Namespace) -> int:
                 missing += 1
                 print(f"{model}: not priced (cost 0, metrics label 'other')")
             else:
-                p = found[1]
-                print(f"{model}: {found[0]} (input {_usd(p.input)}, output {_usd(p.output)})")
+                _print_price(model, *found)
         return 1 if missing else 0
-    print(f"USD per 1M tokens; shipped table last updated {table.last_updated}")
+    version = f" from LiteLLM {table.litellm_version}" if table.litellm_version else ""
+    print(f"USD per 1M tokens; price table last updated {table.last_updated}{version}")
     columns = ("MODEL", "PROVIDER", "INPUT", "OUTPUT", "CACHED", "CACHE_WRITE", "LONG_CONTEXT")
-    row = "{:<34}  {:<10}  {:>8}  {:>8}  {:>8}  {:>11}  {}"
-    print(row.format(*columns))
+    width = min(max((len(name) for name in table.models), default=5), 44)  # longer: pushed
+    row = f"{{:<{width}}}  {{:<9}}  {{:>8}}  {{:>8}}  {{:>8}}  {{:>11}}  {{:<16}}  {{}}"
+    print(row.format(*columns, "TIERS").rstrip())
     for name, p in sorted(table.models.items()):
         long = p.long_context
-        tier = f">{long.threshold}: {_usd(long.input)}/{_usd(long.output)}" if long else "-"
+        tier = (
+            f"{_threshold(long.threshold)}: {_usd(long.input)}/{_usd(long.output)}" if long else "-"
+        )
         cells = (_usd(p.input), _usd(p.output), _usd(p.cached_input), _usd(p.cache_write))
-        print(row.format(name, p.provider or "-", *cells, tier))
+        tiers = ",".join(p.service_tiers) or "-"
+        print(row.format(name, p.provider or "-", *cells, tier, tiers))
     return 0
 
 
@@ -681,9 +765,33 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="the report as JSON, for scripts")
     s.set_defaults(func=cmd_spend)
 
-    s = add("prices", "list the price table, or show how model names resolve in it")
+    s = add(
+        "prices",
+        "list the price table, show a model's every price as its name resolves, "
+        "or regenerate a table from LiteLLM's price map",
+    )
     config_option(s)
     s.add_argument("models", nargs="*", help="model names as upstreams report them")
+    s.add_argument(
+        "--update-from",
+        type=Path,
+        metavar="FILE",
+        help="write a price table from LiteLLM's model_prices_and_context_window.json "
+        "and Tollway's overrides (scripts/update-prices fetches the file)",
+    )
+    s.add_argument(
+        "--output",
+        type=Path,
+        metavar="PATH",
+        help="where --update-from writes (default: the package's shipped prices.yaml); "
+        "point pricing.table_file at it",
+    )
+    s.add_argument(
+        "--litellm-version",
+        default="unknown",
+        metavar="VERSION",
+        help="the litellm release the file came from, recorded in the table",
+    )
     s.set_defaults(func=cmd_prices)
 
     s = add("demo-upstream", "run the built-in demo LLM upstream (OpenAI/Anthropic/Gemini)")

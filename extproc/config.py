@@ -372,7 +372,10 @@ class ModelPrice(TierPrice):
 
 
 class PricingConfig(_Model):
-    # A LiteLLM model_prices_and_context_window.json, read over the shipped table.
+    # A price table in prices.yaml's format (`tollway prices --update-from ... --output`)
+    # read instead of the shipped one.
+    table_file: Path | None = None
+    # A LiteLLM model_prices_and_context_window.json, read over the (shipped) table.
     litellm_file: Path | None = None
     # Custom models and overrides, over both.
     models: dict[str, ModelPrice] = Field(default_factory=dict)

@@ -1,17 +1,13 @@
-"""Prices: the shipped table, name normalisation, cost per token kind, LiteLLM import."""
+"""Prices: the shipped table, name normalisation, cost per token kind (LiteLLM: test_litellm)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extproc.config import ConfigError, ModelPrice, PricingConfig
+from extproc.config import ModelPrice, PricingConfig
 from extproc.pricing import OTHER, PriceTable, _buckets, buckets, cost, load_prices
-from extproc.pricing.litellm import load_litellm
 from extproc.providers import Usage
 
 SHIPPED = load_prices(PricingConfig())
@@ -118,68 +114,6 @@ def test_config_adds_models_and_overrides_the_table() -> None:
     )
     assert table.lookup("gpt-4o-2024-08-06") == ("gpt-4o", ModelPrice(input=1, output=2))
     assert table.label("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
-
-
-LITELLM = {
-    "sample_spec": {"input_cost_per_token": 0, "litellm_provider": "one of..."},
-    "gpt-4o": {
-        "input_cost_per_token": 2.5e-06,
-        "output_cost_per_token": 1e-05,
-        "cache_read_input_token_cost": 1.25e-06,
-        "litellm_provider": "openai",
-        "mode": "chat",
-    },
-    "gemini/gemini-9-pro": {
-        "input_cost_per_token": 1.25e-06,
-        "input_cost_per_token_above_200k_tokens": 2.5e-06,
-        "output_cost_per_token": 1e-05,
-        "output_cost_per_token_above_200k_tokens": 1.5e-05,
-        "cache_read_input_token_cost": 3.1e-07,
-        "litellm_provider": "gemini",
-        "mode": "chat",
-    },
-    "vertex_ai/claude-x": {"input_cost_per_token": 3e-06, "litellm_provider": "vertex_ai"},
-    "dall-e-3": {"output_cost_per_image": 0.04, "litellm_provider": "openai", "mode": "image"},
-    "text-embedding-9": {"input_cost_per_token": 2e-08, "mode": "embedding"},
-}
-
-
-def test_litellm_prices_are_read_per_million(tmp_path: Path) -> None:
-    path = tmp_path / "prices.json"
-    path.write_text(json.dumps(LITELLM))
-    models = load_litellm(path)
-    assert models["gpt-4o"] == ModelPrice(
-        provider="openai", input=2.5, output=10, cached_input=1.25
-    )
-    gemini = models["gemini-9-pro"]  # the bare name, since gemini/ is Gemini's own API
-    assert gemini is models["gemini/gemini-9-pro"]
-    assert (gemini.input, gemini.cached_input) == (1.25, 0.31)
-    assert gemini.long_context is not None
-    assert (gemini.long_context.threshold, gemini.long_context.input) == (200_000, 2.5)
-    assert gemini.long_context.output == 15
-    assert "claude-x" not in models and "vertex_ai/claude-x" in models
-    assert "dall-e-3" not in models and "sample_spec" not in models
-    assert models["text-embedding-9"].input == 0.02
-
-
-def test_litellm_file_sits_between_the_table_and_the_config(tmp_path: Path) -> None:
-    path = tmp_path / "prices.json"
-    path.write_text(json.dumps(LITELLM))
-    table = load_prices(
-        PricingConfig(litellm_file=path, models={"gemini-9-pro": ModelPrice(input=9, output=9)})
-    )
-    assert table.lookup("gpt-4o") == ("gpt-4o", load_litellm(path)["gpt-4o"])
-    found = table.lookup("gemini-9-pro")
-    assert found is not None and found[1].input == 9
-    assert table.lookup("claude-sonnet-4-5") is not None  # the shipped table is still there
-
-
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
-def test_a_bad_litellm_file_is_a_config_error(tmp_path: Path, content: str) -> None:
-    path = tmp_path / "prices.json"
-    path.write_text(content)
-    with pytest.raises(ConfigError, match=r"prices\.json"):
-        load_litellm(path)
 
 
 def test_lookups_are_cached_but_bounded() -> None:
