@@ -466,6 +466,35 @@ def test_vertex_stream_as_a_json_array_with_thoughts(stack: Stack) -> None:
     vertex_credential_swapped(stack, request)
 
 
+def test_vertex_express_mode_client_routes_to_vertex(stack: Stack) -> None:
+    """google-genai's express mode (vertexai=True with an API key) sends no project and the
+    key in x-goog-api-key: still Vertex's route, and the key is swapped all the same."""
+    tag = tagged()
+    client = genai.Client(
+        vertexai=True,
+        api_key=stack.keys["alice"],
+        http_options={"base_url": stack.url, "headers": tag},
+    )
+    answer, tokens = metered(
+        stack,
+        "gemini",
+        "generate_content",
+        lambda: client.models.generate_content(model="gemini-2.5-flash", contents="hi"),
+    )
+    assert answer.text and answer.usage_metadata is not None
+    usage = answer.usage_metadata
+    assert usage.prompt_token_count and usage.candidates_token_count
+    assert tokens == reported(
+        "gemini-2.5-flash", usage.prompt_token_count, usage.candidates_token_count
+    )
+    request = received(stack, tag)
+    assert request["path"] == "/v1beta1/publishers/google/models/gemini-2.5-flash:generateContent"
+    vertex_credential_swapped(stack, request)  # this upstream's credential: a Bearer token
+    line = logged(stack, tag)
+    assert line["route"] == "vertex"
+    assert_priced(line, tokens)
+
+
 def test_vertex_token_refreshed_in_the_file_is_used_without_a_restart(stack: Stack) -> None:
     """The README's refresher: a new token renamed over the file is sent from then on."""
     token = token_file(stack.gateway.workdir)
