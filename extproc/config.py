@@ -19,7 +19,15 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from . import yamltext
 from .kinds import ApiKind
@@ -179,13 +187,15 @@ class Upstream(_Model):
 
     url: str
     api: ApiKind = "openai"
+    # A prefix of this upstream's own, removed before the request goes upstream:
+    # with mount "/anthropic", /anthropic/v1/messages is sent as /v1/messages.
+    # (Declared before `prefixes`, which may be empty only when there is a mount.)
+    mount: str | None = None
     # Path prefixes routed to this upstream; the longest match wins. Upstreams of
     # different APIs may share a prefix: a request goes to the one it speaks
     # (see routes.py: Anthropic by its header, Gemini by its path or key, else OpenAI).
+    # Empty with a mount: only the mount reaches it (Azure OpenAI under /azure).
     prefixes: tuple[str, ...] = ("/v1/",)
-    # A prefix of this upstream's own, removed before the request goes upstream:
-    # with mount "/anthropic", /anthropic/v1/messages is sent as /v1/messages.
-    mount: str | None = None
     credential: Credential | None = None
     # Turning auth off must be explicit: such a route needs no Tollway key.
     auth: bool = True
@@ -217,9 +227,9 @@ class Upstream(_Model):
 
     @field_validator("prefixes")
     @classmethod
-    def _check_prefixes(cls, prefixes: tuple[str, ...]) -> tuple[str, ...]:
-        if not prefixes:
-            raise ValueError("needs at least one path prefix")
+    def _check_prefixes(cls, prefixes: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if not prefixes and info.data.get("mount") is None:
+            raise ValueError("needs at least one path prefix, or a mount")
         for prefix in prefixes:
             if not prefix.startswith("/"):
                 raise ValueError(f"prefix {prefix!r} must start with '/'")

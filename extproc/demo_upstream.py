@@ -14,6 +14,24 @@ Anthropic's list shape); one with a ``models/{model}:{method}`` path (on ``/v1/`
 ``/v1/completions``, ``/v1/embeddings``, ``/v1/responses``, ``GET /v1/models``). ``/v1beta/``
 is always Gemini's and ``/v1/messages`` Anthropic's. An unknown endpoint is a 404 in that
 API's format. Standard library only (:mod:`extproc.demo_http`).
+
+Azure OpenAI, under ``/openai/``: ``/openai/deployments/{d}/{chat/completions, completions,
+embeddings, responses}`` and ``/openai/{responses, models}`` need ``?api-version=`` (else
+Azure's 404 ``Resource not found``); the v1 API, ``/openai/v1/...``, does not. The answers are
+OpenAI's, as Azure sends them: ``model`` is the model the deployment runs
+(:data:`AZURE_DEPLOYMENTS`; any other deployment runs the model it is named after; on
+``/openai/v1`` the body's ``model`` names the deployment), chat and completions carry
+``prompt_filter_results`` and per-choice ``content_filter_results``, and a chat stream opens
+with a chunk of prompt filter results (no choices, empty ``model``). The key is ``api-key``
+(or a Bearer token, as an Entra ID token comes); errors are ``{"error": {"code": "401",
+"message": ...}}``.
+Vertex AI: ``/v1/`` and ``/v1beta1/projects/{p}/locations/{l}/publishers/google/models/{m}``
+(and express mode's ``/v1[beta1]/publishers/google/models/{m}``), ``:generateContent`` and
+``:streamGenerateContent`` (SSE with ``?alt=sse``, else a JSON array). Gemini's answers, as
+Vertex sends them: ``modelVersion`` is the version an alias resolves to
+(:data:`VERTEX_MODEL_VERSIONS`, e.g. ``gemini-2.0-flash-001``), ``createTime`` is set,
+``usageMetadata`` has ``trafficType`` and comes once, in the last chunk of a stream. The key
+is an OAuth access token (``authorization: Bearer KEY``), or ``x-goog-api-key`` (express).
 A request header ``x-demo-chunk-bytes: N`` makes SSE go out N bytes a write;
 ``x-demo-sse-whole`` sends it in one piece with a content-length.
 ``x-demo-echo: 1`` makes the reply the prompt's text as this upstream received it (every
@@ -56,6 +74,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import itertools
@@ -70,6 +89,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import orjson
 
@@ -85,7 +105,7 @@ _MAX_RECORDS = 100
 _FINGERPRINT = "fp_tollway_demo"
 _MODELS = ("gpt-4o-mini", "gpt-5-mini", "o3-mini", "text-embedding-3-small", "demo-cached")
 
-Style = Literal["openai", "anthropic", "gemini"]
+Style = Literal["openai", "anthropic", "gemini", "azure", "vertex"]
 
 
 class _ApiError(Exception):
@@ -267,6 +287,40 @@ def _model(body: dict[str, Any]) -> str:
     return model
 
 
+# Azure OpenAI: a deployment serves one model, and answers with that model's own name.
+# A deployment not listed here serves the model it is named after.
+AZURE_DEPLOYMENTS = {
+    "chat": "gpt-4o-mini-2024-07-18",
+    "prod-4o": "gpt-4o-2024-11-20",
+    "reasoner": "o4-mini-2025-04-16",
+    "embed": "text-embedding-3-small",
+}
+_FILTER_CATEGORIES = ("hate", "self_harm", "sexual", "violence")
+
+
+def _filters() -> dict[str, Any]:
+    return {c: {"filtered": False, "severity": "safe"} for c in _FILTER_CATEGORIES}
+
+
+@dataclass(frozen=True)
+class _Host:
+    """Who answers an OpenAI-schema request: OpenAI, or Azure (a deployment's model,
+    content filter results)."""
+
+    azure: bool = False
+    deployment: str | None = None  # /openai/deployments/{d}/...; None: the body names it
+
+    def model(self, body: dict[str, Any]) -> str:
+        if not self.azure:
+            return _model(body)
+        # On a deployment path Azure ignores the body's model; on /openai/v1 it names one.
+        name = self.deployment or _model(body)
+        return AZURE_DEPLOYMENTS.get(name, name)
+
+
+_OPENAI_HOST = _Host()
+
+
 # ---------------------------------------------------------------------------- OpenAI
 
 
@@ -296,44 +350,64 @@ def _openai_stream(t: _Turn, base: dict[str, Any], choices: list[Any], body: Any
     return [*out, b"data: [DONE]\n\n"]
 
 
-def _chat_completions(request: Request) -> Reply:
+def _chat_completions(request: Request, host: _Host = _OPENAI_HOST) -> Reply:
     body = _json_body(request)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _ApiError(400, "'messages' must be a non-empty array")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    t = _turn(_model(body), _chars(messages), _limit(limit, "max_completion_tokens"))
+    t = _turn(host.model(body), _chars(messages), _limit(limit, "max_completion_tokens"))
     t = _echoed(request, body, t)
     finish, stream = ("length" if t.truncated else "stop"), body.get("stream") is True
     kind = "chat.completion.chunk" if stream else "chat.completion"
     base = {"id": _id("chatcmpl-"), "object": kind, "created": int(time.time()), "model": t.model}
-    base |= {"service_tier": "default", "system_fingerprint": _FINGERPRINT}
+    if not host.azure:
+        base["service_tier"] = "default"
+    base["system_fingerprint"] = _FINGERPRINT
+    # Azure adds its content filter's verdicts: on the prompt, and on each choice.
+    filtered = {"content_filter_results": _filters()} if host.azure else {}
+    prompt_filter = [{"prompt_index": 0, "content_filter_results": _filters()}]
     if not stream:
         message = {"role": "assistant", "content": t.text, "refusal": None, "annotations": ()}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        return _json({**base, "choices": [choice], "usage": _openai_usage(t)})
+        doc = {**base, "choices": [{**choice, **filtered}], "usage": _openai_usage(t)}
+        if host.azure:
+            doc["prompt_filter_results"] = prompt_filter
+        return _json(doc)
     deltas: list[dict[str, Any]] = [{"role": "assistant", "content": "", "refusal": None}]
     deltas += [{"content": p} for p in t.pieces] + [{}]
     choices = [
         {"index": 0, "delta": d, "logprobs": None, "finish_reason": None if d else finish}
+        | ({"content_filter_results": _filters() if d.get("content") else {}} if filtered else {})
         for d in deltas
     ]
-    return _sse(request, _openai_stream(t, base, choices, body))
+    events = _openai_stream(t, base, choices, body)
+    if host.azure:
+        # Azure's stream opens with the prompt's filter results: no choices, no model, no id.
+        first = {"choices": [], "created": 0, "id": "", "model": "", "object": ""}
+        events.insert(0, _data({**first, "prompt_filter_results": prompt_filter}))
+    return _sse(request, events)
 
 
-def _completions(request: Request) -> Reply:
+def _completions(request: Request, host: _Host = _OPENAI_HOST) -> Reply:
     body = _json_body(request)
     prompt = body.get("prompt")
     if not isinstance(prompt, str | list):
         raise _ApiError(400, "'prompt' must be a string or an array")
-    t = _turn(_model(body), _chars(prompt), _limit(body.get("max_tokens"), "max_tokens"))
+    t = _turn(host.model(body), _chars(prompt), _limit(body.get("max_tokens"), "max_tokens"))
     t = _echoed(request, body, t)
     finish = "length" if t.truncated else "stop"
     base = {"id": _id("cmpl-"), "object": "text_completion", "created": int(time.time())}
     base |= {"model": t.model, "system_fingerprint": _FINGERPRINT}
     if body.get("stream") is not True:
         choice = {"text": t.text, "index": 0, "logprobs": None, "finish_reason": finish}
-        return _json({**base, "choices": [choice], "usage": _openai_usage(t)})
+        doc = {**base, "choices": [choice], "usage": _openai_usage(t)}
+        if host.azure:
+            choice["content_filter_results"] = _filters()
+            doc["prompt_filter_results"] = [
+                {"prompt_index": 0, "content_filter_results": _filters()}
+            ]
+        return _json(doc)
     texts = [*t.pieces, ""]
     choices = [
         {"text": x, "index": 0, "logprobs": None, "finish_reason": None if x else finish}
@@ -352,9 +426,9 @@ def _embedding(item: Any, as_base64: bool) -> list[float] | str:
     return vector
 
 
-def _embeddings(request: Request) -> Reply:
+def _embeddings(request: Request, host: _Host = _OPENAI_HOST) -> Reply:
     body = _json_body(request)
-    model, raw = _model(body), body.get("input")
+    model, raw = host.model(body), body.get("input")
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise _ApiError(400, "'encoding_format' must be 'float' or 'base64'")
@@ -440,10 +514,11 @@ def _responses_events(t: _Turn, body: dict[str, Any], ids: dict[str, Any]) -> li
     return out
 
 
-def _responses(request: Request) -> Reply:
+def _responses(request: Request, host: _Host = _OPENAI_HOST) -> Reply:
     body = _json_body(request)
     chars = _chars(body.get("instructions")) + _chars(body.get("input"))
-    t = _turn(_model(body), chars, _limit(body.get("max_output_tokens"), "max_output_tokens"))
+    limit = _limit(body.get("max_output_tokens"), "max_output_tokens")
+    t = _turn(host.model(body), chars, limit)
     t = _echoed(request, body, t)
     ids = {"resp": _id("resp_"), "msg": _id("msg_"), "rs": _id("rs_"), "created": int(time.time())}
     if body.get("stream") is True:
@@ -527,31 +602,61 @@ def _messages(request: Request) -> Reply:
 # ---------------------------------------------------------------------------- Gemini
 
 
-def _gemini_chunk(t: _Turn, text: str, candidates: int, final: bool, rid: str) -> dict[str, Any]:
+def _gemini_usage(t: _Turn, candidates: int, vertex: bool) -> dict[str, Any]:
     usage: dict[str, Any] = {
         "promptTokenCount": t.prompt,
         "candidatesTokenCount": candidates,
         "totalTokenCount": t.prompt + candidates + t.reasoning,
-        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": t.prompt}],
     }
+    if vertex:
+        usage["trafficType"] = "ON_DEMAND"
+    usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": t.prompt}]
+    if vertex:
+        usage["candidatesTokensDetails"] = [{"modality": "TEXT", "tokenCount": candidates}]
     if t.cached:
         usage["cachedContentTokenCount"] = t.cached
     if t.reasoning:
         usage["thoughtsTokenCount"] = t.reasoning
+    return usage
+
+
+def _gemini_chunk(
+    t: _Turn, text: str, candidates: int, final: bool, rid: str, vertex: bool = False
+) -> dict[str, Any]:
     candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
     if final:
         candidate["finishReason"] = "MAX_TOKENS" if t.truncated else "STOP"
-    candidate["index"] = 0
-    info = {"usageMetadata": usage, "modelVersion": t.model, "responseId": rid}
-    return {"candidates": [candidate], **info}
+    if not vertex:
+        candidate["index"] = 0
+    chunk: dict[str, Any] = {"candidates": [candidate]}
+    # The Gemini API repeats the usage so far in every chunk; Vertex AI sends it once,
+    # in the last chunk of a stream.
+    if final or not vertex:
+        chunk["usageMetadata"] = _gemini_usage(t, candidates, vertex)
+    chunk["modelVersion"] = VERTEX_MODEL_VERSIONS.get(t.model, t.model) if vertex else t.model
+    if vertex:
+        chunk["createTime"] = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+    chunk["responseId"] = rid
+    return chunk
 
 
 _GEMINI_PATH = re.compile(r"/(?:v1|v1beta|v1alpha)/models/([^/:]+)(?::([A-Za-z]+))?")
 _GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.0-flash")
+# Vertex AI: a publisher model in a project and location, or (express mode, API key)
+# without them; API versions v1 and v1beta1.
+_VERTEX_PATH = re.compile(
+    r"/(?:v1|v1beta1)/(?:projects/[^/]+/locations/[^/]+/)?publishers/google/models/"
+    r"([^/:]+)(?::([A-Za-z]+))?"
+)
+# The version Vertex AI answers with when a request names a model's alias.
+VERTEX_MODEL_VERSIONS = {
+    "gemini-2.0-flash": "gemini-2.0-flash-001",
+    "gemini-2.0-flash-lite": "gemini-2.0-flash-lite-001",
+}
 
 
-def _gemini(request: Request) -> Reply:
-    match = _GEMINI_PATH.fullmatch(request.path)
+def _gemini(request: Request, vertex: bool = False) -> Reply:
+    match = (_VERTEX_PATH if vertex else _GEMINI_PATH).fullmatch(request.path)
     assert match is not None and match[2] is not None  # dispatched here only then
     model, method = match[1], match[2]
     body = _json_body(request)
@@ -565,9 +670,11 @@ def _gemini(request: Request) -> Reply:
     t = _echoed(request, body, t)
     rid = _id("")
     if method == "generateContent":
-        return _json(_gemini_chunk(t, t.text, t.completion, True, rid))
+        return _json(_gemini_chunk(t, t.text, t.completion, True, rid, vertex))
     pieces = t.pieces
-    chunks = [_gemini_chunk(t, p, i + 1, i + 1 == len(pieces), rid) for i, p in enumerate(pieces)]
+    chunks = [
+        _gemini_chunk(t, p, i + 1, i + 1 == len(pieces), rid, vertex) for i, p in enumerate(pieces)
+    ]
     if request.query_param("alt") == "sse":
         return _sse(request, (_data(c, b"\r\n\r\n") for c in chunks))
     return _json(chunks)
@@ -607,6 +714,15 @@ _AUTH_MESSAGES = {
     "openai": "Incorrect API key provided.",
     "anthropic": "invalid x-api-key",
     "gemini": "API key not valid. Please pass a valid API key.",
+    "azure": (
+        "Access denied due to invalid subscription key or wrong API endpoint. Make sure to "
+        "provide a valid key for an active subscription and use a correct regional API "
+        "endpoint for your resource."
+    ),
+    "vertex": (
+        "Request had invalid authentication credentials. Expected OAuth 2 access token, "
+        "login cookie or other valid authentication credential."
+    ),
 }
 
 Dispatch = tuple[Style, "Callable[[Request], Reply] | None"]
@@ -627,12 +743,17 @@ _GEMINI_METHODS = ("generateContent", "streamGenerateContent")
 def route(method: str, path: str, headers: Mapping[str, str], query: str = "") -> Dispatch:
     """Which API a request speaks, and its handler (None: no such endpoint there).
 
-    The gateway's own classifier decides (:func:`extproc.routes.dialect_of`:
-    ``anthropic-version`` is Anthropic; a ``models/{model}:{method}`` path, an
-    ``x-goog-api-key`` header or a ``key`` parameter is Gemini; the rest OpenAI).
-    As no OpenAI API lives there, ``/v1beta/`` is also Gemini's and ``/v1/messages``
-    Anthropic's.
+    Azure OpenAI's paths (``/openai/...``) and Vertex AI's (``/v1/projects/...``,
+    ``/v1/publishers/...``, ``/v1beta1/...``) are their own. Otherwise the gateway's own
+    classifier decides (:func:`extproc.routes.dialect_of`: ``anthropic-version`` is
+    Anthropic; a ``models/{model}:{method}`` path, an ``x-goog-api-key`` header or a
+    ``key`` parameter is Gemini; the rest OpenAI). As no OpenAI API lives there,
+    ``/v1beta/`` is also Gemini's and ``/v1/messages`` Anthropic's.
     """
+    if path.startswith("/openai/"):
+        return "azure", _azure_handler(method, path, query)
+    if path.startswith(("/v1/projects/", "/v1/publishers/", "/v1beta1/")):
+        return "vertex", _vertex_handler(method, path)
     dialect = routes.dialect_of(path, headers, query)
     if dialect == "gemini" or path.startswith(("/v1beta/", "/v1alpha/")):
         return "gemini", _gemini_handler(method, path)
@@ -652,11 +773,65 @@ def _gemini_handler(method: str, path: str) -> Callable[[Request], Reply] | None
     return _gemini if method == "POST" and match[2] in _GEMINI_METHODS else None
 
 
+# Azure OpenAI: /openai/deployments/{d}/{endpoint}?api-version=... (the deployment picks
+# the model), /openai/{responses,models}?api-version=..., and the v1 API, /openai/v1/...
+# (the body's model names the deployment; api-version optional).
+_AZURE_DEPLOYMENT_PATH = re.compile(
+    r"/openai/deployments/([^/]+)/(chat/completions|completions|embeddings|responses)",
+    re.IGNORECASE,
+)
+_AZURE_PLAIN_PATH = re.compile(
+    r"/openai/(v1/)?(chat/completions|completions|embeddings|responses|models)", re.IGNORECASE
+)
+_AZURE_HANDLERS: dict[str, Callable[..., Reply]] = {
+    "chat/completions": _chat_completions,
+    "completions": _completions,
+    "embeddings": _embeddings,
+    "responses": _responses,
+}
+
+
+def _azure_handler(method: str, path: str, query: str) -> Callable[[Request], Reply] | None:
+    deployment = _AZURE_DEPLOYMENT_PATH.fullmatch(path)
+    plain = _AZURE_PLAIN_PATH.fullmatch(path)
+    versioned = plain is not None and plain[1] is not None  # /openai/v1/...
+    if deployment is not None:
+        endpoint, host = deployment[2].lower(), _Host(True, unquote(deployment[1]))
+    elif plain is not None and (versioned or plain[2].lower() in ("responses", "models")):
+        endpoint, host = plain[2].lower(), _Host(True)
+    else:
+        return None
+    if not versioned and not any(p.startswith("api-version=") for p in query.split("&")):
+        return _azure_no_api_version
+    if endpoint == "models":
+        return _models if method == "GET" else None
+    if method != "POST":
+        return None
+    return functools.partial(_AZURE_HANDLERS[endpoint], host=host)
+
+
+def _azure_no_api_version(request: Request) -> Reply:
+    # What Azure answers a data-plane call without ?api-version= (outside /openai/v1).
+    raise _ApiError(404, "Resource not found")
+
+
+def _vertex_handler(method: str, path: str) -> Callable[[Request], Reply] | None:
+    match = _VERTEX_PATH.fullmatch(path)
+    if match is None or match[2] is None:
+        return None
+    if method == "POST" and match[2] in _GEMINI_METHODS:
+        return functools.partial(_gemini, vertex=True)
+    return None
+
+
 def _error(style: Style, err: _ApiError) -> Response:
+    if style == "azure":
+        # Azure's own shape: the status as a string for a code, and a message.
+        return _json({"error": {"code": str(err.status), "message": err.message}}, err.status)
     if style == "anthropic":
         kind = _ANTHROPIC_ERRORS.get(err.status, "invalid_request_error")
         return _json({"type": "error", "error": {"type": kind, "message": err.message}}, err.status)
-    if style == "gemini":
+    if style in ("gemini", "vertex"):
         status = _GEMINI_STATUS.get(err.status, "FAILED_PRECONDITION")
         error = {"code": err.status, "message": err.message, "status": status}
         return _json({"error": error}, err.status)
@@ -667,6 +842,10 @@ def _error(style: Style, err: _ApiError) -> Response:
 def _presented_key(request: Request, style: Style) -> str:
     if style == "gemini":
         return request.headers.get("x-goog-api-key", "")
+    if style == "azure" and "api-key" in request.headers:
+        return request.headers["api-key"]  # else an Entra ID token, as a Bearer token
+    if style == "vertex" and "authorization" not in request.headers:
+        return request.headers.get("x-goog-api-key", "")  # express mode: an API key
     if style == "anthropic" and "x-api-key" in request.headers:
         return request.headers["x-api-key"]
     # OpenAI; also Anthropic without x-api-key (anthropic SDK 2.x sends the key as a Bearer token)
@@ -695,6 +874,8 @@ class App:
         style, handler = route(request.method, request.path, request.headers, request.query)
         if handler is None:
             message = f"Invalid URL ({request.method} {request.path})"
+            if style == "azure":
+                message = "Resource not found"
             return _error(style, _ApiError(404, message, "unknown_url"))
         if self._expected is not None:
             presented = _presented_key(request, style).encode("utf-8", "surrogatepass")

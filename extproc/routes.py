@@ -12,7 +12,15 @@ then goes to the one whose API it speaks:
    if there is one; if not, no upstream matches (404), never a guess.
 
 An upstream's ``mount`` (``/anthropic``) is a prefix of its own: the request goes
-there whatever it speaks, with the mount removed from the path.
+there whatever it speaks, with the mount removed from the path. An upstream may have
+a mount and no prefixes (Azure OpenAI under ``/azure``: Azure's v1 API and OpenAI's
+own base URL are both ``/openai/v1/``).
+
+Azure OpenAI and Vertex AI have no default route; the README (Routing) configures
+them. Azure's model is its deployment (``/openai/deployments/{d}/...``) or the body's;
+Vertex paths (``/v1/projects/.../publishers/google/models/{m}:{method}``, ``/v1beta1/``)
+take prefixes longer than the Gemini API's ``/v1/`` and name their model like it.
+Of the query only a ``key`` parameter plays a part (Azure's ``api-version`` goes through).
 """
 
 from __future__ import annotations

@@ -718,3 +718,203 @@ def test_run_prints_one_line_and_stops_on_sigterm() -> None:
             proc.wait(TIMEOUT)
     assert proc.returncode == 0
     assert out == "" and err == ""
+
+
+# ---- Azure OpenAI ---------------------------------------------------------------------
+
+AZURE_VERSION = "2024-10-21"
+
+
+def azure(port: int) -> openai.AzureOpenAI:
+    return openai.AzureOpenAI(
+        azure_endpoint=f"http://127.0.0.1:{port}",
+        api_version=AZURE_VERSION,
+        api_key=KEY,
+        timeout=TIMEOUT,
+        max_retries=0,
+    )
+
+
+def test_azure_deployments_answer_with_the_deployments_model(port: int) -> None:
+    """AzureOpenAI sends /openai/deployments/{model}/...?api-version= with an api-key header;
+    the answer names the model the deployment serves, not the deployment."""
+    client = azure(port)
+    chat = client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert chat.model == "gpt-4o-mini-2024-07-18"
+    assert chat.choices[0].message.content == REPLY
+    assert chat.usage is not None and chat.usage.prompt_tokens == prompt_tokens("hi")
+    assert chat.usage.completion_tokens == len(WORDS)
+    extra = chat.model_extra or {}
+    assert extra["prompt_filter_results"][0]["content_filter_results"]["hate"]["filtered"] is False
+    legacy = client.completions.create(model="my-instruct", prompt="abcd", max_tokens=3)
+    assert (legacy.model, legacy.usage and legacy.usage.completion_tokens) == ("my-instruct", 3)
+    vectors = client.embeddings.create(model="embed", input=["a", "b"])
+    assert vectors.model == "text-embedding-3-small" and len(vectors.data) == 2
+    # The Responses API is not under a deployment: /openai/responses?api-version=...
+    answer = client.responses.create(model="reasoner", input="hello")
+    assert answer.model == "o4-mini-2025-04-16"
+    assert answer.usage is not None and answer.usage.output_tokens_details.reasoning_tokens == 6
+
+
+def test_azure_stream_opens_with_the_prompt_filter_chunk(port: int, http: httpx.Client) -> None:
+    response = http.post(
+        "/openai/deployments/chat/chat/completions",
+        params={"api-version": AZURE_VERSION},
+        headers={"api-key": KEY},
+        json={"messages": [{"role": "user", "content": "hi"}], "stream": True,
+              "stream_options": {"include_usage": True}},
+    )  # fmt: skip
+    assert response.status_code == 200
+    lines = [x for x in response.text.split("\n\n") if x]
+    assert lines[-1] == "data: [DONE]"
+    docs = [orjson.loads(x.removeprefix("data: ")) for x in lines[:-1]]
+    assert docs[0]["choices"] == [] and docs[0]["model"] == ""
+    assert docs[0]["prompt_filter_results"][0]["prompt_index"] == 0
+    assert {d["model"] for d in docs[1:]} == {"gpt-4o-mini-2024-07-18"}
+    assert "".join(d["choices"][0]["delta"].get("content") or "" for d in docs[1:-1]) == REPLY
+    assert docs[-1]["choices"] == [] and docs[-1]["usage"]["completion_tokens"] == len(WORDS)
+    # The SDK reads the same stream (the first chunk has no choices, as on Azure).
+    chunks = list(
+        azure(int(http.base_url.port or 0)).chat.completions.create(
+            model="prod-4o", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    )
+    assert chunks[0].choices == []
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[1:]) == REPLY
+
+
+def test_azure_v1_api_takes_the_deployment_from_the_body(port: int) -> None:
+    """OpenAI(base_url=".../openai/v1"): no api-version needed, a Bearer key is accepted."""
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/openai/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT
+    )
+    chat = client.chat.completions.create(
+        model="prod-4o", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert chat.model == "gpt-4o-2024-11-20"
+    chunks = list(
+        client.chat.completions.create(
+            model="chat",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(WORDS)
+    assert client.responses.create(model="gpt-4.1", input="x").model == "gpt-4.1"
+    assert client.embeddings.create(model="embed", input="x").usage.prompt_tokens == 1
+    assert [m.id for m in client.models.list()]
+
+
+def test_azure_errors_in_azures_shape(http: httpx.Client) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    path = "/openai/deployments/chat/chat/completions"
+    missing = http.post(path, headers={"api-key": KEY}, json=body)
+    assert missing.status_code == 404
+    assert missing.json() == {"error": {"code": "404", "message": "Resource not found"}}
+    wrong = http.post(
+        path, params={"api-version": AZURE_VERSION}, headers={"api-key": "x"}, json=body
+    )
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "401"
+    bearer = http.post(
+        path, params={"api-version": AZURE_VERSION}, headers={"authorization": f"Bearer {KEY}"},
+        json=body,
+    )  # fmt: skip
+    assert bearer.status_code == 200  # an Entra ID token, in the demo the provider key
+    unknown = http.post("/openai/deployments/chat/nope", params={"api-version": "x"}, json={})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "404"
+
+
+# ---- Vertex AI ------------------------------------------------------------------------
+
+VERTEX = "/v1/projects/demo-project/locations/us-central1/publishers/google/models"
+
+
+def vertex(port: int, version: str | None = None) -> genai.Client:
+    """google-genai as Vertex AI users configure it, with a fixed OAuth access token."""
+    from google.oauth2.credentials import Credentials
+
+    options: dict[str, Any] = {"base_url": f"http://127.0.0.1:{port}"}
+    if version is not None:
+        options["api_version"] = version
+    return genai.Client(
+        vertexai=True,
+        project="demo-project",
+        location="us-central1",
+        credentials=Credentials(token=KEY),  # type: ignore[no-untyped-call]
+        http_options=options,
+    )
+
+
+@pytest.mark.parametrize("version", [None, "v1"])  # the SDK's default for Vertex is v1beta1
+def test_vertex_generate_content_with_the_sdk(
+    port: int, http: httpx.Client, version: str | None
+) -> None:
+    http.delete("/__demo/requests")
+    client = vertex(port, version)  # held: a client collected mid-call closes its connection
+    reply = client.models.generate_content(model="gemini-2.0-flash", contents="hi")
+    assert reply.text == REPLY
+    assert reply.model_version == "gemini-2.0-flash-001"  # Vertex answers with the version
+    assert reply.usage_metadata is not None
+    assert reply.usage_metadata.prompt_token_count == prompt_tokens("hi")
+    assert reply.usage_metadata.candidates_token_count == len(WORDS)
+    assert reply.usage_metadata.traffic_type == genai_types.TrafficType.ON_DEMAND
+    (sent,) = [r for r in http.get("/__demo/requests").json() if "generate" in r["path"]]
+    assert sent["path"] == (
+        f"/{version or 'v1beta1'}/projects/demo-project/locations/us-central1"
+        "/publishers/google/models/gemini-2.0-flash:generateContent"
+    )
+    assert sent["headers"]["authorization"] == f"Bearer {KEY}"
+
+
+def test_vertex_stream_reports_usage_in_its_last_chunk(port: int, http: httpx.Client) -> None:
+    client = vertex(port)
+    stream = client.models.generate_content_stream(
+        model="gemini-2.5-flash-thinking", contents="hello"
+    )
+    chunks = list(stream)
+    assert "".join(c.text or "" for c in chunks) == REPLY
+    assert all(c.usage_metadata is None for c in chunks[:-1])
+    last = chunks[-1].usage_metadata
+    assert last is not None and last.candidates_token_count == len(WORDS)
+    assert last.thoughts_token_count == len(WORDS) // 2
+    # Without ?alt=sse, the same chunks as one JSON array.
+    body = {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]}
+    auth = {"authorization": f"Bearer {KEY}"}
+    array = http.post(f"{VERTEX}/gemini-2.5-pro:streamGenerateContent", headers=auth, json=body)
+    assert array.status_code == 200
+    docs = array.json()
+    assert "usageMetadata" not in docs[0] and docs[-1]["usageMetadata"]["totalTokenCount"] == (
+        prompt_tokens("hello") + len(WORDS)
+    )
+    assert {d["modelVersion"] for d in docs} == {"gemini-2.5-pro"}
+    sse = http.post(
+        f"/v1beta1{VERTEX.removeprefix('/v1')}/gemini-2.5-pro:streamGenerateContent?alt=sse",
+        headers=auth,
+        json=body,
+    )
+    assert sse.headers["content-type"].startswith("text/event-stream")
+    events = [orjson.loads(e.removeprefix("data: ")) for e in sse.text.split("\r\n\r\n") if e]
+    assert [e["candidates"] for e in events] == [d["candidates"] for d in docs]
+
+
+def test_vertex_express_mode_and_errors(port: int, http: httpx.Client) -> None:
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    express = http.post(
+        "/v1/publishers/google/models/gemini-2.5-flash:generateContent",
+        headers={"x-goog-api-key": KEY},
+        json=body,
+    )
+    assert express.status_code == 200 and express.json()["modelVersion"] == "gemini-2.5-flash"
+    wrong = http.post(
+        f"{VERTEX}/gemini-2.5-flash:generateContent",
+        headers={"authorization": "Bearer x"},
+        json=body,
+    )
+    assert wrong.status_code == 401
+    assert wrong.json()["error"]["status"] == "UNAUTHENTICATED"
+    assert "OAuth 2 access token" in wrong.json()["error"]["message"]
+    unknown = http.post(f"{VERTEX}/gemini-2.5-flash:countTokens", json=body)
+    assert unknown.status_code == 404 and unknown.json()["error"]["status"] == "NOT_FOUND"
