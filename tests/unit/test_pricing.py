@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extproc.config import ModelPrice, PricingConfig
-from extproc.pricing import OTHER, PriceTable, _buckets, buckets, cost, load_prices
+from extproc.config import ModelPrice, PricingConfig, Upstream
+from extproc.pricing import OTHER, PriceTable, _buckets, buckets, cost, load_prices, namespace
 from extproc.providers import Usage
 
 SHIPPED = load_prices(PricingConfig())
@@ -167,3 +167,31 @@ def test_no_token_is_billed_twice_however_the_parts_overlap(counts: list[int], t
     assert price is not None
     priced = cost(price[1], usage)
     assert priced.usd >= 0
+
+
+@pytest.mark.parametrize(
+    ("upstream", "where"),
+    [
+        ({"url": "https://api.openai.com", "api": "openai"}, None),
+        ({"url": "https://my-resource.openai.azure.com", "api": "azure"}, "azure"),
+        ({"url": "https://us-central1-aiplatform.googleapis.com", "api": "gemini"}, "vertex_ai"),
+        ({"url": "https://aiplatform.googleapis.com", "api": "gemini"}, "vertex_ai"),
+        ({"url": "https://generativelanguage.googleapis.com", "api": "gemini"}, None),
+        ({"url": "http://10.0.0.7:8080", "api": "gemini", "prices": "vertex_ai"}, "vertex_ai"),
+        ({"url": "https://aiplatform.googleapis.com", "api": "gemini", "prices": ""}, None),
+    ],
+)
+def test_a_route_looks_up_its_providers_own_prices_first(
+    upstream: dict[str, str], where: str | None
+) -> None:
+    assert namespace(Upstream.model_validate(upstream)) == where
+
+
+def test_azure_and_vertex_names_win_on_their_routes_and_fall_back_to_the_bare_name() -> None:
+    azure = SHIPPED.lookup("gpt-4o-mini-2024-07-18", "azure")
+    vertex = SHIPPED.lookup("gemini-2.5-flash-image", "vertex_ai")
+    assert azure is not None and azure[0] == "azure/gpt-4o-mini"
+    assert vertex is not None and vertex[0] == "vertex_ai/gemini-2.5-flash-image"
+    assert SHIPPED.label("gemini-2.5-flash-image") == "gemini-2.5-flash-image"  # Gemini API
+    fallback = SHIPPED.lookup("claude-opus-4-6", "azure")  # no azure/ entry
+    assert fallback is not None and fallback[0] == "claude-opus-4-6"
