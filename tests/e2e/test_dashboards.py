@@ -210,7 +210,7 @@ def reservation_usd(body: bytes) -> Decimal:
     found = load_prices(PricingConfig()).lookup(doc["model"])
     assert found is not None
     usage = Usage(input_tokens=estimate_input_tokens(body), output_tokens=doc["max_tokens"])
-    return Decimal(math.ceil(cost(found[1], usage) * MICRO)) / MICRO
+    return Decimal(math.ceil(cost(found[1], usage).usd * MICRO)) / MICRO
 
 
 def with_limits(redis_url: str) -> Callable[[Config], Config]:

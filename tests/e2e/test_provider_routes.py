@@ -222,7 +222,7 @@ def test_azure_deployment_chat_json(stack: Stack) -> None:
     assert answer.model == "gpt-4o-mini-2024-07-18"
     usage = answer.usage
     assert usage is not None
-    assert tokens == reported("gpt-4o-mini", usage.prompt_tokens, usage.completion_tokens)
+    assert tokens == reported("azure/gpt-4o-mini", usage.prompt_tokens, usage.completion_tokens)
     assert float(raw.headers["x-tollway-cost-usd"]) > 0
     request = received(stack, tag)
     assert request["path"] == "/openai/deployments/chat/chat/completions"
@@ -251,7 +251,7 @@ def test_azure_deployment_chat_stream(stack: Stack) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content
     usage = plain.usage
-    assert tokens == reported("gpt-4o", usage.prompt_tokens, usage.completion_tokens)
+    assert tokens == reported("azure/gpt-4o", usage.prompt_tokens, usage.completion_tokens)
     azure_credential_swapped(stack, received(stack, tag))
     assert_priced(logged(stack, tag), tokens)
 
@@ -265,7 +265,7 @@ def test_azure_deployment_embeddings_and_responses(stack: Stack) -> None:
         lambda: azure(stack, tag).embeddings.create(model="embed", input=["a", "bb"]),
     )
     assert len(vectors.data) == 2
-    assert tokens == reported("text-embedding-3-small", vectors.usage.prompt_tokens, 0)
+    assert tokens == reported("azure/text-embedding-3-small", vectors.usage.prompt_tokens, 0)
     assert_priced(logged(stack, tag), tokens)
     # The Responses API is not under a deployment: /openai/responses?api-version=...
     tag = tagged()
@@ -279,7 +279,7 @@ def test_azure_deployment_embeddings_and_responses(stack: Stack) -> None:
     usage = answer.usage
     assert usage.output_tokens_details.reasoning_tokens  # o4-mini reasons
     assert tokens == reported(
-        "o4-mini",
+        "azure/o4-mini",  # Azure's own price for the model
         usage.input_tokens,
         usage.output_tokens,
         reasoning=usage.output_tokens_details.reasoning_tokens,
@@ -305,7 +305,7 @@ def test_azure_v1_api_json_and_stream(stack: Stack) -> None:
     )
     assert answer.model == "gpt-4o-mini-2024-07-18" and answer.usage is not None
     assert tokens == reported(
-        "gpt-4o-mini", answer.usage.prompt_tokens, answer.usage.completion_tokens
+        "azure/gpt-4o-mini", answer.usage.prompt_tokens, answer.usage.completion_tokens
     )
     request = received(stack, tag)
     assert (request["path"], request["query"]) == ("/openai/v1/chat/completions", "")
@@ -327,7 +327,7 @@ def test_azure_v1_api_json_and_stream(stack: Stack) -> None:
     chunks, tokens = metered(stack, "azure", "chat", stream)
     usage = chunks[-1].usage
     assert usage is not None and chunks[-1].choices == []
-    assert tokens == reported("gpt-4o-mini", usage.prompt_tokens, usage.completion_tokens)
+    assert tokens == reported("azure/gpt-4o-mini", usage.prompt_tokens, usage.completion_tokens)
     azure_credential_swapped(stack, received(stack, tag))
     assert_priced(logged(stack, tag), tokens)
 
@@ -340,7 +340,9 @@ def test_azure_v1_api_json_and_stream(stack: Stack) -> None:
     )
     done = events[-1].response
     assert done.usage is not None and done.model == "gpt-4o-mini-2024-07-18"
-    assert tokens == reported("gpt-4o-mini", done.usage.input_tokens, done.usage.output_tokens)
+    assert tokens == reported(
+        "azure/gpt-4o-mini", done.usage.input_tokens, done.usage.output_tokens
+    )
     assert_priced(logged(stack, tag), tokens)
 
 
