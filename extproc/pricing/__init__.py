@@ -192,8 +192,10 @@ def _buckets(usage: Usage) -> list[tuple[str, int]]:
     return parts
 
 
-def _rates(price: ModelPrice, usage: Usage) -> tuple[Rates, bool]:
-    """The rates that price this request, and whether they are the ones it was served at."""
+def _rates(price: ModelPrice, usage: Usage) -> tuple[Rates, Rates | None, bool]:
+    """The rates that price this request; the rates a kind they lack borrows its own
+    rate from (a tier's from standard, long context's from below the threshold); and
+    whether they are the rates of the tier that served it."""
     tier: TierPrice = price
     exact = True
     if usage.service_tier:
@@ -202,23 +204,27 @@ def _rates(price: ModelPrice, usage: Usage) -> tuple[Rates, bool]:
             exact = False  # a tier the table has no rates for: standard rates, flagged
         else:
             tier = served
-    base_long = price.long_context
     long = tier.long_context
     if long is not None and usage.input_tokens > long.threshold:
-        return long, exact
+        return long, tier, exact
+    base_long = price.long_context
     if long is None and base_long is not None and usage.input_tokens > base_long.threshold:
         exact = False  # over the threshold in a tier whose long-context rates are unknown
-    return tier, exact
+    return tier, (price if tier is not price else None), exact
 
 
-_RESOLVED: dict[int, tuple[Rates, dict[str, tuple[float, bool]]]] = {}
+_RESOLVED: dict[tuple[int, int], tuple[Rates, Rates | None, dict[str, tuple[float, bool]]]] = {}
 
 
-def _resolve(rates: Rates) -> dict[str, tuple[float, bool]]:
-    """Each kind's rate in these rates, and whether it is the kind's own."""
+def _resolve(rates: Rates, lender: Rates | None) -> dict[str, tuple[float, bool]]:
+    """Each kind's rate, and whether it is the kind's own: its own in ``rates``, else
+    the same kind's in ``lender`` (an image rate is nearer another tier's image rate
+    than this tier's text rate), else the rate it is a part of. Reasoning is output."""
     resolved: dict[str, tuple[float, bool]] = {}
     for kind in (*_PARENTS, "input", "output"):
         rate, own = getattr(rates, kind), True
+        if rate is None and lender is not None and kind not in _SAME_AS_PARENT:
+            rate, own = getattr(lender, kind), False
         for parent in _PARENTS.get(kind, ()) if rate is None else ():
             rate = getattr(rates, parent)
             if rate is not None:
@@ -234,13 +240,15 @@ def _resolve(rates: Rates) -> dict[str, tuple[float, bool]]:
 def cost(price: ModelPrice, usage: Usage) -> Priced:
     """USD for these tokens: each kind at its own rate, in the tier that served them,
     the long-context rates if the prompt is over the threshold."""
-    rates, exact = _rates(price, usage)
-    found = _RESOLVED.get(id(rates))
+    rates, lender, exact = _rates(price, usage)
+    key = (id(rates), id(lender))
+    found = _RESOLVED.get(key)
     if found is None:  # once per rates: price tables are immutable
         if len(_RESOLVED) > _CACHE_LIMIT:
             _RESOLVED.clear()
-        found = _RESOLVED[id(rates)] = (rates, _resolve(rates))  # kept alive: id stays its own
-    resolved = found[1]
+        # The rates are kept alive with it, so that no other object takes their ids.
+        found = _RESOLVED[key] = (rates, lender, _resolve(rates, lender))
+    resolved = found[2]
     total = 0.0
     unpriced: list[tuple[str, int]] = []
     for kind, tokens in buckets(usage):

@@ -114,6 +114,29 @@ CASES = {
         (121000 * 0.1 + 1300 * 0.5) / M,
         {"input": 0.1, "output": 0.5, "long_context.threshold": 100000},
     ),
+    # Anthropic: Claude Sonnet 4.5 above 200k prompt tokens (cache reads and writes
+    # count): every kind at its >200k rate, the 1-hour cache write too.
+    "anthropic 200k tier": Golden(
+        ("anthropic_sonnet_200k.json", "anthropic_sonnet_200k.sse"),
+        "messages",
+        "claude-sonnet-4-5",
+        {
+            "input_tokens": 220000,
+            "output_tokens": 3000,
+            "cached_input_tokens": 60000,
+            "cache_creation_tokens": 10000,
+            "cache_creation_1h_tokens": 6000,
+        },
+        (150000 * 6 + 60000 * 0.6 + 4000 * 7.5 + 6000 * 12 + 3000 * 22.5) / M,
+        {
+            "long_context.threshold": 200000,
+            "long_context.input": 6,
+            "long_context.cached_input": 0.6,
+            "long_context.cache_write": 7.5,
+            "long_context.cache_write_1h": 12,
+            "long_context.output": 22.5,
+        },
+    ),
     # Anthropic priority tier: the table has no priority prices for the model, so it
     # is billed at standard prices and every token is flagged.
     "anthropic priority tier without prices": Golden(
@@ -203,6 +226,14 @@ CASES = {
         unpriced={"input_image": 765, "other_input": 300},
     ),
     # OpenAI: snapshot names with a ':' suffix resolve to the model.
+    "openai babbage snapshot name": Golden(
+        ("openai_babbage_snapshot.json",),
+        "completions",
+        "babbage-002",
+        {"input_tokens": 12, "output_tokens": 16},
+        (12 * 0.4 + 16 * 0.4) / M,
+        {"input": 0.4, "output": 0.4},
+    ),
     "openai completions snapshot name": Golden(
         ("openai_completions_snapshot.json",),
         "completions",
@@ -256,6 +287,27 @@ CASES = {
         {"input_tokens": 15, "output_tokens": 1300, "output_image_tokens": 1290},
         (15 * 0.3 + 10 * 2.5 + 1290 * 30) / M,
         {"input": 0.3, "output": 2.5, "output_image": 30},
+    ),
+    # Gemini priority tier: the table has no priority image rate for the model, so
+    # the image tokens take the standard image rate, flagged.
+    "gemini image generation priority": Golden(
+        ("gemini_3_pro_image_priority.json",),
+        "generate_content",
+        "gemini-3-pro-image-preview",
+        {
+            "input_tokens": 40,
+            "output_tokens": 1328,
+            "reasoning_tokens": 200,
+            "output_image_tokens": 1120,
+            "service_tier": "priority",
+        },
+        (40 * 3.6 + 208 * 21.6 + 1120 * 120) / M,
+        {
+            "service_tiers.priority.input": 3.6,
+            "service_tiers.priority.output": 21.6,
+            "output_image": 120,
+        },
+        unpriced={"output_image": 1120},
     ),
     # Gemini API: the gemini/ entry's prices (with a cache read price)...
     "gemini api prices": Golden(

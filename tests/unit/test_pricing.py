@@ -195,3 +195,18 @@ def test_azure_and_vertex_names_win_on_their_routes_and_fall_back_to_the_bare_na
     assert SHIPPED.label("gemini-2.5-flash-image") == "gemini-2.5-flash-image"  # Gemini API
     fallback = SHIPPED.lookup("claude-opus-4-6", "azure")  # no azure/ entry
     assert fallback is not None and fallback[0] == "claude-opus-4-6"
+
+
+def test_a_tier_without_a_kinds_rate_borrows_the_standard_rate_of_that_kind() -> None:
+    p = ModelPrice.model_validate(
+        {
+            "input": 2,
+            "output": 12,
+            "output_image": 120,
+            "service_tiers": {"priority": {"input": 3.6, "output": 21.6}},
+        }
+    )
+    priced = cost(p, Usage(10, 1300, output_image_tokens=1290, service_tier="priority"))
+    # Image output at the standard image rate (nearer than priority's text rate), flagged.
+    assert priced.usd == pytest.approx((10 * 3.6 + 10 * 21.6 + 1290 * 120) / 1e6)
+    assert priced.unpriced == (("output_image", 1290),)
