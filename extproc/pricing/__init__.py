@@ -57,31 +57,29 @@ class PriceTable:
                 self._names.setdefault(alias.lower(), name)
         self._cache: dict[tuple[str, str | None], tuple[str, ModelPrice] | None] = {}
 
-    def lookup(
-        self, model: str | None, namespace: str | None = None
-    ) -> tuple[str, ModelPrice] | None:
+    def lookup(self, model: str | None, where: str | None = None) -> tuple[str, ModelPrice] | None:
         """(the table's name, its price) for a model as a response names it, or None.
 
-        ``namespace`` is where the route's provider keeps its own prices
-        (``vertex_ai``, ``azure``): ``vertex_ai/<model>`` is looked up first.
+        ``where`` is the route's price namespace (see ``namespace``): the provider's
+        own names (``vertex_ai/<model>``) are looked up first.
         """
         if not model:
             return None
-        key = (model, namespace)
+        key = (model, where)
         if key in self._cache:
             return self._cache[key]
         found = None
-        if namespace is not None:
-            found = self._find(f"{namespace}/{model.rpartition('/')[2]}")
+        if where is not None:
+            found = self._find(f"{where}/{model.rpartition('/')[2]}")
         if found is None:
             found = self._find(model)
         if len(self._cache) < _CACHE_LIMIT:  # model names come from upstreams: bounded
             self._cache[key] = found
         return found
 
-    def label(self, model: str | None, namespace: str | None = None) -> str:
+    def label(self, model: str | None, where: str | None = None) -> str:
         """A bounded metric label: the table's name for the model, else "other"."""
-        found = self.lookup(model, namespace)
+        found = self.lookup(model, where)
         return found[0] if found else OTHER
 
     def _find(self, model: str) -> tuple[str, ModelPrice] | None:
@@ -96,8 +94,8 @@ class PriceTable:
 
 class Priced(NamedTuple):
     usd: float
-    # Tokens billed at the rate they are a part of, because the table has no rate
-    # of their own for this kind (and tier): (kind, tokens), e.g. ("input_audio", 120).
+    # Tokens billed at a rate not their own, the table having none for their kind in
+    # the rates that apply: (kind, tokens), e.g. ("input_audio", 120).
     unpriced: tuple[tuple[str, int], ...]
 
 
