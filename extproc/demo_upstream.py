@@ -361,8 +361,9 @@ def _chat_completions(request: Request, host: _Host = _OPENAI_HOST) -> Reply:
     finish, stream = ("length" if t.truncated else "stop"), body.get("stream") is True
     kind = "chat.completion.chunk" if stream else "chat.completion"
     base = {"id": _id("chatcmpl-"), "object": kind, "created": int(time.time()), "model": t.model}
-    if not host.azure:
-        base["service_tier"] = "default"
+    if not host.azure:  # the tier that served it: the one asked for, as OpenAI answers
+        asked = body.get("service_tier")
+        base["service_tier"] = asked if asked in ("flex", "priority") else "default"
     base["system_fingerprint"] = _FINGERPRINT
     # Azure adds its content filter's verdicts: on the prompt, and on each choice.
     filtered = {"content_filter_results": _filters()} if host.azure else {}

@@ -105,6 +105,29 @@ def test_chat_completion_plain(oai: openai.OpenAI) -> None:
     assert usage.completion_tokens_details.reasoning_tokens == 0
 
 
+@pytest.mark.parametrize(
+    ("asked", "served"),
+    [(None, "default"), ("auto", "default"), ("flex", "flex"), ("priority", "priority")],
+)
+def test_chat_completion_names_the_tier_that_served_it(
+    oai: openai.OpenAI, asked: str | None, served: str
+) -> None:
+    extra = {} if asked is None else {"service_tier": asked}
+    resp = oai.chat.completions.create(
+        model="o4-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        **extra,  # type: ignore[arg-type]
+    )
+    assert resp.service_tier == served
+    stream = oai.chat.completions.create(
+        model="o4-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        **extra,  # type: ignore[arg-type]
+    )
+    assert {chunk.service_tier for chunk in stream} == {served}
+
+
 def test_chat_completion_max_tokens_truncates(oai: openai.OpenAI) -> None:
     resp = oai.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=3

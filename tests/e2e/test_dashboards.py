@@ -156,7 +156,8 @@ def scrape(url: str) -> dict[str, dict[str, set[str]]]:
 
 
 def send_traffic(stack: Stack) -> int:
-    """Requests that touch every panel: priced, unpriced, streamed, denied. How many."""
+    """Requests that touch every panel: priced, unpriced, streamed, on a tier without
+    rates, denied. How many."""
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.keys["alice"], max_retries=0)
     for model in ("gpt-4o-mini", "my-own-finetune"):
         message = [{"role": "user", "content": "hello"}]
@@ -167,9 +168,14 @@ def send_traffic(stack: Stack) -> int:
         stream=True,
     )
     assert list(stream)
+    # Served on flex, a tier the table has no gpt-4o-mini rates for: flagged tokens.
+    flex = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], service_tier="flex"
+    )
+    assert flex.service_tier == "flex"
     with pytest.raises(openai.AuthenticationError):
         client.with_options(api_key="tw_wrong").models.list()
-    return 4
+    return 5
 
 
 # ---- limits on a Redis store ------------------------------------------------------
@@ -559,7 +565,7 @@ def test_each_limit_and_store_metric_moved_with_its_event(prometheus: str, stack
     def decisions(rule: str, outcome: str) -> float:
         return value("tollway_limit_decisions_total", rule=rule, outcome=outcome)
 
-    assert decisions("chat-rpm", "allowed") >= 6  # send_traffic: 3 chat requests, twice
+    assert decisions("chat-rpm", "allowed") >= 6  # send_traffic: 4 chat requests, twice
     assert decisions("messages-rpm", "allowed") == 4  # 2 a minute, for each of 2 keys
     assert decisions("messages-rpm", "limited") == 2
     assert decisions("messages-shadow", "shadow_limited") == 4  # and denied nothing itself
