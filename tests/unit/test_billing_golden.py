@@ -9,11 +9,14 @@ the published prices the hand computation uses, so a changed table fails here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extproc.config import PricingConfig
 from extproc.pricing import bill, load_prices
@@ -431,3 +434,68 @@ def test_tokens_and_cost_whole_and_split_at_every_byte(name: str, file: str) -> 
 def test_every_fixture_is_a_case() -> None:
     used = {f for case in CASES.values() for f in case.files}
     assert used == {p.name for p in FIXTURES.iterdir()}
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 10**6)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+# The fields each reader looks at, so that random values land where they are read.
+USAGE_KEYS = st.sampled_from(
+    [
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+        "cache_creation",
+        "output_tokens_details",
+        "iterations",
+        "service_tier",
+        "speed",
+        "prompt_tokens",
+        "completion_tokens",
+        "prompt_tokens_details",
+        "completion_tokens_details",
+        "input_tokens_details",
+        "promptTokenCount",
+        "candidatesTokenCount",
+        "toolUsePromptTokenCount",
+        "thoughtsTokenCount",
+        "cachedContentTokenCount",
+        "promptTokensDetails",
+        "cacheTokensDetails",
+        "candidatesTokensDetails",
+        "serviceTier",
+        "trafficType",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(USAGE_KEYS, JSON, max_size=8),
+    JSON,
+    st.sampled_from(["messages", "chat", "responses", "generate_content"]),
+)
+def test_any_usage_an_upstream_sends_reads_and_prices_without_error(
+    raw: dict[str, Any], tier: Any, api: Api
+) -> None:
+    """Whatever shape the usage fields take, the reading is counts and the bill a number."""
+    doc = {
+        "messages": {"type": "message", "model": "claude-sonnet-4-6", "usage": raw},
+        "chat": {"model": "gpt-5", "usage": raw, "service_tier": tier},
+        "responses": {"model": "gpt-5", "usage": raw, "service_tier": tier},
+        "generate_content": {"modelVersion": "gemini-2.5-pro", "usageMetadata": raw},
+    }[api]
+    reading = meter_body(api, [orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)], sse=False)
+    counts = [getattr(reading.usage, f.name) for f in fields(Usage) if f.name != "service_tier"]
+    assert all(type(n) is int and n >= 0 for n in counts)
+    priced = bill(TABLE, reading.model, reading.usage, reading.parts)
+    assert priced.usd >= 0 and priced.usd == priced.usd  # not NaN
