@@ -32,6 +32,9 @@ Vertex sends them: ``modelVersion`` is the version an alias resolves to
 (:data:`VERTEX_MODEL_VERSIONS`, e.g. ``gemini-2.0-flash-001``), ``createTime`` is set,
 ``usageMetadata`` has ``trafficType`` and comes once, in the last chunk of a stream. The key
 is an OAuth access token (``authorization: Bearer KEY``), or ``x-goog-api-key`` (express).
+Claude on Vertex AI: ``.../publishers/anthropic/models/{m}:rawPredict`` and
+``:streamRawPredict``, Anthropic's Messages API with the model in the path and an
+``anthropic_version`` in the body (``vertex-2023-10-16``, or the SDK's API version).
 A request header ``x-demo-chunk-bytes: N`` makes SSE go out N bytes a write;
 ``x-demo-sse-whole`` sends it in one piece with a content-length.
 ``x-demo-echo: 1`` makes the reply the prompt's text as this upstream received it (every
@@ -816,7 +819,30 @@ def _azure_no_api_version(request: Request) -> Reply:
     raise _ApiError(404, "Resource not found")
 
 
+# Claude on Vertex AI: Anthropic's Messages API, the model in the path, the body's
+# anthropic_version Vertex's; :streamRawPredict streams.
+_VERTEX_CLAUDE_PATH = re.compile(
+    r"/(?:v1|v1beta1)/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/"
+    r"([^/:]+):(rawPredict|streamRawPredict)"
+)
+
+
+def _vertex_claude(request: Request) -> Reply:
+    match = _VERTEX_CLAUDE_PATH.fullmatch(request.path)
+    assert match is not None  # dispatched here only then
+    body = _json_body(request)
+    version = body.get("anthropic_version")
+    if not isinstance(version, str) or not version:  # the SDK sends its API version
+        raise _ApiError(400, "anthropic_version: Field required")
+    # The model the path names (its @version dropped, as the answer names it).
+    model = match[1].partition("@")[0]
+    body = {**body, "model": model, "stream": match[2] == "streamRawPredict"}
+    return _messages(replace(request, body=orjson.dumps(body)))
+
+
 def _vertex_handler(method: str, path: str) -> Callable[[Request], Reply] | None:
+    if _VERTEX_CLAUDE_PATH.fullmatch(path) is not None:
+        return _vertex_claude if method == "POST" else None
     match = _VERTEX_PATH.fullmatch(path)
     if match is None or match[2] is None:
         return None

@@ -63,6 +63,9 @@ _ANTHROPIC_API = re.compile(r"/messages/?$")
 # The model a Gemini path names: no ':' or '/' inside it, one method after it.
 _GEMINI_MODEL = re.compile(r"/(?:tunedModels|models)/([^/:]+):([A-Za-z]+)$")
 _GEMINI_GENERATE = frozenset({"generateContent", "streamGenerateContent"})
+# Claude on Vertex AI: Anthropic's Messages API at .../publishers/anthropic/models/{m}:rawPredict.
+_VERTEX_CLAUDE = frozenset({"rawPredict", "streamRawPredict"})
+_VERTEX_CLAUDE_COUNT = "count-tokens"  # .../publishers/anthropic/models/count-tokens:rawPredict
 # Azure accepts any casing of its path segments.
 _AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/", re.IGNORECASE)
 _AZURE_API = re.compile(_OPENAI_ENDPOINT, re.IGNORECASE)
@@ -142,6 +145,10 @@ def _classify(route: Route, method: str, path: str) -> Call:
         api: Api | None = None
         if method == "POST" and found.group(2) in _GEMINI_GENERATE:
             api = "generate_content"
+        elif method == "POST" and found.group(2) in _VERTEX_CLAUDE and "/anthropic/" in plain:
+            if found.group(1) == _VERTEX_CLAUDE_COUNT:  # counts tokens, bills none
+                return Call(route, path, None, None)
+            api = "messages"
         return Call(route, path, api, found.group(1))
     if method != "POST":
         api = None

@@ -941,3 +941,50 @@ def test_vertex_express_mode_and_errors(port: int, http: httpx.Client) -> None:
     assert "OAuth 2 access token" in wrong.json()["error"]["message"]
     unknown = http.post(f"{VERTEX}/gemini-2.5-flash:countTokens", json=body)
     assert unknown.status_code == 404 and unknown.json()["error"]["status"] == "NOT_FOUND"
+
+
+# ---- Claude on Vertex AI ---------------------------------------------------------------
+
+
+def anthropic_vertex(port: int) -> anthropic.AnthropicVertex:
+    """anthropic's Vertex client as its users configure it, with a fixed access token."""
+    return anthropic.AnthropicVertex(
+        region="us-east5",
+        project_id="demo-project",
+        access_token=KEY,
+        base_url=f"http://127.0.0.1:{port}/v1",
+        max_retries=0,
+    )
+
+
+def test_claude_on_vertex_with_the_sdk(port: int) -> None:
+    client = anthropic_vertex(port)
+    message = client.messages.create(
+        model="claude-sonnet-4-5@20250929",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "Say hello, please!"}],
+    )
+    assert message.model == "claude-sonnet-4-5"
+    assert message.content[0].type == "text" and message.content[0].text == REPLY
+    assert message.usage.output_tokens == 12
+    with client.messages.stream(
+        model="claude-sonnet-4-5@20250929",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "Say hello, please!"}],
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == REPLY and final.usage.output_tokens == 12
+
+
+def test_claude_on_vertex_wants_an_anthropic_version_in_the_body(http: httpx.Client) -> None:
+    path = (
+        "/v1/projects/demo-project/locations/us-east5/publishers/anthropic/models/"
+        "claude-sonnet-4-5@20250929:rawPredict"
+    )
+    body = {"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"authorization": f"Bearer {KEY}"}
+    assert http.post(path, headers=headers, json=body).status_code == 400
+    body["anthropic_version"] = "vertex-2023-10-16"
+    assert http.post(path, headers=headers, json=body).status_code == 200
+    assert http.post(path, headers={"authorization": "Bearer x"}, json=body).status_code == 401

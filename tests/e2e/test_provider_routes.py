@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -69,7 +70,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         azure |= {"url": demo, "credential": Credential(env=PROVIDER_ENV)}
         vertex = readme_upstream("Vertex AI", "vertex")
         vertex["credential"]["file"] = token_file(workdir)
+        # Vertex's prices follow from its aiplatform URL; the demo's URL needs them said.
         vertex |= {"url": demo, "credential": Credential(**vertex["credential"])}
+        vertex["prices"] = "vertex_ai"
         upstreams = {
             **config.upstreams,
             "azure": Upstream.model_validate(azure),
@@ -403,7 +406,7 @@ def test_vertex_generate_content(stack: Stack, version: str | None) -> None:
     usage = answer.usage_metadata
     assert usage is not None and usage.prompt_token_count and usage.candidates_token_count
     assert tokens == reported(
-        "gemini-2.0-flash", usage.prompt_token_count, usage.candidates_token_count
+        "vertex_ai/gemini-2.0-flash", usage.prompt_token_count, usage.candidates_token_count
     )
     request = received(stack, tag)
     assert request["path"] == model_path(
@@ -429,7 +432,7 @@ def test_vertex_stream_sse(stack: Stack) -> None:
     usage = chunks[-1].usage_metadata
     assert usage is not None and usage.prompt_token_count and usage.candidates_token_count
     assert tokens == reported(
-        "gemini-2.5-pro", usage.prompt_token_count, usage.candidates_token_count
+        "vertex_ai/gemini-2.5-pro", usage.prompt_token_count, usage.candidates_token_count
     )
     request = received(stack, tag)
     assert request["path"] == model_path("v1beta1", "gemini-2.5-pro", "streamGenerateContent")
@@ -487,7 +490,7 @@ def test_vertex_express_mode_client_routes_to_vertex(stack: Stack) -> None:
     usage = answer.usage_metadata
     assert usage.prompt_token_count and usage.candidates_token_count
     assert tokens == reported(
-        "gemini-2.5-flash", usage.prompt_token_count, usage.candidates_token_count
+        "vertex_ai/gemini-2.5-flash", usage.prompt_token_count, usage.candidates_token_count
     )
     request = received(stack, tag)
     assert request["path"] == "/v1beta1/publishers/google/models/gemini-2.5-flash:generateContent"
@@ -495,6 +498,63 @@ def test_vertex_express_mode_client_routes_to_vertex(stack: Stack) -> None:
     line = logged(stack, tag)
     assert line["route"] == "vertex"
     assert_priced(line, tokens)
+
+
+def claude_on_vertex(stack: Stack, tag: dict[str, str]) -> anthropic.AnthropicVertex:
+    """anthropic's Vertex client, the front door as its base URL and the Tollway key as
+    its access token."""
+    return anthropic.AnthropicVertex(
+        region="us-east5",
+        project_id="my-project",
+        access_token=stack.keys["alice"],
+        base_url=f"{stack.url}/v1",
+        default_headers=tag,
+        max_retries=0,
+    )
+
+
+def test_claude_on_vertex_json_and_stream(stack: Stack) -> None:
+    """AnthropicVertex: Anthropic's Messages API at .../publishers/anthropic/models/{m}:
+    rawPredict (streamRawPredict), metered as messages at Vertex's price for the model."""
+    tag = tagged()
+    client = claude_on_vertex(stack, tag)
+    hello = [{"role": "user", "content": "hello"}]
+    model = "claude-sonnet-4-5@20250929"
+    answer, tokens = metered(
+        stack,
+        "gemini",
+        "messages",
+        lambda: client.messages.create(model=model, max_tokens=64, messages=hello),  # type: ignore[arg-type]
+    )
+    assert answer.content and answer.usage.output_tokens
+    assert tokens == reported(
+        "vertex_ai/claude-sonnet-4-5", answer.usage.input_tokens, answer.usage.output_tokens
+    )
+    request = received(stack, tag)
+    assert request["path"] == (
+        f"/v1/projects/my-project/locations/us-east5/publishers/anthropic/models/{model}:rawPredict"
+    )
+    vertex_credential_swapped(stack, request)
+    line = logged(stack, tag)
+    assert (line["route"], line["request_model"]) == ("vertex", model)
+    assert_priced(line, tokens)
+    assert float(line["cost_usd"]) == pytest.approx(
+        (answer.usage.input_tokens * 3 + answer.usage.output_tokens * 15) / 1e6, abs=1e-9
+    )
+
+    tag = tagged()
+    client = claude_on_vertex(stack, tag)
+
+    def stream() -> Any:
+        with client.messages.stream(model=model, max_tokens=64, messages=hello) as s:  # type: ignore[arg-type]
+            return s.get_final_message()
+
+    final, tokens = metered(stack, "gemini", "messages", stream)
+    assert tokens == reported(
+        "vertex_ai/claude-sonnet-4-5", final.usage.input_tokens, final.usage.output_tokens
+    )
+    assert received(stack, tag)["path"].endswith(f"/{model}:streamRawPredict")
+    assert_priced(logged(stack, tag), tokens)
 
 
 def test_vertex_token_refreshed_in_the_file_is_used_without_a_restart(stack: Stack) -> None:

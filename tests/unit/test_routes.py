@@ -241,6 +241,7 @@ def test_an_upstream_needs_a_prefix_or_a_mount(tmp_path: Path) -> None:
 
 
 VERTEX = "projects/my-project/locations/us-central1/publishers/google/models"
+CLAUDE = "projects/my-project/locations/us-east5/publishers/anthropic/models"
 
 
 @pytest.mark.parametrize(
@@ -260,6 +261,13 @@ VERTEX = "projects/my-project/locations/us-central1/publishers/google/models"
         ("POST", "/v1/publishers/google/models/gemini-2.5-flash:generateContent",
          "generate_content", "gemini-2.5-flash"),
         ("GET", "/v1beta1/publishers/google/models", None, None),
+        # Claude on Vertex AI (anthropic's AnthropicVertex): Anthropic's Messages API.
+        ("POST", f"/v1/{CLAUDE}/claude-sonnet-4-5@20250929:rawPredict", "messages",
+         "claude-sonnet-4-5@20250929"),
+        ("POST", f"/v1/{CLAUDE}/claude-sonnet-4-5@20250929:streamRawPredict", "messages",
+         "claude-sonnet-4-5@20250929"),
+        ("POST", f"/v1/{CLAUDE}/count-tokens:rawPredict", None, None),  # bills nothing
+        ("POST", f"/v1/{VERTEX}/gemini-2.5-flash:rawPredict", None, "gemini-2.5-flash"),
     ],
 )  # fmt: skip
 def test_the_readme_vertex_config_routes_what_the_sdk_sends(
