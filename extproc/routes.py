@@ -16,6 +16,10 @@ there whatever it speaks, with the mount removed from the path. An upstream may 
 a mount and no prefixes (Azure OpenAI under ``/azure``: Azure's v1 API and OpenAI's
 own base URL are both ``/openai/v1/``).
 
+On a Gemini upstream (the Gemini API, Vertex AI), ``:generateContent`` and
+``:streamGenerateContent`` are metered as generate_content, and Claude on Vertex AI
+(``.../publishers/anthropic/models/{m}:rawPredict``, ``:streamRawPredict``) as messages.
+
 Azure OpenAI and Vertex AI have no default route; the README (Routing) configures
 them. Azure's model is its deployment (``/openai/deployments/{d}/...``) or the body's;
 Vertex paths (``/v1/projects/.../publishers/google/models/{m}:{method}``, ``/v1beta1/``)
